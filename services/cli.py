@@ -1,0 +1,172 @@
+"""The `relais` command: run the broker (whole or one stage), a local Kafka, a demo target, and tools."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from services import __version__
+
+DESCRIPTION = """\
+Relais — asynchronous transfer broker for TDDUI (Transfert de données DUI) FHIR exports.
+
+Configuration comes from RELAIS_* environment variables (see README, 'Configuration').
+"""
+
+EPILOG = """\
+examples:
+  relais run --demo-target          every stage in one process, a local Kafka and a demo target
+  relais validator                  one stage, to scale it out as its own process
+  relais dev-kafka                  a local single-node Kafka; prints RELAIS_KAFKA_BOOTSTRAP=...
+"""
+
+STAGE_HELP = {
+    "ingress": "HTTP ingress: POST /fhir, GET /transfers/{id}, /metadata, /healthz, /readyz, /metrics",
+    "validator": "validator worker: transfers.received -> transfers.validated | transfers.rejected",
+    "router": "router worker: transfers.validated -> deliveries (one record per target)",
+    "delivery": "delivery worker: deliveries (+ retry tiers) -> target FHIR base | deliveries.dlq",
+    "tracker": "tracker worker: transfers.events -> ledger database",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with a sub-command per task."""
+    parser = argparse.ArgumentParser(prog="relais", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"relais {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run every stage in one process",
+                         description="Run the stages in one process. Without RELAIS_KAFKA_BOOTSTRAP, a local "
+                                     "single-node Kafka is started from Maven Central jars (needs Java 17).")
+    run.add_argument("--stages", default=",".join(_all_stages()),
+                     help="comma-separated stages to run (default: all: %(default)s)")
+    run.add_argument("--demo-target", action="store_true",
+                     help="also serve a demo FHIR target on 127.0.0.1:8090 (target id 'demo')")
+    run.add_argument("--demo-target-port", type=int, default=8090, help="port of the demo target")
+
+    for stage, text in STAGE_HELP.items():
+        sub.add_parser(stage, help=text, description=f"Run the {text}. Needs RELAIS_KAFKA_BOOTSTRAP.")
+
+    sub.add_parser("dev-kafka", help="start a local single-node Kafka (prints RELAIS_KAFKA_BOOTSTRAP=...)",
+                   add_help=False)
+    sub.add_parser("demo-target", help="serve a demo FHIR transaction receiver", add_help=False)
+    validate = sub.add_parser("validate", help="validate TDDUI Bundle files offline",
+                              description="Validate Bundle JSON files (or directories of them). Exit 0 when "
+                                          "all are valid, 1 when any has an error, 2 on usage errors.")
+    validate.add_argument("paths", nargs="+", help="files or directories (*.json)")
+    validate.add_argument("--format", choices=("text", "json"), default="text",
+                          help="text: readable report; json: one JSON object per line per file")
+    return parser
+
+
+def _all_stages() -> Sequence[str]:
+    from services.launcher import ALL_STAGES
+
+    return ALL_STAGES
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `relais` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # These two own their whole command line (and their --help).
+    if args_list and args_list[0] == "dev-kafka":
+        from services.devkafka import main as dev_kafka
+
+        return dev_kafka(args_list[1:])
+    if args_list and args_list[0] == "demo-target":
+        from services.demotarget.__main__ import main as demo_target
+
+        return demo_target(args_list[1:])
+
+    args = build_parser().parse_args(args_list)
+    if args.command == "validate":
+        from services.validator.report import main as validate
+
+        return validate(args.paths, args.format)
+    return _run_stages(args)
+
+
+def _run_stages(args: argparse.Namespace) -> int:
+    from services.core.errors import ConfigurationError
+    from services.core.logging import configure_logging
+    from services.core.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"relais: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    names = _stage_names(args)
+    try:
+        if args.command == "run":
+            return _run_all(names, settings, args)
+        if not settings.kafka_bootstrap:
+            print(f"relais {args.command}: set RELAIS_KAFKA_BOOTSTRAP to your Kafka (host:port), or use "
+                  "'relais run' for everything in one process", file=sys.stderr)
+            return 2
+        from services.launcher import run
+
+        return run(names, settings)
+    except ConfigurationError as exc:
+        print(f"relais: {exc}", file=sys.stderr)
+        return 2
+
+
+def _stage_names(args: argparse.Namespace) -> list[str]:
+    if args.command != "run":
+        return [args.command]
+    names = [n.strip() for n in args.stages.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _all_stages()]
+    if unknown:
+        raise SystemExit(f"relais run: unknown stage(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(_all_stages())}")
+    return names
+
+
+def _run_all(names: list[str], settings: object, args: argparse.Namespace) -> int:
+    from services.core.settings import Settings
+    from services.launcher import run
+
+    assert isinstance(settings, Settings)
+    extra = []
+    if args.demo_target:
+        from services.demotarget.app import create_app as demo_app
+
+        extra.append((demo_app(), "127.0.0.1", args.demo_target_port))
+    if settings.kafka_bootstrap:
+        return run(names, settings, extra_servers=extra)
+
+    from services.devkafka.local import LocalKafka
+
+    print("relais: no RELAIS_KAFKA_BOOTSTRAP; starting a local Kafka (first run downloads its jars)...",
+          file=sys.stderr)
+    with LocalKafka() as kafka:
+        os.environ["RELAIS_KAFKA_BOOTSTRAP"] = kafka.bootstrap
+        settings = settings.model_copy(update={"kafka_bootstrap": kafka.bootstrap})
+        print(f"relais: local Kafka at {kafka.bootstrap}", file=sys.stderr)
+        _print_banner(settings, args)
+        return run(names, settings, extra_servers=extra)
+
+
+def _print_banner(settings: object, args: argparse.Namespace) -> None:
+    from services.core.settings import Settings
+
+    assert isinstance(settings, Settings)
+    base = f"http://{settings.http_host}:{settings.http_port}"
+    lines = [f"relais: ingress on {base}/fhir  (status: {base}/transfers/<id>, metrics: {base}/metrics)"]
+    if args.demo_target:
+        lines.append(f"relais: demo target on http://127.0.0.1:{args.demo_target_port}/fhir (target id 'demo')")
+    lines.append("relais: send a Bundle with:  curl -i -X POST " + base + "/fhir -H 'Content-Type: "
+                 "application/fhir+json' -H 'X-Relais-Target: demo' -H 'Authorization: Bearer demo-token' "
+                 "--data-binary @examples/bundle-ssiad.json")
+    print("\n".join(lines), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""The Kafka bus: the only module that imports aiokafka."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from services.core.bus import Partition
+from services.core.envelope import Emit, Envelope, EnvelopeError, Record
+from services.core.errors import BusUnavailable, ConfigurationError
+from services.core.logging import get_logger
+from services.core.settings import Settings
+from services.core.topics import declared_topics, max_record_bytes, topic_config
+
+log = get_logger(__name__)
+
+TRANSACTION_TIMEOUT_MS = 15_000
+
+
+class KafkaBus:
+    """Relais's bus on Apache Kafka: idempotent publishing, transactional stage completion."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.kafka_bootstrap:
+            raise ConfigurationError("KafkaBus needs RELAIS_KAFKA_BOOTSTRAP (host:port of a Kafka broker)")
+        self.settings = settings
+        self.bootstrap = settings.kafka_bootstrap
+        self._producer: AIOKafkaProducer | None = None
+        self._instance = settings.instance_id or uuid.uuid4().hex[:12]
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create missing topics, then start the idempotent producer used by `publish`."""
+        await self.ensure_topics()
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                max_request_size=max_record_bytes(self.settings),
+                request_timeout_ms=int(self.settings.kafka_timeout_s * 1000),
+                linger_ms=2,  # lets concurrent requests share a produce request at no visible cost
+            )
+            await producer.start()
+            self._producer = producer
+
+    async def stop(self) -> None:
+        """Flush and close the producer; safe twice."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def ensure_topics(self) -> None:
+        """Create every declared topic that does not exist yet (idempotent, safe to race)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            specs = [s for s in declared_topics(self.settings) if self.settings.topic(s.name) not in existing]
+            if not specs:
+                return
+            response = await admin.create_topics([
+                NewTopic(
+                    name=self.settings.topic(s.name),
+                    num_partitions=self.settings.topic_partitions,
+                    replication_factor=self.settings.topic_replication,
+                    topic_configs=topic_config(s, self.settings),
+                )
+                for s in specs
+            ])
+            for topic, code, *message in response.topic_errors:
+                error_type = for_code(code)
+                if code and error_type is not TopicAlreadyExistsError:
+                    raise ConfigurationError(f"cannot create topic {topic}: {error_type.__name__} {message}")
+            log.info("topics created", topics=[s.name for s in specs])
+        finally:
+            await admin.close()
+
+    # --- producing -------------------------------------------------------------------------
+    async def publish(self, emits: Sequence[Emit]) -> None:
+        """Publish every emit and wait for the broker's acks=all acknowledgement of each."""
+        if self._producer is None:
+            raise BusUnavailable("the Kafka producer is not started")
+        try:
+            async with asyncio.timeout(self.settings.kafka_timeout_s):
+                futures = [await self._send(self._producer, e) for e in emits]
+                await asyncio.gather(*futures)
+        except (KafkaError, TimeoutError) as exc:
+            raise BusUnavailable(f"Kafka did not acknowledge: {type(exc).__name__} {exc}") from exc
+
+    async def _send(self, producer: AIOKafkaProducer, emit: Emit) -> asyncio.Future[object]:
+        return await producer.send(  # type: ignore[no-any-return]
+            self.settings.topic(emit.topic), value=emit.envelope.data, key=emit.key,
+            headers=emit.envelope.to_headers(),
+        )
+
+    # --- consuming -------------------------------------------------------------------------
+    def subscribe(self, stage: str, topics: Sequence[str]) -> KafkaSubscription:
+        """A transactional consumer-group member for one stage replica."""
+        return KafkaSubscription(self, stage, topics, f"{self.settings.group(stage)}-{self._instance}")
+
+    async def lag(self, stage: str, topics: Sequence[str]) -> dict[Partition, int]:
+        """End offset minus committed offset, per partition, for the stage's group."""
+        group = self.settings.group(stage)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False,
+                                    isolation_level="read_committed")
+        await consumer.start()
+        try:
+            tps = [
+                TopicPartition(self.settings.topic(t), p)
+                for t in topics
+                for p in (consumer.partitions_for_topic(self.settings.topic(t)) or set())
+            ]
+            ends = await consumer.end_offsets(tps) if tps else {}
+            result = {}
+            for tp in tps:
+                committed = await consumer.committed(tp) or 0
+                result[Partition(self._logical(tp.topic), tp.partition)] = max(0, ends[tp] - committed)
+            return result
+        finally:
+            await consumer.stop()
+
+    def _logical(self, physical: str) -> str:
+        prefix = self.settings.topic_prefix
+        return physical[len(prefix):] if prefix and physical.startswith(prefix) else physical
+
+
+class KafkaSubscription:
+    """A consumer plus a transactional producer: consume, transform, produce, commit atomically."""
+
+    def __init__(self, bus: KafkaBus, stage: str, topics: Sequence[str], transactional_id: str) -> None:
+        self.bus = bus
+        self.group = bus.settings.group(stage)
+        self.topics = [bus.settings.topic(t) for t in topics]
+        self.transactional_id = transactional_id
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._paused: dict[TopicPartition, tuple[int, float]] = {}
+
+    async def start(self) -> None:
+        """Start the transactional producer, then join the group."""
+        settings = self.bus.settings
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bus.bootstrap, transactional_id=self.transactional_id,
+            enable_idempotence=True, acks="all", max_request_size=max_record_bytes(settings),
+            # A replica killed mid-transaction blocks read_committed readers of its partitions until
+            # the transaction times out (or the same instance id restarts and fences it): keep it short.
+            transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+        )
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(
+            *self.topics, bootstrap_servers=self.bus.bootstrap, group_id=self.group,
+            enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
+            max_partition_fetch_bytes=max_record_bytes(settings),
+            fetch_max_bytes=max(52428800, max_record_bytes(settings)),
+        )
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        """Leave the group and close the producer; safe twice."""
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+
+    async def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        """Fetch records, after resuming partitions whose pause is over."""
+        assert self._consumer is not None, "start() the subscription first"
+        self._resume_due()
+        try:
+            batches = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:
+            raise BusUnavailable(f"Kafka fetch failed: {exc}") from exc
+        return [self._record(m) for msgs in batches.values() for m in msgs]
+
+    def _record(self, m: ConsumerRecord[bytes, bytes]) -> Record:
+        topic = self.bus._logical(m.topic)
+        try:
+            envelope = Envelope.from_headers(m.headers, m.value)
+        except EnvelopeError as exc:
+            # A foreign or corrupt record still has to reach the stage so it can be dead-lettered.
+            envelope = Envelope(type="fr.relais.invalid", source="/relais/unknown", transfer_id="unknown",
+                                data=m.value or b"", extra={"envelopeerror": str(exc)})
+        return Record(topic, m.partition, m.offset, m.key, envelope)
+
+    async def complete(self, emits: Sequence[Emit], offsets: Mapping[Partition, int]) -> None:
+        """One Kafka transaction: every emit plus the group's new offsets, or nothing."""
+        assert self._producer is not None, "start() the subscription first"
+        tp_offsets = {TopicPartition(self.bus.settings.topic(p.topic), p.partition): o for p, o in offsets.items()}
+        try:
+            async with self._producer.transaction():
+                for emit in emits:
+                    await self.bus._send(self._producer, emit)
+                if tp_offsets:
+                    await self._producer.send_offsets_to_transaction(tp_offsets, self.group)
+        except KafkaError as exc:
+            raise BusUnavailable(f"Kafka transaction failed: {type(exc).__name__} {exc}") from exc
+
+    def pause_until(self, partition: Partition, offset: int, due: float) -> None:
+        """Seek back to `offset` and pause the partition until the monotonic time `due`."""
+        assert self._consumer is not None
+        tp = TopicPartition(self.bus.settings.topic(partition.topic), partition.partition)
+        if tp not in self._consumer.assignment():
+            return  # revoked meanwhile: the new owner reads from the committed offset
+        self._consumer.seek(tp, offset)
+        self._consumer.pause(tp)
+        self._paused[tp] = (offset, due)
+
+    def _resume_due(self) -> None:
+        assert self._consumer is not None
+        now = time.monotonic()
+        assigned = self._consumer.assignment()
+        for tp, (_, due) in list(self._paused.items()):
+            if tp not in assigned:
+                del self._paused[tp]
+            elif due <= now:
+                self._consumer.resume(tp)
+                del self._paused[tp]
+
+    def next_due(self) -> float | None:
+        """The earliest monotonic time a paused partition becomes readable again."""
+        return min((due for _, due in self._paused.values()), default=None)
+
+    def assignment(self) -> set[Partition]:
+        """Partitions currently assigned to this member."""
+        if self._consumer is None:
+            return set()
+        return {Partition(self.bus._logical(tp.topic), tp.partition) for tp in self._consumer.assignment()}

@@ -1,0 +1,16 @@
+"""Prometheus metrics shared by every process. Labels carry stage, topic, target, outcome — never personal data."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+RECORDS = Counter("relais_records_total", "Records handled by a stage, by outcome", ["stage", "topic", "outcome"])
+HANDLE_SECONDS = Histogram(
+    "relais_handle_seconds", "Time a stage spent on one record", ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BATCH_COMMIT_SECONDS = Histogram(
+    "relais_commit_seconds", "Time to publish a batch's outputs and commit its offsets", ["stage"],
+)
+INGRESS_REQUESTS = Counter("relais_ingress_requests_total", "Ingress HTTP answers by status", ["status"])
+DELIVERIES = Counter("relais_deliveries_total", "Delivery attempts by target and result", ["target", "result"])

@@ -1,0 +1,97 @@
+"""Typed settings, read once per process from `RELAIS_*` environment variables and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every Relais setting. Build with `Settings()` (environment) or `Settings(field=...)` in tests.
+
+    Each field is one `RELAIS_<NAME>` environment variable; the README's configuration table lists
+    them. Values are checked here so a process fails at start, not on the first record.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="RELAIS_", env_file=None, extra="ignore")
+
+    # --- bus -------------------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        default=None, description="Kafka bootstrap servers (host:port,...). Empty: start a local broker."
+    )
+    topic_prefix: str = Field(default="", description="Prefix for every topic and consumer group name.")
+    topic_partitions: int = Field(default=6, ge=1, description="Partitions of each topic created by Relais.")
+    topic_replication: int = Field(default=1, ge=1, description="Replication factor of created topics.")
+    kafka_timeout_s: float = Field(
+        default=10.0, gt=0, description="How long ingress waits for Kafka's acknowledgement before 503."
+    )
+
+    # --- HTTP ingress ------------------------------------------------------------------------
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP ingress listens on.")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="Port the HTTP ingress listens on.")
+    public_base_url: str | None = Field(
+        default=None, description="Base URL producers see (for Content-Location); default: the request's."
+    )
+    max_body_bytes: int = Field(
+        default=10 * MiB, ge=1024, le=30 * MiB, description="Largest Bundle accepted at the door (413 above)."
+    )
+    producers_file: Path | None = Field(default=None, description="YAML file of producers and token hashes.")
+    auth_disabled: bool = Field(
+        default=False, description="Accept unauthenticated producers (development only)."
+    )
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 when Kafka is down.")
+
+    # --- routing and delivery ----------------------------------------------------------------
+    targets_file: Path | None = Field(default=None, description="YAML file of targets (id, base_url, ...).")
+    delivery_timeout_s: float = Field(default=30.0, gt=0, description="Total timeout of one POST to a target.")
+    delivery_connect_timeout_s: float = Field(default=5.0, gt=0, description="Connect timeout to a target.")
+    retry_delays_s: list[float] = Field(
+        default=[10.0, 60.0, 600.0],
+        description="Delay of each retry tier (one topic per tier), JSON list.",
+    )
+    max_attempts: int = Field(default=8, ge=1, description="Attempts before a delivery is dead-lettered.")
+
+    # --- ledger ------------------------------------------------------------------------------
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///relais-ledger.db", description="SQLAlchemy async URL of the ledger."
+    )
+
+    # --- process -----------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: JSON unless stderr is a terminal."
+    )
+    shutdown_grace_s: float = Field(
+        default=20.0, gt=0, description="On SIGTERM, how long in-flight records may take before exit."
+    )
+    batch_size: int = Field(default=100, ge=1, description="Records a stage fetches per poll.")
+    instance_id: str | None = Field(
+        default=None, description="Stable id of this process (transactional ids); default: random."
+    )
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _blank_is_none(cls, v: str | None) -> str | None:
+        return v.strip() or None if v is not None else None
+
+    @model_validator(mode="after")
+    def _check_files(self) -> Settings:
+        for name in ("producers_file", "targets_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                env = f"RELAIS_{name.upper()}"
+                raise ValueError(f"{env}={path} does not exist or is not a file; fix the path or unset {env}")
+        return self
+
+    def topic(self, name: str) -> str:
+        """The physical topic name for a logical one (prefix applied)."""
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, stage: str) -> str:
+        """The consumer group of a stage (prefix applied)."""
+        return f"{self.topic_prefix}relais-{stage}"

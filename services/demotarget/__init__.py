@@ -1,0 +1,19 @@
+"""Demo FHIR target: a small, real transaction receiver that plays the target ESSMS in demos and tests."""
+
+from services.demotarget.app import (
+    ConnectionDropped,
+    DropCapableH11Protocol,
+    Fault,
+    ReceivedRequest,
+    TargetState,
+    create_app,
+)
+
+__all__ = [
+    "ConnectionDropped",
+    "DropCapableH11Protocol",
+    "Fault",
+    "ReceivedRequest",
+    "TargetState",
+    "create_app",
+]

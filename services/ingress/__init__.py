@@ -1,0 +1,1 @@
+"""Ingress: the FHIR endpoint DUI software posts to, and the status URLs it polls."""

@@ -1,0 +1,56 @@
+"""What `GET /transfers/{id}` answers, as a pure function of the ledger's view (FHIR async pattern)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.core.outcome import RELAIS_CANONICAL, information, operation_outcome
+from services.tracker import logic
+from services.tracker.ledger import DeliveryView, TransferView
+
+TARGET_EXTENSION_URL = f"{RELAIS_CANONICAL}/StructureDefinition/delivery-target"
+STATUS_EXTENSION_URL = f"{RELAIS_CANONICAL}/StructureDefinition/delivery-status"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusAnswer:
+    """An HTTP answer: status code, headers, FHIR JSON body."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def status_answer(view: TransferView) -> StatusAnswer:
+    """202 + X-Progress while in flight; 200 with the final outcome once terminal."""
+    if view.status not in logic.TERMINAL:
+        text = logic.progress(view.stage_status, [d.status for d in view.deliveries])
+        body = operation_outcome([information(f"transfer {view.id} is in progress: {text}")])
+        return StatusAnswer(202, body, {"X-Progress": text, "Retry-After": "1"})
+    if view.status == logic.REJECTED:
+        return StatusAnswer(200, view.outcome or operation_outcome([]))
+    if view.status == logic.DEAD_LETTERED and view.outcome:
+        return StatusAnswer(200, view.outcome)
+    return StatusAnswer(200, _per_target_bundle(view))
+
+
+def _per_target_bundle(view: TransferView) -> dict[str, Any]:
+    """A batch-response Bundle: one entry per target carrying its transaction-response or its failure."""
+    return {
+        "resourceType": "Bundle",
+        "type": "batch-response",
+        "entry": [_entry(d) for d in view.deliveries],
+    }
+
+
+def _entry(d: DeliveryView) -> dict[str, Any]:
+    extensions = [{"url": TARGET_EXTENSION_URL, "valueString": d.target},
+                  {"url": STATUS_EXTENSION_URL, "valueCode": d.status}]
+    if d.status == logic.DELIVERED:
+        return {"extension": extensions, "resource": d.response,
+                "response": {"status": f"{d.last_http_status or 200}"}}
+    outcome = d.outcome or operation_outcome([information(
+        f"delivery to {d.target} failed after {d.attempts} attempt(s); an operator can replay it")])
+    return {"extension": extensions,
+            "response": {"status": str(d.last_http_status or 502), "outcome": outcome}}

@@ -1,0 +1,145 @@
+"""Process assembly: which stages a process runs, wired to one bus, stopped gracefully on SIGTERM.
+
+`relais run` runs every stage (and the HTTP ingress) in one process; `relais <stage>` runs one, so
+production scales each stage as its own process. Both go through `serve()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from typing import Any
+
+import uvicorn
+
+from services.core.bus import Bus
+from services.core.kafka import KafkaBus
+from services.core.logging import get_logger
+from services.core.runner import Stage, run_stage
+from services.core.settings import Settings
+from services.core.targets import load_targets
+from services.delivery.client import make_client
+from services.delivery.stage import DeliveryStage
+from services.router.stage import RouterStage
+from services.tracker.ledger import Ledger
+from services.tracker.stage import TrackerStage
+from services.validator.stage import ValidatorStage
+
+log = get_logger(__name__)
+
+WORKER_STAGES = ("validator", "router", "delivery", "tracker")
+ALL_STAGES = ("ingress", *WORKER_STAGES)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: the launcher owns SIGTERM for every stage at once."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def make_bus(settings: Settings) -> Bus:
+    """The bus for these settings (Kafka; the embedded log comes with the embedded mode)."""
+    return KafkaBus(settings)
+
+
+@contextlib.asynccontextmanager
+async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterator[list[Stage]]:
+    """Build the named worker stages with the resources they need, and release those afterwards."""
+    stages: list[Stage] = []
+    async with contextlib.AsyncExitStack() as resources:
+        directory = load_targets(settings.targets_file)
+        for name in names:
+            if name == "validator":
+                stages.append(ValidatorStage())
+            elif name == "router":
+                stages.append(RouterStage(directory))
+            elif name == "delivery":
+                client = make_client(settings.delivery_connect_timeout_s, settings.delivery_timeout_s)
+                resources.push_async_callback(client.aclose)
+                stages.append(DeliveryStage(settings, directory, client))
+            elif name == "tracker":
+                ledger = Ledger(settings.database_url)
+                await ledger.create_schema()
+                resources.push_async_callback(ledger.close)
+                stages.append(TrackerStage(ledger))
+            else:
+                raise ValueError(f"unknown stage {name!r}; stages are {', '.join(WORKER_STAGES)}")
+        yield stages
+
+
+async def serve(names: Sequence[str], settings: Settings, *,
+                extra_servers: Sequence[tuple[Any, str, int]] = ()) -> None:
+    """Run the named stages until SIGTERM/SIGINT, then stop fetching and let in-flight work finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    workers = [n for n in names if n != "ingress"]
+    bus = make_bus(settings)
+    servers: list[uvicorn.Server] = []
+    if "ingress" in names:
+        from services.ingress.app import create_app  # the HTTP stack only where it is served
+
+        app = create_app(settings, make_bus(settings), Ledger(settings.database_url))
+        servers.append(_server(app, settings.http_host, settings.http_port))
+    servers += [_server(app, host, port) for app, host, port in extra_servers]
+
+    try:
+        if workers:
+            await bus.start()  # creates missing topics before any consumer subscribes
+        async with worker_stages(workers, settings) as stages:
+            tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
+            tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]
+            log.info("relais started", stages=list(names))
+            await _until_stopped(stop, tasks)
+            log.info("stopping: finishing in-flight records", grace_s=settings.shutdown_grace_s)
+            for s in servers:
+                s.should_exit = True
+            await _drain(tasks, settings.shutdown_grace_s)
+    finally:
+        await bus.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("relais stopped")
+
+
+def _server(app: Any, host: str, port: int) -> uvicorn.Server:
+    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                  timeout_graceful_shutdown=5))
+
+
+async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait for a stop signal; a task that ends on its own (a crash) stops the whole process."""
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    stopper.cancel()
+    for task in done - {stopper}:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a stage crashed; stopping the process", task=task.get_name(),
+                      error=repr(task.exception()))
+
+
+async def _drain(tasks: list[asyncio.Task[Any]], grace_s: float) -> None:
+    _, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for task in pending:
+        log.warning("stage did not stop within the grace period; cancelling", task=task.get_name())
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+def run(names: Sequence[str], settings: Settings, **kwargs: Any) -> int:
+    """Blocking entry point for the CLI; returns the process exit code."""
+    asyncio.run(serve(names, settings, **kwargs))
+    return 0
+
+
+Factory = Callable[[Settings], Bus]

@@ -1,0 +1,1 @@
+"""Router: decides which targets each validated transfer goes to."""

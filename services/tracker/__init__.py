@@ -1,0 +1,1 @@
+"""Tracker: projects `transfers.events` into the ledger that answers status queries."""

@@ -1,0 +1,241 @@
+"""The ledger: each transfer's status, per-target deliveries and history, projected from `transfers.events`.
+
+SQLAlchemy Core over an async engine: SQLite (default) or PostgreSQL (`RELAIS_DATABASE_URL`). The
+tracker is its only writer; ingress reads it to answer `GET /transfers/{id}`. It never stores a
+Bundle — only ids, statuses, the targets' transaction-responses and OperationOutcomes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from services.core.errors import TransientError
+from services.tracker import logic
+
+metadata = sa.MetaData()
+
+transfers = sa.Table(
+    "transfers", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("producer", sa.String(128), index=True),
+    sa.Column("stage_status", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("targets", sa.JSON, nullable=True),
+    sa.Column("size", sa.Integer, nullable=True),
+    sa.Column("outcome", sa.JSON, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("transfer_id", sa.String(64), primary_key=True),
+    sa.Column("target", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("response", sa.JSON, nullable=True),
+    sa.Column("outcome", sa.JSON, nullable=True),
+    sa.Column("last_http_status", sa.Integer, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # the CloudEvents id: replays are no-ops
+    sa.Column("transfer_id", sa.String(64), nullable=False, index=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("target", sa.String(64), nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEvent:
+    """One fact from `transfers.events`, as the ledger records it."""
+
+    id: str
+    transfer_id: str
+    kind: str
+    stage: str
+    time: datetime
+    producer: str | None = None
+    target: str | None = None
+    attempt: int = 0
+    detail: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryView:
+    """One target's side of a transfer."""
+
+    target: str
+    status: str
+    attempts: int
+    response: dict[str, Any] | None
+    outcome: dict[str, Any] | None
+    last_http_status: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TransferView:
+    """What the ledger knows of one transfer."""
+
+    id: str
+    producer: str | None
+    status: str
+    stage_status: str
+    targets: list[str]
+    outcome: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    deliveries: list[DeliveryView]
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands datetimes back naive; they were written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class Ledger:
+    """Async access to the ledger database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            # One writer at a time is SQLite's nature; a generous timeout rides out the other's commit.
+            kwargs["connect_args"] = {"timeout": 30}
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    async def create_schema(self) -> None:
+        """Create missing tables (idempotent)."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def close(self) -> None:
+        """Release connections; safe twice."""
+        await self.engine.dispose()
+
+    # --- writing (tracker) ---------------------------------------------------------------
+    async def apply(self, ev: LedgerEvent) -> bool:
+        """Project one event; returns False when it was already applied (at-least-once input)."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(events.insert().values(
+                    id=ev.id, transfer_id=ev.transfer_id, kind=ev.kind, stage=ev.stage, target=ev.target,
+                    attempt=ev.attempt, time=ev.time, detail=dict(ev.detail or {}),
+                ))
+                await self._project(conn, ev)
+            return True
+        except IntegrityError:
+            return False
+        except (OperationalError, OSError) as exc:
+            raise TransientError(f"ledger database unavailable: {exc}") from exc
+
+    async def _project(self, conn: AsyncConnection, ev: LedgerEvent) -> None:
+        detail = ev.detail or {}
+        row = (await conn.execute(sa.select(transfers).where(transfers.c.id == ev.transfer_id))).mappings().first()
+        stage_status = logic.advance_stage(row["stage_status"] if row else None, ev.kind) or logic.ACCEPTED
+        values: dict[str, Any] = {"stage_status": stage_status, "updated_at": ev.time}
+        if ev.producer and not (row and row["producer"]):
+            values["producer"] = ev.producer
+        # Routing may add targets to those the producer named; a late `accepted` must not undo that.
+        if "targets" in detail and (ev.kind == "routed" or (ev.kind == "accepted" and not (row and row["targets"]))):
+            values["targets"] = list(detail["targets"])
+        if ev.kind == "accepted" and "size" in detail:
+            values["size"] = int(detail["size"])
+        if ev.kind in ("rejected", "failed"):
+            values["outcome"] = detail.get("outcome") or _failure_outcome(ev)
+        if row is None:
+            await conn.execute(transfers.insert().values(
+                id=ev.transfer_id, created_at=ev.time, status=stage_status, **values))
+        else:
+            await conn.execute(transfers.update().where(transfers.c.id == ev.transfer_id).values(**values))
+
+        if ev.kind == "routed":
+            for target in detail.get("targets", []):
+                await self._advance_delivery(conn, ev, target, {})
+        elif ev.target and (ev.kind in logic.DELIVERY_EVENTS or ev.kind == "replayed"):
+            await self._advance_delivery(conn, ev, ev.target or "", {
+                "attempts": ev.attempt,
+                "response": detail.get("response"),
+                "outcome": detail.get("outcome"),
+                "last_http_status": detail.get("http_status"),
+            })
+
+        statuses = (await conn.execute(
+            sa.select(deliveries.c.status).where(deliveries.c.transfer_id == ev.transfer_id))).scalars().all()
+        overall = logic.overall_status(stage_status, statuses)
+        await conn.execute(transfers.update().where(transfers.c.id == ev.transfer_id).values(status=overall))
+
+    async def _advance_delivery(self, conn: AsyncConnection, ev: LedgerEvent, target: str,
+                                values: dict[str, Any]) -> None:
+        where = (deliveries.c.transfer_id == ev.transfer_id) & (deliveries.c.target == target)
+        row = (await conn.execute(sa.select(deliveries).where(where))).mappings().first()
+        status = logic.advance_delivery(row["status"] if row else None, ev.kind) or logic.PENDING
+        changes = {k: v for k, v in values.items() if v is not None}
+        if row is not None and row["attempts"] > changes.get("attempts", 0):
+            changes.pop("attempts", None)
+        if row is None:
+            await conn.execute(deliveries.insert().values(
+                transfer_id=ev.transfer_id, target=target, status=status, updated_at=ev.time,
+                **{"attempts": 0, **changes}))
+        elif status != row["status"] or changes:
+            await conn.execute(deliveries.update().where(where).values(status=status, updated_at=ev.time, **changes))
+
+    # --- reading (ingress, operators) ----------------------------------------------------
+    async def get(self, transfer_id: str) -> TransferView | None:
+        """One transfer with its deliveries, or None when the ledger has not seen it."""
+        try:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(
+                    sa.select(transfers).where(transfers.c.id == transfer_id))).mappings().first()
+                if row is None:
+                    return None
+                rows = (await conn.execute(
+                    sa.select(deliveries).where(deliveries.c.transfer_id == transfer_id)
+                    .order_by(deliveries.c.target))).mappings().all()
+        except (OperationalError, OSError) as exc:
+            raise TransientError(f"ledger database unavailable: {exc}") from exc
+        return TransferView(
+            id=row["id"], producer=row["producer"], status=row["status"], stage_status=row["stage_status"],
+            targets=list(row["targets"] or []), outcome=row["outcome"],
+            created_at=_aware(row["created_at"]), updated_at=_aware(row["updated_at"]),
+            deliveries=[DeliveryView(r["target"], r["status"], r["attempts"], r["response"], r["outcome"],
+                                     r["last_http_status"]) for r in rows],
+        )
+
+    async def count_by_status(self) -> dict[str, int]:
+        """How many transfers are in each status."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                sa.select(transfers.c.status, sa.func.count()).group_by(transfers.c.status))).all()
+        return {status: n for status, n in rows}
+
+
+def _failure_outcome(ev: LedgerEvent) -> dict[str, Any]:
+    reason = str((ev.detail or {}).get("reason", "unknown failure"))
+    return {"resourceType": "OperationOutcome", "issue": [{
+        "severity": "error", "code": "exception",
+        "diagnostics": f"Relais's {ev.stage} stage could not process this transfer ({reason}); "
+                       "an operator has been told and can replay it.",
+    }]}
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

@@ -1,0 +1,82 @@
+"""Pure projection rules: what a transfer's and a delivery's status become after an event.
+
+Events of one transfer share a partition, but they are produced by different stages, so a late
+event (ingress's `accepted` landing after the validator's `validated`) must not move a status
+backwards. Statuses therefore carry a rank and only move forward; `replayed` is the one explicit
+way back, used when an operator sends a dead letter round again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Transfer statuses
+ACCEPTED = "accepted"
+VALIDATED = "validated"
+ROUTED = "routed"
+DELIVERING = "delivering"
+DELIVERED = "delivered"
+REJECTED = "rejected"
+DEAD_LETTERED = "dead-lettered"
+TERMINAL = frozenset({DELIVERED, REJECTED, DEAD_LETTERED})
+
+# Delivery statuses (one per transfer and target)
+PENDING = "pending"
+RETRYING = "retrying"
+
+_STAGE_RANK = {ACCEPTED: 0, VALIDATED: 1, ROUTED: 2, REJECTED: 9, DEAD_LETTERED: 9}
+_DELIVERY_RANK = {PENDING: 0, RETRYING: 1, DELIVERED: 2, DEAD_LETTERED: 2}
+
+# Event kind -> the stage status it proves.
+STAGE_EVENTS = {"accepted": ACCEPTED, "validated": VALIDATED, "routed": ROUTED, "rejected": REJECTED,
+                "failed": DEAD_LETTERED}
+# Event kind -> the delivery status it proves.
+DELIVERY_EVENTS = {"routed": PENDING, "retry_scheduled": RETRYING, "delivered": DELIVERED,
+                   "dead_lettered": DEAD_LETTERED}
+
+
+def advance_stage(current: str | None, kind: str) -> str | None:
+    """The transfer's stage status after an event of `kind` (unchanged when the event is older news)."""
+    proposed = STAGE_EVENTS.get(kind)
+    if proposed is None:
+        return current
+    if current is None or _STAGE_RANK[proposed] > _STAGE_RANK.get(current, -1):
+        return proposed
+    return current
+
+
+def advance_delivery(current: str | None, kind: str) -> str | None:
+    """A delivery's status after an event of `kind`; `replayed` resets a dead letter to pending."""
+    if kind == "replayed":
+        return PENDING
+    proposed = DELIVERY_EVENTS.get(kind)
+    if proposed is None:
+        return current
+    if current is None or _DELIVERY_RANK[proposed] > _DELIVERY_RANK.get(current, -1):
+        return proposed
+    return current
+
+
+def overall_status(stage_status: str, deliveries: Iterable[str]) -> str:
+    """The status a producer sees: the stage status until routed, then what the deliveries add up to."""
+    if stage_status in (REJECTED, DEAD_LETTERED):
+        return stage_status
+    statuses = list(deliveries)
+    if stage_status != ROUTED or not statuses:
+        return stage_status
+    if all(s == DELIVERED for s in statuses):
+        return DELIVERED
+    if all(s in (DELIVERED, DEAD_LETTERED) for s in statuses):
+        return DEAD_LETTERED
+    return DELIVERING
+
+
+def progress(stage_status: str, deliveries: Iterable[str]) -> str:
+    """A short `X-Progress` text for a transfer still in flight."""
+    statuses = list(deliveries)
+    if stage_status == ROUTED and statuses:
+        done = sum(s in (DELIVERED, DEAD_LETTERED) for s in statuses)
+        retrying = sum(s == RETRYING for s in statuses)
+        text = f"delivering: {done}/{len(statuses)} target(s) done"
+        return text + (f", {retrying} retrying" if retrying else "")
+    return stage_status

@@ -1,0 +1,1 @@
+"""Validator stage: checks that an incoming payload is a TDDUI transaction Bundle Relais can forward."""

@@ -1,0 +1,44 @@
+"""Validator stage: `transfers.received` → `transfers.validated` or `transfers.rejected`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from services.core.envelope import JSON, Emit, Record, event
+from services.core.outcome import operation_outcome
+from services.core.topics import RECEIVED, REJECTED, VALIDATED
+from services.validator.logic import validate_bundle
+from services.validator.subject import subject_key
+
+
+class ValidatorStage:
+    """Checks each Bundle against the TDDUI rules; errors reject it, warnings travel with it."""
+
+    name = "validator"
+    topics: Sequence[str] = (RECEIVED,)
+
+    async def handle(self, record: Record) -> Sequence[Emit]:
+        """Validate one received Bundle and say so on `transfers.events`."""
+        env = record.envelope
+        issues = validate_bundle(env.data)
+        outcome = operation_outcome(issues)
+        errors = sum(i.is_error for i in issues)
+        if errors:
+            rejected = env.evolve(type="fr.relais.transfer.rejected", source="/relais/validator",
+                                  data=orjson.dumps(outcome), content_type=JSON)
+            return [
+                Emit(REJECTED, record.key, rejected),
+                event(env, "rejected", self.name, {"errors": errors, "outcome": outcome}),
+            ]
+        bundle = orjson.loads(env.data)
+        subject = subject_key(bundle) if isinstance(bundle, dict) else None
+        extra = {**env.extra, "warnings": str(len(issues))}
+        if subject:
+            extra["subject"] = subject
+        validated = env.evolve(type="fr.relais.transfer.validated", source="/relais/validator", extra=extra)
+        detail: dict[str, object] = {"warnings": len(issues)}
+        if issues:
+            detail["outcome"] = outcome
+        return [Emit(VALIDATED, record.key, validated), event(env, "validated", self.name, detail)]

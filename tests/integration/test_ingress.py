@@ -1,0 +1,168 @@
+"""Ingress on a real Kafka: 202 only once Kafka holds the transfer; every refusal an OperationOutcome."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+
+from services.core.errors import ConfigurationError
+from services.core.kafka import KafkaBus
+from services.core.settings import Settings
+from services.core.topics import EVENTS, RECEIVED
+from services.ingress.app import create_app
+from services.tracker.ledger import Ledger
+from tests.fixtures.tddui import make_bundle
+from tests.support.kafka import read_topic
+from tests.support.producers import TOKEN_A, TOKEN_B, write_producers, write_targets
+
+FHIR = {"Content-Type": "application/fhir+json"}
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://relais.test") as client:
+            yield client
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "producers": write_producers(tmp_path / "producers.yaml"),
+        "targets": write_targets(tmp_path / "targets.yaml", {"essms-a": "http://127.0.0.1:9/fhir",
+                                                            "sidoba": "http://127.0.0.1:9/fhir"}),
+    }
+
+
+def ingress(settings: Settings) -> FastAPI:
+    return create_app(settings, KafkaBus(settings), Ledger(settings.database_url))
+
+
+async def wait_ready(client: httpx.AsyncClient) -> None:
+    from tests.support.kafka import wait_for
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status_code == 200
+
+    await wait_for(ready, timeout_s=30)
+
+
+def headers(token: str | None = TOKEN_A, target: str | None = "essms-a", **extra: str) -> dict[str, str]:
+    h = dict(FHIR, **extra)
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    if target is not None:
+        h["X-Relais-Target"] = target
+    return h
+
+
+@pytest.mark.kafka
+async def test_accepted_bundle_is_in_kafka_before_202(
+        kafka_bootstrap: str, make_settings: Callable[..., Settings], files: dict[str, Path]) -> None:
+    s = make_settings(kafka_bootstrap=kafka_bootstrap, producers_file=files["producers"],
+                      targets_file=files["targets"], auth_disabled=False)
+    body = orjson.dumps(make_bundle(30))
+    async with running(ingress(s)) as client:
+        await wait_ready(client)
+        response = await client.post("/fhir", content=body, headers=headers(target="essms-a, sidoba"))
+    assert response.status_code == 202, response.text
+    transfer_id = response.headers["X-Relais-Transfer-Id"]
+    assert response.headers["Content-Location"] == f"http://relais.test/transfers/{transfer_id}"
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["severity"] == "information"
+
+    [record] = await read_topic(s, RECEIVED, expect=1)
+    assert record.envelope.data == body  # byte for byte
+    assert record.envelope.transfer_id == transfer_id
+    assert record.envelope.producer == "dui-a"
+    assert record.envelope.extra["targets"] == "essms-a,sidoba"
+    assert record.key == transfer_id.encode()
+    [accepted] = await read_topic(s, EVENTS, expect=1)
+    assert orjson.loads(accepted.envelope.data)["kind"] == "accepted"
+
+
+BAD_CASES: list[tuple[str, dict[str, Any], int, str, str | None]] = [
+    # name, request kwargs, status, issue code, expression
+    ("no credentials", {"headers": headers(token=None)}, 401, "login", None),
+    ("wrong token", {"headers": headers(token="nope")}, 401, "login", None),
+    ("not bearer", {"headers": {**headers(token=None), "Authorization": "Basic Zm9vOmJhcg=="}}, 401, "login", None),
+    ("wrong content type", {"headers": headers(**{"Content-Type": "application/xml"})}, 415, "not-supported", None),
+    ("no target", {"headers": headers(target=None)}, 422, "required", None),
+    ("blank target", {"headers": headers(target=" , ")}, 422, "required", None),
+    ("unknown target", {"headers": headers(target="essms-a,nowhere")}, 422, "not-found", None),
+    ("forbidden target", {"headers": headers(token=TOKEN_B, target="sidoba")}, 403, "forbidden", None),
+    ("not json", {"content": b"{not json"}, 400, "structure", None),
+    ("empty body", {"content": b""}, 400, "structure", None),
+    ("json array", {"content": b"[1,2]"}, 400, "structure", None),
+    ("not a bundle", {"content": b'{"resourceType":"Patient"}'}, 400, "structure", "Bundle.resourceType"),
+    ("not a transaction", {"content": b'{"resourceType":"Bundle","type":"collection"}'}, 422, "value",
+     "Bundle.type"),
+    ("too large", {"content": b'{"resourceType":"Bundle","type":"transaction","x":"' + b"a" * 70_000 + b'"}'},
+     413, "too-costly", "Bundle"),
+]
+
+
+@pytest.mark.kafka
+async def test_bad_input_gets_its_status_and_an_outcome_and_nothing_is_accepted(
+        kafka_bootstrap: str, make_settings: Callable[..., Settings], files: dict[str, Path]) -> None:
+    s = make_settings(kafka_bootstrap=kafka_bootstrap, producers_file=files["producers"],
+                      targets_file=files["targets"], auth_disabled=False, max_body_bytes=65_536)
+    valid = orjson.dumps(make_bundle(5))
+    async with running(ingress(s)) as client:
+        await wait_ready(client)
+        for name, kwargs, status, code, expression in BAD_CASES:
+            kwargs = {"content": valid, "headers": headers(), **kwargs}
+            response = await client.post("/fhir", **kwargs)
+            assert response.status_code == status, (name, response.text)
+            outcome = response.json()
+            assert outcome["resourceType"] == "OperationOutcome", name
+            issue = outcome["issue"][0]
+            assert (issue["severity"], issue["code"]) == ("error", code), name
+            assert issue["diagnostics"], name
+            if expression:
+                assert issue["expression"] == [expression], name
+            if status == 401:
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        # Still serving afterwards, and nothing refused reached Kafka.
+        ok = await client.post("/fhir", content=valid, headers=headers())
+        assert ok.status_code == 202
+    records = await read_topic(s, RECEIVED, expect=2, timeout_s=3)
+    assert [r.envelope.transfer_id for r in records] == [ok.headers["X-Relais-Transfer-Id"]]
+
+
+async def test_kafka_unreachable_answers_503_with_retry_after(
+        make_settings: Callable[..., Settings], files: dict[str, Path]) -> None:
+    s = make_settings(kafka_bootstrap="127.0.0.1:9", kafka_timeout_s=1.0, targets_file=files["targets"])
+    async with running(ingress(s)) as client:
+        response = await client.post("/fhir", content=orjson.dumps(make_bundle(3)), headers=headers(token=None))
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == str(s.retry_after_s)
+    assert response.json()["issue"][0]["code"] == "transient"
+
+
+def test_ingress_refuses_to_start_without_producers_or_explicit_opt_out(
+        make_settings: Callable[..., Settings]) -> None:
+    s = make_settings(kafka_bootstrap="127.0.0.1:9", auth_disabled=False)
+    with pytest.raises(ConfigurationError, match="RELAIS_PRODUCERS_FILE"):
+        ingress(s)
+
+
+async def test_status_of_unknown_transfer_is_404_outcome(make_settings: Callable[..., Settings]) -> None:
+    s = make_settings(kafka_bootstrap="127.0.0.1:9")
+    async with running(ingress(s)) as client:
+        response = await client.get("/transfers/does-not-exist")
+        metadata = await client.get("/metadata")
+        missing = await client.get("/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["issue"][0]["code"] == "not-found"
+    assert metadata.json()["resourceType"] == "CapabilityStatement"
+    assert missing.status_code == 404 and missing.json()["resourceType"] == "OperationOutcome"

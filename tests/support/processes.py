@@ -1,0 +1,142 @@
+"""The broker as separate OS processes, as production runs it: start, SIGKILL, restart, by PID."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+WORKERS = ("validator", "router", "delivery", "tracker")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(self.argv, env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+            self.popen.wait(30)
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class DemoTarget:
+    """services.demotarget as a real HTTP server process."""
+
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    base_url: str = ""
+
+    def start(self) -> DemoTarget:
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port", "0"], cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline().decode()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/fhir", line)
+        assert match, f"demo target did not start: {line!r}"
+        self.base_url = f"http://127.0.0.1:{match.group(1)}"
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    @property
+    def fhir(self) -> str:
+        return f"{self.base_url}/fhir"
+
+    def received(self) -> list[dict[str, object]]:
+        return httpx.get(f"{self.base_url}/_received", timeout=30).json()  # type: ignore[no-any-return]
+
+    def summary(self) -> dict[str, object]:
+        return httpx.get(f"{self.base_url}/_received", params={"summary": 1}, timeout=30).json()  # type: ignore[no-any-return]
+
+    def fault(self, **spec: object) -> None:
+        httpx.post(f"{self.base_url}/_faults", json=spec, timeout=10).raise_for_status()
+
+
+@dataclass
+class Broker:
+    """Ingress + each worker as its own `relais <stage>` process, sharing one Kafka and one ledger."""
+
+    workdir: Path
+    env: Mapping[str, str]
+    procs: dict[str, Proc] = field(default_factory=dict)
+    http_port: int = 0
+
+    def start(self) -> Broker:
+        self.http_port = free_port()
+        for name in ("ingress", *WORKERS):
+            env = {**os.environ, **self.env, "RELAIS_HTTP_PORT": str(self.http_port),
+                   "RELAIS_INSTANCE_ID": f"e2e-{name}", "RELAIS_LOG_FORMAT": "json"}
+            self.procs[name] = Proc(name, [sys.executable, "-m", "services.cli", name], env,
+                                    self.workdir / f"{name}.log")
+            self.procs[name].start()
+        self.wait_ready()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [p.name for p in self.procs.values() if not p.alive()]
+            if dead:
+                raise AssertionError(f"stage(s) exited: {dead}\n" + self.tails())
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("ingress never became ready\n" + self.tails())
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a stage: no shutdown code runs, as in a crash."""
+        self.procs[name].kill(signal.SIGKILL)
+
+    def restart(self, name: str) -> None:
+        self.procs[name].kill(signal.SIGKILL)
+        self.procs[name].start()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.kill(signal.SIGTERM)
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in self.procs.values())

@@ -87,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "validate":
         from services.validator.report import main as validate
 
-        return validate(args.paths, args.format)
+        try:
+            return validate(args.paths, args.format)
+        except BrokenPipeError:  # `relais validate ... | head` closed the pipe: not an error of ours
+            sys.stderr.close()
+            return 0
     return _run_stages(args)
 
 

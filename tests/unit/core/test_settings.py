@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,6 @@ from services.core.settings import MiB, Settings
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No RELAIS_* variable from the developer's shell leaks into these tests."""
-    import os
-
     for name in list(os.environ):
         if name.upper().startswith("RELAIS_"):
             monkeypatch.delenv(name)
@@ -67,7 +66,8 @@ def test_arguments_win_over_environment(clean_env: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("name", ["producers_file", "targets_file"])
-def test_missing_file_fails_naming_the_variable(clean_env: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+def test_missing_file_fails_naming_the_variable(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                                name: str) -> None:
     env = f"RELAIS_{name.upper()}"
     clean_env.setenv(env, str(tmp_path / "nope.yaml"))
     with pytest.raises(ValidationError) as info:

@@ -58,7 +58,8 @@ def test_no_file_means_an_empty_directory() -> None:
     pytest.param("targets:\n  - {id: a, base_url: 'http://x'}\n  - {id: b, base_url: 'http://y'}\n"
                  "  - {id: a, base_url: 'http://z'}\n", "repeated: a", id="duplicate-ids"),
     pytest.param("targets:\n  - {id: a, base_url: 'ftp://x'}\n", "http:// or https://", id="bad-url"),
-    pytest.param("targets:\n  - {id: a, base_url: 'fhir.example/fhir'}\n", "targets.0.base_url", id="no-scheme"),
+    pytest.param("targets:\n  - {id: a, base_url: 'fhir.example/fhir'}\n", "targets.0.base_url",
+                 id="no-scheme"),
     pytest.param("targets:\n  - {id: a, base_url: 'http://x', token: s3cret}\n", "targets.0.token",
                  id="unknown-key"),
     pytest.param("target:\n  - {id: a, base_url: 'http://x'}\n", "target", id="unknown-top-key"),

@@ -27,7 +27,8 @@ FIXED = {RECEIVED, VALIDATED, REJECTED, EVENTS, POISON, DELIVERIES, DELIVERIES_D
     ([5.0], ["deliveries.retry.1"]),
     ([1.0, 2.0, 4.0, 8.0, 16.0], [f"deliveries.retry.{n}" for n in range(1, 6)]),
 ])
-def test_declared_topics_include_one_retry_tier_per_delay(delays: list[float], retry_names: list[str]) -> None:
+def test_declared_topics_include_one_retry_tier_per_delay(delays: list[float],
+                                                          retry_names: list[str]) -> None:
     names = [t.name for t in declared_topics(Settings(retry_delays_s=delays))]
     assert len(names) == len(set(names)), "a topic is declared twice"
     assert set(names) == FIXED | set(retry_names)

@@ -1,0 +1,37 @@
+# One verb each. `make run` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "installing Relais and its test tools into $(VENV) ..."
+	@$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)  ## create .venv with Relais and its development tools
+
+run: $(STAMP)  ## every stage in one process, a local Kafka, a demo target, demo credentials
+	RELAIS_PRODUCERS_FILE=$${RELAIS_PRODUCERS_FILE:-deploy/dev/producers.yaml} \
+	RELAIS_TARGETS_FILE=$${RELAIS_TARGETS_FILE:-deploy/dev/targets.yaml} \
+	$(BIN)/relais run --demo-target
+
+test: $(STAMP)  ## the whole suite: unit, integration (real Kafka), end to end (processes)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## unit tests only: no network, seconds
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check services tests
+	$(BIN)/mypy
+
+bench: $(STAMP)  ## benchmarks (not tests): prints throughput and latency figures
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info relais-ledger.db*

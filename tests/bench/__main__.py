@@ -1,0 +1,46 @@
+"""`python -m tests.bench` (or `make bench`): benchmarks that print figures, never pass/fail.
+
+Uses RELAIS_KAFKA_BOOTSTRAP when set, else starts a local Kafka from the Maven Central jars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.bench import pipeline
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accept", type=int, default=2000, help="Bundles for the ingress acceptance run")
+    parser.add_argument("--e2e", type=int, default=500, help="Bundles for the end-to-end run")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients")
+    args = parser.parse_args()
+
+    bootstrap = os.environ.get("RELAIS_KAFKA_BOOTSTRAP")
+    kafka = None
+    if not bootstrap:
+        from services.devkafka import LocalKafka
+
+        print("bench: starting a local Kafka ...", file=sys.stderr)
+        kafka = LocalKafka().start()
+        bootstrap = kafka.bootstrap
+    try:
+        with tempfile.TemporaryDirectory(prefix="relais-bench-") as work:
+            lines = asyncio.run(pipeline.run(bootstrap, Path(work), accept_count=args.accept,
+                                             e2e_count=args.e2e, concurrency=args.concurrency))
+    finally:
+        if kafka is not None:
+            kafka.stop()
+    print("\n".join(["", "== Relais benchmark (2-core machine, one process per stage) ==", *lines]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""The ledger on a real SQLite file: projection, idempotence, late events, terminal states."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.tracker.ledger import Ledger, LedgerEvent
+
+T0 = datetime(2025, 4, 1, 10, 0, 0, tzinfo=UTC)
+TID = "tr-0001"
+REJECTION = {"resourceType": "OperationOutcome", "issue": [
+    {"severity": "error", "code": "required", "diagnostics": "INS missing",
+     "expression": ["Bundle.entry[1].resource.identifier"]}]}
+_ids = count(1)
+
+
+def tx_response(location: str) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "transaction-response",
+            "entry": [{"response": {"status": "201 Created", "location": location}}]}
+
+
+def ev(kind: str, stage: str, second: int, *, target: str | None = None, attempt: int = 0,
+       detail: dict[str, Any] | None = None, event_id: str | None = None, transfer_id: str = TID,
+       producer: str | None = "dui-acme") -> LedgerEvent:
+    return LedgerEvent(id=event_id or f"evt-{next(_ids)}", transfer_id=transfer_id, kind=kind, stage=stage,
+                       time=T0 + timedelta(seconds=second), producer=producer, target=target, attempt=attempt,
+                       detail=detail)
+
+
+def accepted(second: int = 0, **kw: Any) -> LedgerEvent:
+    return ev("accepted", "ingress", second, detail={"targets": ["a", "b"], "size": 1234}, **kw)
+
+
+def validated(second: int = 1, **kw: Any) -> LedgerEvent:
+    return ev("validated", "validator", second, detail={"warnings": 0}, **kw)
+
+
+def routed(second: int = 2, **kw: Any) -> LedgerEvent:
+    return ev("routed", "router", second, detail={"targets": ["a", "b"]}, **kw)
+
+
+def delivered(target: str, second: int, attempt: int = 1, http: int = 201) -> LedgerEvent:
+    return ev("delivered", "delivery", second, target=target, attempt=attempt,
+              detail={"http_status": http, "response": tx_response(f"Patient/{target}1/_history/1")})
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/l.db")
+    await ledger.create_schema()
+    try:
+        yield ledger
+    finally:
+        await ledger.close()
+
+
+async def apply_all(ledger: Ledger, *events: LedgerEvent) -> list[bool]:
+    return [await ledger.apply(e) for e in events]
+
+
+async def test_create_schema_is_idempotent_and_starts_empty(ledger: Ledger) -> None:
+    await ledger.create_schema()
+    assert await ledger.count_by_status() == {}
+    assert await ledger.get(TID) is None
+
+
+async def test_happy_path_ends_delivered_with_each_targets_response(ledger: Ledger) -> None:
+    assert await apply_all(ledger, accepted(), validated(), routed(), delivered("a", 3),
+                           delivered("b", 4, attempt=2, http=200)) == [True] * 5
+    view = await ledger.get(TID)
+    assert view is not None
+    assert (view.status, view.stage_status) == ("delivered", "routed")
+    assert view.producer == "dui-acme"
+    assert view.targets == ["a", "b"]
+    assert view.outcome is None
+    assert view.created_at == T0 and view.updated_at == T0 + timedelta(seconds=4)
+    assert view.created_at.tzinfo is not None
+    by_target = {d.target: d for d in view.deliveries}
+    assert [d.target for d in view.deliveries] == ["a", "b"]
+    a, b = by_target["a"], by_target["b"]
+    assert (a.status, a.attempts, a.last_http_status) == ("delivered", 1, 201)
+    assert a.response == tx_response("Patient/a1/_history/1")
+    assert (b.status, b.attempts, b.last_http_status) == ("delivered", 2, 200)
+    assert b.response == tx_response("Patient/b1/_history/1")
+
+
+@pytest.mark.parametrize(("events", "status", "stage"), [
+    ([accepted], "accepted", "accepted"),
+    ([accepted, validated], "validated", "validated"),
+    ([accepted, validated, routed], "delivering", "routed"),
+])
+async def test_in_flight_statuses(ledger: Ledger, events: list[Any], status: str, stage: str) -> None:
+    await apply_all(ledger, *(make() for make in events))
+    view = await ledger.get(TID)
+    assert view is not None
+    assert (view.status, view.stage_status) == (status, stage)
+
+
+async def test_in_flight_deliveries_start_pending(ledger: Ledger) -> None:
+    await apply_all(ledger, accepted(), validated(), routed())
+    view = await ledger.get(TID)
+    assert view is not None
+    assert [(d.target, d.status, d.attempts, d.response) for d in view.deliveries] == [
+        ("a", "pending", 0, None), ("b", "pending", 0, None)]
+
+
+async def test_same_event_twice_is_a_no_op(ledger: Ledger) -> None:
+    await apply_all(ledger, accepted(), validated(), routed())
+    first = delivered("a", 3)
+    assert await ledger.apply(first) is True
+    before = await ledger.get(TID)
+    assert await ledger.apply(first) is False
+    # Same id, different content (a replayed record): still ignored.
+    assert await ledger.apply(ev("dead_lettered", "delivery", 9, target="a", attempt=5, event_id=first.id,
+                                 detail={"http_status": 500})) is False
+    assert await ledger.get(TID) == before
+    assert await ledger.count_by_status() == {"delivering": 1}
+
+
+async def test_validated_before_accepted_ends_right(ledger: Ledger) -> None:
+    assert await apply_all(ledger, validated(1, producer=None), accepted(0)) == [True, True]
+    view = await ledger.get(TID)
+    assert view is not None
+    assert (view.status, view.stage_status) == ("validated", "validated")
+    assert view.producer == "dui-acme"
+    assert view.targets == ["a", "b"]
+    await apply_all(ledger, routed(), delivered("a", 3), delivered("b", 4))
+    view = await ledger.get(TID)
+    assert view is not None and view.status == "delivered"
+
+
+async def test_late_accepted_does_not_undo_routing_targets(ledger: Ledger) -> None:
+    wider = ev("routed", "router", 2, detail={"targets": ["a", "b", "c"]})
+    await apply_all(ledger, validated(), wider, accepted(0))
+    view = await ledger.get(TID)
+    assert view is not None
+    assert view.targets == ["a", "b", "c"]
+    assert view.stage_status == "routed"
+    assert [d.target for d in view.deliveries] == ["a", "b", "c"]
+
+
+async def test_delivered_before_routed_is_not_reset_to_pending(ledger: Ledger) -> None:
+    await apply_all(ledger, accepted(), validated(), delivered("a", 3), routed(2), delivered("b", 4))
+    view = await ledger.get(TID)
+    assert view is not None
+    assert view.status == "delivered"
+    assert {d.target: d.status for d in view.deliveries} == {"a": "delivered", "b": "delivered"}
+
+
+async def test_retry_then_dead_letter_ends_dead_lettered(ledger: Ledger) -> None:
+    target_oo = {"resourceType": "OperationOutcome",
+                 "issue": [{"severity": "error", "code": "transient", "diagnostics": "overloaded"}]}
+    await apply_all(
+        ledger, accepted(), validated(), routed(), delivered("a", 3),
+        ev("retry_scheduled", "delivery", 4, target="b", attempt=1, detail={"http_status": 503}),
+    )
+    view = await ledger.get(TID)
+    assert view is not None
+    assert view.status == "delivering"
+    b = next(d for d in view.deliveries if d.target == "b")
+    assert (b.status, b.attempts, b.last_http_status) == ("retrying", 1, 503)
+
+    await ledger.apply(ev("retry_scheduled", "delivery", 5, target="b", attempt=2,
+                          detail={"http_status": 503}))
+    await ledger.apply(ev("dead_lettered", "delivery", 6, target="b", attempt=3,
+                          detail={"http_status": 503, "outcome": target_oo, "reason": "gave up"}))
+    view = await ledger.get(TID)
+    assert view is not None
+    assert (view.status, view.stage_status) == ("dead-lettered", "routed")
+    assert view.outcome is None
+    by_target = {d.target: d for d in view.deliveries}
+    assert by_target["a"].status == "delivered"
+    assert (by_target["b"].status, by_target["b"].attempts, by_target["b"].last_http_status) == (
+        "dead-lettered", 3, 503)
+    assert by_target["b"].outcome == target_oo
+
+
+async def test_replayed_dead_letter_goes_back_in_flight(ledger: Ledger) -> None:
+    await apply_all(ledger, accepted(), validated(), routed(), delivered("a", 3),
+                    ev("dead_lettered", "delivery", 4, target="b", attempt=1, detail={"http_status": 422}))
+    assert (await ledger.get(TID)).status == "dead-lettered"  # type: ignore[union-attr]
+    await ledger.apply(ev("replayed", "ops", 5, target="b", attempt=1))
+    view = await ledger.get(TID)
+    assert view is not None and view.status == "delivering"
+    await ledger.apply(delivered("b", 6, attempt=2))
+    assert (await ledger.get(TID)).status == "delivered"  # type: ignore[union-attr]
+
+
+async def test_rejected_stores_the_outcome(ledger: Ledger) -> None:
+    await apply_all(ledger, accepted(),
+                    ev("rejected", "validator", 1, detail={"errors": 1, "outcome": REJECTION}),
+                    validated(2))  # a stray late event cannot resurrect it
+    view = await ledger.get(TID)
+    assert view is not None
+    assert (view.status, view.stage_status) == ("rejected", "rejected")
+    assert view.outcome == REJECTION
+    assert view.deliveries == []
+
+
+async def test_failed_stage_gets_a_generated_outcome(ledger: Ledger) -> None:
+    await apply_all(ledger, accepted(), ev("failed", "validator", 1, detail={"reason": "KeyError: 'x'"}))
+    view = await ledger.get(TID)
+    assert view is not None
+    assert view.status == "dead-lettered"
+    assert view.outcome is not None and view.outcome["resourceType"] == "OperationOutcome"
+    diagnostics = view.outcome["issue"][0]["diagnostics"]
+    assert "validator" in diagnostics and "KeyError" in diagnostics
+
+
+async def test_get_unknown_is_none(ledger: Ledger) -> None:
+    await ledger.apply(accepted())
+    assert await ledger.get("no-such-transfer") is None
+
+
+async def test_count_by_status(ledger: Ledger) -> None:
+    await apply_all(
+        ledger,
+        accepted(transfer_id="t1"), accepted(transfer_id="t2"), accepted(transfer_id="t3"),
+        validated(transfer_id="t2"),
+        ev("rejected", "validator", 1, transfer_id="t3", detail={"outcome": REJECTION}),
+        accepted(transfer_id="t4"), validated(transfer_id="t4"), routed(transfer_id="t4"),
+        accepted(transfer_id="t5"),
+    )
+    assert await ledger.count_by_status() == {"accepted": 2, "validated": 1, "rejected": 1, "delivering": 1}
+
+
+async def test_ledger_survives_reopening(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/l.db"
+    first = Ledger(url)
+    await first.create_schema()
+    await apply_all(first, accepted(), validated())
+    await first.close()
+    await first.close()  # safe twice
+    second = Ledger(url)
+    try:
+        await second.create_schema()
+        view = await second.get(TID)
+        assert view is not None and view.status == "validated"
+        assert await second.apply(validated(1, event_id="dup")) is True
+        assert await second.apply(validated(1, event_id="dup")) is False
+    finally:
+        await second.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 import orjson
@@ -96,24 +96,12 @@ def reference_targets(bundle: Mapping[str, Any]) -> dict[str, int]:
 def iter_references(node: Any, path: str) -> Iterator[tuple[str, str]]:
     """(FHIRPath, reference) for every `reference` string under `node`, in document order.
 
-    Walks nested backbone elements, extensions and contained resources alike; iterative, so
-    hostile nesting depth cannot exhaust the stack.
+    Walks nested backbone elements, extensions and contained resources alike.
     """
-    stack: list[tuple[Any, str]] = [(node, path)]
-    while stack:
-        current, at = stack.pop()
-        children: list[tuple[Any, str]] = []
-        if isinstance(current, dict):
-            for key, value in current.items():
-                if key == "reference" and isinstance(value, str):
-                    yield f"{at}.reference", value
-                elif isinstance(value, dict | list):
-                    children.append((value, f"{at}.{_element_name(key)}"))
-        elif isinstance(current, list):
-            children = [
-                (item, f"{at}[{i}]") for i, item in enumerate(current) if isinstance(item, dict | list)
-            ]
-        stack.extend(reversed(children))
+    for at, element in _walk_objects(node, path):
+        reference = element.get("reference")
+        if isinstance(reference, str):
+            yield f"{at()}.reference", reference
 
 
 @functools.lru_cache(maxsize=512)
@@ -278,15 +266,9 @@ def _unparseable(data: dict[str, Any], at: str) -> list[Issue]:
 
 
 def _nested_resource_types(data: dict[str, Any], at: str) -> Iterator[tuple[str, object]]:
-    stack: list[tuple[Any, str]] = [(v, f"{at}.{_element_name(k)}") for k, v in data.items()]
-    while stack:
-        current, path = stack.pop()
-        if isinstance(current, dict):
-            if "resourceType" in current:
-                yield f"{path}.resourceType", current["resourceType"]
-            stack.extend((v, f"{path}.{_element_name(k)}") for k, v in current.items())
-        elif isinstance(current, list):
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(current))
+    for path, element in _walk_objects(data, at):
+        if element is not data and "resourceType" in element:
+            yield f"{path()}.resourceType", element["resourceType"]
 
 
 # --- TDDUIBundle transaction rules -----------------------------------------------------------------
@@ -449,6 +431,39 @@ def _resolve(reference: str, at: str, targets: Mapping[str, int]) -> Issue | Non
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+# A location as a chain of (parent, segment) links, spelled out only when an issue needs it: building
+# every node's full path eagerly costs O(depth²), which hostile nesting would turn into a CPU sink.
+_Chain = tuple[Any, str] | None
+
+
+def _walk_objects(node: Any, path: str) -> Iterator[tuple[Callable[[], str], dict[str, Any]]]:
+    """(lazy FHIRPath, object) for every JSON object under and including `node`, in document order.
+
+    Iterative, so hostile nesting cannot exhaust the stack.
+    """
+    stack: list[tuple[Any, _Chain]] = [(node, None)]
+    while stack:
+        current, chain = stack.pop()
+        if isinstance(current, dict):
+            yield functools.partial(_spell, path, chain), current
+            children = [
+                (v, (chain, f".{_element_name(k)}")) for k, v in current.items() if isinstance(v, dict | list)
+            ]
+        elif isinstance(current, list):
+            children = [(v, (chain, f"[{i}]")) for i, v in enumerate(current) if isinstance(v, dict | list)]
+        else:
+            continue
+        stack.extend(reversed(children))
+
+
+def _spell(path: str, chain: _Chain) -> str:
+    segments = []
+    while chain is not None:
+        chain, segment = chain
+        segments.append(segment)
+    return path + "".join(reversed(segments))
 
 
 def _entries(bundle: Mapping[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -135,6 +135,32 @@ async def test_validated_before_accepted_ends_right(ledger: Ledger) -> None:
     assert view is not None and view.status == "delivered"
 
 
+async def test_late_accepted_keeps_created_at_earliest_and_updated_at_latest(ledger: Ledger) -> None:
+    # The transfer was created when ingress accepted it, whichever event the tracker saw first;
+    # and a late event must not move updated_at back in time.
+    await apply_all(ledger, validated(5), accepted(0))
+    view = await ledger.get(TID)
+    assert view is not None
+    assert view.created_at == T0
+    assert view.updated_at == T0 + timedelta(seconds=5)
+
+
+async def test_late_event_of_a_finished_delivery_does_not_overwrite_what_it_recorded(ledger: Ledger) -> None:
+    # At-least-once: the delivered attempt is processed again and the target now answers 409;
+    # the delivery stays delivered (ranks), so its recorded answer must stay the successful one.
+    conflict = {"resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "duplicate", "diagnostics": "already exists"}]}
+    await apply_all(ledger, accepted(), validated(), routed(), delivered("a", 3, attempt=3, http=201),
+                    ev("dead_lettered", "delivery", 4, target="a", attempt=3,
+                       detail={"http_status": 409, "outcome": conflict}))
+    view = await ledger.get(TID)
+    assert view is not None
+    a = next(d for d in view.deliveries if d.target == "a")
+    assert a.status == "delivered"
+    assert (a.last_http_status, a.outcome) == (201, None)
+    assert a.response == tx_response("Patient/a1/_history/1")
+
+
 async def test_late_accepted_does_not_undo_routing_targets(ledger: Ledger) -> None:
     wider = ev("routed", "router", 2, detail={"targets": ["a", "b", "c"]})
     await apply_all(ledger, validated(), wider, accepted(0))

@@ -1,0 +1,71 @@
+"""`relais run --demo-target`: every stage in one process delivers a Bundle to the demo target."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.fixtures.tddui import make_bundle
+from tests.support.processes import REPO, free_port
+from tests.support.producers import write_targets
+
+pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
+
+
+def test_relais_run_delivers_to_the_demo_target_and_stops_on_sigterm(kafka_bootstrap: str, tmp_path: Path) -> None:
+    http_port, target_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "RELAIS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "RELAIS_TOPIC_PREFIX": f"run{uuid.uuid4().hex[:8]}.",
+        "RELAIS_TOPIC_PARTITIONS": "2",
+        "RELAIS_HTTP_PORT": str(http_port),
+        "RELAIS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+        "RELAIS_PRODUCERS_FILE": str(REPO / "deploy/dev/producers.yaml"),
+        "RELAIS_TARGETS_FILE": str(write_targets(tmp_path / "t.yaml", {"demo": f"http://127.0.0.1:{target_port}/fhir"})),
+    }
+    log = (tmp_path / "run.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "--demo-target",
+                             "--demo-target-port", str(target_port)], env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+    auth = {"Authorization": "Bearer demo-token"}
+    try:
+        _wait(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, proc, tmp_path)
+        bundle = orjson.loads((REPO / "examples/bundle-ssiad.json").read_bytes())
+        response = httpx.post(f"{base}/fhir", content=orjson.dumps(bundle), timeout=30,
+                              headers={**auth, "Content-Type": "application/fhir+json", "X-Relais-Target": "demo"})
+        assert response.status_code == 202, response.text
+        status_url = response.headers["Content-Location"]
+        _wait(lambda: httpx.get(status_url, headers=auth, timeout=5).status_code == 200, proc, tmp_path)
+        result = httpx.get(status_url, headers=auth, timeout=5).json()
+        assert result["entry"][0]["resource"]["type"] == "transaction-response"
+        received = httpx.get(f"http://127.0.0.1:{target_port}/_received", timeout=5).json()
+        assert [r["body"] for r in received] == [bundle]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+
+def _wait(condition, proc: subprocess.Popen[bytes], tmp_path: Path, timeout_s: float = 90) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("timed out\n" + (tmp_path / "run.log").read_text()[-3000:])

@@ -47,6 +47,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _timestamp(text: str) -> datetime:
+    """An RFC 3339 timestamp; one without an offset is refused (comparing it would crash a stage)."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no UTC offset; RFC 3339 requires one")
+    return moment
+
+
 def new_id() -> str:
     """A fresh, unique id for a transfer or an event."""
     return str(uuid.uuid4())
@@ -102,10 +110,12 @@ class Envelope:
         missing = [k for k in (H_ID, H_TYPE, H_SOURCE, H_TRANSFER_ID) if not h.get(k)]
         if missing:
             raise EnvelopeError(f"record lacks CloudEvents header(s) {', '.join(missing)}")
+        if h.get(H_SPECVERSION, SPEC_VERSION) != SPEC_VERSION:
+            raise EnvelopeError(f"unsupported CloudEvents specversion {h[H_SPECVERSION]!r}; expected 1.0")
         try:
             attempt = int(h.get(H_ATTEMPT, "0"))
-            time = datetime.fromisoformat(h[H_TIME]) if H_TIME in h else _now()
-            not_before = datetime.fromisoformat(h[H_NOT_BEFORE]) if H_NOT_BEFORE in h else None
+            time = _timestamp(h[H_TIME]) if H_TIME in h else _now()
+            not_before = _timestamp(h[H_NOT_BEFORE]) if H_NOT_BEFORE in h else None
         except ValueError as exc:
             raise EnvelopeError(f"malformed envelope attribute: {exc}") from exc
         extra = {k[len(EXTRA_PREFIX):]: v for k, v in h.items() if k not in _KNOWN and k.startswith(EXTRA_PREFIX)}
@@ -145,7 +155,7 @@ class Emit:
 def event(source: Envelope, kind: str, stage: str, detail: Mapping[str, Any] | None = None,
           *, target: str | None = None) -> Emit:
     """A `transfers.events` record saying what `stage` did with `source`; keyed by transfer id."""
-    body = {"kind": kind, "stage": stage, **(detail or {})}
+    body = {**(detail or {}), "kind": kind, "stage": stage}
     env = Envelope(
         type=f"fr.relais.event.{kind}",
         source=f"/relais/{stage}",

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     delivery_timeout_s: float = Field(default=30.0, gt=0, description="Total timeout of one POST to a target.")
     delivery_connect_timeout_s: float = Field(default=5.0, gt=0, description="Connect timeout to a target.")
     retry_delays_s: list[float] = Field(
-        default=[10.0, 60.0, 600.0],
+        default=[10.0, 60.0, 600.0], min_length=1,
         description="Delay of each retry tier (one topic per tier), JSON list.",
     )
     max_attempts: int = Field(default=8, ge=1, description="Attempts before a delivery is dead-lettered.")
@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         default=None, description="Stable id of this replica (Kafka transactional ids). Set it per replica (e.g. the pod "
         "name) so a restarted replica fences its crashed predecessor at once; default: random."
     )
+
+    @field_validator("retry_delays_s")
+    @classmethod
+    def _positive_delays(cls, v: list[float]) -> list[float]:
+        if any(d <= 0 for d in v):
+            raise ValueError("every retry delay must be > 0 seconds, e.g. RELAIS_RETRY_DELAYS_S='[10, 60, 600]'")
+        return v
 
     @field_validator("kafka_bootstrap")
     @classmethod

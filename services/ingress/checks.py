@@ -49,7 +49,7 @@ def check_content_type(content_type: str | None) -> Refusal | None:
 
 def check_declared_length(content_length: str | None, limit: int) -> Refusal | None:
     """413 when Content-Length already announces a body over the limit."""
-    if content_length and content_length.isdigit() and int(content_length) > limit:
+    if content_length and content_length.isascii() and content_length.isdigit() and int(content_length) > limit:
         return too_large(limit)
     return None
 

@@ -47,6 +47,19 @@ class ProducerDirectory(BaseModel):
 
     producers: list[Producer] = Field(default_factory=list)
 
+    @field_validator("producers")
+    @classmethod
+    def _unambiguous(cls, v: list[Producer]) -> list[Producer]:
+        ids = [p.id for p in v]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"producer ids must be unique; repeated: {', '.join(repeated)}")
+        hashes = [p.token_sha256 for p in v]
+        shared = sorted({p.id for p in v if hashes.count(p.token_sha256) > 1})
+        if shared:
+            raise ValueError(f"producers {', '.join(shared)} share one token (same token_sha256); give each its own token")
+        return v
+
     def authenticate(self, token: str) -> Producer | None:
         """The producer whose token this is, or None; compares hashes in constant time."""
         digest = hashlib.sha256(token.encode()).hexdigest()

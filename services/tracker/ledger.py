@@ -140,7 +140,9 @@ class Ledger:
                 await self._project(conn, ev)
             return True
         except IntegrityError:
-            return False
+            if await self._has_event(ev.id):
+                return False  # already applied: at-least-once input, exactly-once effect
+            raise
         except (OperationalError, OSError) as exc:
             raise TransientError(f"ledger database unavailable: {exc}") from exc
 
@@ -149,6 +151,10 @@ class Ledger:
         row = (await conn.execute(sa.select(transfers).where(transfers.c.id == ev.transfer_id))).mappings().first()
         stage_status = logic.advance_stage(row["stage_status"] if row else None, ev.kind) or logic.ACCEPTED
         values: dict[str, Any] = {"stage_status": stage_status, "updated_at": ev.time}
+        if row is not None:
+            # Events arrive out of order: the transfer began at its earliest event, changed at its latest.
+            values["created_at"] = min(_aware(row["created_at"]), ev.time)
+            values["updated_at"] = max(_aware(row["updated_at"]), ev.time)
         if ev.producer and not (row and row["producer"]):
             values["producer"] = ev.producer
         # Routing may add targets to those the producer named; a late `accepted` must not undo that.
@@ -186,14 +192,25 @@ class Ledger:
         row = (await conn.execute(sa.select(deliveries).where(where))).mappings().first()
         status = logic.advance_delivery(row["status"] if row else None, ev.kind) or logic.PENDING
         changes = {k: v for k, v in values.items() if v is not None}
-        if row is not None and row["attempts"] > changes.get("attempts", 0):
-            changes.pop("attempts", None)
+        if row is not None:
+            moved = status != row["status"]
+            newer = status not in logic.TERMINAL and ev.attempt >= row["attempts"]
+            if not (moved or newer):
+                # A late or repeated event about a settled delivery must not rewrite what it recorded.
+                return
+            if row["attempts"] > changes.get("attempts", 0):
+                changes.pop("attempts", None)
         if row is None:
             await conn.execute(deliveries.insert().values(
                 transfer_id=ev.transfer_id, target=target, status=status, updated_at=ev.time,
                 **{"attempts": 0, **changes}))
         elif status != row["status"] or changes:
             await conn.execute(deliveries.update().where(where).values(status=status, updated_at=ev.time, **changes))
+
+    async def _has_event(self, event_id: str) -> bool:
+        async with self.engine.connect() as conn:
+            found = await conn.execute(sa.select(events.c.id).where(events.c.id == event_id))
+            return found.first() is not None
 
     # --- reading (ingress, operators) ----------------------------------------------------
     async def get(self, transfer_id: str) -> TransferView | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 import orjson
@@ -42,8 +42,8 @@ RULE_REF_FORMAT: Final = "tddui-bundle-ref-format"
 
 _TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _RELATIVE = re.compile(r"(?P<type>[A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
-_TYPE_ID_TAIL = re.compile(r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})$")
-_HISTORY_TAIL = re.compile(r"/_history/[^/]*$")
+_TYPE_ID_TAIL = re.compile(r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})\Z")
+_HISTORY_TAIL = re.compile(r"/_history/[^/]*\Z")
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _ABSTRACT_TYPES = frozenset({"Resource", "DomainResource"})
 
@@ -98,10 +98,10 @@ def iter_references(node: Any, path: str) -> Iterator[tuple[str, str]]:
 
     Walks nested backbone elements, extensions and contained resources alike.
     """
-    for at, element in _walk_objects(node, path):
+    for chain, element in _walk_objects(node):
         reference = element.get("reference")
         if isinstance(reference, str):
-            yield f"{at()}.reference", reference
+            yield f"{_spell(path, chain)}.reference", reference
 
 
 @functools.lru_cache(maxsize=512)
@@ -266,9 +266,9 @@ def _unparseable(data: dict[str, Any], at: str) -> list[Issue]:
 
 
 def _nested_resource_types(data: dict[str, Any], at: str) -> Iterator[tuple[str, object]]:
-    for path, element in _walk_objects(data, at):
+    for chain, element in _walk_objects(data):
         if element is not data and "resourceType" in element:
-            yield f"{path()}.resourceType", element["resourceType"]
+            yield f"{_spell(at, chain)}.resourceType", element["resourceType"]
 
 
 # --- TDDUIBundle transaction rules -----------------------------------------------------------------
@@ -438,8 +438,8 @@ def _resolve(reference: str, at: str, targets: Mapping[str, int]) -> Issue | Non
 _Chain = tuple[Any, str] | None
 
 
-def _walk_objects(node: Any, path: str) -> Iterator[tuple[Callable[[], str], dict[str, Any]]]:
-    """(lazy FHIRPath, object) for every JSON object under and including `node`, in document order.
+def _walk_objects(node: Any) -> Iterator[tuple[_Chain, dict[str, Any]]]:
+    """(location chain, object) for every JSON object under and including `node`, in document order.
 
     Iterative, so hostile nesting cannot exhaust the stack.
     """
@@ -447,7 +447,7 @@ def _walk_objects(node: Any, path: str) -> Iterator[tuple[Callable[[], str], dic
     while stack:
         current, chain = stack.pop()
         if isinstance(current, dict):
-            yield functools.partial(_spell, path, chain), current
+            yield chain, current
             children = [
                 (v, (chain, f".{_element_name(k)}")) for k, v in current.items() if isinstance(v, dict | list)
             ]

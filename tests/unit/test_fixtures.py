@@ -82,7 +82,9 @@ def test_one_cycle_covers_every_entry_kind() -> None:
 
 
 def test_default_bundle_carries_a_small_document() -> None:
-    docs = [e["resource"] for e in make_bundle()["entry"] if e["resource"]["resourceType"] == "DocumentReference"]
+    docs = [
+        e["resource"] for e in make_bundle()["entry"] if e["resource"]["resourceType"] == "DocumentReference"
+    ]
     assert docs
     attachment = docs[0]["content"][0]["attachment"]
     assert base64.b64decode(attachment["data"]).startswith(b"%PDF")
@@ -156,7 +158,8 @@ def test_organization_finess_and_id_nat_st() -> None:
     finess = organization_finess(bundle)
     assert finess and re.fullmatch(r"99\d{7}", finess)
     org = bundle["entry"][0]["resource"]
-    assert {"system": "urn:oid:1.2.250.1.71.4.2.2", "value": f"1{finess}"}.items() <= org["identifier"][0].items()
+    id_nat_st = org["identifier"][0]
+    assert (id_nat_st["system"], id_nat_st["value"]) == ("urn:oid:1.2.250.1.71.4.2.2", f"1{finess}")
     org["identifier"] = org["identifier"][:1]
     assert organization_finess(bundle) == finess  # read back from idNatSt
     org["identifier"] = []
@@ -178,13 +181,28 @@ def test_business_identifiers_follow_the_ig_namespaces() -> None:
             assert tag, ident["value"]
             seen.add(tag[1])
     assert REGEX_TAGS <= seen
-    assert {"SEJOUR", "EVN", "EVAL", "TPPro", "TPPat", "PPER", "ATTE", "OBJE", "ACTI", "BILA", "MORE", "PRES",
-            "PSCO"} <= seen
+    assert {
+        "SEJOUR",
+        "EVN",
+        "EVAL",
+        "TPPro",
+        "TPPat",
+        "PPER",
+        "ATTE",
+        "OBJE",
+        "ACTI",
+        "BILA",
+        "MORE",
+        "PRES",
+        "PSCO",
+    } <= seen
 
 
 def test_personal_data_is_obviously_fake() -> None:
     bundle = make_bundle(60, seed=13)
-    families = {n["family"] for e in bundle["entry"] for n in e["resource"].get("name", []) if isinstance(n, dict)}
+    families = {
+        n["family"] for e in bundle["entry"] for n in e["resource"].get("name", []) if isinstance(n, dict)
+    }
     assert families == FAKE_FAMILIES
     text = orjson.dumps(bundle).decode()
     assert "@example.invalid" in text and "TESTVILLE" in text
@@ -225,8 +243,12 @@ def test_with_document_keeps_the_published_style() -> None:
 
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(2, 300), st.integers(0, 2**32), st.booleans(), st.booleans())
-def test_every_factory_bundle_validates_without_errors(size: int, seed: int, ins: bool, published: bool) -> None:
-    issues = validate_bundle(orjson.dumps(make_bundle(size, seed=seed, patient_ins=ins, published_style=published)))
+def test_every_factory_bundle_validates_without_errors(
+    size: int, seed: int, ins: bool, published: bool
+) -> None:
+    issues = validate_bundle(
+        orjson.dumps(make_bundle(size, seed=seed, patient_ins=ins, published_style=published))
+    )
     assert not has_errors(issues)
     assert all(i.rule == "tddui-bundle-request-url" for i in issues)
     assert len(issues) == (size if published else 0)

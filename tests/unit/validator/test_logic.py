@@ -59,8 +59,10 @@ def copy_full_url(src: int, dst: int) -> Mutation:
 
 def add_attachment_ext(reference: str) -> Mutation:
     def mutate(b: dict[str, Any]) -> None:
-        ext = {"url": "https://interop.esante.gouv.fr/ig/fhir/tddui/StructureDefinition/tddui-attachment",
-               "valueReference": {"reference": reference}}
+        ext = {
+            "url": "https://interop.esante.gouv.fr/ig/fhir/tddui/StructureDefinition/tddui-attachment",
+            "valueReference": {"reference": reference},
+        }
         b["entry"][3]["resource"]["extension"].append(ext)
 
     return mutate
@@ -72,80 +74,271 @@ RULE_CASES = [
     pytest.param(replace_body(b"\xff\xfe"), "error", "structure", "fhir-json", "Bundle", id="json-not-utf8"),
     pytest.param(replace_body([1, 2]), "error", "structure", "fhir-not-bundle", "Bundle", id="json-array"),
     pytest.param(replace_body(b"null"), "error", "structure", "fhir-not-bundle", "Bundle", id="json-null"),
-    pytest.param(setter(lambda b: b, "resourceType", "Patient"), "error", "structure", "fhir-not-bundle",
-                 "Bundle.resourceType", id="not-a-bundle"),
-    pytest.param(deleter(lambda b: b, "resourceType"), "error", "structure", "fhir-not-bundle",
-                 "Bundle.resourceType", id="no-resource-type"),
-    pytest.param(setter(lambda b: b, "type", "batch"), "error", "value", "tddui-bundle-type", "Bundle.type",
-                 id="type-batch"),
-    pytest.param(deleter(lambda b: b, "type"), "error", "structure", "fhir-structure", "Bundle.type",
-                 id="type-missing"),
-    pytest.param(setter(lambda b: b, "timestamp", "yesterday"), "error", "structure", "fhir-structure",
-                 "Bundle.timestamp", id="bundle-element-format"),
-    pytest.param(lambda b: res(1)(b)["identifier"][0].update(system=1234), "error", "structure", "fhir-structure",
-                 "Bundle.entry[1].resource.identifier[0].system", id="wrong-json-type"),
-    pytest.param(setter(res(0), "bogus", True), "error", "structure", "fhir-structure",
-                 "Bundle.entry[0].resource.bogus", id="unknown-element"),
-    pytest.param(deleter(res(2), "class"), "error", "structure", "fhir-structure",
-                 "Bundle.entry[2].resource.class", id="required-element"),
-    pytest.param(setter(res(1), "_birthDate", {"extension": [{"url": "x", "valuePositiveInt": 0}]}), "error",
-                 "structure", "fhir-structure", "Bundle.entry[1].resource.birthDate.extension[0].valuePositiveInt",
-                 id="primitive-extension"),
-    pytest.param(setter(entry(3), "resource", {"resourceType": "Foo"}), "error", "not-supported",
-                 "fhir-resource-type", "Bundle.entry[3].resource.resourceType", id="unknown-resource-type"),
-    pytest.param(setter(entry(3), "resource", {"resourceType": "PatientContact"}), "error", "not-supported",
-                 "fhir-resource-type", "Bundle.entry[3].resource.resourceType", id="backbone-as-resource"),
-    pytest.param(deleter(res(3), "resourceType"), "error", "required", "fhir-resource-type",
-                 "Bundle.entry[3].resource.resourceType", id="resource-type-missing"),
-    pytest.param(setter(res(3), "resourceType", 7), "error", "structure", "fhir-resource-type",
-                 "Bundle.entry[3].resource.resourceType", id="resource-type-not-string"),
-    pytest.param(setter(res(4), "contained", [{"resourceType": "Foo", "id": "c"}]), "error", "not-supported",
-                 "fhir-resource-type", "Bundle.entry[4].resource.contained[0].resourceType",
-                 id="contained-unknown-type"),
-    pytest.param(setter(entry(3), "resource", ["not", "an", "object"]), "error", "structure", "fhir-structure",
-                 "Bundle.entry[3].resource", id="resource-not-object"),
-    pytest.param(lambda b: b["entry"].__setitem__(3, 5), "error", "structure", "fhir-structure",
-                 "Bundle.entry[3]", id="entry-not-object"),
-    pytest.param(deleter(entry(3), "request"), "error", "required", "tddui-bundle-entry-request",
-                 "Bundle.entry[3].request", id="request-missing"),
-    pytest.param(lambda b: b["entry"][3]["request"].update(method="PUT"), "error", "value",
-                 "tddui-bundle-request-method", "Bundle.entry[3].request.method", id="method-put"),
-    pytest.param(deleter(entry(3), "resource"), "error", "required", "tddui-bundle-entry-resource",
-                 "Bundle.entry[3].resource", id="resource-missing"),
-    pytest.param(copy_full_url(1, 4), "error", "invalid", "tddui-bundle-fullurl-unique", "Bundle.entry[4].fullUrl",
-                 id="duplicate-fullurl"),
-    pytest.param(lambda b: b["entry"][1]["request"].update(url="TDDUIPatientINS"), "warning", "value",
-                 "tddui-bundle-request-url", "Bundle.entry[1].request.url", id="request-url-profile-name"),
-    pytest.param(lambda b: b["entry"][1]["request"].update(url="Observation"), "warning", "value",
-                 "tddui-bundle-request-url", "Bundle.entry[1].request.url", id="request-url-other-type"),
-    pytest.param(setter(res(2), "subject", {"reference": MISSING_URN}), "error", "not-found", "tddui-bundle-ref-urn",
-                 "Bundle.entry[2].resource.subject.reference", id="ref-urn-uuid"),
-    pytest.param(setter(res(2), "subject", {"reference": "urn:oid:1.2.3.4"}), "error", "not-found",
-                 "tddui-bundle-ref-urn", "Bundle.entry[2].resource.subject.reference", id="ref-urn-oid"),
-    pytest.param(setter(res(2), "hospitalization", {"origin": {"reference": MISSING_URN}}), "error", "not-found",
-                 "tddui-bundle-ref-urn", "Bundle.entry[2].resource.hospitalization.origin.reference",
-                 id="ref-in-backbone"),
-    pytest.param(add_attachment_ext(MISSING_URN), "error", "not-found", "tddui-bundle-ref-urn",
-                 "Bundle.entry[3].resource.extension[2].valueReference.reference", id="ref-in-extension"),
-    pytest.param(setter(res(1), "_birthDate", {"extension": [{"url": "x", "valueReference": {
-        "reference": MISSING_URN}}]}), "error", "not-found", "tddui-bundle-ref-urn",
-        "Bundle.entry[1].resource.birthDate.extension[0].valueReference.reference", id="ref-in-primitive-extension"),
-    pytest.param(setter(res(5), "contained", [{"resourceType": "Location", "id": "l1",
-                                               "managingOrganization": {"reference": MISSING_URN}}]),
-                 "error", "not-found", "tddui-bundle-ref-urn",
-                 "Bundle.entry[5].resource.contained[0].managingOrganization.reference", id="ref-in-contained"),
-    pytest.param(setter(res(5), "practitioner", {"reference": "Practitioner/absent"}), "warning", "not-found",
-                 "tddui-bundle-ref-relative", "Bundle.entry[5].resource.practitioner.reference", id="ref-relative"),
-    pytest.param(setter(res(5), "practitioner", {"reference": "Practitioner/absent/_history/2"}), "warning",
-                 "not-found", "tddui-bundle-ref-relative", "Bundle.entry[5].resource.practitioner.reference",
-                 id="ref-relative-history"),
-    pytest.param(setter(res(5), "practitioner", {"reference": "https://elsewhere.example/fhir/Practitioner/1"}),
-                 "warning", "not-found", "tddui-bundle-ref-absolute", "Bundle.entry[5].resource.practitioner.reference",
-                 id="ref-absolute"),
-    pytest.param(setter(res(5), "practitioner", {"reference": "not a reference"}), "error", "value",
-                 "tddui-bundle-ref-format", "Bundle.entry[5].resource.practitioner.reference", id="ref-format"),
-    pytest.param(setter(res(5), "practitioner", {"reference": "Foo/1"}), "error", "value",
-                 "tddui-bundle-ref-format", "Bundle.entry[5].resource.practitioner.reference", id="ref-unknown-type"),
+    pytest.param(
+        setter(lambda b: b, "resourceType", "Patient"),
+        "error",
+        "structure",
+        "fhir-not-bundle",
+        "Bundle.resourceType",
+        id="not-a-bundle",
+    ),
+    pytest.param(
+        deleter(lambda b: b, "resourceType"),
+        "error",
+        "structure",
+        "fhir-not-bundle",
+        "Bundle.resourceType",
+        id="no-resource-type",
+    ),
+    pytest.param(
+        setter(lambda b: b, "type", "batch"),
+        "error",
+        "value",
+        "tddui-bundle-type",
+        "Bundle.type",
+        id="type-batch",
+    ),
+    pytest.param(
+        deleter(lambda b: b, "type"), "error", "structure", "fhir-structure", "Bundle.type", id="type-missing"
+    ),
+    pytest.param(
+        setter(lambda b: b, "timestamp", "yesterday"),
+        "error",
+        "structure",
+        "fhir-structure",
+        "Bundle.timestamp",
+        id="bundle-element-format",
+    ),
+    pytest.param(
+        lambda b: res(1)(b)["identifier"][0].update(system=1234),
+        "error",
+        "structure",
+        "fhir-structure",
+        "Bundle.entry[1].resource.identifier[0].system",
+        id="wrong-json-type",
+    ),
+    pytest.param(
+        setter(res(0), "bogus", True),
+        "error",
+        "structure",
+        "fhir-structure",
+        "Bundle.entry[0].resource.bogus",
+        id="unknown-element",
+    ),
+    pytest.param(
+        deleter(res(2), "class"),
+        "error",
+        "structure",
+        "fhir-structure",
+        "Bundle.entry[2].resource.class",
+        id="required-element",
+    ),
+    pytest.param(
+        setter(res(1), "_birthDate", {"extension": [{"url": "x", "valuePositiveInt": 0}]}),
+        "error",
+        "structure",
+        "fhir-structure",
+        "Bundle.entry[1].resource.birthDate.extension[0].valuePositiveInt",
+        id="primitive-extension",
+    ),
+    pytest.param(
+        setter(entry(3), "resource", {"resourceType": "Foo"}),
+        "error",
+        "not-supported",
+        "fhir-resource-type",
+        "Bundle.entry[3].resource.resourceType",
+        id="unknown-resource-type",
+    ),
+    pytest.param(
+        setter(entry(3), "resource", {"resourceType": "PatientContact"}),
+        "error",
+        "not-supported",
+        "fhir-resource-type",
+        "Bundle.entry[3].resource.resourceType",
+        id="backbone-as-resource",
+    ),
+    pytest.param(
+        deleter(res(3), "resourceType"),
+        "error",
+        "required",
+        "fhir-resource-type",
+        "Bundle.entry[3].resource.resourceType",
+        id="resource-type-missing",
+    ),
+    pytest.param(
+        setter(res(3), "resourceType", 7),
+        "error",
+        "structure",
+        "fhir-resource-type",
+        "Bundle.entry[3].resource.resourceType",
+        id="resource-type-not-string",
+    ),
+    pytest.param(
+        setter(res(4), "contained", [{"resourceType": "Foo", "id": "c"}]),
+        "error",
+        "not-supported",
+        "fhir-resource-type",
+        "Bundle.entry[4].resource.contained[0].resourceType",
+        id="contained-unknown-type",
+    ),
+    pytest.param(
+        setter(entry(3), "resource", ["not", "an", "object"]),
+        "error",
+        "structure",
+        "fhir-structure",
+        "Bundle.entry[3].resource",
+        id="resource-not-object",
+    ),
+    pytest.param(
+        lambda b: b["entry"].__setitem__(3, 5),
+        "error",
+        "structure",
+        "fhir-structure",
+        "Bundle.entry[3]",
+        id="entry-not-object",
+    ),
+    pytest.param(
+        deleter(entry(3), "request"),
+        "error",
+        "required",
+        "tddui-bundle-entry-request",
+        "Bundle.entry[3].request",
+        id="request-missing",
+    ),
+    pytest.param(
+        lambda b: b["entry"][3]["request"].update(method="PUT"),
+        "error",
+        "value",
+        "tddui-bundle-request-method",
+        "Bundle.entry[3].request.method",
+        id="method-put",
+    ),
+    pytest.param(
+        deleter(entry(3), "resource"),
+        "error",
+        "required",
+        "tddui-bundle-entry-resource",
+        "Bundle.entry[3].resource",
+        id="resource-missing",
+    ),
+    pytest.param(
+        copy_full_url(1, 4),
+        "error",
+        "invalid",
+        "tddui-bundle-fullurl-unique",
+        "Bundle.entry[4].fullUrl",
+        id="duplicate-fullurl",
+    ),
+    pytest.param(
+        lambda b: b["entry"][1]["request"].update(url="TDDUIPatientINS"),
+        "warning",
+        "value",
+        "tddui-bundle-request-url",
+        "Bundle.entry[1].request.url",
+        id="request-url-profile-name",
+    ),
+    pytest.param(
+        lambda b: b["entry"][1]["request"].update(url="Observation"),
+        "warning",
+        "value",
+        "tddui-bundle-request-url",
+        "Bundle.entry[1].request.url",
+        id="request-url-other-type",
+    ),
+    pytest.param(
+        setter(res(2), "subject", {"reference": MISSING_URN}),
+        "error",
+        "not-found",
+        "tddui-bundle-ref-urn",
+        "Bundle.entry[2].resource.subject.reference",
+        id="ref-urn-uuid",
+    ),
+    pytest.param(
+        setter(res(2), "subject", {"reference": "urn:oid:1.2.3.4"}),
+        "error",
+        "not-found",
+        "tddui-bundle-ref-urn",
+        "Bundle.entry[2].resource.subject.reference",
+        id="ref-urn-oid",
+    ),
+    pytest.param(
+        setter(res(2), "hospitalization", {"origin": {"reference": MISSING_URN}}),
+        "error",
+        "not-found",
+        "tddui-bundle-ref-urn",
+        "Bundle.entry[2].resource.hospitalization.origin.reference",
+        id="ref-in-backbone",
+    ),
+    pytest.param(
+        add_attachment_ext(MISSING_URN),
+        "error",
+        "not-found",
+        "tddui-bundle-ref-urn",
+        "Bundle.entry[3].resource.extension[2].valueReference.reference",
+        id="ref-in-extension",
+    ),
+    pytest.param(
+        setter(
+            res(1), "_birthDate", {"extension": [{"url": "x", "valueReference": {"reference": MISSING_URN}}]}
+        ),
+        "error",
+        "not-found",
+        "tddui-bundle-ref-urn",
+        "Bundle.entry[1].resource.birthDate.extension[0].valueReference.reference",
+        id="ref-in-primitive-extension",
+    ),
+    pytest.param(
+        setter(
+            res(5),
+            "contained",
+            [{"resourceType": "Location", "id": "l1", "managingOrganization": {"reference": MISSING_URN}}],
+        ),
+        "error",
+        "not-found",
+        "tddui-bundle-ref-urn",
+        "Bundle.entry[5].resource.contained[0].managingOrganization.reference",
+        id="ref-in-contained",
+    ),
+    pytest.param(
+        setter(res(5), "practitioner", {"reference": "Practitioner/absent"}),
+        "warning",
+        "not-found",
+        "tddui-bundle-ref-relative",
+        "Bundle.entry[5].resource.practitioner.reference",
+        id="ref-relative",
+    ),
+    pytest.param(
+        setter(res(5), "practitioner", {"reference": "Practitioner/absent/_history/2"}),
+        "warning",
+        "not-found",
+        "tddui-bundle-ref-relative",
+        "Bundle.entry[5].resource.practitioner.reference",
+        id="ref-relative-history",
+    ),
+    pytest.param(
+        setter(res(5), "practitioner", {"reference": "https://elsewhere.example/fhir/Practitioner/1"}),
+        "warning",
+        "not-found",
+        "tddui-bundle-ref-absolute",
+        "Bundle.entry[5].resource.practitioner.reference",
+        id="ref-absolute",
+    ),
+    pytest.param(
+        setter(res(5), "practitioner", {"reference": "not a reference"}),
+        "error",
+        "value",
+        "tddui-bundle-ref-format",
+        "Bundle.entry[5].resource.practitioner.reference",
+        id="ref-format",
+    ),
+    pytest.param(
+        setter(res(5), "practitioner", {"reference": "Foo/1"}),
+        "error",
+        "value",
+        "tddui-bundle-ref-format",
+        "Bundle.entry[5].resource.practitioner.reference",
+        id="ref-unknown-type",
+    ),
 ]
 
 
@@ -156,8 +349,9 @@ def run(mutation: Mutation, **bundle_args: Any) -> list[Issue]:
 
 
 @pytest.mark.parametrize(("mutation", "severity", "code", "rule", "expression"), RULE_CASES)
-def test_each_rule_reports_its_failure(mutation: Mutation, severity: str, code: str, rule: str,
-                                       expression: str) -> None:
+def test_each_rule_reports_its_failure(
+    mutation: Mutation, severity: str, code: str, rule: str, expression: str
+) -> None:
     issues = run(mutation)
     found = [(i.severity, i.code, i.rule, i.expression) for i in issues]
     assert (severity, code, rule, (expression,)) in found
@@ -165,8 +359,9 @@ def test_each_rule_reports_its_failure(mutation: Mutation, severity: str, code: 
 
 
 @pytest.mark.parametrize(("mutation", "severity", "code", "rule", "expression"), RULE_CASES)
-def test_rule_fires_alone_where_it_should(mutation: Mutation, severity: str, code: str, rule: str,
-                                          expression: str) -> None:
+def test_rule_fires_alone_where_it_should(
+    mutation: Mutation, severity: str, code: str, rule: str, expression: str
+) -> None:
     # Each case breaks one thing; no other rule should fire on the same spot twice.
     issues = run(mutation)
     at_spot = [i for i in issues if i.expression == (expression,)]
@@ -181,8 +376,8 @@ def test_duplicate_full_url_names_the_other_entry() -> None:
 def test_request_url_warning_says_how_to_fix() -> None:
     issues = run(lambda b: b["entry"][1]["request"].update(url="TDDUIPatientINS"))
     assert [i.diagnostics for i in issues] == [
-        "request.url 'TDDUIPatientINS' is not a resource type; a create must POST to 'Patient' — Relais repairs "
-        "this before delivery."
+        "request.url 'TDDUIPatientINS' is not a resource type; a create must POST to 'Patient'"
+        " — Relais repairs this before delivery."
     ]
 
 
@@ -218,7 +413,9 @@ def test_several_errors_in_one_resource_are_each_located() -> None:
 @pytest.mark.parametrize(
     "mutation",
     [
-        pytest.param(setter(res(5), "contained", [{"resourceType": "Location", "id": "l1"}]), id="contained-ok"),
+        pytest.param(
+            setter(res(5), "contained", [{"resourceType": "Location", "id": "l1"}]), id="contained-ok"
+        ),
         pytest.param(setter(res(5), "location", [{"reference": "#l1"}]), id="contained-ref-skipped"),
         pytest.param(lambda b: b["entry"][1]["resource"].update(id="p1"), id="resource-id-is-harmless"),
     ],
@@ -246,7 +443,9 @@ def test_relative_reference_resolves_by_full_url_tail() -> None:
 def test_absolute_reference_resolves_by_full_url() -> None:
     def point_absolute(b: dict[str, Any]) -> None:
         b["entry"][4]["fullUrl"] = "https://dui.example/fhir/Practitioner/pract-1"
-        b["entry"][5]["resource"]["practitioner"] = {"reference": "https://dui.example/fhir/Practitioner/pract-1"}
+        b["entry"][5]["resource"]["practitioner"] = {
+            "reference": "https://dui.example/fhir/Practitioner/pract-1"
+        }
 
     assert run(point_absolute) == []
 
@@ -300,7 +499,10 @@ def test_reference_targets_index_full_urls_and_type_ids() -> None:
 def test_iter_references_walks_in_document_order() -> None:
     resource = {
         "subject": {"reference": "a"},
-        "extension": [{"valueReference": {"reference": "b"}}, {"extension": [{"valueReference": {"reference": "c"}}]}],
+        "extension": [
+            {"valueReference": {"reference": "b"}},
+            {"extension": [{"valueReference": {"reference": "c"}}]},
+        ],
         "_status": {"extension": [{"valueReference": {"reference": "d"}}]},
         "reference": 5,
     }
@@ -321,8 +523,18 @@ def test_iter_references_survives_hostile_depth() -> None:
 
 @pytest.mark.parametrize(
     ("name", "is_resource"),
-    [("Patient", True), ("Bundle", True), ("Basic", True), ("PatientContact", False), ("Reference", False),
-     ("Resource", False), ("DomainResource", False), ("patient", False), ("", False), ("Foo", False)],
+    [
+        ("Patient", True),
+        ("Bundle", True),
+        ("Basic", True),
+        ("PatientContact", False),
+        ("Reference", False),
+        ("Resource", False),
+        ("DomainResource", False),
+        ("patient", False),
+        ("", False),
+        ("Foo", False),
+    ],
 )
 def test_resource_class_knows_only_concrete_resources(name: str, is_resource: bool) -> None:
     assert (resource_class(name) is not None) is is_resource
@@ -330,16 +542,54 @@ def test_resource_class_knows_only_concrete_resources(name: str, is_resource: bo
 
 # --- never raises ------------------------------------------------------------------------------------
 
-_VOCAB = ["resourceType", "entry", "resource", "request", "method", "url", "fullUrl", "reference", "type",
-          "contained", "id", "identifier", "extension", "valueReference", "_birthDate", "subject"]
-_STRINGS = ["Bundle", "transaction", "POST", "Patient", "Foo", "Patient/1", "urn:uuid:1", "urn:oid:1.2", "#c",
-            "https://x/Patient/1", "", "TDDUIPatient", "Resource", "PatientContact"]
-_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20) | st.sampled_from(_STRINGS))
+_VOCAB = [
+    "resourceType",
+    "entry",
+    "resource",
+    "request",
+    "method",
+    "url",
+    "fullUrl",
+    "reference",
+    "type",
+    "contained",
+    "id",
+    "identifier",
+    "extension",
+    "valueReference",
+    "_birthDate",
+    "subject",
+]
+_STRINGS = [
+    "Bundle",
+    "transaction",
+    "POST",
+    "Patient",
+    "Foo",
+    "Patient/1",
+    "urn:uuid:1",
+    "urn:oid:1.2",
+    "#c",
+    "https://x/Patient/1",
+    "",
+    "TDDUIPatient",
+    "Resource",
+    "PatientContact",
+]
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.sampled_from(_STRINGS)
+)
 json_values = st.recursive(
     _scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.sampled_from(_VOCAB) | st.text(max_size=10), children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.sampled_from(_VOCAB) | st.text(max_size=10), children, max_size=6)
+    ),
     max_leaves=40,
 )
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -384,7 +634,9 @@ def _mutate(data: st.DataObject, node: Any) -> None:
 
 @FUZZ
 @given(st.data(), st.integers(2, 30), st.integers(0, 10), st.booleans())
-def test_mutated_valid_bundles_never_raise(data: st.DataObject, size: int, seed: int, published: bool) -> None:
+def test_mutated_valid_bundles_never_raise(
+    data: st.DataObject, size: int, seed: int, published: bool
+) -> None:
     bundle = make_bundle(size, seed=seed, published_style=published)
     for _ in range(data.draw(st.integers(1, 5))):
         _mutate(data, bundle)

@@ -1,0 +1,146 @@
+"""Envelope repair: make a TDDUI transaction mean the same thing to every conformant FHIR server.
+
+The IG's published examples (which DUI vendors copy) put profile names in `entry.request.url` and
+link entries with absolute `fullUrl`s and relative `Type/id` references. Servers refuse the first
+and differ on the second. Before delivery, Relais:
+
+* sets `request.url` to the entry's resource type (the only correct value for a create);
+* gives every entry a `urn:uuid:` fullUrl and points every reference that resolves to another entry
+  at it — every server resolves `urn:uuid:` references the same way.
+
+Nothing else changes. The function is pure and deterministic (the same Bundle repairs to the same
+bytes on every attempt), and reports each change so the transfer's history can say what was done.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# Version-specific and absolute forms both reduce to "Type/id" for matching.
+_RELATIVE = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+_ABSOLUTE = re.compile(r"^(?P<base>https?://.+)/(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})$")
+# Deterministic urn:uuid for entries that had another fullUrl: stable across delivery attempts.
+_NAMESPACE = uuid.UUID("6f1c5e0e-5d0c-4f0e-9a57-72656c616973")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One repair: where (FHIRPath), what it was, what it became."""
+
+    kind: str  # "request-url" | "full-url" | "reference"
+    expression: str
+    before: str | None
+    after: str
+
+
+@dataclass(frozen=True, slots=True)
+class Repaired:
+    """The repaired Bundle, what was changed, and each entry's original fullUrl → its new fullUrl."""
+
+    bundle: dict[str, Any]
+    changes: tuple[Change, ...] = ()
+    full_urls: dict[str, str] = field(default_factory=dict)
+
+
+def repair_transaction(bundle: dict[str, Any], *, request_url: bool = True, references: bool = True) -> Repaired:
+    """The Bundle with its transaction envelope repaired; the input is never modified."""
+    if not request_url and not references:
+        return Repaired(bundle)
+    out = copy.deepcopy(bundle)
+    changes: list[Change] = []
+    if request_url:
+        changes += _repair_request_urls(out)
+    full_urls: dict[str, str] = {}
+    if references:
+        index, full_urls, url_changes = _assign_urns(out)
+        changes += url_changes
+        for i, entry in enumerate(out.get("entry") or []):
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                changes += _rewrite(entry["resource"], f"Bundle.entry[{i}].resource", index)
+    return Repaired(out, tuple(changes), full_urls)
+
+
+def _repair_request_urls(bundle: dict[str, Any]) -> list[Change]:
+    changes = []
+    for i, entry in enumerate(bundle.get("entry") or []):
+        if not isinstance(entry, dict):
+            continue
+        resource, request = entry.get("resource"), entry.get("request")
+        if not isinstance(resource, dict) or not isinstance(request, dict):
+            continue
+        rtype = resource.get("resourceType")
+        if isinstance(rtype, str) and request.get("method") == "POST" and request.get("url") != rtype:
+            changes.append(Change("request-url", f"Bundle.entry[{i}].request.url", request.get("url"), rtype))
+            request["url"] = rtype
+    return changes
+
+
+def _assign_urns(bundle: dict[str, Any]) -> tuple[dict[str, str], dict[str, str], list[Change]]:
+    """Give each entry a urn:uuid fullUrl; return the lookup of every way to name an entry → its urn."""
+    index: dict[str, str] = {}
+    full_urls: dict[str, str] = {}
+    changes: list[Change] = []
+    for i, entry in enumerate(bundle.get("entry") or []):
+        if not isinstance(entry, dict):
+            continue
+        resource = entry.get("resource") if isinstance(entry.get("resource"), dict) else {}
+        original = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
+        if original and original.startswith("urn:uuid:"):
+            urn = original
+        else:
+            seed = original or f"entry-{i}-{resource.get('id', '')}"
+            urn = f"urn:uuid:{uuid.uuid5(_NAMESPACE, seed)}"
+            entry["fullUrl"] = urn
+            changes.append(Change("full-url", f"Bundle.entry[{i}].fullUrl", original, urn))
+        if original:
+            full_urls[original] = urn
+            index.setdefault(original, urn)
+            match = _ABSOLUTE.match(original)
+            if match:
+                index.setdefault(f"{match['type']}/{match['id']}", urn)
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if isinstance(rtype, str) and isinstance(rid, str):
+            index.setdefault(f"{rtype}/{rid}", urn)
+    return index, full_urls, changes
+
+
+def _resolve(reference: str, index: dict[str, str]) -> str | None:
+    """The urn of the entry a reference names, or None when it names something outside the Bundle."""
+    unversioned = reference.split("/_history/")[0]
+    if unversioned in index:  # a fullUrl (urn or absolute), or an exact Type/id
+        return index[unversioned]
+    match = _RELATIVE.match(reference)
+    return index.get(f"{match['type']}/{match['id']}") if match else None
+
+
+def _rewrite(node: Any, path: str, index: dict[str, str]) -> list[Change]:
+    changes = []
+    for where, holder in _reference_holders(node, path):
+        before = holder["reference"]
+        if before.startswith("#"):
+            continue  # contained resource: stays inside its resource
+        after = _resolve(before, index)
+        if after is not None and after != before:
+            holder["reference"] = after
+            changes.append(Change("reference", where, before, after))
+    return changes
+
+
+def _reference_holders(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object with a string `reference`, anywhere below (extensions and backbones included)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("reference"), str):
+            yield f"{path}.reference", node
+        for key, value in node.items():
+            if key == "contained":
+                continue  # contained resources reference within their container: leave them be
+            if isinstance(value, dict | list):
+                yield from _reference_holders(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _reference_holders(item, f"{path}[{i}]")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from services import __version__
+
+if TYPE_CHECKING:
+    from services.core.settings import Settings
 
 DESCRIPTION = """\
 Relais — asynchronous transfer broker for TDDUI (Transfert de données DUI) FHIR exports.
@@ -19,7 +22,7 @@ Configuration comes from RELAIS_* environment variables (see README, 'Configurat
 
 EPILOG = """\
 examples:
-  relais run --demo-target          every stage in one process, a local Kafka and a demo target
+  relais run --demo-target          every stage in one process (embedded log) and a demo target
   relais validator                  one stage, to scale it out as its own process
   relais dev-kafka                  a local single-node Kafka; prints RELAIS_KAFKA_BOOTSTRAP=...
 """
@@ -41,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="run every stage in one process",
-                         description="Run the stages in one process. Without RELAIS_KAFKA_BOOTSTRAP, a local "
-                                     "single-node Kafka is started from Maven Central jars (needs Java 17).")
+                         description="Run the stages in one process. With RELAIS_KAFKA_BOOTSTRAP they use that "
+                                     "Kafka; without it, the embedded SQLite log (nothing else to install).")
+    run.add_argument("--local-kafka", action="store_true",
+                     help="without RELAIS_KAFKA_BOOTSTRAP, start a local Kafka from Maven Central jars "
+                          "(needs Java 17 and Maven) instead of using the embedded log")
     run.add_argument("--stages", default=",".join(_all_stages()),
                      help="comma-separated stages to run (default: all: %(default)s)")
     run.add_argument("--demo-target", action="store_true",
@@ -50,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo-target-port", type=int, default=8090, help="port of the demo target")
 
     for stage, text in STAGE_HELP.items():
-        sub.add_parser(stage, help=text, description=f"Run the {text}. Needs RELAIS_KAFKA_BOOTSTRAP.")
+        sub.add_parser(stage, help=text, description=f"Run the {text}. Needs RELAIS_KAFKA_BOOTSTRAP "
+                       "(one process per stage scales out on Kafka; the embedded log is for 'relais run').")
 
     sub.add_parser("dev-kafka", help="start a local single-node Kafka (prints RELAIS_KAFKA_BOOTSTRAP=...)",
                    add_help=False)
     sub.add_parser("demo-target", help="serve a demo FHIR transaction receiver", add_help=False)
+    sub.add_parser("dlq", help="dead letters: list, show, replay, discard (relais dlq --help)", add_help=False)
     validate = sub.add_parser("validate", help="validate TDDUI Bundle files offline",
                               description="Validate Bundle JSON files (or directories of them). Exit 0 when "
                                           "all are valid, 1 when any has an error, 2 on usage errors.")
@@ -82,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from services.demotarget.__main__ import main as demo_target
 
         return demo_target(args_list[1:])
+    if args_list and args_list[0] == "dlq":
+        from services.dlq.cli import main as dlq
+
+        return dlq(args_list[1:])
 
     args = build_parser().parse_args(args_list)
     if args.command == "validate":
@@ -133,35 +145,31 @@ def _stage_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def _run_all(names: list[str], settings: object, args: argparse.Namespace) -> int:
-    from services.core.settings import Settings
+def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> int:
     from services.launcher import run
 
-    assert isinstance(settings, Settings)
     extra = []
     if args.demo_target:
         from services.demotarget.app import create_app as demo_app
 
         extra.append((demo_app(), "127.0.0.1", args.demo_target_port))
-    if settings.kafka_bootstrap:
+    if settings.kafka_bootstrap or not args.local_kafka:
+        where = settings.kafka_bootstrap or f"the embedded log {settings.embedded_log_path}"
+        print(f"relais: bus = {where}", file=sys.stderr)
+        _print_banner(settings, args)
         return run(names, settings, extra_servers=extra)
 
     from services.devkafka.local import LocalKafka
 
-    print("relais: no RELAIS_KAFKA_BOOTSTRAP; starting a local Kafka (first run downloads its jars)...",
-          file=sys.stderr)
+    print("relais: starting a local Kafka (the first run downloads its jars) ...", file=sys.stderr)
     with LocalKafka() as kafka:
-        os.environ["RELAIS_KAFKA_BOOTSTRAP"] = kafka.bootstrap
         settings = settings.model_copy(update={"kafka_bootstrap": kafka.bootstrap})
-        print(f"relais: local Kafka at {kafka.bootstrap}", file=sys.stderr)
+        print(f"relais: bus = local Kafka at {kafka.bootstrap}", file=sys.stderr)
         _print_banner(settings, args)
         return run(names, settings, extra_servers=extra)
 
 
-def _print_banner(settings: object, args: argparse.Namespace) -> None:
-    from services.core.settings import Settings
-
-    assert isinstance(settings, Settings)
+def _print_banner(settings: Settings, args: argparse.Namespace) -> None:
     base = f"http://{settings.http_host}:{settings.http_port}"
     lines = [f"relais: ingress on {base}/fhir  (status: {base}/transfers/<id>, metrics: {base}/metrics)"]
     if args.demo_target:

@@ -9,18 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any
 
 import uvicorn
 
+from services.core.blobstore import make_blob_store
 from services.core.bus import Bus
+from services.core.embedded import EmbeddedBus
 from services.core.kafka import KafkaBus
 from services.core.logging import get_logger
 from services.core.runner import Stage, run_stage
 from services.core.settings import Settings
 from services.core.targets import load_targets
-from services.delivery.client import make_client
 from services.delivery.stage import DeliveryStage
 from services.router.stage import RouterStage
 from services.tracker.ledger import Ledger
@@ -42,8 +43,10 @@ class _Server(uvicorn.Server):
 
 
 def make_bus(settings: Settings) -> Bus:
-    """The bus for these settings (Kafka; the embedded log comes with the embedded mode)."""
-    return KafkaBus(settings)
+    """Kafka when RELAIS_KAFKA_BOOTSTRAP is set, else the embedded SQLite log."""
+    if settings.kafka_bootstrap:
+        return KafkaBus(settings)
+    return EmbeddedBus(settings)
 
 
 @contextlib.asynccontextmanager
@@ -56,11 +59,11 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
             if name == "validator":
                 stages.append(ValidatorStage())
             elif name == "router":
-                stages.append(RouterStage(directory))
+                stages.append(RouterStage(directory, make_blob_store(settings), settings.claim_check_bytes))
             elif name == "delivery":
-                client = make_client(settings.delivery_connect_timeout_s, settings.delivery_timeout_s)
-                resources.push_async_callback(client.aclose)
-                stages.append(DeliveryStage(settings, directory, client))
+                delivery = DeliveryStage(settings, directory, make_blob_store(settings))
+                resources.push_async_callback(delivery.aclose)
+                stages.append(delivery)
             elif name == "tracker":
                 ledger = Ledger(settings.database_url)
                 await ledger.create_schema()
@@ -85,13 +88,15 @@ async def serve(names: Sequence[str], settings: Settings, *,
     if "ingress" in names:
         from services.ingress.app import create_app  # the HTTP stack only where it is served
 
-        app = create_app(settings, make_bus(settings), Ledger(settings.database_url))
+        # One bus per process: the embedded log has one owner, and Kafka needs one producer, not two.
+        # An ingress-only process connects in the background and answers 503 until Kafka is there.
+        app = create_app(settings, bus, Ledger(settings.database_url), manage_bus=not workers)
         servers.append(_server(app, settings.http_host, settings.http_port))
     servers += [_server(app, host, port) for app, host, port in extra_servers]
 
     try:
         if workers:
-            await bus.start()  # creates missing topics before any consumer subscribes
+            await _start_bus(bus, stop)  # creates missing topics before any consumer subscribes
         async with worker_stages(workers, settings) as stages:
             tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
             tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]
@@ -106,6 +111,21 @@ async def serve(names: Sequence[str], settings: Settings, *,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("relais stopped")
+
+
+async def _start_bus(bus: Bus, stop: asyncio.Event) -> None:
+    """Start the bus, retrying with backoff while Kafka is unreachable (until stopped)."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            await bus.start()
+            return
+        except Exception as exc:  # noqa: BLE001 - every start failure means "not yet"
+            log.warning("bus not reachable yet; retrying", error=str(exc), retry_in_s=delay)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                delay = min(delay * 2, 30.0)
 
 
 def _server(app: Any, host: str, port: int) -> uvicorn.Server:
@@ -141,5 +161,3 @@ def run(names: Sequence[str], settings: Settings, **kwargs: Any) -> int:
     asyncio.run(serve(names, settings, **kwargs))
     return 0
 
-
-Factory = Callable[[Settings], Bus]

@@ -116,3 +116,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kafka)
+
+
+@pytest.fixture(params=["kafka", "embedded"])
+def bus_settings(request: pytest.FixtureRequest, make_settings: Callable[..., Settings],
+                 tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for the same stage test on each bus: a real Kafka, then the embedded SQLite log."""
+    if request.param == "kafka":
+        bootstrap = request.getfixturevalue("kafka_bootstrap")
+        request.node.add_marker(pytest.mark.kafka)
+        return lambda **kw: make_settings(kafka_bootstrap=bootstrap, **kw)
+    return lambda **kw: make_settings(kafka_bootstrap=None, embedded_log_path=tmp_path / "log.db", **kw)

@@ -11,6 +11,8 @@ Severity = Literal["fatal", "error", "warning", "information"]
 # The Relais canonical base, used for the extension that names the rule behind an issue.
 RELAIS_CANONICAL = "https://relais.esms.fr/fhir"
 RULE_EXTENSION_URL = f"{RELAIS_CANONICAL}/StructureDefinition/issue-rule"
+# The profile (canonical URL) whose rule fired, when the rule comes from a FHIR profile.
+PROFILE_EXTENSION_URL = f"{RELAIS_CANONICAL}/StructureDefinition/issue-profile"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,7 @@ class Issue:
     diagnostics: str
     expression: tuple[str, ...] = field(default_factory=tuple)
     rule: str | None = None
+    profile: str | None = None  # canonical URL of the profile whose rule fired, if any
 
     @property
     def is_error(self) -> bool:
@@ -33,8 +36,13 @@ class Issue:
         out: dict[str, Any] = {"severity": self.severity, "code": self.code, "diagnostics": self.diagnostics}
         if self.expression:
             out["expression"] = list(self.expression)
+        extensions = []
         if self.rule:
-            out["extension"] = [{"url": RULE_EXTENSION_URL, "valueString": self.rule}]
+            extensions.append({"url": RULE_EXTENSION_URL, "valueString": self.rule})
+        if self.profile:
+            extensions.append({"url": PROFILE_EXTENSION_URL, "valueCanonical": self.profile})
+        if extensions:
+            out["extension"] = extensions
         return out
 
     @classmethod
@@ -44,12 +52,17 @@ class Issue:
             (e.get("valueString") for e in data.get("extension", []) if e.get("url") == RULE_EXTENSION_URL),
             None,
         )
+        profile = next(
+            (e.get("valueCanonical") for e in data.get("extension", []) if e.get("url") == PROFILE_EXTENSION_URL),
+            None,
+        )
         return cls(
             severity=data.get("severity", "error"),
             code=data.get("code", "processing"),
             diagnostics=data.get("diagnostics", ""),
             expression=tuple(data.get("expression", ())),
             rule=rule,
+            profile=profile,
         )
 
 

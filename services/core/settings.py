@@ -22,7 +22,10 @@ class Settings(BaseSettings):
 
     # --- bus -------------------------------------------------------------------------------
     kafka_bootstrap: str | None = Field(
-        default=None, description="Kafka bootstrap servers (host:port,...). Empty: start a local broker."
+        default=None, description="Kafka bootstrap servers (host:port,...). Empty: the embedded SQLite log."
+    )
+    embedded_log_path: Path = Field(
+        default=Path("relais-log.db"), description="File of the embedded log (used when no Kafka is configured)."
     )
     topic_prefix: str = Field(default="", description="Prefix for every topic and consumer group name.")
     topic_partitions: int = Field(default=6, ge=1, description="Partitions of each topic created by Relais.")
@@ -55,6 +58,27 @@ class Settings(BaseSettings):
         description="Delay of each retry tier (one topic per tier), JSON list.",
     )
     max_attempts: int = Field(default=8, ge=1, description="Attempts before a delivery is dead-lettered.")
+    probe_clock_skew_s: float = Field(
+        default=30.0, ge=0, description="Ambiguous-failure probe: how far the target's clock may lag ours when "
+        "telling a resource this attempt created from an older one.",
+    )
+    claim_check_bytes: int = Field(
+        default=1 * MiB, ge=1024, description="Bundles above this size travel as a blob-store reference + SHA-256.",
+    )
+    blob_dir: Path = Field(
+        default=Path("relais-blobs"), description="Local blob store directory (shared by every process).",
+    )
+    blob_s3_endpoint: str | None = Field(
+        default=None, description="S3-compatible blob store endpoint (https://host); set it to use S3.",
+    )
+    blob_s3_bucket: str | None = Field(default=None, description="S3 bucket of the blob store.")
+    blob_s3_region: str = Field(default="us-east-1", description="S3 region (SigV4 signing).")
+    blob_s3_access_key_id: str | None = Field(default=None, description="S3 access key id.")
+    blob_s3_secret_access_key: str | None = Field(default=None, description="S3 secret access key.")
+    ops_token: str | None = Field(
+        default=None, description="Bearer token for the operator API (/ops/dlq); unset: refused unless "
+        "RELAIS_AUTH_DISABLED=true.",
+    )
 
     # --- ledger ------------------------------------------------------------------------------
     database_url: str = Field(

@@ -1,51 +1,194 @@
-"""The target directory: which FHIR endpoints Relais delivers to (RELAIS_TARGETS_FILE, YAML).
+"""The target directory and routing rules (RELAIS_TARGETS_FILE, YAML), checked once at start.
 
 ```yaml
 targets:
-  - id: essms-les-tilleuls           # what producers name in X-Relais-Target
-    base_url: https://fhir.example/fhir   # the target's FHIR base; transactions are POSTed here
-    finess: "750000001"               # optional
-    headers: {X-Tenant: tilleuls}     # optional extra headers
-    bearer_token_env: TILLEULS_TOKEN  # optional: send "Authorization: Bearer $TILLEULS_TOKEN"
+  - id: essms-les-tilleuls              # what producers name in X-Relais-Target
+    base_url: https://fhir.example/fhir # the target's FHIR base; transactions are POSTed here
+    finess: "750000001"                 # optional
+    headers: {X-Tenant: tilleuls}       # optional extra headers
+    auth:                               # optional; default {type: none}
+      type: oauth2                      # none | bearer | oauth2
+      token_url: https://auth.example/token
+      client_id: relais
+      client_secret_env: TILLEULS_SECRET
+      scope: system/*.write             # optional
+    # auth: {type: bearer, token_env: TILLEULS_TOKEN}   (or the shorthand bearer_token_env: ...)
+    tls:                                # optional: mutual TLS and/or a private CA
+      client_cert: /etc/relais/tilleuls.crt
+      client_key: /etc/relais/tilleuls.key
+      ca_bundle: /etc/relais/tilleuls-ca.pem
+    timeouts: {connect_s: 5, total_s: 30}
+    max_concurrency: 4                  # requests in flight to this target, per delivery process
+    retry: {delays_s: [10, 60, 600], max_attempts: 8, max_age_s: 172800, jitter: 0.1}
+    breaker: {failures: 5, probe_every_s: 30}
+    ambiguous: probe                    # probe | retry | dead-letter (request sent, no answer)
+    enabled: true                       # false: refused at routing
+    paused: false                       # true: records wait (no attempts) until unpaused
+
+routes:                                 # optional: targets added without the producer naming them
+  - id: ssiad-stats
+    when: {profiles: [tddui-encounter-sejour], producers: [dui-a], finess: ["750000001"]}
+    add: [national-stats]
 ```
+
+A route matches when every condition it gives matches (each list: any of its values).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.core.errors import ConfigurationError
 
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
-class Target(BaseModel):
-    """One system Relais delivers to."""
 
+class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+class NoAuth(_Model):
+    """No Authorization header."""
+
+    type: Literal["none"] = "none"
+
+
+class BearerAuth(_Model):
+    """A static bearer token, read from an environment variable (never from the file)."""
+
+    type: Literal["bearer"]
+    token_env: str
+
+
+class OAuth2Auth(_Model):
+    """OAuth2 client credentials: a token fetched from `token_url`, cached until it expires."""
+
+    type: Literal["oauth2"]
+    token_url: str
+    client_id: str
+    client_secret_env: str
+    scope: str | None = None
+    audience: str | None = None
+
+    @field_validator("token_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        return _check_url(v, "token_url")
+
+
+Auth = Annotated[NoAuth | BearerAuth | OAuth2Auth, Field(discriminator="type")]
+
+
+class Tls(_Model):
+    """Client certificate (mutual TLS) and/or the CA bundle that signs the target's certificate."""
+
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    ca_bundle: Path | None = None
+
+    @model_validator(mode="after")
+    def _files(self) -> Tls:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("give both client_cert and client_key, or neither")
+        for name in ("client_cert", "client_key", "ca_bundle"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist or is not a file")
+        return self
+
+
+class Timeouts(_Model):
+    """How long one request may take."""
+
+    connect_s: float = Field(default=5.0, gt=0)
+    total_s: float = Field(default=30.0, gt=0)
+
+
+class RetryPolicy(_Model):
+    """When to try again after a transient failure, and when to give up (dead letter)."""
+
+    delays_s: tuple[float, ...] | None = Field(default=None, min_length=1)  # None: RELAIS_RETRY_DELAYS_S
+    max_attempts: int | None = Field(default=None, ge=1)  # None: RELAIS_MAX_ATTEMPTS
+    max_age_s: float = Field(default=2 * 24 * 3600.0, gt=0)  # since the first failure
+    jitter: float = Field(default=0.1, ge=0, le=0.5)
+
+    @field_validator("delays_s")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and any(d <= 0 for d in v):
+            raise ValueError("every retry delay must be > 0 seconds")
+        return v
+
+
+class BreakerPolicy(_Model):
+    """Circuit breaker: after `failures` consecutive transient failures, stop sending; probe instead."""
+
+    failures: int = Field(default=5, ge=1)
+    probe_every_s: float = Field(default=30.0, gt=0)
+
+
+class Target(_Model):
+    """One system Relais delivers to."""
+
+    id: str = Field(pattern=_ID)
     base_url: str
     finess: str | None = Field(default=None, pattern=r"^\d{9}$")
     headers: dict[str, str] = Field(default_factory=dict)
-    bearer_token_env: str | None = None
+    bearer_token_env: str | None = None  # shorthand for auth: {type: bearer, token_env: ...}
+    auth: Auth = Field(default_factory=NoAuth)
+    tls: Tls | None = None
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    max_concurrency: int = Field(default=8, ge=1, le=256)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    ambiguous: Literal["probe", "retry", "dead-letter"] = "probe"
     enabled: bool = True
+    paused: bool = False
 
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("base_url must start with http:// or https://")
-        return v.rstrip("/")
+        return _check_url(v, "base_url").rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> Target:
+        if self.bearer_token_env and not isinstance(self.auth, NoAuth):
+            raise ValueError("give either bearer_token_env or auth, not both")
+        return self
+
+    @property
+    def effective_auth(self) -> NoAuth | BearerAuth | OAuth2Auth:
+        """The auth to apply, with the `bearer_token_env` shorthand expanded."""
+        if self.bearer_token_env:
+            return BearerAuth(type="bearer", token_env=self.bearer_token_env)
+        return self.auth
 
 
-class TargetDirectory(BaseModel):
-    """Every configured target, by id."""
+class RouteCondition(_Model):
+    """What a transfer must have for a route to apply; an absent list does not constrain."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    producers: tuple[str, ...] | None = None
+    finess: tuple[str, ...] | None = None
+    profiles: tuple[str, ...] | None = None  # canonical URLs or their last segment (tddui-patient)
+
+
+class Route(_Model):
+    """A rule that adds targets to matching transfers."""
+
+    id: str = Field(pattern=_ID)
+    when: RouteCondition = Field(default_factory=RouteCondition)
+    add: tuple[str, ...] = Field(min_length=1)
+
+
+class TargetDirectory(_Model):
+    """Every configured target, by id, and the routing rules."""
 
     targets: list[Target] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
 
     @field_validator("targets")
     @classmethod
@@ -56,6 +199,15 @@ class TargetDirectory(BaseModel):
             raise ValueError(f"target ids must be unique; repeated: {', '.join(duplicates)}")
         return v
 
+    @model_validator(mode="after")
+    def _routes_name_known_targets(self) -> TargetDirectory:
+        known = {t.id for t in self.targets}
+        for route in self.routes:
+            unknown = [t for t in route.add if t not in known]
+            if unknown:
+                raise ValueError(f"route '{route.id}' adds unknown target(s): {', '.join(unknown)}")
+        return self
+
     def get(self, target_id: str) -> Target | None:
         """The target with this id, if configured."""
         return next((t for t in self.targets if t.id == target_id), None)
@@ -63,6 +215,12 @@ class TargetDirectory(BaseModel):
     def ids(self) -> set[str]:
         """Every configured target id."""
         return {t.id for t in self.targets}
+
+
+def _check_url(v: str, name: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError(f"{name} must start with http:// or https://")
+    return v
 
 
 def load_targets(path: Path | None) -> TargetDirectory:

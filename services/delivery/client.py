@@ -1,28 +1,47 @@
-"""The HTTP edge of delivery: POST one transaction to a target's FHIR base, report what happened."""
+"""The HTTP edge of delivery: one client per target (timeouts, TLS, auth), POST, probe, health check.
+
+Never raises for network trouble: every outcome is an `Attempt` the pure logic can classify. The
+only distinction it must get right is whether a request may have reached the target (`sent`), since
+that is what makes a failure ambiguous.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import ssl
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import orjson
 
 from services.core.envelope import FHIR_JSON
-from services.core.targets import Target
+from services.core.errors import ConfigurationError
+from services.core.logging import get_logger
+from services.core.targets import BearerAuth, OAuth2Auth, Target
+
+log = get_logger(__name__)
+
+TOKEN_EXPIRY_MARGIN_S = 30.0
+# Resource types shared by many exports (the person, the ESSMS, professionals): a match on them does
+# not prove *this* transaction was applied, so they are probed last.
+SHARED_TYPES = frozenset({"Patient", "Organization", "Practitioner", "PractitionerRole", "RelatedPerson"})
+PROBE_CANDIDATES = 3
 
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """What one POST produced: an HTTP answer, or the reason there was none."""
+    """What one request produced: an HTTP answer, or the reason there was none."""
 
     status: int | None
     body: bytes = b""
     retry_after: str | None = None
     error: str | None = None
     duration_s: float = 0.0
+    sent: bool = True  # False only when the request certainly never reached the target
 
     def json(self) -> dict[str, Any] | None:
         """The answer's body as a JSON object, if it is one."""
@@ -37,31 +56,208 @@ class Attempt:
         return f"HTTP {self.status}" if self.status is not None else f"no answer ({self.error})"
 
 
-def make_client(connect_timeout_s: float, total_timeout_s: float) -> httpx.AsyncClient:
-    """One pooled client for every target; per-target settings are applied per request."""
+class AuthUnavailable(Exception):
+    """The target's credentials could not be obtained (token endpoint down or refusing)."""
+
+
+def make_client(connect_timeout_s: float, total_timeout_s: float, tls: ssl.SSLContext | bool = True,
+                max_connections: int = 200) -> httpx.AsyncClient:
+    """A pooled client; `total_timeout_s` bounds each read/write phase, the caller bounds the whole."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(total_timeout_s, connect=connect_timeout_s),
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         follow_redirects=False,  # a FHIR base that redirects a POST is misconfigured; say so, don't guess
+        verify=tls,
     )
 
 
-def request_headers(target: Target, request_id: str) -> dict[str, str]:
-    """Headers of a transaction POST: FHIR JSON, a request id stable across attempts, target extras."""
-    headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, "X-Request-Id": request_id, **target.headers}
-    if target.bearer_token_env:
-        token = os.environ.get(target.bearer_token_env)
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-    return headers
+def ssl_context(target: Target) -> ssl.SSLContext | bool:
+    """The TLS settings of a target: its CA bundle and client certificate, or the system defaults."""
+    if target.tls is None:
+        return True
+    ctx = ssl.create_default_context(cafile=str(target.tls.ca_bundle) if target.tls.ca_bundle else None)
+    if target.tls.client_cert and target.tls.client_key:
+        try:
+            ctx.load_cert_chain(str(target.tls.client_cert), str(target.tls.client_key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"target '{target.id}': cannot load its client certificate: {exc}") from exc
+    return ctx
 
 
-async def post_transaction(client: httpx.AsyncClient, target: Target, body: bytes, request_id: str) -> Attempt:
-    """POST the transaction Bundle to the target's base URL; never raises for network trouble."""
-    started = time.perf_counter()
+class TargetClient:
+    """Everything that talks to one target: its HTTP client and its credentials."""
+
+    def __init__(self, target: Target, client: httpx.AsyncClient | None = None) -> None:
+        self.target = target
+        self.client = client or make_client(target.timeouts.connect_s, target.timeouts.total_s,
+                                            ssl_context(target), max_connections=target.max_concurrency + 2)
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._token_lock = asyncio.Lock()
+        self.tokens_fetched = 0
+        auth = target.effective_auth
+        if isinstance(auth, BearerAuth) and not os.environ.get(auth.token_env):
+            raise ConfigurationError(f"target '{target.id}': environment variable {auth.token_env} (its bearer "
+                                     "token) is not set")
+        if isinstance(auth, OAuth2Auth) and not os.environ.get(auth.client_secret_env):
+            raise ConfigurationError(f"target '{target.id}': environment variable {auth.client_secret_env} "
+                                     "(its OAuth2 client secret) is not set")
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
+
+    # --- auth ------------------------------------------------------------------------------
+    async def _auth_header(self, refresh: bool = False) -> dict[str, str]:
+        auth = self.target.effective_auth
+        if isinstance(auth, BearerAuth):
+            return {"Authorization": f"Bearer {os.environ.get(auth.token_env, '')}"}
+        if isinstance(auth, OAuth2Auth):
+            return {"Authorization": f"Bearer {await self._oauth_token(auth, refresh)}"}
+        return {}
+
+    async def _oauth_token(self, auth: OAuth2Auth, refresh: bool) -> str:
+        stale = self._token
+        async with self._token_lock:  # one fetch at a time; the others reuse its token
+            if self._token and time.monotonic() < self._token_expires and not (refresh and self._token == stale):
+                return self._token
+            form = {"grant_type": "client_credentials"}
+            if auth.scope:
+                form["scope"] = auth.scope
+            if auth.audience:
+                form["audience"] = auth.audience
+            try:
+                response = await self.client.post(
+                    auth.token_url, data=form, auth=(auth.client_id, os.environ.get(auth.client_secret_env, "")))
+            except httpx.HTTPError as exc:
+                raise AuthUnavailable(f"OAuth2 token endpoint unreachable: {type(exc).__name__}") from exc
+            body = _json_object(response.content)
+            token = body.get("access_token") if body else None
+            if response.status_code != 200 or not isinstance(token, str):
+                raise AuthUnavailable(f"OAuth2 token endpoint answered HTTP {response.status_code}")
+            expires_in = body.get("expires_in") if body else None
+            lifetime = float(expires_in) if isinstance(expires_in, int | float) else 300.0
+            self._token = token
+            self._token_expires = time.monotonic() + max(lifetime - TOKEN_EXPIRY_MARGIN_S, lifetime / 2)
+            self.tokens_fetched += 1
+            log.info("oauth2 token fetched", target=self.target.id, expires_in_s=lifetime)
+            return token
+
+    async def _request(self, method: str, url: str, *, content: bytes | None = None,
+                       headers: dict[str, str] | None = None) -> Attempt:
+        """One request with auth; a 401 refreshes an OAuth2 token and tries once more (it was not applied)."""
+        started = time.perf_counter()
+        refresh = False
+        for _ in range(2):
+            try:
+                auth = await self._auth_header(refresh)
+            except AuthUnavailable as exc:
+                return Attempt(None, error=str(exc), duration_s=time.perf_counter() - started, sent=False)
+            try:
+                async with asyncio.timeout(self.target.timeouts.total_s + self.target.timeouts.connect_s):
+                    response = await self.client.request(method, url, content=content,
+                                                         headers={**(headers or {}), **auth})
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol) as exc:
+                # The request never left: refused, unreachable, TLS handshake refused. Safe to resend.
+                return Attempt(None, error=_describe(exc), duration_s=time.perf_counter() - started, sent=False)
+            except (httpx.HTTPError, TimeoutError) as exc:
+                # Read timeout, reset after send, broken write: the target may have applied it.
+                return Attempt(None, error=_describe(exc), duration_s=time.perf_counter() - started, sent=True)
+            if (response.status_code == 401 and not refresh
+                    and isinstance(self.target.effective_auth, OAuth2Auth)):
+                refresh = True
+                continue
+            break
+        return Attempt(response.status_code, response.content, response.headers.get("Retry-After"),
+                       duration_s=time.perf_counter() - started)
+
+    # --- the three things delivery asks of a target -------------------------------------------
+    async def post_transaction(self, body: bytes, request_id: str) -> Attempt:
+        """POST the transaction Bundle to the target's base URL."""
+        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, "X-Request-Id": request_id,
+                   **self.target.headers}
+        return await self._request("POST", self.target.base_url, content=body, headers=headers)
+
+    async def health(self) -> bool:
+        """True when the target answers at all (its CapabilityStatement, or any non-5xx answer)."""
+        attempt = await self._request("GET", f"{self.target.base_url}/metadata",
+                                      headers={"Accept": FHIR_JSON, **self.target.headers})
+        return attempt.status is not None and attempt.status < 500 and attempt.status not in (408, 429)
+
+    async def probe(self, bundle: bytes, sent_at: datetime, skew_s: float) -> ProbeResult:
+        """Search the target for the Bundle's resources by business identifier; were they created since?"""
+        candidates = probe_candidates(bundle)
+        if not candidates:
+            return ProbeResult("unprobeable", reason="no resource of the Bundle has a business identifier")
+        since = sent_at - timedelta(seconds=skew_s)
+        for rtype, token in candidates:
+            attempt = await self._search(rtype, token)
+            if attempt.status is None or not 200 <= attempt.status < 300:
+                return ProbeResult("failed", attempt=attempt, reason=f"probe search {rtype}: {attempt.describe()}")
+            found = created_since(attempt.json(), since)
+            if found:
+                return ProbeResult("applied", attempt=attempt, found=found)
+        return ProbeResult("absent", reason=f"none of {len(candidates)} resource(s) found on the target")
+
+    async def _search(self, rtype: str, token: str) -> Attempt:
+        url = httpx.URL(f"{self.target.base_url}/{rtype}", params={"identifier": token})
+        return await self._request("GET", str(url), headers={"Accept": FHIR_JSON, **self.target.headers})
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What an ambiguous-failure probe found: applied, absent, failed (ask again later) or unprobeable."""
+
+    verdict: str
+    attempt: Attempt | None = None
+    found: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def probe_candidates(bundle: bytes) -> list[tuple[str, str]]:
+    """(resource type, `system|value`) of the Bundle's identified resources, most specific first."""
+    parsed = _json_object(bundle) or {}
+    specific: list[tuple[str, str]] = []
+    shared: list[tuple[str, str]] = []
+    for entry in parsed.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            continue
+        idents = resource.get("identifier")
+        idents = idents if isinstance(idents, list) else [idents] if isinstance(idents, dict) else []
+        ident = next((i for i in idents if isinstance(i, dict) and i.get("system") and i.get("value")), None)
+        if ident is None:
+            continue
+        pair = (resource["resourceType"], f"{ident['system']}|{ident['value']}")
+        (shared if resource["resourceType"] in SHARED_TYPES else specific).append(pair)
+    return (specific + shared)[:PROBE_CANDIDATES]
+
+
+def created_since(searchset: dict[str, Any] | None, since: datetime) -> tuple[str, ...]:
+    """`Type/id` of the searchset's resources last updated at or after `since`."""
+    out = []
+    for entry in (searchset or {}).get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        stamp = (resource.get("meta") or {}).get("lastUpdated")
+        try:
+            updated = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        if updated.tzinfo is not None and updated >= since:
+            out.append(f"{resource.get('resourceType')}/{resource.get('id')}")
+    return tuple(out)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
     try:
-        response = await client.post(target.base_url, content=body, headers=request_headers(target, request_id))
-    except httpx.HTTPError as exc:
-        return Attempt(None, error=f"{type(exc).__name__}: {exc}"[:500], duration_s=time.perf_counter() - started)
-    return Attempt(response.status_code, response.content, response.headers.get("Retry-After"),
-                   duration_s=time.perf_counter() - started)
+        value = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or "no detail"
+    return f"{type(exc).__name__}: {text}"[:500]

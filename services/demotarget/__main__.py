@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import ssl
 import sys
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
-from services.demotarget.app import DropCapableH11Protocol, create_app
+from services.demotarget.app import DropCapableH11Protocol, OAuthServer, create_app
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -29,10 +31,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: FastAPI) -> uvicorn.Server:
-    """A quiet uvicorn server for the app, able to honour "drop" faults."""
+def make_server(app: FastAPI, tls: dict[str, Any] | None = None) -> uvicorn.Server:
+    """A quiet uvicorn server for the app, able to honour "drop" faults; `tls`: uvicorn's ssl_* options."""
     config = uvicorn.Config(
         app,
+        **(tls or {}),
         http=DropCapableH11Protocol,
         lifespan="off",
         log_level="warning",
@@ -56,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port", type=int, default=8090, help="TCP port; 0 picks a free one (default: %(default)s)"
     )
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    parser.add_argument("--oauth-client", metavar="ID:SECRET",
+                        help="require OAuth2 bearer tokens, issued at POST /oauth/token to this client")
+    parser.add_argument("--token-ttl", type=int, default=3600, help="lifetime of issued tokens, seconds")
     return parser
 
 
@@ -70,8 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     with sock:
         port = sock.getsockname()[1]
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"demo FHIR target listening on http://{host}:{port}/fhir", file=sys.stderr, flush=True)
-        server = make_server(create_app())
+        tls: dict[str, Any] | None = None
+        if args.tls_cert:
+            tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}
+            if args.tls_client_ca:
+                tls |= {"ssl_ca_certs": args.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        oauth = None
+        if args.oauth_client:
+            client_id, _, secret = args.oauth_client.partition(":")
+            oauth = OAuthServer(client_id, secret, args.token_ttl)
+        scheme = "https" if tls else "http"
+        print(f"demo FHIR target listening on {scheme}://{host}:{port}/fhir", file=sys.stderr, flush=True)
+        server = make_server(create_app(oauth=oauth), tls)
         try:
             asyncio.run(server.serve(sockets=[sock]))
         except KeyboardInterrupt:

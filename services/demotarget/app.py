@@ -7,8 +7,11 @@ Request bodies carry health data: nothing here logs them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import time
+import urllib.parse
 import uuid
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -328,7 +331,18 @@ def _capability_statement() -> dict[str, Any]:
     }
 
 
-def create_app(state: TargetState | None = None) -> FastAPI:
+@dataclass
+class OAuthServer:
+    """Optional OAuth2 client-credentials server: when given, the FHIR endpoints require its tokens."""
+
+    client_id: str
+    client_secret: str
+    ttl_s: int = 3600
+    tokens: dict[str, float] = field(default_factory=dict)
+    issued: int = 0
+
+
+def create_app(state: TargetState | None = None, oauth: OAuthServer | None = None) -> FastAPI:
     """The demo target as an ASGI app; pass a TargetState to inspect it from the same process."""
     state = state if state is not None else TargetState()
     app = FastAPI(title="Relais demo FHIR target")
@@ -338,10 +352,15 @@ def create_app(state: TargetState | None = None) -> FastAPI:
         """Process a FHIR transaction Bundle, unless a queued fault says otherwise."""
         record = ReceivedRequest(time=_now(), headers=dict(request.headers), body=await request.body())
         state.received.append(record)
+        if not _authorized(request):
+            return _outcome(401, "login", "missing, unknown or expired bearer token", {"WWW-Authenticate": "Bearer"})
         fault = state.take_fault()
-        if fault is not None and fault.delay_s:
+        if fault is not None and fault.delay_s and fault.apply_then is None:
             await asyncio.sleep(fault.delay_s)
         answer = _answer(request, record, fault)
+        if fault is not None and fault.delay_s and fault.apply_then is not None:
+            # Applied first, then slow to answer: the client's read timeout fires after the target applied it.
+            await asyncio.sleep(fault.delay_s)
         if isinstance(answer, Response):
             record.status = answer.status_code
             return answer
@@ -378,9 +397,46 @@ def create_app(state: TargetState | None = None) -> FastAPI:
             return _outcome(404, "not-found", f"{rtype}/{rid} is not known")
         return _json(resource, 200, FHIR_JSON)
 
+    def _authorized(request: Request) -> bool:
+        if oauth is None:
+            return True
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        expires = oauth.tokens.get(token)
+        return expires is not None and expires > time.monotonic()
+
+    if oauth is not None:
+        @app.post("/oauth/token")
+        async def token(request: Request) -> Response:
+            """OAuth2 client credentials (client_secret_basic or client_secret_post)."""
+            form = dict(urllib.parse.parse_qsl((await request.body()).decode()))
+            client = (form.get("client_id"), form.get("client_secret"))
+            header = request.headers.get("authorization", "")
+            if header.lower().startswith("basic "):
+                user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+                client = (urllib.parse.unquote_plus(user), urllib.parse.unquote_plus(password))
+            if form.get("grant_type") != "client_credentials" or client != (oauth.client_id, oauth.client_secret):
+                return _json({"error": "invalid_client"}, 401)
+            issued = uuid.uuid4().hex
+            oauth.tokens[issued] = time.monotonic() + oauth.ttl_s
+            oauth.issued += 1
+            return _json({"access_token": issued, "token_type": "Bearer", "expires_in": oauth.ttl_s})
+
+        @app.get("/_tokens")
+        async def tokens() -> Response:
+            """How many tokens were issued."""
+            return _json({"issued": oauth.issued, "valid": len(oauth.tokens)})
+
+        @app.delete("/_tokens", status_code=204)
+        async def revoke_tokens() -> None:
+            """Revoke every token (the next request with one gets 401)."""
+            oauth.tokens.clear()
+
     @app.get("/fhir/{rtype}")
-    async def search(rtype: str, identifier: str | None = None) -> Response:
+    async def search(rtype: str, request: Request, identifier: str | None = None) -> Response:
         """Search a type, optionally by `identifier=system|value`; answers a searchset Bundle."""
+        if not _authorized(request):
+            return _outcome(401, "login", "missing, unknown or expired bearer token")
         matches = state.search(rtype, identifier)
         bundle = {
             "resourceType": "Bundle",

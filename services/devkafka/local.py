@@ -195,9 +195,7 @@ def _fetch_jars(vdir: Path) -> None:
         f"-DoutputDirectory={staging}",
     ]
     try:
-        done = subprocess.run(
-            cmd, cwd=build, capture_output=True, text=True, timeout=_MAVEN_TIMEOUT_S, check=False
-        )
+        done = subprocess.run(cmd, cwd=build, capture_output=True, text=True, timeout=_MAVEN_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
         raise DevKafkaError(
             f"Maven did not finish within {_MAVEN_TIMEOUT_S:.0f} s; check access to Maven Central "
@@ -427,9 +425,7 @@ class LocalKafka:
             f"{libs}/*",
         ]
         if self._fixed_port is not None and not _port_free(self._fixed_port):
-            raise DevKafkaError(
-                f"port {self._fixed_port} on 127.0.0.1 is in use; choose another or let one be picked"
-            )
+            raise DevKafkaError(f"port {self._fixed_port} on 127.0.0.1 is in use; choose another or let one be picked")
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             try:
                 self._start_once(jvm)
@@ -517,9 +513,7 @@ def _format_storage(jvm: list[str], props_path: Path, log_path: Path) -> None:
             cmd, capture_output=True, text=True, timeout=_FORMAT_TIMEOUT_S, check=False, cwd=props_path.parent
         )
     except subprocess.TimeoutExpired as exc:
-        raise DevKafkaError(
-            f"kafka StorageTool format did not finish within {_FORMAT_TIMEOUT_S:.0f} s"
-        ) from exc
+        raise DevKafkaError(f"kafka StorageTool format did not finish within {_FORMAT_TIMEOUT_S:.0f} s") from exc
     with log_path.open("a", encoding="utf-8") as log:
         log.write(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -552,7 +546,7 @@ def _run_probe(
 ) -> None:
     try:
         asyncio.run(_probe_until_ready(bootstrap, proc, limit_s, cancel))
-    except BaseException as exc:  # handed to the starting thread, which raises it
+    except BaseException as exc:  # noqa: BLE001 - not swallowed: the starting thread re-raises it
         outcome.append(exc)
     else:
         outcome.append(None)
@@ -600,7 +594,7 @@ async def _poll_metadata(bootstrap: str, limit_s: float, last_error: list[str]) 
             try:
                 await _list_topics(bootstrap, deadline - time.monotonic())
                 return
-            except Exception as exc:  # not ready yet: any client error means "try again"
+            except Exception as exc:  # noqa: BLE001 - any client error while starting means "not yet"
                 last_error[0] = f"{type(exc).__name__}: {exc}"
         await asyncio.sleep(_PROBE_INTERVAL_S)
 
@@ -658,9 +652,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--port", type=int, default=None, help="fixed PLAINTEXT port (default: a free one)")
-    parser.add_argument(
-        "--cache", type=Path, default=None, help=f"jar cache root (default: ${CACHE_ENV} or ./.cache)"
-    )
+    parser.add_argument("--cache", type=Path, default=None, help=f"jar cache root (default: ${CACHE_ENV} or ./.cache)")
     parser.add_argument(
         "--startup-timeout", type=float, default=60.0, help="seconds to wait for the broker (default: 60)"
     )
@@ -736,9 +728,7 @@ def _serve(kafka: LocalKafka) -> int:
     idle = threading.Event()  # never set: its timed wait is an interruptible pause between checks
     while (code := kafka.poll()) is None:
         idle.wait(1.0)
-    print(
-        f"relais dev-kafka: broker exited with code {code}\n{log_tail(kafka.log_path)}", file=info, flush=True
-    )
+    print(f"relais dev-kafka: broker exited with code {code}\n{log_tail(kafka.log_path)}", file=info, flush=True)
     return 1
 
 

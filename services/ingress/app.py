@@ -74,22 +74,27 @@ def load_producer_directory(settings: Settings) -> ProducerDirectory | None:
     )
 
 
-def create_app(settings: Settings, bus: Bus, ledger: Ledger) -> FastAPI:
-    """The ingress app; `bus` and `ledger` are started and stopped by its lifespan."""
+def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool = True) -> FastAPI:
+    """The ingress app. Its lifespan starts and stops `ledger`, and `bus` too unless `manage_bus` is
+    False (the process already runs the bus for its worker stages)."""
     state = IngressState(settings, load_producer_directory(settings), load_targets(settings.targets_file),
                          bus, ledger)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await ledger.create_schema()
-        connector = asyncio.create_task(_connect_bus(state))
+        if manage_bus:
+            connector = asyncio.create_task(_connect_bus(state))
+        else:
+            state.bus_ready.set()
         try:
             yield
         finally:
-            connector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connector
-            await bus.stop()
+            if manage_bus:
+                connector.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connector
+                await bus.stop()
             await ledger.close()
 
     app = FastAPI(title="Relais ingress", version=__version__, lifespan=lifespan,
@@ -142,6 +147,8 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    from services.dlq.api import router as dlq_router  # operator API: dead letters (list, show, replay, discard)
+    app.include_router(dlq_router, prefix="/ops/dlq")
     return app
 
 

@@ -50,6 +50,11 @@ def _entry(d: DeliveryView) -> dict[str, Any]:
     if d.status == logic.DELIVERED:
         return {"extension": extensions, "resource": d.response,
                 "response": {"status": f"{d.last_http_status or 200}"}}
+    if d.status == logic.DELIVERED_UNCONFIRMED:
+        # Applied by the target (a probe found its resources) but its transaction-response was lost.
+        return {"extension": extensions, "response": {"status": "200", "outcome": d.outcome or operation_outcome(
+            [information(f"{d.target} applied the transaction but its answer was lost; the resources were "
+                         "found on the target by their business identifiers, the ids it assigned are not known")])}}
     outcome = d.outcome or operation_outcome([information(
         f"delivery to {d.target} failed after {d.attempts} attempt(s); an operator can replay it")])
     return {"extension": extensions,

@@ -194,11 +194,13 @@ class Ledger:
         changes = {k: v for k, v in values.items() if v is not None}
         if row is not None:
             moved = status != row["status"]
-            newer = status not in logic.TERMINAL and ev.attempt >= row["attempts"]
+            newer = status not in logic.DELIVERY_TERMINAL and ev.attempt >= row["attempts"]
             if not (moved or newer):
                 # A late or repeated event about a settled delivery must not rewrite what it recorded.
                 return
-            if row["attempts"] > changes.get("attempts", 0):
+            if ev.kind == "replayed":
+                changes["attempts"] = 0  # a replay starts a fresh round of attempts
+            elif row["attempts"] > changes.get("attempts", 0):
                 changes.pop("attempts", None)
         if row is None:
             await conn.execute(deliveries.insert().values(

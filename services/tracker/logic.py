@@ -23,16 +23,20 @@ TERMINAL = frozenset({DELIVERED, REJECTED, DEAD_LETTERED})
 # Delivery statuses (one per transfer and target)
 PENDING = "pending"
 RETRYING = "retrying"
+DELIVERED_UNCONFIRMED = "delivered-unconfirmed"  # an ambiguous attempt was found applied by a probe
+DISCARDED = "discarded"  # an operator gave up on a dead letter
+DELIVERY_TERMINAL = frozenset({DELIVERED, DELIVERED_UNCONFIRMED, DEAD_LETTERED, DISCARDED})
 
 _STAGE_RANK = {ACCEPTED: 0, VALIDATED: 1, ROUTED: 2, REJECTED: 9, DEAD_LETTERED: 9}
-_DELIVERY_RANK = {PENDING: 0, RETRYING: 1, DELIVERED: 2, DEAD_LETTERED: 2}
+_DELIVERY_RANK = {PENDING: 0, RETRYING: 1, DELIVERED: 2, DELIVERED_UNCONFIRMED: 2, DEAD_LETTERED: 2, DISCARDED: 3}
 
 # Event kind -> the stage status it proves.
 STAGE_EVENTS = {"accepted": ACCEPTED, "validated": VALIDATED, "routed": ROUTED, "rejected": REJECTED,
                 "failed": DEAD_LETTERED}
 # Event kind -> the delivery status it proves.
 DELIVERY_EVENTS = {"routed": PENDING, "retry_scheduled": RETRYING, "delivered": DELIVERED,
-                   "dead_lettered": DEAD_LETTERED}
+                   "delivered_unconfirmed": DELIVERED_UNCONFIRMED, "dead_lettered": DEAD_LETTERED,
+                   "discarded": DISCARDED}
 
 
 def advance_stage(current: str | None, kind: str) -> str | None:
@@ -64,9 +68,9 @@ def overall_status(stage_status: str, deliveries: Iterable[str]) -> str:
     statuses = list(deliveries)
     if stage_status != ROUTED or not statuses:
         return stage_status
-    if all(s == DELIVERED for s in statuses):
+    if all(s in (DELIVERED, DELIVERED_UNCONFIRMED) for s in statuses):
         return DELIVERED
-    if all(s in (DELIVERED, DEAD_LETTERED) for s in statuses):
+    if all(s in DELIVERY_TERMINAL for s in statuses):
         return DEAD_LETTERED
     return DELIVERING
 
@@ -75,7 +79,7 @@ def progress(stage_status: str, deliveries: Iterable[str]) -> str:
     """A short `X-Progress` text for a transfer still in flight."""
     statuses = list(deliveries)
     if stage_status == ROUTED and statuses:
-        done = sum(s in (DELIVERED, DEAD_LETTERED) for s in statuses)
+        done = sum(s in DELIVERY_TERMINAL for s in statuses)
         retrying = sum(s == RETRYING for s in statuses)
         text = f"delivering: {done}/{len(statuses)} target(s) done"
         return text + (f", {retrying} retrying" if retrying else "")

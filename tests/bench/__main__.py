@@ -21,7 +21,14 @@ def main() -> int:
     parser.add_argument("--accept", type=int, default=2000, help="Bundles for the ingress acceptance run")
     parser.add_argument("--e2e", type=int, default=500, help="Bundles for the end-to-end run")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients")
+    parser.add_argument("--validator", action="store_true",
+                        help="run only the validator benchmark (one core, no Kafka): tests/bench/validator.py")
     args = parser.parse_args()
+    if args.validator:
+        from tests.bench import validator
+
+        print("\n".join(validator.run()))
+        return 0
 
     bootstrap = os.environ.get("RELAIS_KAFKA_BOOTSTRAP")
     kafka = None

@@ -122,9 +122,7 @@ async def test_idempotent_producer_round_trip(kafka_bootstrap: str) -> None:
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=kafka_bootstrap, group_id=None, auto_offset_reset="earliest"
-    )
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     try:
         records = await _consume_until(consumer, lambda rs: len(rs) >= 30)
@@ -216,9 +214,7 @@ async def _read_line(stream: asyncio.StreamReader, within_s: float) -> str:
     return line.decode().rstrip("\n")
 
 
-async def _stderr_until(
-    stream: asyncio.StreamReader, pattern: str, within_s: float
-) -> tuple[re.Match[str], str]:
+async def _stderr_until(stream: asyncio.StreamReader, pattern: str, within_s: float) -> tuple[re.Match[str], str]:
     """Read stderr lines until one matches; returns the match and everything read."""
     seen: list[str] = []
     deadline = time.monotonic() + within_s

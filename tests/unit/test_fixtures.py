@@ -76,7 +76,7 @@ def test_head_is_organization_patient_sejour(patient_ins: bool) -> None:
 
 
 def test_one_cycle_covers_every_entry_kind() -> None:
-    profiles = Counter(profile_id(e) for e in make_bundle(26)["entry"])
+    profiles = Counter(profile_id(e) for e in make_bundle(29)["entry"])
     assert set(profiles) == set(PROFILE_NAMES) - {"tddui-patient"}
     assert set(profiles.values()) == {1}
 

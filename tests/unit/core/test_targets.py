@@ -95,3 +95,63 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_configuration_error_is_permanent() -> None:
     assert ConfigurationError.retryable is False
+
+
+FULL = """
+targets:
+  - id: a
+    base_url: https://a.example/fhir
+    auth: {type: oauth2, token_url: https://auth.example/token, client_id: relais, client_secret_env: A_SECRET}
+    timeouts: {connect_s: 2, total_s: 10}
+    max_concurrency: 2
+    retry: {delays_s: [1, 5], max_attempts: 3, max_age_s: 3600, jitter: 0}
+    breaker: {failures: 3, probe_every_s: 10}
+    ambiguous: dead-letter
+    paused: true
+  - id: b
+    base_url: http://b.example/fhir
+    auth: {type: bearer, token_env: B_TOKEN}
+routes:
+  - id: r1
+    when: {profiles: [tddui-encounter-sejour]}
+    add: [b]
+"""
+
+
+def test_full_file(tmp_path: Path) -> None:
+    d = load_targets(write(tmp_path, FULL))
+    a = d.get("a")
+    assert a is not None and a.auth.type == "oauth2" and a.timeouts.total_s == 10 and a.max_concurrency == 2
+    assert a.retry.delays_s == (1, 5) and a.retry.max_attempts == 3 and a.ambiguous == "dead-letter" and a.paused
+    b = d.get("b")
+    assert b is not None and b.ambiguous == "probe" and b.retry.max_attempts is None  # defaults
+    assert d.routes[0].add == ("b",)
+
+
+def test_bearer_shorthand_is_expanded(tmp_path: Path) -> None:
+    d = load_targets(write(tmp_path, GOOD))
+    auth = d.get("essms-les-tilleuls").effective_auth  # type: ignore[union-attr]
+    assert auth.type == "bearer" and auth.token_env == "TILLEULS_TOKEN"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("targets:\n  - {id: a, base_url: 'http://x', auth: {type: kerberos}}\n", "targets.0.auth",
+                 id="unknown-auth"),
+    pytest.param("targets:\n  - {id: a, base_url: 'http://x', auth: {type: oauth2, client_id: c}}\n",
+                 "token_url", id="oauth2-incomplete"),
+    pytest.param("targets:\n  - {id: a, base_url: 'http://x', tls: {client_cert: /nope.pem, client_key: /nope.key}}\n",
+                 "does not exist", id="missing-cert"),
+    pytest.param("targets:\n  - {id: a, base_url: 'http://x', tls: {client_cert: /nope.pem}}\n",
+                 "both client_cert and client_key", id="cert-without-key"),
+    pytest.param("targets:\n  - {id: a, base_url: 'http://x', ambiguous: maybe}\n", "targets.0.ambiguous",
+                 id="bad-ambiguous-policy"),
+    pytest.param("targets:\n  - {id: a, base_url: 'http://x', retry: {delays_s: [0]}}\n", "> 0", id="zero-delay"),
+    pytest.param("targets:\n  - {id: a, base_url: 'http://x'}\nroutes:\n  - {id: r, add: [ghost]}\n",
+                 "unknown target(s): ghost", id="route-to-unknown-target"),
+    pytest.param("targets:\n  - {id: a, base_url: 'http://x', bearer_token_env: T, auth: {type: bearer, "
+                 "token_env: U}}\n", "either bearer_token_env or auth", id="two-auths"),
+])
+def test_invalid_delivery_settings_name_the_problem(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_targets(write(tmp_path, text))
+    assert expected in str(info.value)

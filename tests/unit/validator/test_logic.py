@@ -402,12 +402,18 @@ def test_several_errors_in_one_resource_are_each_located() -> None:
         patient["identifier"][1]["value"] = ["x"]
         patient["gender"] = 3
 
-    expressions = {i.expression[0] for i in run(break_patient)}
+    issues = run(break_patient)
+    expressions = {i.expression[0] for i in issues}
+    # The INS identifier lost its system, so FR Core's fr-core-1 (VALI needs an INS) fails too.
     assert expressions == {
         "Bundle.entry[1].resource.identifier[0].system",
         "Bundle.entry[1].resource.identifier[1].value",
         "Bundle.entry[1].resource.gender",
+        "Bundle.entry[1].resource",
     }
+    assert [i.rule for i in issues if i.expression == ("Bundle.entry[1].resource",)] == [
+        "tddui-patient-ins/inv/fr-core-1"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,151 @@
+"""TDDUIBundle transaction rules (type, request, POST, unique fullUrl) and intra-Bundle references."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+from services.core.outcome import Issue, error, warning
+from services.validator.base import resource_class
+from services.validator.jsonwalk import entries, spell, walk_objects
+from services.validator.messages import quote, say
+
+RULE_TYPE: Final = "tddui-bundle-type"
+RULE_REQUEST: Final = "tddui-bundle-entry-request"
+RULE_METHOD: Final = "tddui-bundle-request-method"
+RULE_RESOURCE: Final = "tddui-bundle-entry-resource"
+RULE_FULL_URL: Final = "tddui-bundle-fullurl-unique"
+RULE_REQUEST_URL: Final = "tddui-bundle-request-url"
+RULE_REF_URN: Final = "tddui-bundle-ref-urn"
+RULE_REF_RELATIVE: Final = "tddui-bundle-ref-relative"
+RULE_REF_ABSOLUTE: Final = "tddui-bundle-ref-absolute"
+RULE_REF_FORMAT: Final = "tddui-bundle-ref-format"
+
+_RELATIVE = re.compile(r"(?P<type>[A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+_TYPE_ID_TAIL = re.compile(r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})\Z")
+_HISTORY_TAIL = re.compile(r"/_history/[^/]*\Z")
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def reference_targets(bundle: Mapping[str, Any]) -> dict[str, int]:
+    """Each string a reference may use to name an entry, mapped to the entry's index.
+
+    The keys are every fullUrl and every `Type/id`, taken from the resource's type and id and
+    from the tail of an absolute fullUrl. The first entry wins when two claim the same key.
+    """
+    targets: dict[str, int] = {}
+    for i, entry in entries(bundle):
+        full_url = entry.get("fullUrl")
+        if isinstance(full_url, str):
+            targets.setdefault(full_url, i)
+            tail = _TYPE_ID_TAIL.search(full_url)
+            if tail:
+                targets.setdefault(f"{tail['type']}/{tail['id']}", i)
+        resource = entry.get("resource")
+        if isinstance(resource, dict):
+            rtype, rid = resource.get("resourceType"), resource.get("id")
+            if isinstance(rtype, str) and isinstance(rid, str):
+                targets.setdefault(f"{rtype}/{rid}", i)
+    return targets
+
+
+def iter_references(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(FHIRPath, reference) for every `reference` string under `node`, in document order.
+
+    Walks nested backbone elements, extensions and contained resources alike.
+    """
+    for chain, element in walk_objects(node):
+        reference = element.get("reference")
+        if isinstance(reference, str):
+            yield f"{spell(path, chain)}.reference", reference
+
+
+def check_transaction(bundle: dict[str, Any], lang: str = "en") -> list[Issue]:
+    """Bundle.type, each entry's resource and request, unique fullUrls."""
+    issues: list[Issue] = []
+    btype = bundle.get("type")
+    if isinstance(btype, str) and btype != "transaction":  # a missing type is a structure error already
+        issues.append(error("value", say(lang, "bundle-type", value=quote(btype)), "Bundle.type", rule=RULE_TYPE))
+    for i, entry in entries(bundle):
+        issues.extend(_check_entry(entry, f"Bundle.entry[{i}]", lang))
+    issues.extend(_check_full_urls(bundle, lang))
+    return issues
+
+
+def _check_entry(entry: dict[str, Any], at: str, lang: str) -> list[Issue]:
+    issues: list[Issue] = []
+    resource = entry.get("resource")
+    if resource is None:
+        issues.append(error("required", say(lang, "entry-resource", at=at), f"{at}.resource", rule=RULE_RESOURCE))
+    request = entry.get("request")
+    if request is None:
+        issues.append(error("required", say(lang, "entry-request", at=at), f"{at}.request", rule=RULE_REQUEST))
+        return issues
+    if not isinstance(request, dict):
+        return issues  # reported by the structure check
+    method = request.get("method")
+    if isinstance(method, str) and method != "POST":
+        issues.append(error("value", say(lang, "request-method", value=quote(method)), f"{at}.request.method",
+                            rule=RULE_METHOD))
+    rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+    url = request.get("url")
+    if isinstance(url, str) and isinstance(rtype, str) and url != rtype and resource_class(rtype):
+        what = say(lang, "url-other-type" if resource_class(url) else "url-not-type")
+        issues.append(warning("value", say(lang, "request-url", url=quote(url), what=what, rtype=quote(rtype)),
+                              f"{at}.request.url", rule=RULE_REQUEST_URL))
+    return issues
+
+
+def _check_full_urls(bundle: dict[str, Any], lang: str) -> list[Issue]:
+    issues: list[Issue] = []
+    first: dict[str, int] = {}
+    for i, entry in entries(bundle):
+        full_url = entry.get("fullUrl")
+        if not isinstance(full_url, str):
+            continue
+        j = first.setdefault(full_url, i)
+        if j != i:
+            issues.append(error("invalid", say(lang, "fullurl-unique", url=quote(full_url), other=j),
+                                f"Bundle.entry[{i}].fullUrl", rule=RULE_FULL_URL))
+    return issues
+
+
+def check_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: str = "en") -> list[Issue]:
+    """Every reference of every entry resolves in the Bundle (or says why it may not)."""
+    issues: list[Issue] = []
+    for i, entry in entries(bundle):
+        resource = entry.get("resource")
+        if not isinstance(resource, dict):
+            continue
+        for path, reference in iter_references(resource, f"Bundle.entry[{i}].resource"):
+            issue = _resolve(reference, path, targets, lang)
+            if issue is not None:
+                issues.append(issue)
+    return issues
+
+
+def _resolve(reference: str, at: str, targets: Mapping[str, int], lang: str) -> Issue | None:
+    """None when the reference resolves (or needs no resolving), else the issue saying why not."""
+    if not reference or reference.startswith("#"):
+        return None  # empty is a structure error; '#id' points into contained resources
+    shown = quote(reference)
+    if reference.startswith(("urn:uuid:", "urn:oid:")):
+        if reference in targets:
+            return None
+        return error("not-found", say(lang, "ref-urn", at=at, ref=shown), at, rule=RULE_REF_URN)
+    relative = _RELATIVE.fullmatch(reference)
+    if relative and resource_class(relative["type"]):
+        if f"{relative['type']}/{relative['id']}" in targets:
+            return None
+        return warning("not-found", say(lang, "ref-relative", at=at, ref=shown), at, rule=RULE_REF_RELATIVE)
+    if _URI_SCHEME.match(reference):
+        if reference in targets or _HISTORY_TAIL.sub("", reference) in targets:
+            return None
+        return warning("not-found", say(lang, "ref-absolute", at=at, ref=shown), at, rule=RULE_REF_ABSOLUTE)
+    return error("value", say(lang, "ref-format", at=at, ref=shown), at, rule=RULE_REF_FORMAT)
+
+
+def resolve_key(reference: str) -> str:
+    """The key `reference_targets` uses for a reference: without any `/_history/n` tail."""
+    return _HISTORY_TAIL.sub("", reference)

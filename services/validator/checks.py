@@ -1,0 +1,328 @@
+"""Compiled profile checks: each one a small object that inspects a node and appends issues.
+
+A check runs on a *scope* (a resource, or a slice item) at a FHIRPath location, with a `Context`
+that knows the language, the profile being checked and how to resolve references in the Bundle.
+Checks never raise on odd JSON: anything not shaped as expected simply does not match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from services.core.outcome import Issue
+from services.validator.invariants import Compiled, holds
+from services.validator.messages import quote, say
+from services.validator.paths import Segment, choice_keys, fhir_type, matches, walk
+from services.validator.terminology import ValueSet
+
+Resolver = Callable[[object], tuple[str, frozenset[str]] | None]
+
+
+@dataclass(slots=True)
+class Context:
+    """Per-entry state a check needs: language, current profile, and the Bundle's reference resolver."""
+
+    lang: str
+    resolve: Resolver  # reference string → (resource type, profile URLs of that entry) or None
+    matching: bool = False  # slice matching: target *profiles* are not known yet, only types
+    profile_id: str = ""
+    profile_url: str | None = None
+    out: list[Issue] = field(default_factory=list)
+
+    def add(self, severity: str, code: str, rule: str, where: str, template: str, **values: object) -> None:
+        """Report a finding at `where` (FHIRPath), its diagnostics from the message `template`."""
+        values.setdefault("profile", self.profile_id)
+        self.out.append(Issue(severity, code, say(self.lang, template, **values), (where,), rule,  # type: ignore[arg-type]
+                              self.profile_url))
+
+
+class Check:
+    """A compiled rule: `run()` inspects `node` (located at `at`) and reports through `ctx`."""
+
+    __slots__ = ("rule", "severity")
+
+    def __init__(self, rule: str, severity: str = "error") -> None:
+        self.rule = rule
+        self.severity = severity
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        raise NotImplementedError
+
+
+class Card(Check):
+    __slots__ = ("element", "last", "max", "min", "parents")
+
+    def __init__(self, rule: str, parents: tuple[Segment, ...], last: Segment, lo: int, hi: int | None,
+                 element: str, severity: str = "error") -> None:
+        super().__init__(rule, severity)
+        self.parents, self.last, self.min, self.max, self.element = parents, last, lo, hi, element
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        for ploc, pnode in walk(node, at, self.parents):
+            kids = self.last.children(pnode, ploc)
+            n = len(kids)
+            if n < self.min:
+                ctx.add(self.severity, "required", self.rule, f"{ploc}.{self.last.name}", "card-min",
+                        at=ploc, element=self.element, min=self.min, count=n)
+            elif self.max is not None and n > self.max:
+                ctx.add(self.severity, "structure", self.rule, kids[self.max][0], "card-max",
+                        at=ploc, element=self.element, max=self.max, count=n)
+
+
+class Pattern(Check):
+    __slots__ = ("fixed", "path", "value")
+
+    def __init__(self, rule: str, path: tuple[Segment, ...], value: Any, fixed: bool,
+                 severity: str = "error") -> None:
+        super().__init__(rule, severity)
+        self.path, self.value, self.fixed = path, value, fixed
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        for loc, value in walk(node, at, self.path):
+            ok = value == self.value if self.fixed else matches(value, self.value)
+            if not ok:
+                key = "pattern" if not self.fixed else ("fixed" if self.severity == "error" else "fixed-defective")
+                ctx.add(self.severity, "value", self.rule, loc, key, at=loc, value=quote(value),
+                        expected=quote(self.value))
+
+
+class Types(Check):
+    __slots__ = ("allowed", "base", "parents")
+
+    def __init__(self, rule: str, parents: tuple[Segment, ...], base: str, allowed: frozenset[str]) -> None:
+        super().__init__(rule)
+        self.parents, self.base, self.allowed = parents, base, allowed
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        for ploc, pnode in walk(node, at, self.parents):
+            if isinstance(pnode, dict):
+                for key in choice_keys(pnode, self.base):
+                    found = fhir_type(key, self.base)
+                    if found not in self.allowed:
+                        ctx.add("error", "structure", self.rule, f"{ploc}.{key}", "type", at=f"{ploc}.{key}",
+                                found=found, allowed=" | ".join(sorted(self.allowed)))
+
+
+class Binding(Check):
+    __slots__ = ("path", "strength", "vs")
+
+    def __init__(self, rule: str, path: tuple[Segment, ...], strength: str, vs: ValueSet) -> None:
+        super().__init__(rule, "error" if strength == "required" else "warning")
+        self.path, self.strength, self.vs = path, strength, vs
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        for loc, value in walk(node, at, self.path):
+            self.check_value(value, loc, ctx)
+
+    def check_value(self, value: Any, loc: str, ctx: Context) -> None:
+        vs = self.vs
+        if isinstance(value, str):
+            if not vs.admits_code(value):
+                self._notin(loc, value, ctx)
+            return
+        if not isinstance(value, dict):
+            return  # wrong JSON shapes are structure errors already
+        if "coding" in value or "text" in value or ("system" not in value and "code" not in value):
+            codings = [c for c in value.get("coding") or () if isinstance(c, dict)] if isinstance(
+                value.get("coding"), list) else []
+            if not codings:
+                if self.strength == "required":
+                    ctx.add("error", "code-invalid", self.rule, loc, "binding-nocode", at=loc,
+                            valueset=vs.url, strength=self.strength)
+                return
+            if any(vs.admits(c.get("system"), c.get("code")) for c in codings):
+                return
+            where = f"{loc}.coding[0]" if len(codings) == 1 else loc
+            shown = [f"{c.get('system')}#{c.get('code')}" for c in codings]
+            self._notin(where, shown[0] if len(shown) == 1 else shown, ctx)
+            return
+        if not vs.admits(value.get("system"), value.get("code")):
+            self._notin(loc, f"{value.get('system')}#{value.get('code')}", ctx)
+
+    def _notin(self, loc: str, shown: object, ctx: Context) -> None:
+        if self.strength not in ("required", "extensible", "preferred"):
+            return
+        kind, items = self.vs.describe()
+        allowed = say(ctx.lang, "allowed-codes" if kind == "codes" else "allowed-systems",
+                      codes=", ".join(items), systems=", ".join(items))
+        ctx.add(self.severity, "code-invalid", self.rule, loc, "binding-notin", at=loc, value=quote(shown),
+                valueset=self.vs.url, strength=self.strength, allowed=allowed)
+
+
+class Targets(Check):
+    """Reference targets: the resource type, and (outside slice matching) the profile of the entry."""
+
+    __slots__ = ("allowed", "path", "shown")
+
+    def __init__(self, rule: str, path: tuple[Segment, ...], allowed: dict[str, frozenset[str] | None],
+                 shown: str) -> None:
+        super().__init__(rule)
+        self.path, self.allowed, self.shown = path, allowed, shown  # type → allowed profile URLs (None: any)
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        for loc, value in walk(node, at, self.path):
+            self.check_value(value, loc, ctx)
+
+    def check_value(self, value: Any, loc: str, ctx: Context) -> None:
+        if not isinstance(value, dict):
+            return
+        reference = value.get("reference")
+        if not isinstance(reference, str) or reference.startswith("#"):
+            return
+        target = ctx.resolve(reference)
+        if target is None:
+            return  # unresolved references are reported once, by the Bundle reference rules
+        rtype, profiles = target
+        at = f"{loc}.reference"
+        if rtype not in self.allowed:
+            ctx.add("error", "invalid", self.rule, at, "target-type", at=at, found=rtype, allowed=self.shown)
+            return
+        wanted = self.allowed[rtype]
+        if ctx.matching or wanted is None or not profiles or profiles & wanted:
+            return
+        ctx.add("error", "invalid", self.rule, at, "target-profile", at=at,
+                found=", ".join(sorted(p.rsplit("/", 1)[-1] for p in profiles)), allowed=self.shown)
+
+
+Matcher = Callable[[Any, Context], bool]
+
+
+class Slice(Check):
+    __slots__ = ("element", "last", "match", "max", "min", "name", "parents", "sub", "what")
+
+    def __init__(self, rule: str, parents: tuple[Segment, ...], last: Segment, name: str, match: Matcher,
+                 lo: int, hi: int | None, sub: Sequence[Check], what: str, element: str) -> None:
+        super().__init__(rule)
+        self.parents, self.last, self.name, self.match = parents, last, name, match
+        self.min, self.max, self.sub, self.what, self.element = lo, hi, tuple(sub), what, element
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        for ploc, pnode in walk(node, at, self.parents):
+            items = [(loc, item) for loc, item in self.last.children(pnode, ploc) if self.match(item, ctx)]
+            n = len(items)
+            if n < self.min:
+                ctx.add("error", "required", self.rule, f"{ploc}.{self.last.name}", "slice-min", at=ploc,
+                        min=self.min, count=n, element=self.element, slice=self.name, what=self.what)
+            elif self.max is not None and n > self.max:
+                ctx.add("error", "structure", self.rule, items[self.max][0], "slice-max", at=ploc,
+                        max=self.max, count=n, element=self.element, slice=self.name, what=self.what)
+            for loc, item in items:
+                for check in self.sub:
+                    check.run(item, loc, ctx)
+
+
+class Invariant(Check):
+    __slots__ = ("function", "guard", "guard_text", "guard_url", "human", "key", "path")
+
+    def __init__(self, rule: str, path: tuple[Segment, ...], key: str, human: str, function: Compiled,
+                 guard: tuple[Segment, ...] | None, severity: str, guard_url: str | None = None) -> None:
+        super().__init__(rule, severity)
+        self.path, self.key, self.human, self.function, self.guard = path, key, human, function, guard
+        self.guard_url = guard_url  # skip unless the node carries an extension with this url
+        self.guard_text: tuple[bytes, ...] = ()  # skip unless the node's JSON contains one of these
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        for loc, value in walk(node, at, self.path):
+            if self.guard is not None and not walk(value, loc, self.guard):
+                continue  # the guard is empty: the invariant's antecedent cannot hold
+            if self.guard_url is not None and not _has_extension(value, self.guard_url):
+                continue
+            if self.guard_text and not _contains(value, self.guard_text):
+                continue
+            result = holds(self.function, value)
+            if result is False:
+                ctx.add(self.severity, "invariant", self.rule, loc, "invariant", at=loc, key=self.key,
+                        human=self.human)
+            elif result is not True:
+                ctx.add("warning", "processing", self.rule, loc, "invariant-error", at=loc, key=self.key,
+                        detail=result)
+
+
+def _contains(node: Any, needles: tuple[bytes, ...]) -> bool:
+    try:
+        text = orjson.dumps(node)
+    except TypeError:  # not JSON-serialisable: let fhirpathpy decide
+        return True
+    return any(n in text for n in needles)
+
+
+def _has_extension(node: Any, url: str) -> bool:
+    found = node.get("extension") if isinstance(node, dict) else None
+    return isinstance(found, list) and any(isinstance(e, dict) and e.get("url") == url for e in found)
+
+
+@dataclass(slots=True)
+class ExtensionDef:
+    """An extension's shape: simple (value types) or complex (sub-extensions), plus its own rules."""
+
+    url: str
+    label: str
+    value_types: frozenset[str] | None = None  # None: complex
+    value_checks: list[Binding | Targets] = field(default_factory=list)
+    subs: dict[str, tuple[int, int | None, ExtensionDef]] = field(default_factory=dict)
+    invariants: list[Invariant] = field(default_factory=list)
+    rule: str = ""
+
+
+class Extension(Check):
+    """One extension instance against its definition (value type, sub-extensions, bindings, invariants)."""
+
+    __slots__ = ("defn",)
+
+    def __init__(self, defn: ExtensionDef) -> None:
+        super().__init__(defn.rule)
+        self.defn = defn
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        check_extension(self.defn, node, at, ctx)
+
+
+def check_extension(d: ExtensionDef, node: Any, at: str, ctx: Context) -> None:
+    if not isinstance(node, dict):
+        return
+    keys = list(choice_keys(node, "value"))
+    nested = node.get("extension")
+    if d.value_types is not None:
+        if not keys:
+            ctx.add("error", "required", d.rule + "/value", f"{at}.value", "ext-value-missing", at=at,
+                    ext=d.label, allowed=" | ".join(sorted(d.value_types)))
+        for key in keys:
+            found = fhir_type(key, "value")
+            if d.value_types and found not in d.value_types:
+                ctx.add("error", "structure", d.rule + "/type", f"{at}.{key}", "type", at=f"{at}.{key}",
+                        found=found, allowed=" | ".join(sorted(d.value_types)), profile=d.label)
+            else:
+                for check in d.value_checks:
+                    check.check_value(node[key], f"{at}.{key}", ctx)
+        if nested:
+            ctx.add("error", "structure", d.rule + "/nested", f"{at}.extension[0]", "ext-nested-forbidden",
+                    at=at, ext=d.label)
+    else:
+        if keys:
+            ctx.add("error", "structure", d.rule + "/value", f"{at}.{keys[0]}", "ext-value-forbidden", at=at,
+                    ext=d.label)
+        items = [(f"{at}.extension[{i}]", e) for i, e in enumerate(nested)
+                 if isinstance(e, dict)] if isinstance(nested, list) else []
+        for url, (lo, hi, sub) in d.subs.items():
+            found = [(loc, e) for loc, e in items if e.get("url") == url]
+            n = len(found)
+            if n < lo:
+                ctx.add("error", "required", f"{sub.rule}/card", f"{at}.extension", "card-min", at=at,
+                        element=f"extension('{url}')", min=lo, count=n, profile=d.label)
+            elif hi is not None and n > hi:
+                ctx.add("error", "structure", f"{sub.rule}/card", found[hi][0], "card-max", at=at,
+                        element=f"extension('{url}')", max=hi, count=n, profile=d.label)
+            for loc, e in found:
+                check_extension(sub, e, loc, ctx)
+        if d.subs:
+            for loc, e in items:
+                url = e.get("url")
+                if isinstance(url, str) and url not in d.subs and "/" not in url:
+                    ctx.add("warning", "structure", d.rule + "/sub-unknown", f"{loc}.url", "ext-unknown-sub",
+                            at=loc, url=quote(url), ext=d.label, known=", ".join(d.subs))
+    for inv in d.invariants:
+        inv.run(node, at, ctx)

@@ -1,0 +1,297 @@
+"""Diagnostics in plain language, English and French: one template per finding kind.
+
+`say(lang, key, **values)` fills a template; unknown languages fall back to English. Templates end
+with the fix, because the reader is a DUI vendor's developer who has to correct an export.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+Lang = str  # "en" or "fr"
+
+_T: Final[dict[str, tuple[str, str]]] = {
+    # --- loading and base structure ---------------------------------------------------------------
+    "json": (
+        "The body is not valid JSON ({detail}); send the Bundle as UTF-8 JSON.",
+        "Le corps n'est pas du JSON valide ({detail}) ; envoyez le Bundle en JSON UTF-8.",
+    ),
+    "not-object": (
+        "The body is a JSON {kind}; send a FHIR Bundle, a JSON object whose resourceType is 'Bundle'.",
+        "Le corps est un {kind} JSON ; envoyez un Bundle FHIR, un objet JSON dont le resourceType est "
+        "'Bundle'.",
+    ),
+    "not-bundle": (
+        "resourceType {found}; a TDDUI transfer is a FHIR Bundle of type 'transaction': set resourceType "
+        "to 'Bundle'.",
+        "resourceType {found} ; un transfert TDDUI est un Bundle FHIR de type 'transaction' : mettez "
+        "resourceType à 'Bundle'.",
+    ),
+    "found-is": ("is {value}", "vaut {value}"),
+    "found-missing": ("is missing", "est absent"),
+    "structure": ("{path}: {msg}; {advice}.", "{path} : {msg} ; {advice}."),
+    "resource-not-object": (
+        "{at} is a JSON {kind}; an entry's resource must be a JSON object with a resourceType.",
+        "{at} est un {kind} JSON ; la ressource d'une entrée doit être un objet JSON avec un resourceType.",
+    ),
+    "resource-type-missing": (
+        "{at} has no resourceType; add the FHIR resource type (e.g. 'Patient').",
+        "{at} n'a pas de resourceType ; ajoutez le type de ressource FHIR (par ex. 'Patient').",
+    ),
+    "resource-type-not-string": (
+        "{at}.resourceType must be a string naming a FHIR resource type.",
+        "{at}.resourceType doit être une chaîne nommant un type de ressource FHIR.",
+    ),
+    "resource-type-unknown": (
+        "{rtype} is not a FHIR R4 resource type; use one of the types the TDDUI Bundle carries "
+        "(Patient, Encounter, Task, ...).",
+        "{rtype} n'est pas un type de ressource FHIR R4 ; utilisez un des types que porte le Bundle "
+        "TDDUI (Patient, Encounter, Task, ...).",
+    ),
+    "nested-type-unknown": (
+        "{path} is not a FHIR R4 resource type; a nested resource must name a concrete resource type.",
+        "{path} n'est pas un type de ressource FHIR R4 ; une ressource imbriquée doit nommer un type "
+        "de ressource concret.",
+    ),
+    "unreadable": (
+        "{at} could not be read as FHIR R4; check its nested resources.",
+        "{at} n'a pas pu être lu comme du FHIR R4 ; vérifiez ses ressources imbriquées.",
+    ),
+    # --- Bundle transaction rules -----------------------------------------------------------------
+    "bundle-type": (
+        "Bundle.type is {value}; a TDDUI transfer must be a Bundle of type 'transaction': set type to "
+        "'transaction'.",
+        "Bundle.type vaut {value} ; un transfert TDDUI doit être un Bundle de type 'transaction' : mettez "
+        "type à 'transaction'.",
+    ),
+    "entry-resource": (
+        "{at} has no resource; every TDDUI entry carries the resource to create.",
+        "{at} n'a pas de resource ; chaque entrée TDDUI porte la ressource à créer.",
+    ),
+    "entry-request": (
+        "{at} has no request; add request with method 'POST' and url set to the resource type.",
+        "{at} n'a pas de request ; ajoutez request avec method 'POST' et url égale au type de ressource.",
+    ),
+    "request-method": (
+        "request.method is {value}; TDDUI only creates resources: use 'POST'.",
+        "request.method vaut {value} ; TDDUI ne fait que créer des ressources : utilisez 'POST'.",
+    ),
+    "request-url": (
+        "request.url {url} {what}; a create must POST to {rtype} — Relais repairs this before delivery.",
+        "request.url {url} {what} ; une création doit faire un POST sur {rtype} — Relais le corrige "
+        "avant la livraison.",
+    ),
+    "url-other-type": ("names another resource type", "nomme un autre type de ressource"),
+    "url-not-type": ("is not a resource type", "n'est pas un type de ressource"),
+    "fullurl-unique": (
+        "fullUrl {url} is also the fullUrl of Bundle.entry[{other}]; give every entry its own fullUrl "
+        "(e.g. a fresh urn:uuid).",
+        "fullUrl {url} est aussi le fullUrl de Bundle.entry[{other}] ; donnez à chaque entrée son propre "
+        "fullUrl (par ex. un nouvel urn:uuid).",
+    ),
+    "ref-urn": (
+        "{at} is {ref}, the fullUrl of no entry in this Bundle; add the referenced resource to the Bundle "
+        "or correct the reference.",
+        "{at} vaut {ref}, qui n'est le fullUrl d'aucune entrée de ce Bundle ; ajoutez la ressource "
+        "référencée au Bundle ou corrigez la référence.",
+    ),
+    "ref-relative": (
+        "{at} is {ref}, which names no entry of this Bundle; it resolves only if the receiving system "
+        "already holds that resource. Add it to the Bundle if it belongs to this transfer.",
+        "{at} vaut {ref}, qui ne désigne aucune entrée de ce Bundle ; la référence ne se résout que si le "
+        "système destinataire détient déjà cette ressource. Ajoutez-la au Bundle si elle fait partie de "
+        "ce transfert.",
+    ),
+    "ref-absolute": (
+        "{at} is {ref}, an absolute URL that is the fullUrl of no entry; it resolves only if that server "
+        "holds the resource. Use the entry's fullUrl if it is in this Bundle.",
+        "{at} vaut {ref}, une URL absolue qui n'est le fullUrl d'aucune entrée ; elle ne se résout que si "
+        "ce serveur détient la ressource. Utilisez le fullUrl de l'entrée si elle est dans ce Bundle.",
+    ),
+    "ref-format": (
+        "{at} is {ref}, which is not a literal reference; use an entry's fullUrl (urn:uuid:...), a "
+        "relative 'ResourceType/id' or an absolute URL.",
+        "{at} vaut {ref}, qui n'est pas une référence littérale ; utilisez le fullUrl d'une entrée "
+        "(urn:uuid:...), une référence relative 'TypeRessource/id' ou une URL absolue.",
+    ),
+    # --- profile rules ----------------------------------------------------------------------------
+    "card-min": (
+        "{at}: {element} is required at least {min} time(s) by {profile} but appears {count} time(s); "
+        "add it.",
+        "{at} : {profile} exige {element} au moins {min} fois mais il apparaît {count} fois ; "
+        "ajoutez-le.",
+    ),
+    "card-max": (
+        "{at}: {element} is allowed at most {max} time(s) by {profile} but appears {count} time(s); "
+        "remove the extra ones.",
+        "{at} : {profile} autorise {element} au plus {max} fois mais il apparaît {count} fois ; "
+        "supprimez les occurrences en trop.",
+    ),
+    "slice-min": (
+        "{at}: {profile} requires {min} {element} of slice '{slice}' ({what}) but found {count}; add it.",
+        "{at} : {profile} exige {min} {element} de la tranche '{slice}' ({what}) mais en trouve "
+        "{count} ; ajoutez-le.",
+    ),
+    "slice-max": (
+        "{at}: {profile} allows at most {max} {element} of slice '{slice}' ({what}) but found {count}; "
+        "keep only {max}.",
+        "{at} : {profile} autorise au plus {max} {element} de la tranche '{slice}' ({what}) mais en "
+        "trouve {count} ; n'en gardez que {max}.",
+    ),
+    "pattern": (
+        "{at} is {value} but {profile} requires it to contain {expected}; correct it.",
+        "{at} vaut {value} mais {profile} exige qu'il contienne {expected} ; corrigez-le.",
+    ),
+    "fixed": (
+        "{at} is {value} but {profile} fixes it to {expected}; correct it.",
+        "{at} vaut {value} mais {profile} le fixe à {expected} ; corrigez-le.",
+    ),
+    "fixed-defective": (
+        "{at} is {value}; {profile} fixes it to the placeholder {expected}, which no real value can meet "
+        "(IG defect, reported as a warning).",
+        "{at} vaut {value} ; {profile} le fixe au texte provisoire {expected}, qu'aucune valeur réelle ne "
+        "peut respecter (défaut du guide, signalé en avertissement).",
+    ),
+    "type": (
+        "{at} is of type {found} but {profile} allows only {allowed} here; send the value as {allowed}.",
+        "{at} est de type {found} mais {profile} n'autorise ici que {allowed} ; envoyez la valeur en "
+        "{allowed}.",
+    ),
+    "binding-nocode": (
+        "{at} has no coding, but {profile} requires a code from the value set {valueset} ({strength} "
+        "binding); add a coding with system and code.",
+        "{at} n'a pas de coding, mais {profile} exige un code du jeu de valeurs {valueset} (liaison "
+        "{strength}) ; ajoutez un coding avec system et code.",
+    ),
+    "binding-notin": (
+        "{at} is {value}, which is not in the value set {valueset} ({strength} binding in {profile}); "
+        "use {allowed}.",
+        "{at} vaut {value}, qui n'est pas dans le jeu de valeurs {valueset} (liaison {strength} dans "
+        "{profile}) ; utilisez {allowed}.",
+    ),
+    "allowed-codes": ("one of {codes}", "l'un de {codes}"),
+    "allowed-systems": ("a code of {systems}", "un code de {systems}"),
+    "target-type": (
+        "{at} points to a {found} but {profile} allows only {allowed} here; point it to the right "
+        "resource.",
+        "{at} pointe vers un {found} mais {profile} n'autorise ici que {allowed} ; faites-la pointer vers "
+        "la bonne ressource.",
+    ),
+    "target-profile": (
+        "{at} points to an entry conforming to {found} but {profile} requires {allowed}; point it to the "
+        "right resource.",
+        "{at} pointe vers une entrée conforme à {found} mais {profile} exige {allowed} ; faites-la "
+        "pointer vers la bonne ressource.",
+    ),
+    "invariant": (
+        "{at} breaks the invariant {key} of {profile}: {human}",
+        "{at} ne respecte pas l'invariant {key} de {profile} : {human}",
+    ),
+    "invariant-error": (
+        "{at}: the invariant {key} of {profile} could not be evaluated on this content ({detail}); "
+        "check the element's shape.",
+        "{at} : l'invariant {key} de {profile} n'a pas pu être évalué sur ce contenu ({detail}) ; "
+        "vérifiez la forme de l'élément.",
+    ),
+    "ext-value-missing": (
+        "{at}: the extension {ext} needs a value ({allowed}); add it.",
+        "{at} : l'extension {ext} doit avoir une valeur ({allowed}) ; ajoutez-la.",
+    ),
+    "ext-value-forbidden": (
+        "{at}: the extension {ext} is complex and carries no value[x]; put the data in its sub-extensions.",
+        "{at} : l'extension {ext} est complexe et ne porte pas de value[x] ; mettez les données dans ses "
+        "sous-extensions.",
+    ),
+    "ext-nested-forbidden": (
+        "{at}: the extension {ext} is simple and may not contain extensions; remove them.",
+        "{at} : l'extension {ext} est simple et ne peut pas contenir d'extensions ; supprimez-les.",
+    ),
+    "ext-unknown-sub": (
+        "{at}: {url} is not a sub-extension of {ext}; use one of {known}.",
+        "{at} : {url} n'est pas une sous-extension de {ext} ; utilisez l'une de {known}.",
+    ),
+    "ext-unknown": (
+        "{at}: {url} is in the TDDUI namespace but the IG 2.4.0 defines no such extension; check its URL.",
+        "{at} : {url} est dans l'espace de noms TDDUI mais le guide 2.4.0 ne définit pas cette extension ; "
+        "vérifiez son URL.",
+    ),
+    # --- slices of the Bundle ---------------------------------------------------------------------
+    "profile-unknown": (
+        "{at} claims {url}, which is not a profile the TDDUI Bundle slices (IG {version}); use one of the "
+        "{count} entry profiles.",
+        "{at} déclare {url}, qui n'est pas un profil des tranches du Bundle TDDUI (guide {version}) ; "
+        "utilisez l'un des {count} profils d'entrée.",
+    ),
+    "profile-type": (
+        "{at} claims {url}, a profile of {expected}, but the resource is a {rtype}; claim a profile of its "
+        "type.",
+        "{at} déclare {url}, un profil de {expected}, mais la ressource est un {rtype} ; déclarez un profil "
+        "de son type.",
+    ),
+    "profile-version": (
+        "{at} claims {url}; Relais checks the TDDUI {version} rules, which may differ from that version.",
+        "{at} déclare {url} ; Relais vérifie les règles TDDUI {version}, qui peuvent différer de cette "
+        "version.",
+    ),
+    "slice-none": (
+        "{at}: this {rtype} matches none of the Bundle slices for its type ({slices}); the closest, {best}, "
+        "fails on the {count} issue(s) reported with it. Fix them or claim the intended profile in "
+        "meta.profile.",
+        "{at} : ce {rtype} ne correspond à aucune tranche du Bundle pour son type ({slices}) ; la plus "
+        "proche, {best}, échoue sur le(s) {count} problème(s) signalé(s) avec elle. Corrigez-les ou "
+        "déclarez le profil voulu dans meta.profile.",
+    ),
+    "slice-unprofiled": (
+        "{at}: the TDDUI Bundle has no slice for {rtype}; open slicing tolerates it, but it is not checked "
+        "against any TDDUI profile.",
+        "{at} : le Bundle TDDUI n'a pas de tranche pour {rtype} ; le découpage ouvert le tolère, mais il "
+        "n'est vérifié contre aucun profil TDDUI.",
+    ),
+    "slice-several": (
+        "{at}: this {rtype} matches several Bundle slices ({slices}); claim the intended profile in "
+        "meta.profile so receivers know which one it is.",
+        "{at} : ce {rtype} correspond à plusieurs tranches du Bundle ({slices}) ; déclarez le profil voulu "
+        "dans meta.profile pour que les destinataires sachent lequel c'est.",
+    ),
+}
+
+
+def say(lang: Lang, template: str, **values: object) -> str:
+    """The diagnostic `template` in `lang` (English when the language is not French), filled with `values`."""
+    en, fr = _T[template]
+    return (fr if lang == "fr" else en).format(**values)
+
+
+def quote(value: object, limit: int = 80) -> str:
+    """A producer-supplied value for a diagnostic, quoted and cut short."""
+    text = value if isinstance(value, str) else _compact(value)
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _compact(value: object) -> str:
+    import orjson
+
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return str(value)
+
+
+def json_kind(value: object, lang: Lang = "en") -> str:
+    """The JSON kind of a decoded value ('object', 'array', ...), for diagnostics."""
+    if value is None:
+        kind = "null"
+    elif isinstance(value, bool):
+        kind = "boolean"
+    elif isinstance(value, int | float):
+        kind = "number"
+    elif isinstance(value, str):
+        kind = "string"
+    elif isinstance(value, list):
+        kind = "array"
+    else:
+        kind = "object" if isinstance(value, dict) else type(value).__name__
+    if lang == "fr":
+        return {"null": "null", "boolean": "booléen", "number": "nombre", "string": "chaîne",
+                "array": "tableau", "object": "objet"}.get(kind, kind)
+    return kind

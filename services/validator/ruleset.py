@@ -1,0 +1,90 @@
+"""The TDDUI rule set: the YAML files under `services/validator/rules/` (= `schemas/tddui/`), loaded once.
+
+`ruleset()` compiles everything on first use and caches it for the life of the process; profiles
+are indexed by canonical URL (without `|version`) and by resource type, in Bundle slice order.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from services.validator.checks import Check, ExtensionDef
+from services.validator.compiler import Compiler, Profile, RuleError
+from services.validator.terminology import ValueSet, compile_value_sets
+
+RULES_PACKAGE = "services.validator.rules"
+
+
+@dataclass(slots=True)
+class RuleSet:
+    """Every compiled rule, ready for the engine."""
+
+    ig_version: str
+    bundle_url: str
+    accepted_versions: frozenset[str]
+    profiles: dict[str, Profile] = field(default_factory=dict)  # canonical URL → profile
+    by_type: dict[str, list[Profile]] = field(default_factory=dict)  # resource type → slice profiles
+    base: dict[str, list[Check]] = field(default_factory=dict)  # resource type → base FHIR R4 checks
+    extensions: dict[str, ExtensionDef] = field(default_factory=dict)
+    value_sets: dict[str, ValueSet] = field(default_factory=dict)
+    namespace: str = ""  # IG StructureDefinition base, for 'unknown TDDUI profile' findings
+
+    def rule_counts(self) -> dict[str, int]:
+        """Rules per profile (top-level checks, slices counted with their inner checks)."""
+        return {p.id: _count(p.checks) for p in self.profiles.values()}
+
+
+def _count(checks: list[Check]) -> int:
+    total = 0
+    for check in checks:
+        total += 1
+        total += _count(list(getattr(check, "sub", ())))
+    return total
+
+
+def _documents() -> dict[str, Any]:
+    docs: dict[str, Any] = {}
+    for entry in sorted(resources.files(RULES_PACKAGE).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            docs[entry.name] = yaml.load(entry.read_text(encoding="utf-8"), Loader=yaml.CSafeLoader)
+    return docs
+
+
+@functools.cache
+def ruleset() -> RuleSet:
+    """The compiled TDDUI rules (loaded from the package on first call, then cached)."""
+    return build(_documents())
+
+
+def build(docs: dict[str, Any]) -> RuleSet:
+    """Compile decoded rule documents (file name → content)."""
+    terminology = docs["terminology.yaml"]
+    code_systems = {cs["url"]: [str(c) for c in cs["concepts"]] for cs in terminology["codeSystems"]}
+    value_sets = compile_value_sets(code_systems, terminology["valueSets"])
+    bundle = docs["tddui-bundle.yaml"]
+    profile_docs = {d["profile"]: d for name, d in docs.items()
+                    if name.startswith("tddui-") and name != "tddui-bundle.yaml"}
+    compiler = Compiler(value_sets)
+    for pid, d in profile_docs.items():
+        compiler.profile_types[pid] = (d["resourceType"], d["url"])
+    for ext in docs["extensions.yaml"]["extensions"]:
+        compiler.extensions[ext["url"]] = compiler.extension_definition(ext)
+    rs = RuleSet(str(bundle["igVersion"]), bundle["url"], frozenset(bundle["acceptedVersions"]),
+                 extensions=compiler.extensions, value_sets=dict(value_sets),
+                 namespace=bundle["url"].rsplit("/", 1)[0] + "/")
+    for slice_name, pid in bundle["entrySlices"].items():
+        if pid not in profile_docs:
+            raise RuleError(f"tddui-bundle: slice {slice_name} names unknown profile {pid}")
+        prof = compiler.profile(profile_docs[pid])
+        prof.slice_name = slice_name
+        rs.profiles[prof.url] = prof
+        rs.by_type.setdefault(prof.resource_type, []).append(prof)
+    for rtype, doc in (docs["fhir-r4-base.yaml"]["resources"] or {}).items():
+        doc = {"profile": f"fhir-r4/{rtype}", "resourceType": rtype, **doc}
+        rs.base[rtype] = compiler.profile(doc).checks
+    return rs

@@ -1,0 +1,146 @@
+"""Delivery benchmark: throughput to 1 and 10 healthy targets, and what a dead target costs the others.
+
+`python -m tests.bench.delivery [--count N]` — uses RELAIS_KAFKA_BOOTSTRAP, else starts a local Kafka.
+One delivery stage in-process (the real runner, Kafka transactions), demo targets as processes,
+10-entry TDDUI Bundles. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from services.core.blobstore import LocalBlobStore
+from services.core.envelope import Emit, Envelope
+from services.core.kafka import KafkaBus
+from services.core.runner import run_stage
+from services.core.settings import Settings
+from services.core.targets import TargetDirectory
+from services.core.topics import DELIVERIES
+from services.delivery.stage import DeliveryStage
+from tests.fixtures.tddui import make_bundle
+from tests.support.processes import DemoTarget, free_port
+
+
+def _emit(target: str, body: bytes, subject: str) -> Emit:
+    env = Envelope(type="fr.relais.delivery.requested", source="/relais/bench", transfer_id=str(uuid.uuid4()),
+                   data=body, producer="bench", target=target, extra={"subject": subject})
+    return Emit(DELIVERIES, f"{target}|{subject}".encode(), env)
+
+
+async def _received(url: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return (await client.get(f"{url}/_received")).json()  # type: ignore[no-any-return]
+
+
+async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit], watch: dict[str, str],
+               work: Path) -> tuple[float, list[float]]:
+    """Publish `emits`, wait until every watched target has its share; (elapsed, latencies in s)."""
+    bus = KafkaBus(settings)
+    await bus.start()
+    stage = DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_stage(stage, bus, settings, stop))
+    expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}
+    began, wall = time.perf_counter(), time.time()
+    await bus.publish(emits)
+    while True:
+        counts = {t: len(await _received(url)) for t, url in watch.items()}
+        if all(counts[t] >= expected[t] for t in watch):
+            break
+        await asyncio.sleep(0.2)
+    elapsed = time.perf_counter() - began
+    stop.set()
+    await task
+    await stage.aclose()
+    await bus.stop()
+    lat = []
+    for url in watch.values():
+        lat += [datetime.fromisoformat(r["time"]).timestamp() - wall for r in await _received(url)]
+        async with httpx.AsyncClient() as client:
+            await client.delete(f"{url}/_received")
+    return elapsed, lat
+
+
+def _settings(bootstrap: str, work: Path) -> Settings:
+    return Settings(kafka_bootstrap=bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", topic_partitions=6,
+                    retry_delays_s=[0.5, 1, 2], max_attempts=50, database_url=f"sqlite+aiosqlite:///{work}/l.db",
+                    log_level="warning", batch_size=200)
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def bench(bootstrap: str, work: Path, count: int) -> list[str]:
+    body = orjson.dumps(make_bundle(10, seed=1))
+    targets = [DemoTarget(work / f"t{i}.log").start() for i in range(10)]
+    lines = []
+    try:
+        for n in (1, 10):
+            dirs = TargetDirectory.model_validate({"targets": [
+                {"id": f"t{i}", "base_url": targets[i].fhir, "max_concurrency": 16} for i in range(n)]})
+            emits = [_emit(f"t{i % n}", body, f"p{i}") for i in range(count)]
+            elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits,
+                                      {f"t{i}": targets[i].base_url for i in range(n)}, work)
+            lines.append(f"delivery to {n:2d} healthy target(s): {count} Bundles in {elapsed:.1f}s = "
+                         f"{count / elapsed:.0f}/s; latency p50 {_pct(lat, 50) * 1000:.0f} ms, "
+                         f"p99 {_pct(lat, 99) * 1000:.0f} ms")
+        dead = f"http://127.0.0.1:{free_port()}/fhir"
+        for label, with_dead in (("alone", False), ("beside a dead target", True)):
+            dirs = TargetDirectory.model_validate({"targets": [
+                {"id": "ok", "base_url": targets[0].fhir, "max_concurrency": 16},
+                {"id": "dead", "base_url": dead, "timeouts": {"connect_s": 1, "total_s": 5},
+                 "breaker": {"failures": 5, "probe_every_s": 2}}]})
+            half = count // 2
+            emits = [_emit("ok", body, f"p{i}") for i in range(half)]
+            if with_dead:
+                emits = [e for pair in zip(emits, [_emit("dead", body, f"p{i}") for i in range(half)],
+                                           strict=True) for e in pair]
+            elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits, {"ok": targets[0].base_url}, work)
+            lines.append(f"healthy target {label}: {half} Bundles in {elapsed:.1f}s; latency p50 "
+                         f"{statistics.median(lat) * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms")
+    finally:
+        for t in targets:
+            t.stop()
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.delivery", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1000, help="deliveries per run")
+    args = parser.parse_args()
+    bootstrap = os.environ.get("RELAIS_KAFKA_BOOTSTRAP")
+    kafka = None
+    if not bootstrap:
+        from services.devkafka import LocalKafka
+
+        print("bench: starting a local Kafka ...", file=sys.stderr)
+        kafka = LocalKafka().start()
+        bootstrap = kafka.bootstrap
+    try:
+        with tempfile.TemporaryDirectory(prefix="relais-bench-delivery-") as work:
+            lines = asyncio.run(bench(bootstrap, Path(work), args.count))
+    finally:
+        if kafka is not None:
+            kafka.stop()
+    print("\n".join(["", "== Relais delivery benchmark (one delivery process, demo targets) ==", *lines]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""The embedded default: `relais run` with no Kafka at all, killed with SIGKILL mid-run, loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.fixtures.tddui import make_bundle
+from tests.support.processes import REPO, free_port
+from tests.support.producers import write_targets
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": "Bearer demo-token"}
+
+
+class EmbeddedRelais:
+    def __init__(self, tmp_path: Path) -> None:
+        self.http_port, self.target_port = free_port(), free_port()
+        self.tmp_path = tmp_path
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
+        self.env |= {
+            "RELAIS_HTTP_PORT": str(self.http_port),
+            "RELAIS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+            "RELAIS_EMBEDDED_LOG_PATH": str(tmp_path / "log.db"),
+            "RELAIS_PRODUCERS_FILE": str(REPO / "deploy/dev/producers.yaml"),
+            "RELAIS_TARGETS_FILE": str(write_targets(tmp_path / "t.yaml",
+                                                     {"demo": f"http://127.0.0.1:{self.target_port}/fhir"})),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.target: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start_target(self) -> None:
+        self.target = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port", str(self.target_port)],
+                                       cwd=REPO, stderr=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        log = (self.tmp_path / "run.log").open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=self.env, cwd=REPO,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_tail()
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("relais run never became ready\n" + self.log_tail())
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int | None:
+        code = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            code = self.proc.wait(60)
+        if self.target is not None and self.target.poll() is None:
+            self.target.terminate()
+            self.target.wait(10)
+        return code
+
+    def log_tail(self) -> str:
+        return (self.tmp_path / "run.log").read_text(errors="replace")[-3000:]
+
+
+async def test_kill_9_during_500_bundles_on_the_embedded_bus_loses_nothing(tmp_path: Path) -> None:
+    relais = EmbeddedRelais(tmp_path)
+    relais.start_target()
+    relais.start()
+    accepted: list[str] = []
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            bundles = [make_bundle(30, seed=5000 + i) for i in range(500)]
+            await post_all(client, relais, bundles[:250], accepted, kill_after=120)  # restarts it, too
+            await post_all(client, relais, bundles[250:], accepted)
+            deadline = time.monotonic() + 300
+            pending = list(accepted)
+            while pending and time.monotonic() < deadline:
+                answers = await asyncio.gather(*(client.get(f"{relais.url}/transfers/{t}", headers=AUTH)
+                                                 for t in pending))
+                pending = [t for t, a in zip(pending, answers, strict=True) if a.status_code != 200]
+                await asyncio.sleep(0.5)
+            assert not pending, f"{len(pending)} accepted transfer(s) never completed\n{relais.log_tail()}"
+            final = await asyncio.gather(*(client.get(f"{relais.url}/transfers/{t}", headers=AUTH) for t in accepted))
+            assert all(f.json().get("type") == "batch-response" for f in final)
+        received = httpx.get(f"http://127.0.0.1:{relais.target_port}/_received", params={"summary": 1}).json()
+        ids = {rid.split("/")[0] for rid in received["by_request_id"]}
+        assert set(accepted) <= ids
+        print(f"\n[embedded kill -9] {len(accepted)} accepted, all delivered; "
+              f"duplicate POSTs at the target: {received['total'] - len(ids)}")
+    finally:
+        assert relais.stop() in (0, None), relais.log_tail()
+
+
+async def post_all(client: httpx.AsyncClient, relais: EmbeddedRelais, bundles: list[dict[str, Any]],
+                   accepted: list[str], kill_after: int | None = None) -> None:
+    """POST every Bundle (16 at a time); SIGKILL the broker once `kill_after` were accepted.
+
+    A POST that fails because the broker died is sent again after the restart, as a DUI would; only
+    202 answers count as accepted.
+    """
+    queue = list(bundles)
+    killed = False
+    semaphore = asyncio.Semaphore(16)
+
+    async def one(bundle: dict[str, Any]) -> dict[str, Any] | None:
+        nonlocal killed
+        async with semaphore:
+            if killed:
+                return bundle
+            try:
+                r = await client.post(f"{relais.url}/fhir", content=orjson.dumps(bundle),
+                                      headers={**AUTH, "Content-Type": "application/fhir+json", "X-Relais-Target": "demo"})
+            except httpx.HTTPError:
+                return bundle
+            if r.status_code != 202:
+                return bundle
+            accepted.append(r.headers["X-Relais-Transfer-Id"])
+            if kill_after is not None and not killed and len(accepted) >= kill_after:
+                killed = True
+                relais.kill9()
+            return None
+
+    leftovers = [b for b in await asyncio.gather(*(one(b) for b in queue)) if b is not None]
+    if killed:
+        relais.start()  # restart on the same files, as an operator (or systemd) would
+    if leftovers:
+        await post_all(client, relais, leftovers, accepted)

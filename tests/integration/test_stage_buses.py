@@ -1,0 +1,182 @@
+"""Stage tests that run on both buses (real Kafka and the embedded SQLite log), so they cannot drift."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from services.core.bus import Bus
+from services.core.envelope import Emit, Record
+from services.core.runner import run_stage
+from services.core.settings import Settings
+from services.core.topics import POISON, RECEIVED, VALIDATED
+from services.launcher import make_bus
+from tests.support.kafka import received, wait_for
+
+Factory = Callable[..., Settings]
+
+
+async def read_all(bus: Bus, topic: str, expect: int, timeout_s: float = 30.0, settle_s: float = 0.0) -> list[Record]:
+    """Every record of a topic through the bus's own consumer interface (a throwaway group)."""
+    sub = bus.subscribe(f"reader-{time.monotonic_ns()}", [topic])
+    await sub.start()
+    out: list[Record] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        settle_until = None
+        while time.monotonic() < deadline:
+            out += await sub.poll(500, 0.2)
+            if len(out) >= expect:
+                settle_until = settle_until or time.monotonic() + settle_s
+                if time.monotonic() >= settle_until:
+                    break
+    finally:
+        await sub.stop()
+    return out
+
+
+def transfer_ids(records: Sequence[Record]) -> list[str]:
+    return [r.envelope.transfer_id for r in records]
+
+
+class RecordingStage:
+    """Copies records to transfers.validated and notes when it saw each; fails on demand."""
+
+    name = "recording"
+    topics: Sequence[str] = (RECEIVED,)
+
+    def __init__(self) -> None:
+        self.seen: dict[str, datetime] = {}
+
+    async def handle(self, record: Record) -> Sequence[Emit]:
+        self.seen[record.envelope.transfer_id] = datetime.now(UTC)
+        if record.envelope.extra.get("poison"):
+            raise ValueError("this record cannot be handled")
+        return [Emit(VALIDATED, record.key, record.envelope.evolve())]
+
+
+async def test_delayed_record_waits_without_blocking_others(
+        bus_settings: Factory) -> None:
+    s = bus_settings(topic_partitions=1)
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    delayed = received()
+    delayed = Emit(delayed.topic, delayed.key, delayed.envelope.evolve(not_before=due))
+    stage, bus, stop = RecordingStage(), make_bus(s), asyncio.Event()
+    await bus.start()
+    task = asyncio.create_task(run_stage(stage, bus, s, stop))
+    try:
+        await bus.publish([delayed])
+        tid = delayed.envelope.transfer_id
+        await wait_for(lambda: _async(tid in stage.seen), timeout_s=30)
+        assert stage.seen[tid] >= due
+        out = await read_all(bus, VALIDATED, expect=1)
+        assert transfer_ids(out) == [tid]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await bus.stop()
+
+
+async def test_unhandleable_record_goes_to_poison_topic_and_the_rest_flows(
+        bus_settings: Factory) -> None:
+    s = bus_settings()
+    bad = received(poison="yes")
+    good = [received() for _ in range(3)]
+    stage, bus, stop = RecordingStage(), make_bus(s), asyncio.Event()
+    await bus.start()
+    task = asyncio.create_task(run_stage(stage, bus, s, stop))
+    try:
+        await bus.publish([bad, *good])
+        out = await read_all(bus, VALIDATED, expect=3)
+        assert sorted(transfer_ids(out)) == sorted(e.envelope.transfer_id for e in good)
+        poisoned = await read_all(bus, POISON, expect=1)
+        assert transfer_ids(poisoned) == [bad.envelope.transfer_id]
+        assert poisoned[0].envelope.extra["failedstage"] == "recording"
+        assert "ValueError" in poisoned[0].envelope.extra["reason"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await bus.stop()
+
+
+async def test_graceful_stop_commits_what_was_handled(
+        bus_settings: Factory) -> None:
+    s = bus_settings()
+    inputs = [received() for _ in range(20)]
+    stage, bus, stop = RecordingStage(), make_bus(s), asyncio.Event()
+    await bus.start()
+    await bus.publish(inputs)
+    task = asyncio.create_task(run_stage(stage, bus, s, stop))
+    await wait_for(lambda: _async(len(stage.seen) == len(inputs)))
+    started = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    assert time.monotonic() - started < s.shutdown_grace_s
+    lag = await bus.lag("recording", [RECEIVED])
+    await bus.stop()
+    assert sum(lag.values()) == 0
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+async def test_records_not_completed_are_read_again_completed_ones_are_not(bus_settings: Factory) -> None:
+    s = bus_settings()
+    bus = make_bus(s)
+    await bus.start()
+    try:
+        inputs = [received() for _ in range(6)]
+        await bus.publish(inputs)
+        first = bus.subscribe("member", [RECEIVED])
+        await first.start()
+        got: list[Record] = []
+        while len(got) < 6:
+            got += await first.poll(100, 1.0)
+        # Complete half (with an output), then "crash": stop without completing the rest.
+        from services.core.bus import Partition
+
+        done = [r for r in got if r.envelope.transfer_id in {e.envelope.transfer_id for e in inputs[:3]}]
+        offsets: dict[Partition, int] = {}
+        for r in got:  # commit, per partition, only up to the first record that is not done
+            p = Partition(r.topic, r.partition)
+            if p in offsets and offsets[p] != r.offset:
+                continue
+            if r in done:
+                offsets[p] = r.offset + 1
+        await first.complete([Emit(VALIDATED, r.key, r.envelope.evolve()) for r in done
+                              if Partition(r.topic, r.partition) in offsets and r.offset < offsets[Partition(r.topic, r.partition)]],
+                             offsets)
+        await first.stop()
+        committed_ids = {r.envelope.transfer_id for r in got
+                         if Partition(r.topic, r.partition) in offsets and r.offset < offsets[Partition(r.topic, r.partition)]}
+
+        second = bus.subscribe("member", [RECEIVED])
+        await second.start()
+        again: list[Record] = []
+        deadline = time.monotonic() + 20
+        while len(again) < 6 - len(committed_ids) and time.monotonic() < deadline:
+            again += await second.poll(100, 0.5)
+        await second.stop()
+        assert {r.envelope.transfer_id for r in again} == {e.envelope.transfer_id for e in inputs} - committed_ids
+        outputs = await read_all(bus, VALIDATED, expect=len(committed_ids), settle_s=0.5)
+        assert sorted(transfer_ids(outputs)) == sorted(committed_ids)
+    finally:
+        await bus.stop()
+
+
+async def test_keys_keep_order_within_a_partition(bus_settings: Factory) -> None:
+    s = bus_settings()
+    bus = make_bus(s)
+    await bus.start()
+    try:
+        emits = [received(transfer_id=f"same-key-{i:03d}") for i in range(30)]
+        emits = [Emit(e.topic, b"one-person", e.envelope) for e in emits]
+        await bus.publish(emits)
+        records = await read_all(bus, RECEIVED, expect=30)
+        assert len({r.partition for r in records}) == 1
+        assert transfer_ids(records) == [e.envelope.transfer_id for e in emits]
+    finally:
+        await bus.stop()

@@ -33,6 +33,7 @@ STAGE_HELP = {
     "router": "router worker: transfers.validated -> deliveries (one record per target)",
     "delivery": "delivery worker: deliveries (+ retry tiers) -> target FHIR base | deliveries.dlq",
     "tracker": "tracker worker: transfers.events -> ledger database",
+    "alerts": "alerts loop: DLQ growth, lag per stage, waiting records per target -> log and webhook",
 }
 
 
@@ -63,12 +64,38 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("demo-target", help="serve a demo FHIR transaction receiver", add_help=False)
     sub.add_parser("dlq", help="dead letters: list, show, replay, discard (relais dlq --help)", add_help=False)
+    sub.add_parser("ledger", help="ledger: rebuild from transfers.events, purge old transfers", add_help=False)
+    sub.add_parser("targets", help="targets: list with health, pause, resume", add_help=False)
     validate = sub.add_parser("validate", help="validate TDDUI Bundle files offline",
                               description="Validate Bundle JSON files (or directories of them). Exit 0 when "
                                           "all are valid, 1 when any has an error, 2 on usage errors.")
     validate.add_argument("paths", nargs="+", help="files or directories (*.json)")
     validate.add_argument("--format", choices=("text", "json"), default="text",
                           help="text: readable report; json: one JSON object per line per file")
+    validate.add_argument("--warnings-as-errors", action="store_true",
+                          help="treat every warning as an error (the file is then invalid)")
+    validate.add_argument("--ignore-rule", action="append", default=[], metavar="RULE",
+                          help="ignore this rule id (repeatable; a trailing '/' ignores every rule under it)")
+    validate.add_argument("--lang", choices=("en", "fr"), default="en", help="language of the diagnostics")
+    send = sub.add_parser(
+        "send", help="post Bundle files to a Relais ingress (bulk, resumable)",
+        description="Post one Bundle or whole directories of them to a Relais ingress, with bounded "
+                    "concurrency, a progress bar, a journal that makes re-runs skip what was already "
+                    "accepted, and a final report. Exit 0 when all were accepted, 1 otherwise, 2 on usage errors.")
+    send.add_argument("paths", nargs="+", help="Bundle files or directories (*.json)")
+    send.add_argument("--to", required=True, metavar="TARGET", help="target id(s) for X-Relais-Target")
+    send.add_argument("--url", default="http://127.0.0.1:8080", help="Relais base URL (default: %(default)s)")
+    send.add_argument("--token", default=None, help="producer token (default: $RELAIS_TOKEN)")
+    send.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    send.add_argument("--journal", default=None,
+                      help="journal file of accepted files (default: .relais-send.journal)")
+    send.add_argument("--report", default=None, help="also write the report as JSON to this file")
+
+    status = sub.add_parser("status", help="show a transfer's status",
+                            description="GET /transfers/ID from a Relais ingress and print the answer.")
+    status.add_argument("transfer_id")
+    status.add_argument("--url", default="http://127.0.0.1:8080", help="Relais base URL (default: %(default)s)")
+    status.add_argument("--token", default=None, help="producer token (default: $RELAIS_TOKEN)")
     return parser
 
 
@@ -94,13 +121,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         from services.dlq.cli import main as dlq
 
         return dlq(args_list[1:])
+    if args_list and args_list[0] in ("ledger", "targets"):
+        from services.ops.cli import main as ops_cli
+
+        return ops_cli(args_list)
 
     args = build_parser().parse_args(args_list)
+    if args.command == "send":
+        import os
+
+        from services.send import main as send_main
+
+        if args.concurrency < 1:
+            print("relais send: --concurrency must be at least 1", file=sys.stderr)
+            return 2
+        return send_main(args.paths, url=args.url, target=args.to, token=args.token or os.environ.get("RELAIS_TOKEN"),
+                         concurrency=args.concurrency, journal_path=args.journal, report_path=args.report)
+    if args.command == "status":
+        return _status(args)
     if args.command == "validate":
+        from services.validator.options import ValidationOptions
         from services.validator.report import main as validate
 
+        options = ValidationOptions.of(args.warnings_as_errors, args.ignore_rule, args.lang)
         try:
-            return validate(args.paths, args.format)
+            return validate(args.paths, args.format, options=options)
         except BrokenPipeError:  # `relais validate ... | head` closed the pipe: not an error of ours
             sys.stderr.close()
             return 0
@@ -132,6 +177,24 @@ def _run_stages(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"relais: {exc}", file=sys.stderr)
         return 2
+
+
+def _status(args: argparse.Namespace) -> int:
+    import os
+
+    import httpx
+
+    token = args.token or os.environ.get("RELAIS_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.get(f"{args.url.rstrip('/')}/transfers/{args.transfer_id}", headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"relais status: cannot reach {args.url}: {exc}; is Relais running there?", file=sys.stderr)
+        return 2
+    progress = response.headers.get("X-Progress")
+    print(f"HTTP {response.status_code}" + (f" ({progress})" if progress else ""))
+    print(response.text)
+    return 0 if response.status_code in (200, 202) else 1
 
 
 def _stage_names(args: argparse.Namespace) -> list[str]:

@@ -26,12 +26,13 @@ from services.delivery.stage import DeliveryStage
 from services.router.stage import RouterStage
 from services.tracker.ledger import Ledger
 from services.tracker.stage import TrackerStage
+from services.validator.options import validation_options
 from services.validator.stage import ValidatorStage
 
 log = get_logger(__name__)
 
 WORKER_STAGES = ("validator", "router", "delivery", "tracker")
-ALL_STAGES = ("ingress", *WORKER_STAGES)
+ALL_STAGES = ("ingress", *WORKER_STAGES, "alerts")  # alerts: rule evaluation loop (services.ops.alerts)
 
 
 class _Server(uvicorn.Server):
@@ -57,7 +58,7 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
         directory = load_targets(settings.targets_file)
         for name in names:
             if name == "validator":
-                stages.append(ValidatorStage())
+                stages.append(ValidatorStage(validation_options(settings)))
             elif name == "router":
                 stages.append(RouterStage(directory, make_blob_store(settings), settings.claim_check_bytes))
             elif name == "delivery":
@@ -82,7 +83,11 @@ async def serve(names: Sequence[str], settings: Settings, *,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    workers = [n for n in names if n != "ingress"]
+    workers = [n for n in names if n not in ("ingress", "alerts")]
+    if "ingress" not in names and settings.metrics_port is not None:
+        from prometheus_client import start_http_server  # worker processes: /metrics on their own port
+
+        start_http_server(settings.metrics_port, addr=settings.http_host)
     bus = make_bus(settings)
     servers: list[uvicorn.Server] = []
     if "ingress" in names:
@@ -100,6 +105,10 @@ async def serve(names: Sequence[str], settings: Settings, *,
         async with worker_stages(workers, settings) as stages:
             tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
             tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]
+            if "alerts" in names:
+                from services.ops import run_alerts_stage
+
+                tasks.append(asyncio.create_task(run_alerts_stage(settings, bus, stop), name="alerts"))
             log.info("relais started", stages=list(names))
             await _until_stopped(stop, tasks)
             log.info("stopping: finishing in-flight records", grace_s=settings.shutdown_grace_s)

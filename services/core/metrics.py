@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 RECORDS = Counter("relais_records_total", "Records handled by a stage, by outcome", ["stage", "topic", "outcome"])
 HANDLE_SECONDS = Histogram(
@@ -14,3 +14,9 @@ BATCH_COMMIT_SECONDS = Histogram(
 )
 INGRESS_REQUESTS = Counter("relais_ingress_requests_total", "Ingress HTTP answers by status", ["status"])
 DELIVERIES = Counter("relais_deliveries_total", "Delivery attempts by target and result", ["target", "result"])
+
+# Operator views (refreshed by the ops lag reader and the alerts loop).
+CONSUMER_LAG = Gauge("relais_consumer_lag", "Records not yet committed by a stage, per topic", ["stage", "topic"])
+DLQ_SIZE = Gauge("relais_dlq_size", "Deliveries dead-lettered and waiting for an operator")
+TARGET_WAITING = Gauge("relais_target_waiting", "Deliveries pending or retrying, per target", ["target"])
+ALERTS_FIRING = Gauge("relais_alerts_firing", "Alert rules currently firing", ["rule", "subject"])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 
@@ -80,9 +81,45 @@ class Settings(BaseSettings):
         "RELAIS_AUTH_DISABLED=true.",
     )
 
+    # --- validation --------------------------------------------------------------------------
+    validation_warnings_as_errors: bool = Field(
+        default=False, description="Treat every validation warning as an error (the transfer is rejected).",
+    )
+    validation_ignore_rules: Annotated[list[str], NoDecode] = Field(
+        default=[], description="Validation rule ids to ignore (comma-separated or JSON list; a trailing '/' "
+        "ignores a prefix), e.g. for an IG rule that is itself defective.",
+    )
+
     # --- ledger ------------------------------------------------------------------------------
     database_url: str = Field(
         default="sqlite+aiosqlite:///relais-ledger.db", description="SQLAlchemy async URL of the ledger."
+    )
+    ledger_retention_days: float = Field(
+        default=90.0, gt=0, description="`relais ledger purge` removes finished transfers (and their history and "
+        "the operator access log) older than this many days.",
+    )
+
+    # --- operators ---------------------------------------------------------------------------
+    operators_file: Path | None = Field(
+        default=None, description="YAML file of operators (id, token_sha256, role viewer|operator) for /ops and "
+        "the dashboard (/ops/ui); separate from producers.",
+    )
+    alert_interval_s: float = Field(default=30.0, gt=0, description="How often the alert rules are evaluated.")
+    alert_dlq_growth: int = Field(
+        default=1, ge=1, description="Alert when the dead-letter count grew by at least this much within "
+        "RELAIS_ALERT_WINDOW_S.",
+    )
+    alert_window_s: float = Field(default=900.0, gt=0, description="Window of the dead-letter growth rule.")
+    alert_lag_max: int = Field(default=1000, ge=1, description="Alert when a stage's consumer lag exceeds this.")
+    alert_waiting_max: int = Field(
+        default=100, ge=1, description="Alert when more records than this wait for one target (pending or retrying).",
+    )
+    alert_webhook_url: str | None = Field(
+        default=None, description="Alerts are POSTed here as JSON (besides the log) when set.",
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Worker processes (no HTTP ingress) serve Prometheus /metrics on "
+        "this port when set; ingress serves it on its own port.",
     )
 
     # --- process -----------------------------------------------------------------------------
@@ -106,6 +143,15 @@ class Settings(BaseSettings):
             raise ValueError("every retry delay must be > 0 seconds, e.g. RELAIS_RETRY_DELAYS_S='[10, 60, 600]'")
         return v
 
+    @field_validator("validation_ignore_rules", mode="before")
+    @classmethod
+    def _rule_list(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment: a JSON list, or rule ids separated by commas
+            v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
+        if isinstance(v, list):
+            return [r.strip() if isinstance(r, str) else r for r in v if not isinstance(r, str) or r.strip()]
+        return v
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _blank_is_none(cls, v: str | None) -> str | None:
@@ -113,7 +159,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_files(self) -> Settings:
-        for name in ("producers_file", "targets_file"):
+        for name in ("producers_file", "targets_file", "operators_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 env = f"RELAIS_{name.upper()}"

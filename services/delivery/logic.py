@@ -109,7 +109,7 @@ def decide(failure: Failure, attempt: int, *, max_attempts: int, tiers_s: Sequen
     tier = min(attempt, len(tiers_s))  # attempt 1 failed → tier 1, ...; the last tier repeats
     delay = tiers_s[tier - 1]
     # Jitter spreads a crowd of retries that failed together, so a recovering target is not stampeded.
-    delay *= 1 + jitter * (rng or random).uniform(-1, 1)  # noqa: S311 - not cryptographic
+    delay *= 1 + jitter * (rng or random).uniform(-1, 1)  # not cryptographic: jitter only
     if retry_after_s is not None:
         delay = max(delay, retry_after_s)
     kind = "ambiguous" if failure is Failure.AMBIGUOUS else "transient"

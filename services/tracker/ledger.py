@@ -32,6 +32,13 @@ transfers = sa.Table(
     sa.Column("outcome", sa.JSON, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # FINESS numbers the transfer concerns, as ",750000001,750000002," so one LIKE finds one of them.
+    sa.Column("finess", sa.String(512), nullable=True),
+    # Operator queries: newest first, optionally by producer or status (cursor pagination on (created_at, id)).
+    sa.Index("ix_transfers_created_id", "created_at", "id"),
+    sa.Index("ix_transfers_producer_created", "producer", "created_at"),
+    sa.Index("ix_transfers_status_created", "status", "created_at"),
+    sa.Index("ix_transfers_updated", "updated_at"),
 )
 
 deliveries = sa.Table(
@@ -44,6 +51,8 @@ deliveries = sa.Table(
     sa.Column("outcome", sa.JSON, nullable=True),
     sa.Column("last_http_status", sa.Integer, nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # Per-target views: waiting records and dead letters of one target.
+    sa.Index("ix_deliveries_target_status", "target", "status"),
 )
 
 events = sa.Table(
@@ -55,6 +64,31 @@ events = sa.Table(
     sa.Column("target", sa.String(64), nullable=True),
     sa.Column("attempt", sa.Integer, nullable=False, default=0),
     sa.Column("time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=True),
+    # A transfer's timeline in order; a target's recent outcomes (success rate, latency).
+    sa.Index("ix_events_transfer_time", "transfer_id", "time"),
+    sa.Index("ix_events_target_kind_time", "target", "kind", "time"),
+)
+
+# Operator state, written by the ops API and not projected from events (a rebuild leaves it alone).
+target_state = sa.Table(
+    "target_state", metadata,
+    sa.Column("target", sa.String(64), primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False, default=False),
+    sa.Column("reason", sa.String(500), nullable=True),
+    sa.Column("changed_by", sa.String(128), nullable=True),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Who looked at what: every operator access to a Bundle or to personal data is recorded here.
+access_log = sa.Table(
+    "access_log", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("time", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("operator", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("transfer_id", sa.String(64), nullable=True, index=True),
+    sa.Column("target", sa.String(64), nullable=True),
     sa.Column("detail", sa.JSON, nullable=True),
 )
 
@@ -123,6 +157,7 @@ class Ledger:
         """Create missing tables (idempotent)."""
         async with self.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
+            await conn.run_sync(_add_missing_columns)
 
     async def close(self) -> None:
         """Release connections; safe twice."""
@@ -162,6 +197,8 @@ class Ledger:
             values["targets"] = list(detail["targets"])
         if ev.kind == "accepted" and "size" in detail:
             values["size"] = int(detail["size"])
+        if detail.get("finess"):
+            values["finess"] = _merge_finess(row["finess"] if row else None, detail["finess"])
         if ev.kind in ("rejected", "failed"):
             values["outcome"] = detail.get("outcome") or _failure_outcome(ev)
         if row is None:
@@ -251,6 +288,24 @@ def _failure_outcome(ev: LedgerEvent) -> dict[str, Any]:
         "diagnostics": f"Relais's {ev.stage} stage could not process this transfer ({reason}); "
                        "an operator has been told and can replay it.",
     }]}
+
+
+def _merge_finess(current: str | None, new: Any) -> str:
+    """The `finess` column after an event names some: the union, as ",a,b," (LIKE '%,a,%' finds a)."""
+    numbers = {n for n in (current or "").split(",") if n}
+    numbers |= {str(n) for n in ([new] if isinstance(new, str) else new or [])}
+    return "," + ",".join(sorted(numbers)) + ","
+
+
+def _add_missing_columns(sync_conn: Any) -> None:
+    """Columns added to a table after a ledger was created (create_all only creates missing tables)."""
+    inspector = sa.inspect(sync_conn)
+    for table in (transfers,):
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=sync_conn.dialect)
+                sync_conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:

@@ -113,6 +113,8 @@ def _check_full_urls(bundle: dict[str, Any], lang: str) -> list[Issue]:
 
 def check_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: str = "en") -> list[Issue]:
     """Every reference of every entry resolves in the Bundle (or says why it may not)."""
+    if all(_resolves(r, targets) for r in _all_references(bundle)):
+        return []  # the usual case, found without spelling a single location
     issues: list[Issue] = []
     for i, entry in entries(bundle):
         resource = entry.get("resource")
@@ -123,6 +125,33 @@ def check_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: s
             if issue is not None:
                 issues.append(issue)
     return issues
+
+
+def _all_references(bundle: dict[str, Any]) -> Iterator[object]:
+    """Every `reference` value in the entries' resources, locations not kept (iterative: no recursion limit)."""
+    stack: list[Any] = [e.get("resource") for _, e in entries(bundle)]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        current = pop()
+        if isinstance(current, dict):
+            if "reference" in current:
+                yield current["reference"]
+            extend([v for v in current.values() if isinstance(v, dict | list)])
+        elif isinstance(current, list):
+            extend([v for v in current if isinstance(v, dict | list)])
+
+
+def _resolves(reference: object, targets: Mapping[str, int]) -> bool:
+    """True when `_resolve` finds nothing to say (quick check, same decisions, no issue built)."""
+    if not isinstance(reference, str) or not reference or reference.startswith("#"):
+        return True  # not a string: iter_references skips it; empty or '#id': nothing to resolve
+    if reference.startswith(("urn:uuid:", "urn:oid:")):
+        return reference in targets
+    relative = _RELATIVE.fullmatch(reference)
+    if relative and resource_class(relative["type"]):
+        return f"{relative['type']}/{relative['id']}" in targets
+    # Absolute URLs found as such; a history tail or a bad format: the located pass decides.
+    return bool(_URI_SCHEME.match(reference)) and reference in targets
 
 
 def _resolve(reference: str, at: str, targets: Mapping[str, int], lang: str) -> Issue | None:

@@ -16,7 +16,8 @@ import orjson
 from services.core.outcome import Issue
 from services.validator.invariants import Compiled, holds
 from services.validator.messages import quote, say
-from services.validator.paths import Segment, choice_keys, fhir_type, matches, walk
+from services.validator.paths import Item, Segment, choice_keys, fhir_type, locate, pattern_matcher, walk
+from services.validator.predicates import Predicate
 from services.validator.terminology import ValueSet
 
 Resolver = Callable[[object], tuple[str, frozenset[str]] | None]
@@ -63,27 +64,29 @@ class Card(Check):
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for ploc, pnode in walk(node, at, self.parents):
-            kids = self.last.children(pnode, ploc)
+            kids = self.last.select(pnode)
             n = len(kids)
             if n < self.min:
                 ctx.add(self.severity, "required", self.rule, f"{ploc}.{self.last.name}", "card-min",
                         at=ploc, element=self.element, min=self.min, count=n)
             elif self.max is not None and n > self.max:
-                ctx.add(self.severity, "structure", self.rule, kids[self.max][0], "card-max",
+                key, index, _ = kids[self.max]
+                ctx.add(self.severity, "structure", self.rule, locate(ploc, key, index), "card-max",
                         at=ploc, element=self.element, max=self.max, count=n)
 
 
 class Pattern(Check):
-    __slots__ = ("fixed", "path", "value")
+    __slots__ = ("fixed", "path", "test", "value")
 
     def __init__(self, rule: str, path: tuple[Segment, ...], value: Any, fixed: bool,
                  severity: str = "error") -> None:
         super().__init__(rule, severity)
         self.path, self.value, self.fixed = path, value, fixed
+        self.test = pattern_matcher(value)
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for loc, value in walk(node, at, self.path):
-            ok = value == self.value if self.fixed else matches(value, self.value)
+            ok = value == self.value if self.fixed else self.test(value)
             if not ok:
                 key = "pattern" if not self.fixed else ("fixed" if self.severity == "error" else "fixed-defective")
                 ctx.add(self.severity, "value", self.rule, loc, key, at=loc, value=quote(value),
@@ -202,21 +205,67 @@ class Slice(Check):
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for ploc, pnode in walk(node, at, self.parents):
-            items = [(loc, item) for loc, item in self.last.children(pnode, ploc) if self.match(item, ctx)]
-            n = len(items)
-            if n < self.min:
-                ctx.add("error", "required", self.rule, f"{ploc}.{self.last.name}", "slice-min", at=ploc,
-                        min=self.min, count=n, element=self.element, slice=self.name, what=self.what)
-            elif self.max is not None and n > self.max:
-                ctx.add("error", "structure", self.rule, items[self.max][0], "slice-max", at=ploc,
-                        max=self.max, count=n, element=self.element, slice=self.name, what=self.what)
-            for loc, item in items:
-                for check in self.sub:
-                    check.run(item, loc, ctx)
+            self.run_items(ploc, self.last.select(pnode), ctx)
+
+    def run_items(self, ploc: str, selected: list[Item], ctx: Context) -> None:
+        """The slice over the already selected items of the sliced element under `ploc`."""
+        items = [(locate(ploc, key, i), item) for key, i, item in selected if self.match(item, ctx)]
+        n = len(items)
+        if n < self.min:
+            ctx.add("error", "required", self.rule, f"{ploc}.{self.last.name}", "slice-min", at=ploc,
+                    min=self.min, count=n, element=self.element, slice=self.name, what=self.what)
+        elif self.max is not None and n > self.max:
+            ctx.add("error", "structure", self.rule, items[self.max][0], "slice-max", at=ploc,
+                    max=self.max, count=n, element=self.element, slice=self.name, what=self.what)
+        for loc, item in items:
+            for check in self.sub:
+                check.run(item, loc, ctx)
+
+
+class SliceGroup(Check):
+    """Consecutive slices of one element, run over one selection of its items (not one walk each)."""
+
+    __slots__ = ("last", "parents", "slices")
+
+    def __init__(self, slices: Sequence[Slice]) -> None:
+        super().__init__(slices[0].rule)
+        self.slices = tuple(slices)
+        self.parents, self.last = slices[0].parents, slices[0].last
+
+    def run(self, node: Any, at: str, ctx: Context) -> None:
+        for ploc, pnode in walk(node, at, self.parents):
+            selected = self.last.select(pnode)
+            for piece in self.slices:
+                piece.run_items(ploc, selected, ctx)
+
+
+def group_slices(checks: list[Check]) -> list[Check]:
+    """`checks` with each run of consecutive slices on the same element merged into a `SliceGroup`."""
+    out: list[Check] = []
+    run: list[Slice] = []
+
+    def flush() -> None:
+        if len(run) > 1:
+            out.append(SliceGroup(run))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for check in checks:
+        if isinstance(check, Slice) and run and (check.parents, check.last) == (run[0].parents, run[0].last):
+            run.append(check)
+            continue
+        flush()
+        if isinstance(check, Slice):
+            run.append(check)
+        else:
+            out.append(check)
+    flush()
+    return out
 
 
 class Invariant(Check):
-    __slots__ = ("function", "guard", "guard_text", "guard_url", "human", "key", "path")
+    __slots__ = ("function", "guard", "guard_text", "guard_url", "human", "key", "path", "twin")
 
     def __init__(self, rule: str, path: tuple[Segment, ...], key: str, human: str, function: Compiled,
                  guard: tuple[Segment, ...] | None, severity: str, guard_url: str | None = None) -> None:
@@ -224,6 +273,7 @@ class Invariant(Check):
         self.path, self.key, self.human, self.function, self.guard = path, key, human, function, guard
         self.guard_url = guard_url  # skip unless the node carries an extension with this url
         self.guard_text: tuple[bytes, ...] = ()  # skip unless the node's JSON contains one of these
+        self.twin: Predicate | None = None  # the Python twin of the expression (predicates.py), if any
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for loc, value in walk(node, at, self.path):
@@ -233,7 +283,9 @@ class Invariant(Check):
                 continue
             if self.guard_text and not _contains(value, self.guard_text):
                 continue
-            result = holds(self.function, value)
+            result = self.twin(value) if self.twin is not None else None
+            if result is None:
+                result = holds(self.function, value)
             if result is False:
                 ctx.add(self.severity, "invariant", self.rule, loc, "invariant", at=loc, key=self.key,
                         human=self.human)

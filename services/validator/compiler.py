@@ -19,9 +19,11 @@ from services.validator.checks import (
     Slice,
     Targets,
     Types,
+    group_slices,
 )
 from services.validator.invariants import compiled
-from services.validator.paths import compile_path, matches
+from services.validator.paths import compile_path, pattern_matcher
+from services.validator.predicates import twin
 from services.validator.terminology import ValueSet
 
 
@@ -72,7 +74,7 @@ class Compiler:
             checks.append(self.slice(str(key), spec or {}, prefix, scope))
         for inv in doc.get("invariants") or ():
             checks.append(self.invariant(inv, prefix))
-        return checks
+        return group_slices(checks)
 
     def element(self, path: str, spec: Mapping[str, Any], prefix: str, scope: str) -> list[Check]:
         segs = compile_path(path)
@@ -138,7 +140,8 @@ class Compiler:
             what = "→ " + " | ".join(spec["resolve"])
         elif "match" in spec:
             pattern = spec["match"]
-            match = lambda item, _ctx, p=pattern: matches(item, p)  # noqa: E731
+            test = pattern_matcher(pattern)
+            match = lambda item, _ctx, t=test: t(item)  # noqa: E731
             what = _describe(pattern)
         else:
             raise RuleError(f"{prefix}: slice {key} has no discriminator (url, match or resolve)")
@@ -169,6 +172,7 @@ class Compiler:
                         spec.get("guardExtension"))
         texts = spec.get("guardText") or ()
         inv.guard_text = tuple(t.encode() for t in ([texts] if isinstance(texts, str) else texts))
+        inv.twin = twin(expression)
         return inv
 
     # --- extensions --------------------------------------------------------------------------------

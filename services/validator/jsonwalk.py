@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-# A location as a chain of (parent, segment) links, spelled out only when an issue needs it: building
-# every node's full path eagerly costs O(depth²), which hostile nesting would turn into a CPU sink.
-Chain = tuple[Any, str] | None
+# A location as a chain of (parent, key or index) links, spelled out only when an issue needs it:
+# building every node's full path eagerly costs O(depth²), which hostile nesting would turn into a
+# CPU sink, and even the formatting of the segments alone is most of a walk's cost on sane content.
+Chain = tuple[Any, str | int] | None
 
 
 def walk_objects(node: Any) -> Iterator[tuple[Chain, dict[str, Any]]]:
@@ -16,26 +17,27 @@ def walk_objects(node: Any) -> Iterator[tuple[Chain, dict[str, Any]]]:
     Iterative, so hostile nesting cannot exhaust the stack.
     """
     stack: list[tuple[Any, Chain]] = [(node, None)]
+    pop, extend = stack.pop, stack.extend
     while stack:
-        current, chain = stack.pop()
+        current, chain = pop()
         if isinstance(current, dict):
             yield chain, current
-            children = [
-                (v, (chain, f".{element_name(k)}")) for k, v in current.items() if isinstance(v, dict | list)
-            ]
+            children = [(v, (chain, k)) for k, v in current.items() if isinstance(v, dict | list)]
         elif isinstance(current, list):
-            children = [(v, (chain, f"[{i}]")) for i, v in enumerate(current) if isinstance(v, dict | list)]
+            children = [(v, (chain, i)) for i, v in enumerate(current) if isinstance(v, dict | list)]
         else:
             continue
-        stack.extend(reversed(children))
+        if children:
+            children.reverse()
+            extend(children)
 
 
 def spell(path: str, chain: Chain) -> str:
     """The FHIRPath of a chain, under `path`."""
     segments = []
     while chain is not None:
-        chain, segment = chain
-        segments.append(segment)
+        chain, key = chain
+        segments.append(f"[{key}]" if isinstance(key, int) else f".{element_name(key)}")
     return path + "".join(reversed(segments))
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.core.outcome import Issue
+
+if TYPE_CHECKING:
+    from services.core.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,11 @@ class ValidationOptions:
         if rule in self.ignore_rules:
             return True
         return any(r.endswith("/") and rule.startswith(r) for r in self.ignore_rules)
+
+
+def validation_options(settings: Settings, language: str | None = None) -> ValidationOptions:
+    """The operator's validation options (RELAIS_VALIDATION_*), in the given language."""
+    return ValidationOptions.of(settings.validation_warnings_as_errors, settings.validation_ignore_rules, language)
 
 
 def language_of(header: str | None) -> str:

@@ -8,7 +8,7 @@ FHIRPath into the submitted Bundle (`Bundle.entry[3].resource.identifier[0].syst
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,31 +27,46 @@ class Segment:
 
     def children(self, node: Any, at: str) -> list[Node]:
         """The values this segment selects under `node`, each with its location (lists expanded)."""
+        return [(locate(at, key, i), v) for key, i, v in self.select(node)]
+
+    def select(self, node: Any) -> list[Item]:
+        """What `children` selects, with the location still in pieces (most values never need one)."""
         if not isinstance(node, dict):
             return []
-        out: list[Node] = []
         if self.choice:
+            out: list[Item] = []
             name, n = self.name, len(self.name)
             for key, value in node.items():
                 if len(key) > n and key.startswith(name) and key[n].isupper():
-                    _expand(out, f"{at}.{key}", value)
+                    _expand(out, key, value)
             return out
         value = node.get(self.name)
+        if value is None and not self.also_underscore:
+            return []
         if self.also_underscore and not isinstance(value, dict | list):
             # A primitive's extensions live in `_name`; a primitive without them still has "no extension".
             twin = node.get("_" + self.name)
             value = twin if twin is not None or value is None else {}
-        _expand(out, f"{at}.{self.name}", value)
+        out = []
+        _expand(out, self.name, value)
         return out
 
 
-def _expand(out: list[Node], at: str, value: Any) -> None:
+Item = tuple[str, int | None, Any]  # (element key, index in its list or None, value)
+
+
+def locate(at: str, key: str, index: int | None) -> str:
+    """The FHIRPath of an `Item` under `at`."""
+    return f"{at}.{key}" if index is None else f"{at}.{key}[{index}]"
+
+
+def _expand(out: list[Item], key: str, value: Any) -> None:
     if value is None:
         return
     if isinstance(value, list):
-        out.extend((f"{at}[{i}]", v) for i, v in enumerate(value) if v is not None)
+        out.extend((key, i, v) for i, v in enumerate(value) if v is not None)
     else:
-        out.append((at, value))
+        out.append((key, None, value))
 
 
 def compile_path(text: str) -> tuple[Segment, ...]:
@@ -69,6 +84,8 @@ def compile_path(text: str) -> tuple[Segment, ...]:
 
 def walk(node: Any, at: str, segments: tuple[Segment, ...]) -> list[Node]:
     """Every value reached from `node` by `segments`, with its location."""
+    if not segments:
+        return [(at, node)]
     current: list[Node] = [(at, node)]
     for segment in segments:
         nxt: list[Node] = []
@@ -90,6 +107,45 @@ def matches(value: Any, pattern: Any) -> bool:
         values = value if isinstance(value, list) else ([] if value is None else [value])
         return all(any(matches(v, sub) for v in values) for sub in pattern)
     return bool(value == pattern and type(value) is type(pattern))
+
+
+def pattern_matcher(pattern: Any) -> Callable[[Any], bool]:
+    """`matches(value, pattern)` as a function compiled once per pattern (slice discriminators run often)."""
+    if isinstance(pattern, dict):
+        parts = [(key, pattern_matcher(sub)) for key, sub in pattern.items()]
+        if len(parts) == 1:  # the usual discriminator shape: unrolled, it is most of a slice's cost
+            (key1, test1), = parts
+            return lambda value: isinstance(value, dict) and test1(value.get(key1))
+        if len(parts) == 2:
+            (key1, test1), (key2, test2) = parts
+            return lambda value: isinstance(value, dict) and test1(value.get(key1)) and test2(value.get(key2))
+
+        def match_object(value: Any) -> bool:
+            if not isinstance(value, dict):
+                return False
+            get = value.get
+            return all(test(get(key)) for key, test in parts)
+
+        return match_object
+    if isinstance(pattern, list):
+        tests = [pattern_matcher(sub) for sub in pattern]
+        if len(tests) == 1:
+            test = tests[0]
+
+            def match_one(value: Any) -> bool:
+                if isinstance(value, list):
+                    return any(test(v) for v in value)
+                return value is not None and test(value)
+
+            return match_one
+
+        def match_list(value: Any) -> bool:
+            values = value if isinstance(value, list) else ([] if value is None else [value])
+            return all(any(test(v) for v in values) for test in tests)
+
+        return match_list
+    kind = type(pattern)
+    return lambda value: bool(value == pattern and type(value) is kind)
 
 
 PRIMITIVES = frozenset({

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from services.validator.checks import Check, ExtensionDef
+from services.validator.checks import Check, ExtensionDef, SliceGroup
 from services.validator.compiler import Compiler, Profile, RuleError
 from services.validator.terminology import ValueSet, compile_value_sets
 
@@ -42,6 +42,9 @@ class RuleSet:
 def _count(checks: list[Check]) -> int:
     total = 0
     for check in checks:
+        if isinstance(check, SliceGroup):
+            total += _count(list(check.slices))
+            continue
         total += 1
         total += _count(list(getattr(check, "sub", ())))
     return total

@@ -10,6 +10,7 @@ from services.core.envelope import JSON, Emit, Record, event
 from services.core.outcome import operation_outcome
 from services.core.topics import RECEIVED, REJECTED, VALIDATED
 from services.validator.logic import validate_bundle
+from services.validator.options import ValidationOptions
 from services.validator.subject import subject_key
 
 
@@ -19,10 +20,13 @@ class ValidatorStage:
     name = "validator"
     topics: Sequence[str] = (RECEIVED,)
 
+    def __init__(self, options: ValidationOptions | None = None) -> None:
+        self.options = options or ValidationOptions()
+
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Validate one received Bundle and say so on `transfers.events`."""
         env = record.envelope
-        issues = validate_bundle(env.data)
+        issues = validate_bundle(env.data, self.options)
         outcome = operation_outcome(issues)
         errors = sum(i.is_error for i in issues)
         if errors:

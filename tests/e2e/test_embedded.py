@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,69 +12,10 @@ import orjson
 import pytest
 
 from tests.fixtures.tddui import make_bundle
-from tests.support.processes import REPO, free_port
-from tests.support.producers import write_targets
+from tests.support.embedded import EmbeddedRelais
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": "Bearer demo-token"}
-
-
-class EmbeddedRelais:
-    def __init__(self, tmp_path: Path) -> None:
-        self.http_port, self.target_port = free_port(), free_port()
-        self.tmp_path = tmp_path
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
-        self.env |= {
-            "RELAIS_HTTP_PORT": str(self.http_port),
-            "RELAIS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
-            "RELAIS_EMBEDDED_LOG_PATH": str(tmp_path / "log.db"),
-            "RELAIS_PRODUCERS_FILE": str(REPO / "deploy/dev/producers.yaml"),
-            "RELAIS_TARGETS_FILE": str(write_targets(tmp_path / "t.yaml",
-                                                     {"demo": f"http://127.0.0.1:{self.target_port}/fhir"})),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.target: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start_target(self) -> None:
-        self.target = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port", str(self.target_port)],
-                                       cwd=REPO, stderr=subprocess.DEVNULL)
-
-    def start(self) -> None:
-        log = (self.tmp_path / "run.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=self.env, cwd=REPO,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_tail()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("relais run never became ready\n" + self.log_tail())
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int | None:
-        code = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            code = self.proc.wait(60)
-        if self.target is not None and self.target.poll() is None:
-            self.target.terminate()
-            self.target.wait(10)
-        return code
-
-    def log_tail(self) -> str:
-        return (self.tmp_path / "run.log").read_text(errors="replace")[-3000:]
 
 
 async def test_kill_9_during_500_bundles_on_the_embedded_bus_loses_nothing(tmp_path: Path) -> None:

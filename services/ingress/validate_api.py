@@ -1,0 +1,113 @@
+"""`POST /fhir/Bundle/$validate`: the validator's verdict on a Bundle, at once, and no transfer created.
+
+For DUI vendors testing their exports. FHIR `$validate` semantics: the answer is 200 with an
+OperationOutcome whether or not the Bundle is valid (its issues say so); 4xx only when there is no
+resource to validate (not JSON, not a Bundle). The body is a Bundle, or a `Parameters` resource
+whose `resource` parameter holds it. Authenticated like `POST /fhir`; diagnostics in French when
+`Accept-Language` prefers it. The operator's RELAIS_VALIDATION_* options apply, so the vendor sees
+the decision the broker would take. Kafka is not needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from services.core.envelope import FHIR_JSON
+from services.core.metrics import INGRESS_REQUESTS
+from services.core.outcome import Issue, operation_outcome
+from services.ingress import checks
+from services.ingress.checks import Refusal
+from services.validator.logic import validate_bundle
+from services.validator.options import validation_options
+
+router = APIRouter(tags=["validation"])
+
+RULE_INPUT = "relais-validate-input"
+
+
+@router.post("/fhir/Bundle/$validate", summary="Validate a TDDUI Bundle against the profiles (no transfer)",
+             responses={200: {"description": "OperationOutcome: the findings (valid or not)"}})
+async def validate(request: Request) -> Response:
+    """Validate the Bundle in the body (or in a Parameters `resource`) and answer its OperationOutcome."""
+    state = request.app.state.ingress
+    try:
+        _authenticate(state.producers, request)
+        settings = state.settings
+        for refusal in (checks.check_content_type(request.headers.get("Content-Type")),
+                        checks.check_declared_length(request.headers.get("Content-Length"), settings.max_body_bytes)):
+            if refusal:
+                raise refusal
+        bundle = _bundle_of(_decode(await _read_body(request, settings.max_body_bytes)))
+    except Refusal as refusal:
+        return _answer(refusal.status, refusal.issues, dict(refusal.headers))
+    options = validation_options(settings, request.headers.get("Accept-Language"))
+    # CPU-bound (milliseconds for a typical Bundle, more for a large one): keep the event loop free.
+    issues = await run_in_threadpool(validate_bundle, bundle, options)
+    return _answer(200, issues, {"Content-Language": options.language})
+
+
+def _answer(status: int, issues: list[Issue] | tuple[Issue, ...], headers: dict[str, str] | None = None) -> Response:
+    INGRESS_REQUESTS.labels(str(status)).inc()
+    return Response(orjson.dumps(operation_outcome(issues)), status_code=status, media_type=FHIR_JSON,
+                    headers=headers)
+
+
+def _authenticate(producers: Any, request: Request) -> None:
+    """As POST /fhir: a known producer's bearer token, unless authentication is disabled."""
+    if producers is None:
+        return
+    token = checks.bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        raise checks.unauthenticated("missing credentials: send 'Authorization: Bearer <producer token>'")
+    if producers.authenticate(token) is None:
+        raise checks.unauthenticated("unknown or revoked token: check the producer token this DUI uses")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes the limit (a lying Content-Length does not help)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise checks.too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise checks.refuse(400, "structure", "the request has no body; send a FHIR Bundle (or Parameters with a "
+                            "'resource' parameter holding it)", rule=RULE_INPUT)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise checks.refuse(400, "structure", f"the body is not valid JSON ({exc}); send a FHIR Bundle as JSON",
+                            rule=RULE_INPUT) from None
+    if not isinstance(data, dict):
+        raise checks.refuse(400, "structure", "the body is JSON but not an object; send a FHIR Bundle",
+                            rule=RULE_INPUT)
+    return data
+
+
+def _bundle_of(data: dict[str, Any]) -> dict[str, Any]:
+    """The Bundle to validate: the body itself, or the `resource` parameter of a Parameters body."""
+    rtype = data.get("resourceType")
+    if rtype == "Parameters":
+        params = data.get("parameter")
+        found = [p.get("resource") for p in params if isinstance(p, dict) and p.get("name") == "resource"] \
+            if isinstance(params, list) else []
+        if len(found) != 1 or not isinstance(found[0], dict):
+            raise checks.refuse(400, "required", "Parameters must hold exactly one 'resource' parameter whose "
+                                "'resource' is the Bundle to validate", "Parameters.parameter", rule=RULE_INPUT)
+        data, rtype = found[0], found[0].get("resourceType")
+    if rtype != "Bundle":
+        raise checks.refuse(400, "structure", f"resourceType is {rtype!r}, not 'Bundle'; Bundle/$validate takes "
+                            "a TDDUI transaction Bundle", "Bundle.resourceType" if rtype is not None else "Bundle",
+                            rule=RULE_INPUT)
+    return data

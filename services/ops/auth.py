@@ -1,0 +1,152 @@
+"""Operators (RELAIS_OPERATORS_FILE, YAML): who may look at and act on Relais, separate from producers.
+
+```yaml
+operators:
+  - id: alice                        # recorded with every action and every access to personal data
+    token_sha256: 9f86d081884c7d65...  # hex SHA-256 of the bearer token; the token itself is never stored
+    role: operator                   # viewer: read only; operator: also replay, discard, pause, resume
+```
+
+The API takes `Authorization: Bearer <token>`; the dashboard keeps the same token in an HttpOnly,
+SameSite=Strict cookie set by its login form. A producer token is refused on `/ops` (403), never
+mistaken for an operator. `RELAIS_OPS_TOKEN`, when set, is one more operator (`ops-token`, role
+operator); with neither and `RELAIS_AUTH_DISABLED=true`, everyone is operator `anonymous` (development).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from fastapi import HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.core.errors import ConfigurationError
+from services.core.settings import Settings
+
+Role = Literal["viewer", "operator"]
+_RANK: dict[str, int] = {"viewer": 0, "operator": 1}
+COOKIE = "relais_ops"
+
+
+class Operator(BaseModel):
+    """One person (or tool) allowed on the operator API and dashboard."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+    token_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    role: Role = "viewer"
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()
+
+    def may(self, role: Role) -> bool:
+        """True when this operator has `role` or a stronger one."""
+        return _RANK[self.role] >= _RANK[role]
+
+
+class OperatorFile(BaseModel):
+    """The operators file's content."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    operators: list[Operator] = Field(default_factory=list)
+
+    @field_validator("operators")
+    @classmethod
+    def _unique(cls, v: list[Operator]) -> list[Operator]:
+        for attr in ("id", "token_sha256"):
+            values = [getattr(o, attr) for o in v]
+            repeated = sorted({x for x in values if values.count(x) > 1})
+            if repeated:
+                raise ValueError(f"operator {attr} values must be unique; repeated: {', '.join(repeated)[:200]}")
+        return v
+
+
+ANONYMOUS = Operator(id="anonymous", token_sha256="0" * 64, role="operator")
+
+
+@dataclass(frozen=True)
+class OperatorDirectory:
+    """Every operator, plus whether unauthenticated access is allowed (development)."""
+
+    operators: tuple[Operator, ...]
+    open_access: bool = False
+
+    def authenticate(self, token: str | None) -> Operator | None:
+        """The operator whose token this is (hash compared in constant time), else None."""
+        if not token:
+            return ANONYMOUS if self.open_access else None
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        found = None
+        for operator in self.operators:  # no early exit: timing says nothing about which one matched
+            if hmac.compare_digest(operator.token_sha256, digest):
+                found = operator
+        return found or (ANONYMOUS if self.open_access and not self.operators else None)
+
+
+def load_operators(settings: Settings) -> OperatorDirectory:
+    """The operators of this Relais, from RELAIS_OPERATORS_FILE and RELAIS_OPS_TOKEN."""
+    operators: list[Operator] = []
+    if settings.operators_file is not None:
+        path = Path(settings.operators_file)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            operators += OperatorFile.model_validate(raw).operators
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigurationError(f"cannot read operators file {path}: {exc}") from exc
+        except ValidationError as exc:
+            details = "\n".join(f"  - {'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                for e in exc.errors(include_url=False))
+            raise ConfigurationError(f"operators file {path} is invalid:\n{details}") from exc
+    if settings.ops_token:
+        operators.append(Operator(id="ops-token", role="operator",
+                                  token_sha256=hashlib.sha256(settings.ops_token.encode()).hexdigest()))
+    return OperatorDirectory(tuple(operators), open_access=settings.auth_disabled and not operators)
+
+
+def request_token(request: Request) -> str | None:
+    """The bearer token of the request, else the dashboard's cookie."""
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    return request.cookies.get(COOKIE) or None
+
+
+def identify(request: Request) -> Operator | None:
+    """The operator making this request, or None."""
+    directory: OperatorDirectory = request.app.state.operators
+    return directory.authenticate(request_token(request))
+
+
+def check(request: Request, role: Role) -> Operator:
+    """The operator making this request if they hold `role`; raises 401/403 otherwise."""
+    token = request_token(request)
+    operator = identify(request)
+    if operator is None:
+        producers = getattr(getattr(request.app.state, "ingress", None), "producers", None)
+        if token and producers is not None and producers.authenticate(token) is not None:
+            raise HTTPException(403, "producer tokens are not accepted on /ops: use an operator token "
+                                     "(RELAIS_OPERATORS_FILE)")
+        raise HTTPException(401, "operator credentials required: send 'Authorization: Bearer <operator token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not operator.may(role):
+        raise HTTPException(403, f"operator {operator.id} has role {operator.role}; this needs role {role}")
+    return operator
+
+
+def viewer(request: Request) -> Operator:
+    """FastAPI dependency: any operator (viewer or operator role)."""
+    return check(request, "viewer")
+
+
+def operator(request: Request) -> Operator:
+    """FastAPI dependency: an operator allowed to act (role operator)."""
+    return check(request, "operator")

@@ -1,0 +1,82 @@
+"""What the operator API, the dashboard and the alerts loop share: ledger, bus, targets, lag, DLQ."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.core.blobstore import make_blob_store
+from services.core.bus import Bus
+from services.core.settings import Settings
+from services.core.targets import TargetDirectory, load_targets
+from services.dlq.store import DlqService
+from services.ops.alerts import Observation
+from services.ops.lag import LagReader
+from services.tracker import opstate, queries
+from services.tracker.ledger import Ledger
+
+CIRCUIT_UNKNOWN = "unknown"  # circuits live in each delivery process's memory; the ledger cannot see them
+
+
+@dataclass
+class OpsContext:
+    """One per process: built from the ingress state (or on its own for `relais alerts`)."""
+
+    settings: Settings
+    ledger: Ledger
+    bus: Bus
+    targets: TargetDirectory
+    lag: LagReader = field(init=False)
+    _dlq: DlqService | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.lag = LagReader(self.bus, self.settings)
+
+    @classmethod
+    def build(cls, settings: Settings, ledger: Ledger, bus: Bus) -> OpsContext:
+        """A context reading the targets file of `settings`."""
+        return cls(settings, ledger, bus, load_targets(settings.targets_file))
+
+    @property
+    def dlq(self) -> DlqService:
+        """The dead-letter service (services.dlq), created on first use."""
+        if self._dlq is None:
+            self._dlq = DlqService(self.ledger, self.bus, make_blob_store(self.settings))
+        return self._dlq
+
+    def target_ids(self) -> list[str]:
+        """Configured targets, in file order."""
+        return [t.id for t in self.targets.targets]
+
+    def finess_targets(self, finess: str) -> tuple[str, ...]:
+        """Targets whose configured FINESS is `finess`."""
+        return tuple(t.id for t in self.targets.targets if getattr(t, "finess", None) == finess)
+
+    async def targets_view(self) -> list[dict[str, Any]]:
+        """Every target: health from the ledger, paused state (file or operator), circuit unknown."""
+        health = await queries.target_health(self.ledger, self.target_ids())
+        states = await opstate.target_states(self.ledger)
+        out = []
+        for h in health:
+            configured = self.targets.get(h.target)
+            state = states.get(h.target)
+            item = h.as_dict()
+            item |= {
+                "configured": configured is not None,
+                "enabled": bool(getattr(configured, "enabled", True)) if configured else False,
+                "base_url": str(configured.base_url) if configured else None,
+                "paused": bool((state and state.paused) or (configured and configured.paused)),
+                "paused_in_file": bool(configured and configured.paused),
+                "pause": state.as_dict() if state else None,
+                "circuit": CIRCUIT_UNKNOWN,
+            }
+            out.append(item)
+        return out
+
+    async def observe(self) -> Observation:
+        """What the alert rules look at, now."""
+        lags = await self.lag.read(fresh=True)
+        health = await queries.target_health(self.ledger, self.target_ids())
+        return Observation(at=time.monotonic(), dlq_size=await queries.dlq_size(self.ledger),
+                           lag={s.stage: s.lag for s in lags}, waiting={h.target: h.waiting for h in health})

@@ -1,0 +1,97 @@
+"""`relais send` on 1,000 files: counts match the ledger, and a re-run after Ctrl-C resends nothing accepted."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.fixtures.tddui import make_bundle
+from tests.support.embedded import EmbeddedRelais
+from tests.support.processes import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def write_files(folder: Path) -> dict[str, int]:
+    """950 valid Bundles, 30 that ingress refuses (not transactions), 20 the validator rejects."""
+    folder.mkdir()
+    for i in range(950):
+        (folder / f"valid-{i:04d}.json").write_bytes(orjson.dumps(make_bundle(4, seed=20_000 + i)))
+    for i in range(30):
+        b = make_bundle(3, seed=30_000 + i)
+        b["type"] = "collection"
+        (folder / f"collection-{i:04d}.json").write_bytes(orjson.dumps(b))
+    for i in range(20):
+        b = make_bundle(3, seed=40_000 + i)
+        b["entry"][1]["request"]["method"] = "PUT"  # TDDUI: creates only
+        (folder / f"put-{i:04d}.json").write_bytes(orjson.dumps(b))
+    return {"accepted": 970, "rejected": 30}
+
+
+def send_cmd(folder: Path, relais: EmbeddedRelais, journal: Path, report: Path) -> list[str]:
+    return [sys.executable, "-m", "services.cli", "send", str(folder), "--to", "demo", "--url", relais.url,
+            "--token", "demo-token", "--concurrency", "8", "--journal", str(journal), "--report", str(report)]
+
+
+def ledger_transfers(tmp_path: Path) -> dict[str, int]:
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        return dict(db.execute("SELECT status, count(*) FROM transfers GROUP BY status").fetchall())
+
+
+def test_send_1000_files_interrupted_then_resumed(tmp_path: Path) -> None:
+    relais = EmbeddedRelais(tmp_path)
+    relais.start_target()
+    relais.start()
+    try:
+        expected = write_files(tmp_path / "export")
+        # The target fails part of the time (every other request, 40 times): deliveries retry, and that
+        # must change nothing in what send reports or in what the ledger ends with.
+        for _ in range(40):
+            for fault in ({"status": 503, "count": 1}, {"delay_s": 0.0, "count": 1}):
+                httpx.post(f"http://127.0.0.1:{relais.target_port}/_faults", json=fault).raise_for_status()
+        journal, report1, report2 = tmp_path / "journal", tmp_path / "r1.json", tmp_path / "r2.json"
+
+        first = subprocess.Popen(send_cmd(tmp_path / "export", relais, journal, report1), cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while (not journal.exists() or len(journal.read_text().splitlines()) < 300) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 130, err
+        r1 = json.loads(report1.read_text())
+        assert r1["interrupted"] and r1["not_sent"] > 0
+        assert "run the same command again" in out
+
+        second = subprocess.run(send_cmd(tmp_path / "export", relais, journal, report2), cwd=REPO,
+                                capture_output=True, text=True, timeout=600)
+        assert second.returncode == 1, second.stderr  # 30 files are refused: exit 1, and the report says why
+        r2 = json.loads(report2.read_text())
+        assert r2["skipped"] == r1["accepted"]  # nothing accepted the first time was sent again
+        assert r1["accepted"] + r2["accepted"] == expected["accepted"]
+        assert r2["rejected"] == expected["rejected"]
+        assert r2["failed"] == 0
+        refused = [f for f in r2["files"] if f["result"] == "rejected"]
+        assert all(f["status"] == 422 and "transaction" in f["reason"] for f in refused)
+
+        # The ledger holds exactly the accepted transfers: one each, no resubmission.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            counts = ledger_transfers(tmp_path)
+            if sum(counts.values()) >= expected["accepted"] and set(counts) <= {"delivered", "rejected"}:
+                break
+            time.sleep(1)
+        counts = ledger_transfers(tmp_path)
+        assert sum(counts.values()) == expected["accepted"], counts
+        assert counts == {"delivered": 950, "rejected": 20}, counts
+    finally:
+        relais.stop()

@@ -1,0 +1,204 @@
+"""The operator API (/ops) on a real ledger and the embedded bus: every filter and action, with roles."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+
+from services.core.blobstore import make_blob_store
+from services.core.embedded import EmbeddedBus
+from services.core.settings import Settings
+from services.core.topics import DELIVERIES, EVENTS
+from services.ingress.app import create_app
+from services.tracker.ledger import Ledger
+from tests.support.kafka import wait_for
+from tests.support.producers import TOKEN_A, write_producers, write_targets
+from tests.unit.ops.test_ledger_queries import T0, ev, story
+
+VIEWER, OPERATOR = "viewer-token", "operator-token"
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, make_settings: Callable[..., Settings]) -> Settings:
+    ops = tmp_path / "operators.yaml"
+    ops.write_text(f"operators:\n  - {{id: vera, token_sha256: {sha(VIEWER)}, role: viewer}}\n"
+                   f"  - {{id: otto, token_sha256: {sha(OPERATOR)}, role: operator}}\n", encoding="utf-8")
+    targets = write_targets(tmp_path / "targets.yaml", {"a": "http://127.0.0.1:9/fhir", "b": "http://127.0.0.1:9/fhir"})
+    return make_settings(auth_disabled=False, producers_file=write_producers(tmp_path / "producers.yaml"),
+                         targets_file=targets, operators_file=ops, kafka_bootstrap=None,
+                         embedded_log_path=tmp_path / "log.db", blob_dir=tmp_path / "blobs")
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    ledger = Ledger(settings.database_url)
+    app = create_app(settings, EmbeddedBus(settings), ledger)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relais.test") as c:
+            await wait_for(lambda: _ready(c), timeout_s=20)
+            yield c, app
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    return (await client.get("/readyz")).status_code == 200
+
+
+async def seed(app: FastAPI, settings: Settings) -> None:
+    ledger: Ledger = app.state.ops.ledger
+    blob = await make_blob_store(settings).put(b'{"resourceType": "Bundle", "type": "transaction"}')
+    evs = (story("t1", 0, targets=("a", "b"), finess="750000001")
+           + story("t2", 10, producer="dui-b", targets=("b",), fate="retrying")
+           + story("t3", 20, targets=("a",), fate="retrying"))
+    evs.append(ev("t2", "dead_lettered", "delivery", 12, target="b", attempt=2, producer="dui-b", http_status=400,
+                  duration_ms=50, reason="HTTP 400 Bad Request", key="b|t2",
+                  blob={"uri": blob.uri, "sha256": blob.sha256, "size": blob.size},
+                  outcome={"resourceType": "OperationOutcome", "issue": [{"diagnostics": "secret"}]}))
+    for e in evs:
+        await ledger.apply(e)
+
+
+async def get(client: httpx.AsyncClient, path: str, token: str = VIEWER, **params: Any) -> Any:
+    answer = await client.get(path, params=params, headers=bearer(token))
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+async def test_auth_and_roles(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+        assert (await client.get("/ops/transfers")).status_code == 401
+        assert (await client.get("/ops/transfers", headers=bearer("wrong"))).status_code == 401
+        refused = await client.get("/ops/transfers", headers=bearer(TOKEN_A))
+        assert refused.status_code == 403 and "producer tokens" in refused.text
+        assert (await get(client, "/ops/whoami")) == {"id": "vera", "role": "viewer"}
+        for path, body in [("/ops/dead-letters/t2/b/replay", None), ("/ops/dead-letters/replay", {"target": "b"}),
+                           ("/ops/dead-letters/t2/b/discard", {"reason": "x"}), ("/ops/targets/a/pause", None),
+                           ("/ops/targets/a/resume", None)]:
+            answer = await client.post(path, json=body, headers=bearer(VIEWER))
+            assert answer.status_code == 403, path
+            assert (await client.post(path, json=body, headers=bearer(TOKEN_A))).status_code == 403, path
+        assert (await client.get("/ops/transfers/t2/bundle", params={"target": "b"},
+                                 headers=bearer(VIEWER))).status_code == 403
+        assert (await client.get("/ops/access-log", headers=bearer(VIEWER))).status_code == 403
+
+
+async def test_transfer_filters_and_pagination(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+
+        async def ids(**params: Any) -> list[str]:
+            return [t["id"] for t in (await get(client, "/ops/transfers", **params))["items"]]
+
+        assert await ids() == ["t3", "t2", "t1"]
+        assert await ids(status="dead-lettered") == ["t2"]
+        assert await ids(producer="dui-b") == ["t2"]
+        assert await ids(target="a") == ["t3", "t1"]
+        assert await ids(finess="750000001") == ["t1"]
+        assert await ids(since=(T0 + timedelta(seconds=5)).isoformat(),
+                         until=(T0 + timedelta(seconds=15)).isoformat()) == ["t2"]
+        first = await get(client, "/ops/transfers", limit=2)
+        assert [t["id"] for t in first["items"]] == ["t3", "t2"] and first["next_cursor"]
+        second = await get(client, "/ops/transfers", limit=2, cursor=first["next_cursor"])
+        assert [t["id"] for t in second["items"]] == ["t1"] and second["next_cursor"] is None
+        bad = await client.get("/ops/transfers", params={"cursor": "nope"}, headers=bearer(VIEWER))
+        assert bad.status_code == 400
+        assert (await client.get("/ops/transfers", params={"since": "yesterday"},
+                                 headers=bearer(VIEWER))).status_code == 400
+
+
+async def test_timeline_and_recorded_access(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+        tl = await get(client, "/ops/transfers/t2")
+        assert [s["kind"] for s in tl["steps"]][-1] == "dead_lettered" and "secret" not in str(tl)
+        assert (await client.get("/ops/transfers/none", headers=bearer(VIEWER))).status_code == 404
+        full = await get(client, "/ops/transfers/t2", full="true")
+        assert "secret" in str(full)
+        bundle = await client.get("/ops/transfers/t2/bundle", params={"target": "b"}, headers=bearer(OPERATOR))
+        assert bundle.status_code == 200 and bundle.json()["resourceType"] == "Bundle"
+        log = (await get(client, "/ops/access-log", OPERATOR, transfer_id="t2"))["items"]
+        assert [(e["operator"], e["action"]) for e in log] == [("otto", "bundle.read"), ("vera", "timeline.full")]
+        assert (await client.get("/ops/transfers/t1/bundle", params={"target": "a"},
+                                 headers=bearer(OPERATOR))).status_code == 404
+
+
+async def test_overview_lag_and_targets(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+        over = await get(client, "/ops/overview")
+        assert over["dlq_size"] == 1 and {s["stage"] for s in over["lag"]} == {"validator", "router", "delivery",
+                                                                               "tracker"}
+        lag = {s["stage"]: s for s in (await get(client, "/ops/lag"))["stages"]}
+        assert set(lag["delivery"]["topics"]) >= {"deliveries", "deliveries.retry.1"}
+        targets = {t["target"]: t for t in (await get(client, "/ops/targets"))["items"]}
+        assert targets["a"]["circuit"] == "unknown" and targets["a"]["waiting"] == 1
+        assert targets["b"]["dead_letters"] == 1 and targets["b"]["p50_ms"] is None  # attempts older than 1 h
+        assert (await get(client, "/ops/targets/b"))["target"] == "b"
+        assert (await client.get("/ops/targets/zz", headers=bearer(VIEWER))).status_code == 404
+
+
+async def test_pause_and_resume(settings: Settings) -> None:
+    async with running(settings) as (client, _):
+        paused = await client.post("/ops/targets/a/pause", json={"reason": "maintenance"}, headers=bearer(OPERATOR))
+        assert paused.status_code == 200 and paused.json()["paused"] is True
+        a = await get(client, "/ops/targets/a")
+        assert a["paused"] and a["pause"]["changed_by"] == "otto" and a["pause"]["reason"] == "maintenance"
+        assert (await client.post("/ops/targets/a/resume", headers=bearer(OPERATOR))).json()["paused"] is False
+        assert not (await get(client, "/ops/targets/a"))["paused"]
+        assert (await client.post("/ops/targets/zz/pause", headers=bearer(OPERATOR))).status_code == 404
+
+
+async def _published(settings: Settings, topic: str) -> list[Any]:
+    bus = EmbeddedBus(settings)
+    await bus.start()
+    sub = bus.subscribe(f"probe-{topic}", [topic])
+    await sub.start()
+    try:
+        return await sub.poll(100, 1.0)
+    finally:
+        await sub.stop()
+        await bus.stop()
+
+
+async def test_dead_letters_list_replay_bulk_and_discard(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+        listed = await get(client, "/ops/dead-letters")
+        assert [d["id"] for d in listed["items"]] == ["t2/b"]
+        for params, expect in [({"target": "a"}, []), ({"target": "b"}, ["t2/b"]), ({"producer": "dui-a"}, []),
+                               ({"reason": "bad request"}, ["t2/b"]), ({"reason": "timeout"}, []),
+                               ({"since": (T0 + timedelta(seconds=13)).isoformat()}, []),
+                               ({"until": (T0 + timedelta(seconds=13)).isoformat()}, ["t2/b"])]:
+            assert [d["id"] for d in (await get(client, "/ops/dead-letters", **params))["items"]] == expect, params
+        assert (await client.post("/ops/dead-letters/replay", json={}, headers=bearer(OPERATOR))).status_code == 400
+        bulk = await client.post("/ops/dead-letters/replay", json={"target": "b"}, headers=bearer(OPERATOR))
+        assert bulk.status_code == 202 and bulk.json()["replayed"] == ["t2/b"]
+        one = await client.post("/ops/dead-letters/t2/b/replay", headers=bearer(OPERATOR))
+        assert one.status_code == 202
+        assert (await client.post("/ops/dead-letters/t9/b/replay", headers=bearer(OPERATOR))).status_code == 404
+        discarded = await client.post("/ops/dead-letters/t2/b/discard", json={"reason": "duplicate"},
+                                      headers=bearer(OPERATOR))
+        assert discarded.status_code == 200
+    records = await _published(settings, DELIVERIES)
+    assert [(r.envelope.transfer_id, r.envelope.target) for r in records] == [("t2", "b"), ("t2", "b")]
+    kinds = [orjson.loads(r.envelope.data)["kind"] for r in await _published(settings, EVENTS)]
+    assert kinds.count("replayed") == 2 and kinds.count("discarded") == 1
+    operators = {orjson.loads(r.envelope.data).get("operator") for r in await _published(settings, EVENTS)}
+    assert operators == {"otto"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from services.core.targets import load_targets
 from services.delivery.stage import DeliveryStage
 from services.router.stage import RouterStage
 from services.tracker.ledger import Ledger
+from services.tracker.opstate import paused_targets
 from services.tracker.stage import TrackerStage
 from services.validator.options import validation_options
 from services.validator.stage import ValidatorStage
@@ -64,6 +66,11 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
             elif name == "delivery":
                 delivery = DeliveryStage(settings, directory, make_blob_store(settings))
                 resources.push_async_callback(delivery.aclose)
+                pause_ledger = Ledger(settings.database_url)
+                await pause_ledger.create_schema()
+                resources.push_async_callback(pause_ledger.close)
+                watcher = asyncio.create_task(delivery.watch_pauses(functools.partial(paused_targets, pause_ledger)))
+                resources.push_async_callback(_cancel, watcher)
                 stages.append(delivery)
             elif name == "tracker":
                 ledger = Ledger(settings.database_url)
@@ -120,6 +127,12 @@ async def serve(names: Sequence[str], settings: Settings, *,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("relais stopped")
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _start_bus(bus: Bus, stop: asyncio.Event) -> None:

@@ -108,15 +108,19 @@ class KafkaBus:
     async def lag(self, stage: str, topics: Sequence[str]) -> dict[Partition, int]:
         """End offset minus committed offset, per partition, for the stage's group."""
         group = self.settings.group(stage)
+        # A fresh consumer knows no topic metadata until it subscribes; ask the cluster instead.
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([self.settings.topic(t) for t in topics])
+        finally:
+            await admin.close()
+        tps = [TopicPartition(d["topic"], p["partition"]) for d in described if not d.get("error_code")
+               for p in d["partitions"]]
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False,
                                     isolation_level="read_committed")
         await consumer.start()
         try:
-            tps = [
-                TopicPartition(self.settings.topic(t), p)
-                for t in topics
-                for p in (consumer.partitions_for_topic(self.settings.topic(t)) or set())
-            ]
             ends = await consumer.end_offsets(tps) if tps else {}
             result = {}
             for tp in tps:

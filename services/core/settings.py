@@ -77,8 +77,7 @@ class Settings(BaseSettings):
     blob_s3_access_key_id: str | None = Field(default=None, description="S3 access key id.")
     blob_s3_secret_access_key: str | None = Field(default=None, description="S3 secret access key.")
     ops_token: str | None = Field(
-        default=None, description="Bearer token for the operator API (/ops/dlq); unset: refused unless "
-        "RELAIS_AUTH_DISABLED=true.",
+        default=None, description="A bearer token with the operator role on /ops (besides RELAIS_OPERATORS_FILE).",
     )
 
     # --- validation --------------------------------------------------------------------------

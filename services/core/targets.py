@@ -131,6 +131,13 @@ class BreakerPolicy(_Model):
     probe_every_s: float = Field(default=30.0, gt=0)
 
 
+class RepairPolicy(_Model):
+    """Which envelope repairs delivery applies before POSTing (services/delivery/repair.py)."""
+
+    request_url: bool = True  # set entry.request.url to the resource type
+    references: bool = True  # urn:uuid fullUrls, intra-Bundle references rewritten to them
+
+
 class Target(_Model):
     """One system Relais delivers to."""
 
@@ -146,6 +153,7 @@ class Target(_Model):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     ambiguous: Literal["probe", "retry", "dead-letter"] = "probe"
+    repair: RepairPolicy = Field(default_factory=RepairPolicy)
     enabled: bool = True
     paused: bool = False
 

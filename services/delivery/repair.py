@@ -144,3 +144,22 @@ def _reference_holders(node: Any, path: str) -> Iterator[tuple[str, dict[str, An
     elif isinstance(node, list):
         for i, item in enumerate(node):
             yield from _reference_holders(item, f"{path}[{i}]")
+
+
+def original_full_urls(bundle: dict[str, Any]) -> list[str | None]:
+    """Each entry's fullUrl as the producer sent it, in entry order."""
+    return [e.get("fullUrl") if isinstance(e, dict) and isinstance(e.get("fullUrl"), str) else None
+            for e in bundle.get("entry") or []]
+
+
+def assigned_ids(full_urls: list[str | None], response: dict[str, Any] | None) -> dict[str, str]:
+    """The producer's fullUrl → the location the target assigned (response entries follow request order)."""
+    if not response:
+        return {}
+    answers = response.get("entry") or []
+    mapping = {}
+    for original, answer in zip(full_urls, answers, strict=False):
+        location = (answer.get("response") or {}).get("location") if isinstance(answer, dict) else None
+        if original and isinstance(location, str):
+            mapping[original] = location
+    return mapping

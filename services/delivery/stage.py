@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from services.core.blobstore import (
     X_BLOB,
@@ -46,6 +49,7 @@ from services.delivery.logic import (
     park_tier,
     parse_retry_after,
 )
+from services.delivery.repair import assigned_ids, original_full_urls, repair_transaction
 
 log = get_logger(__name__)
 
@@ -84,6 +88,17 @@ class DeliveryStage:
             t.id: TargetRuntime(t, TargetClient(t), asyncio.Semaphore(t.max_concurrency))
             for t in directory.targets if t.enabled
         }
+        # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
+        self.paused_by_operator: frozenset[str] = frozenset()
+
+    async def watch_pauses(self, read: Callable[[], Awaitable[frozenset[str]]], every_s: float = 5.0) -> None:
+        """Keep `paused_by_operator` current; on a read error keep the last known value and try again."""
+        while True:
+            try:
+                self.paused_by_operator = await read()
+            except Exception as exc:  # noqa: BLE001 - a ledger hiccup must not stop deliveries
+                log.warning("cannot read paused targets; keeping the last known set", error=str(exc))
+            await asyncio.sleep(every_s)
 
     async def aclose(self) -> None:
         """Stop probes and close every target's connections; safe twice."""
@@ -113,7 +128,7 @@ class DeliveryStage:
         now = datetime.now(UTC)
         if due is not None and due > now:
             return [self._park(record, env, (due - now).total_seconds())]
-        if rt.target.paused:
+        if rt.target.paused or rt.target.id in self.paused_by_operator:
             return [self._park(record, env, rt.target.breaker.probe_every_s)]
         async with rt.semaphore:
             if not breaker_allows(rt.breaker):
@@ -130,6 +145,7 @@ class DeliveryStage:
             return await self._dead_letter(record, env, env.attempt, Attempt(None, error=str(exc), sent=False),
                                            Decision(Fate.DEAD_LETTER, f"claim check failed: {exc}"), inline=False)
         attempt_no = env.attempt + 1
+        payload, repair_emits, full_urls = self._repair(env, target, payload, attempt_no)
         sent_at = datetime.now(UTC)
         probing = env.extra.get(X_PROBE) == "1" and target.ambiguous == "probe"
         if probing:
@@ -165,11 +181,36 @@ class DeliveryStage:
         self._learn(rt, BreakerEvent.FAILURE if failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)
                     else BreakerEvent.SUCCESS)
         sent = sent_at if failure is Failure.AMBIGUOUS else None
-        return await self._after(record, env, rt, attempt_no, attempt, failure, payload, sent_at=sent)
+        return repair_emits + await self._after(record, env, rt, attempt_no, attempt, failure, payload, sent_at=sent,
+                                                full_urls=full_urls)
+
+    def _repair(self, env: Envelope, target: Target, payload: bytes,
+                attempt_no: int) -> tuple[bytes, list[Emit], list[str | None]]:
+        """The payload this target gets: repaired per its policy; the first attempt records what changed."""
+        try:
+            bundle = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return payload, [], []
+        if not isinstance(bundle, dict):
+            return payload, [], []
+        originals = original_full_urls(bundle)
+        repaired = repair_transaction(bundle, request_url=target.repair.request_url,
+                                      references=target.repair.references)
+        if not repaired.changes:
+            return payload, [], originals  # untouched: the producer's bytes go out as they came
+        emits = []
+        if attempt_no == 1:
+            kinds = Counter(c.kind for c in repaired.changes)
+            emits.append(event(env, "repaired", self.name, {
+                "changes": dict(kinds),
+                "examples": [{"expression": c.expression, "before": c.before, "after": c.after}
+                             for c in repaired.changes[:20]],
+            }))
+        return orjson.dumps(repaired.bundle), emits, originals
 
     async def _after(self, record: Record, env: Envelope, rt: TargetRuntime, attempt_no: int, attempt: Attempt,
                      failure: Failure, payload: bytes, *, probe: bool = False,
-                     sent_at: datetime | None = None) -> list[Emit]:
+                     sent_at: datetime | None = None, full_urls: list[str | None] | None = None) -> list[Emit]:
         target = rt.target
         first_failure = _moment(env.extra.get(X_FIRST_FAILURE))
         age = (datetime.now(UTC) - first_failure).total_seconds() if first_failure else 0.0
@@ -183,7 +224,9 @@ class DeliveryStage:
         detail: dict[str, Any] = {"http_status": attempt.status, "duration_ms": round(attempt.duration_s * 1000, 1)}
         done = env.evolve(attempt=attempt_no)
         if decision.fate is Fate.DELIVERED:
-            return [event(done, "delivered", self.name, {**detail, "response": attempt.json()})]
+            response = attempt.json()
+            return [event(done, "delivered", self.name, {
+                **detail, "response": response, "assigned": assigned_ids(full_urls or [], response)})]
         now = datetime.now(UTC).isoformat()
         extra = {**env.extra, X_FIRST_FAILURE: env.extra.get(X_FIRST_FAILURE) or now, X_LAST_FAILURE: now,
                  X_REASON: decision.reason[:500], X_HTTP_STATUS: str(attempt.status or "")}

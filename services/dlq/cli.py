@@ -1,4 +1,4 @@
-"""`relais dlq list|show|replay|discard`: the operator's dead-letter commands (same logic as /ops/dlq)."""
+"""`relais dlq list|show|replay|discard`: the operator's dead-letter commands (same logic as /ops/dead-letters)."""
 
 from __future__ import annotations
 

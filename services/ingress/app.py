@@ -147,8 +147,6 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    from services.dlq.api import router as dlq_router  # operator API: dead letters (list, show, replay, discard)
-    app.include_router(dlq_router, prefix="/ops/dlq")
     from services.ops import install as install_ops  # operator API (/ops), dashboard (/ops/ui), static files
     install_ops(app, state)
     from services.ingress.validate_api import router as validate_router  # POST /fhir/Bundle/$validate

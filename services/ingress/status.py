@@ -11,6 +11,7 @@ from services.tracker.ledger import DeliveryView, TransferView
 
 TARGET_EXTENSION_URL = f"{RELAIS_CANONICAL}/StructureDefinition/delivery-target"
 STATUS_EXTENSION_URL = f"{RELAIS_CANONICAL}/StructureDefinition/delivery-status"
+ASSIGNED_EXTENSION_URL = f"{RELAIS_CANONICAL}/StructureDefinition/assigned-id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,10 @@ def _entry(d: DeliveryView) -> dict[str, Any]:
     extensions = [{"url": TARGET_EXTENSION_URL, "valueString": d.target},
                   {"url": STATUS_EXTENSION_URL, "valueCode": d.status}]
     if d.status == logic.DELIVERED:
+        # TDDUI: the producer must learn the ids the target assigned, per resource it sent.
+        extensions += [{"url": ASSIGNED_EXTENSION_URL, "extension": [
+            {"url": "fullUrl", "valueUri": original}, {"url": "location", "valueUri": location}]}
+            for original, location in (d.assigned or {}).items()]
         return {"extension": extensions, "resource": d.response,
                 "response": {"status": f"{d.last_http_status or 200}"}}
     if d.status == logic.DELIVERED_UNCONFIRMED:

@@ -57,7 +57,7 @@ class RouterStage:
                             attempt=0, data=data, extra=extra))
             for target in routing.targets
         ]
-        detail: dict[str, object] = {"targets": list(routing.targets)}
+        detail: dict[str, object] = {"targets": list(routing.targets), "finess": sorted(info.finess)}
         if routing.added_by:
             detail["added_by_routes"] = {t: r for t, r in routing.added_by}
         emits.append(event(env, "routed", self.name, detail))

@@ -48,6 +48,7 @@ deliveries = sa.Table(
     sa.Column("status", sa.String(32), nullable=False, index=True),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("response", sa.JSON, nullable=True),
+    sa.Column("assigned", sa.JSON, nullable=True),  # producer's fullUrl -> location the target assigned
     sa.Column("outcome", sa.JSON, nullable=True),
     sa.Column("last_http_status", sa.Integer, nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
@@ -118,6 +119,7 @@ class DeliveryView:
     response: dict[str, Any] | None
     outcome: dict[str, Any] | None
     last_http_status: int | None
+    assigned: dict[str, str] | None = None  # the producer's fullUrl -> the location the target assigned
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +216,7 @@ class Ledger:
             await self._advance_delivery(conn, ev, ev.target or "", {
                 "attempts": ev.attempt,
                 "response": detail.get("response"),
+                "assigned": detail.get("assigned") or None,
                 "outcome": detail.get("outcome"),
                 "last_http_status": detail.get("http_status"),
             })
@@ -270,7 +273,7 @@ class Ledger:
             targets=list(row["targets"] or []), outcome=row["outcome"],
             created_at=_aware(row["created_at"]), updated_at=_aware(row["updated_at"]),
             deliveries=[DeliveryView(r["target"], r["status"], r["attempts"], r["response"], r["outcome"],
-                                     r["last_http_status"]) for r in rows],
+                                     r["last_http_status"], r["assigned"]) for r in rows],
         )
 
     async def count_by_status(self) -> dict[str, int]:
@@ -300,7 +303,7 @@ def _merge_finess(current: str | None, new: Any) -> str:
 def _add_missing_columns(sync_conn: Any) -> None:
     """Columns added to a table after a ledger was created (create_all only creates missing tables)."""
     inspector = sa.inspect(sync_conn)
-    for table in (transfers,):
+    for table in (transfers, deliveries):
         present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
             if column.name not in present:

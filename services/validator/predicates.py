@@ -72,10 +72,12 @@ def _with_url(items: list[dict[str, Any]], url: str) -> list[dict[str, Any]]:
 
 
 def _extension(items: list[dict[str, Any]], url: str) -> list[dict[str, Any]]:
-    """The FHIRPath function `extension(url)`; fhirpathpy fails on an extension without a url, so defer."""
+    """The FHIRPath function `extension(url)` as fhirpathpy runs it: the *first* extension with that url
+    (the spec says all of them; agreeing with the engine that evaluates the other invariants matters
+    more here). fhirpathpy fails on an extension without a url, so that defers."""
     if any("url" not in e for e in items):
         raise _Defer
-    return _with_url(items, url)
+    return _with_url(items, url)[:1]
 
 
 def _twin(fn: Callable[[dict[str, Any]], bool]) -> Predicate:

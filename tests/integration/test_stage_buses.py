@@ -116,7 +116,7 @@ async def test_graceful_stop_commits_what_was_handled(
     assert time.monotonic() - started < s.shutdown_grace_s
     lag = await bus.lag("recording", [RECEIVED])
     await bus.stop()
-    assert sum(lag.values()) == 0
+    assert lag and sum(lag.values()) == 0  # non-empty: every partition was read, and all are committed
 
 
 async def _async(value: object) -> object:

@@ -16,7 +16,8 @@ from tests.support.producers import write_targets
 
 
 class EmbeddedRelais:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, targets_file: Path | None = None) -> None:
+        """`targets_file`: deliver per this targets file instead of to the demo target (`start_target`)."""
         self.http_port, self.target_port = free_port(), free_port()
         self.tmp_path = tmp_path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
@@ -27,8 +28,8 @@ class EmbeddedRelais:
             "RELAIS_BLOB_DIR": str(tmp_path / "blobs"),
             "RELAIS_RETRY_DELAYS_S": "[0.5, 1, 2]",
             "RELAIS_PRODUCERS_FILE": str(REPO / "deploy/dev/producers.yaml"),
-            "RELAIS_TARGETS_FILE": str(write_targets(tmp_path / "t.yaml",
-                                                     {"demo": f"http://127.0.0.1:{self.target_port}/fhir"})),
+            "RELAIS_TARGETS_FILE": str(targets_file or write_targets(
+                tmp_path / "t.yaml", {"demo": f"http://127.0.0.1:{self.target_port}/fhir"})),
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.target: subprocess.Popen[bytes] | None = None

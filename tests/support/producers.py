@@ -22,8 +22,10 @@ def write_producers(path: Path, *, b_targets: list[str] | None = None) -> Path:
     return path
 
 
-def write_targets(path: Path, targets: dict[str, str]) -> Path:
-    """A targets file with `id: base_url` pairs."""
-    lines = ["targets:"] + [f"  - id: {tid}\n    base_url: {url}" for tid, url in targets.items()]
+def write_targets(path: Path, targets: dict[str, str], *, repair: dict[str, bool] | None = None) -> Path:
+    """A targets file with `id: base_url` pairs; `repair` (e.g. {"request_url": False}) applies to each."""
+    block = "" if repair is None else "\n    repair: {" + ", ".join(
+        f"{k}: {str(v).lower()}" for k, v in repair.items()) + "}"
+    lines = ["targets:"] + [f"  - id: {tid}\n    base_url: {url}{block}" for tid, url in targets.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

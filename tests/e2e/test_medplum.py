@@ -1,0 +1,195 @@
+"""The IG's published example shape, through Relais, to a real FHIR server (Medplum, in memory).
+
+The published TDDUI examples put profile names in `entry.request.url` and link entries with
+absolute `fullUrl`s and relative `Type/id` references. A real server refuses the first and does not
+rewrite the second. With repair on (the default) Relais delivers them so that every resource is
+created and every reference points at the created resource; with repair off the server's refusal
+reaches the dead-letter queue with its OperationOutcome.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from services.core.envelope import FHIR_JSON
+from services.ingress.status import (
+    ASSIGNED_EXTENSION_URL,
+    STATUS_EXTENSION_URL,
+    TARGET_EXTENSION_URL,
+)
+from tests.fixtures.tddui import make_bundle
+from tests.support.embedded import EmbeddedRelais
+from tests.support.medplum import MedplumServer, medplum_server  # noqa: F401 - the fixture
+from tests.support.processes import REPO
+from tests.support.producers import write_targets
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": "Bearer demo-token"}
+TARGET = "medplum"
+
+
+@pytest.fixture
+def relais_for(tmp_path: Path, medplum_server: MedplumServer) -> Iterator[Any]:  # noqa: F811
+    """Start `relais run` (embedded bus) delivering to Medplum with a given repair policy."""
+    started: list[EmbeddedRelais] = []
+
+    def start(repair: dict[str, bool] | None) -> EmbeddedRelais:
+        targets = write_targets(tmp_path / "targets.yaml", {TARGET: medplum_server.base_url}, repair=repair)
+        relais = EmbeddedRelais(tmp_path, targets_file=targets)
+        started.append(relais)
+        relais.start()
+        return relais
+
+    yield start
+    for relais in started:
+        assert relais.stop() in (0, None), relais.log_tail()
+
+
+def send(relais: EmbeddedRelais, bundle: dict[str, Any]) -> str:
+    answer = httpx.post(f"{relais.url}/fhir", content=orjson.dumps(bundle), timeout=30,
+                        headers={**AUTH, "Content-Type": FHIR_JSON, "X-Relais-Target": TARGET})
+    assert answer.status_code == 202, answer.text
+    return answer.headers["X-Relais-Transfer-Id"]
+
+
+def final_status(relais: EmbeddedRelais, transfer_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answer = httpx.get(f"{relais.url}/transfers/{transfer_id}", headers=AUTH, timeout=10)
+        if answer.status_code == 200:
+            return answer.json()  # type: ignore[no-any-return]
+        assert answer.status_code in (202, 404), answer.text  # 404: accepted, not yet in the ledger
+        time.sleep(0.2)
+    raise AssertionError(f"transfer {transfer_id} never completed\n{relais.log_tail()}")
+
+
+def target_entry(status: dict[str, Any]) -> dict[str, Any]:
+    assert status["resourceType"] == "Bundle" and status["type"] == "batch-response", status
+    (entry,) = [e for e in status["entry"]
+                if {"url": TARGET_EXTENSION_URL, "valueString": TARGET} in e.get("extension", [])]
+    return entry
+
+
+def assigned(entry: dict[str, Any]) -> dict[str, str]:
+    """fullUrl → location, from the per-target entry's assigned-id extensions."""
+    out = {}
+    for ext in entry.get("extension", []):
+        if ext["url"] == ASSIGNED_EXTENSION_URL:
+            parts = {p["url"]: p["valueUri"] for p in ext["extension"]}
+            out[parts["fullUrl"]] = parts["location"]
+    return out
+
+
+def type_and_id(location: str) -> str:
+    """`Type/id` of a location, absolute or relative, with or without `/_history/vid`."""
+    path = location.split("/_history/")[0].rstrip("/")
+    return "/".join(path.split("/")[-2:])
+
+
+def references(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("reference"), str):
+            yield node["reference"]
+        for key, value in node.items():
+            if key != "contained":
+                yield from references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from references(item)
+
+
+def test_published_style_bundle_is_created_on_medplum_with_its_references_intact(
+        relais_for: Any, medplum_server: MedplumServer) -> None:  # noqa: F811
+    relais = relais_for(None)  # repair: the defaults (on)
+    bundle = make_bundle(12, seed=808, published_style=True)
+    assert any(e["request"]["url"] != e["resource"]["resourceType"] for e in bundle["entry"])  # the IG's shape
+    transfer_id = send(relais, bundle)
+
+    status = final_status(relais, transfer_id)
+    entry = target_entry(status)
+    assert {"url": STATUS_EXTENSION_URL, "valueCode": "delivered"} in entry["extension"], entry
+    response = entry["resource"]
+    assert response["resourceType"] == "Bundle" and response["type"] == "transaction-response"
+    assert [e["response"]["status"].split()[0] for e in response["entry"]] == ["201"] * 12
+
+    # The status maps every fullUrl the producer sent to the resource the server created for it.
+    mapping = assigned(entry)
+    originals = [e["fullUrl"] for e in bundle["entry"]]
+    assert sorted(mapping) == sorted(originals)
+    created: dict[str, dict[str, Any]] = {}  # Type/id on Medplum → the resource read back
+    original_to_new: dict[str, str] = {}
+    for sent in bundle["entry"]:
+        new = type_and_id(mapping[sent["fullUrl"]])
+        resource = medplum_server.read(new)
+        assert resource is not None, f"{sent['fullUrl']} → {new}: not on the server"
+        assert resource["resourceType"] == sent["resource"]["resourceType"]
+        assert resource["id"] == new.split("/")[1] != sent["resource"]["id"]  # the server assigned it
+        created[new] = resource
+        original_to_new[f"{sent['resource']['resourceType']}/{sent['resource']['id']}"] = new
+
+    # Every reference between entries, read back from the server, names a resource it created —
+    # the very one the producer meant.
+    checked = 0
+    for sent in bundle["entry"]:
+        stored = created[type_and_id(mapping[sent["fullUrl"]])]
+        meant = list(references(sent["resource"]))
+        got = list(references(stored))
+        assert len(got) == len(meant)
+        for before, after in zip(meant, got, strict=True):
+            target = type_and_id(before)
+            if target in original_to_new:  # a reference to another entry of the Bundle
+                assert after == original_to_new[target], f"{before} became {after}"
+                assert medplum_server.read(after) is not None
+                checked += 1
+            else:
+                assert after == before  # outside the Bundle: untouched
+    assert checked >= 11, "the fixture links every entry to an earlier one"
+
+    # And nothing else was created (one Bundle, twelve resources).
+    for rtype in {e["resource"]["resourceType"] for e in bundle["entry"]}:
+        found = medplum_server.get(rtype).json()
+        expected = sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] == rtype)
+        assert len(found.get("entry", [])) == expected, rtype
+
+
+def test_without_repair_medplums_refusal_is_dead_lettered_with_its_operation_outcome(
+        relais_for: Any, medplum_server: MedplumServer) -> None:  # noqa: F811
+    relais = relais_for({"request_url": False, "references": False})
+    transfer_id = send(relais, make_bundle(12, seed=809, published_style=True))
+
+    status = final_status(relais, transfer_id)
+    outcome = dead_letter_outcome(status)
+    assert outcome["resourceType"] == "OperationOutcome", status
+    text = orjson.dumps(outcome).decode()
+    assert "Incorrect resource type" in text and "TDDUIOrganization" in text, text  # Medplum's own words
+
+    # The operator's view: one open dead letter for (transfer, medplum), HTTP 400, Medplum's outcome.
+    listing = subprocess.run([sys.executable, "-m", "services.cli", "dlq", "list", "--target", TARGET],
+                             env=relais.env, cwd=REPO, capture_output=True, timeout=60, check=True)
+    letters = [orjson.loads(line) for line in listing.stdout.splitlines() if line.strip()]
+    assert len(letters) == 1, listing.stdout
+    letter = letters[0]
+    flat = orjson.dumps(letter).decode()
+    assert transfer_id in flat and "400" in flat, letter
+    # Nothing was created on the server.
+    for rtype in ("Organization", "Patient", "Encounter"):
+        assert not medplum_server.get(rtype).json().get("entry"), rtype
+
+
+def dead_letter_outcome(status: dict[str, Any]) -> dict[str, Any]:
+    """The target's OperationOutcome from a final status: a per-target entry, or the outcome itself."""
+    if status.get("resourceType") == "OperationOutcome":
+        return status
+    entry = target_entry(status)
+    assert {"url": STATUS_EXTENSION_URL, "valueCode": "dead-lettered"} in entry["extension"], entry
+    assert entry["response"]["status"].startswith("400"), entry
+    return entry["response"]["outcome"]  # type: ignore[no-any-return]

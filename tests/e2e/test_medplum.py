@@ -74,9 +74,10 @@ def final_status(relais: EmbeddedRelais, transfer_id: str, timeout_s: float = 60
 
 def target_entry(status: dict[str, Any]) -> dict[str, Any]:
     assert status["resourceType"] == "Bundle" and status["type"] == "batch-response", status
-    (entry,) = [e for e in status["entry"]
-                if {"url": TARGET_EXTENSION_URL, "valueString": TARGET} in e.get("extension", [])]
-    return entry
+    entries: list[dict[str, Any]] = [e for e in status["entry"]
+                                     if {"url": TARGET_EXTENSION_URL, "valueString": TARGET} in e.get("extension", [])]
+    assert len(entries) == 1, status
+    return entries[0]
 
 
 def assigned(entry: dict[str, Any]) -> dict[str, str]:
@@ -178,11 +179,26 @@ def test_without_repair_medplums_refusal_is_dead_lettered_with_its_operation_out
     letters = [orjson.loads(line) for line in listing.stdout.splitlines() if line.strip()]
     assert len(letters) == 1, listing.stdout
     letter = letters[0]
-    flat = orjson.dumps(letter).decode()
-    assert transfer_id in flat and "400" in flat, letter
+    assert (letter["transfer_id"], letter["target"], letter["last_http_status"]) == (transfer_id, TARGET, 400)
+    assert letter["outcome"] == outcome, letter
     # Nothing was created on the server.
     for rtype in ("Organization", "Patient", "Encounter"):
         assert not medplum_server.get(rtype).json().get("entry"), rtype
+
+
+def test_without_reference_repair_medplum_creates_everything_but_the_references_dangle(
+        relais_for: Any, medplum_server: MedplumServer) -> None:  # noqa: F811
+    """Why `repair.references` exists: the issue's second finding, reproduced on the real server."""
+    relais = relais_for({"request_url": True, "references": False})
+    bundle = make_bundle(3, seed=810, published_style=True)  # Organization, Patient, Encounter séjour
+    status = final_status(relais, send(relais, bundle))
+    mapping = assigned(target_entry(status))
+    stay = medplum_server.read(type_and_id(mapping[bundle["entry"][2]["fullUrl"]]))
+    assert stay is not None
+    sent_subject = bundle["entry"][2]["resource"]["subject"]["reference"]
+    assert stay["subject"]["reference"] == sent_subject  # stored as sent: the producer's id…
+    assert medplum_server.read(sent_subject) is None  # …which names nothing on this server
+    assert medplum_server.read(type_and_id(mapping[bundle["entry"][1]["fullUrl"]])) is not None
 
 
 def dead_letter_outcome(status: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import pytest
 from tests.fixtures.tddui import make_bundle
 from tests.support.embedded import EmbeddedRelais
 from tests.support.processes import REPO
+from tests.support.schemas import check_embedded_log
 
 pytestmark = pytest.mark.e2e
 
@@ -93,5 +94,9 @@ def test_send_1000_files_interrupted_then_resumed(tmp_path: Path) -> None:
         counts = ledger_transfers(tmp_path)
         assert sum(counts.values()) == expected["accepted"], counts
         assert counts == {"delivered": 950, "rejected": 20}, counts
+        # Every record the pipeline wrote matches schemas/envelope.schema.json and schemas/asyncapi.yaml.
+        topics = check_embedded_log(tmp_path / "log.db")
+        assert {"transfers.received", "transfers.validated", "transfers.rejected", "deliveries",
+                "deliveries.retry.1", "transfers.events"} <= set(topics), topics
     finally:
         relais.stop()

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,6 +44,10 @@ def ensure_installed() -> str:
     if node is None:
         _unavailable("no `node` on PATH")
     assert node is not None
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    major = re.match(r"v(\d+)\.", version)
+    if major is None or int(major[1]) < 20:
+        _unavailable(f"`node` is {version or 'unknown'}; @medplum 4.5.2 needs Node 20.19+")
     if not (MEDPLUM_DIR / "node_modules" / "@medplum" / "fhir-router" / "package.json").is_file():
         npm = shutil.which("npm")
         if npm is None:

@@ -1,0 +1,132 @@
+"""The deployment files name only commands and settings that exist, so they cannot rot unnoticed.
+
+No Docker engine or Kubernetes cluster runs here; this is what can be checked without one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.cli import build_parser
+from services.core.settings import Settings
+from services.core.settings_doc import env_example
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = {f"RELAIS_{name.upper()}" for name in Settings.model_fields}
+OWN_PARSER_COMMANDS = {"demo-target", "dev-kafka", "dlq", "ledger", "targets"}
+
+
+def check_command(argv: list[str]) -> None:
+    """The argv is a `relais` command line the CLI accepts."""
+    assert argv, "empty command"
+    if argv[0] in OWN_PARSER_COMMANDS:
+        commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        assert argv[0] in commands
+        if argv[0] == "demo-target":
+            from services.demotarget.__main__ import _parser as demo_parser
+
+            demo_parser().parse_args(argv[1:])
+        return
+    build_parser().parse_args(argv)
+
+
+def relais_env(env: Any) -> set[str]:
+    if isinstance(env, dict):
+        return {k for k in env if k.startswith("RELAIS_")}
+    return {e["name"] for e in env or [] if e["name"].startswith("RELAIS_")}
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((ROOT / "deploy/k8s/relais.yaml").read_text()) if d]
+
+
+def test_compose_services_run_real_commands_with_real_settings() -> None:
+    services = compose()["services"]
+    relais_services = {n: s for n, s in services.items() if s.get("image", "").startswith("relais")}
+    assert {"ingress", "validator", "router", "delivery", "tracker", "demo-target"} <= set(relais_services)
+    for name, service in relais_services.items():
+        check_command(service["command"])
+        unknown = relais_env(service.get("environment")) - SETTINGS
+        assert not unknown, f"{name}: unknown settings {unknown}"
+        assert "healthcheck" in service, name
+
+
+def test_compose_stages_wait_for_healthy_dependencies() -> None:
+    services = compose()["services"]
+    for name in ("ingress", "validator", "router", "delivery", "tracker"):
+        depends = services[name]["depends_on"]
+        assert depends == {"kafka": {"condition": "service_healthy"}, "postgres": {"condition": "service_healthy"}}
+    for name in ("kafka", "postgres"):
+        assert "healthcheck" in services[name]
+
+
+def test_compose_config_files_exist_and_load() -> None:
+    from services.core.targets import load_targets
+    from services.ingress.producers import load_producers
+
+    env = compose()["services"]["ingress"]["environment"]
+    mount = ROOT / "deploy/compose"
+    for var in ("RELAIS_PRODUCERS_FILE", "RELAIS_TARGETS_FILE", "RELAIS_OPERATORS_FILE"):
+        assert (mount / Path(env[var]).name).is_file(), var
+    load_producers(mount / "producers.yaml")
+    assert load_targets(mount / "targets.yaml").get("demo") is not None
+
+
+def test_kubernetes_deployments() -> None:
+    docs = k8s_docs()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {f"relais-{s}" for s in ("ingress", "validator", "router", "delivery", "tracker",
+                                                          "alerts")}
+    for name, d in deployments.items():
+        pod = d["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        check_command(container["args"])
+        env = {e["name"]: e for e in container["env"]}
+        assert not (relais_env(container["env"]) - SETTINGS), name
+        grace = float(env["RELAIS_SHUTDOWN_GRACE_S"]["value"])
+        assert pod["terminationGracePeriodSeconds"] > grace, name  # the stage finishes before the kill
+        ports = {p["name"] for p in container["ports"]}
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["port"] in ports, (name, probe)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    kinds = {d["kind"] for d in docs}
+    assert {"Secret", "ConfigMap", "Service", "HorizontalPodAutoscaler"} <= kinds
+
+
+def test_hpa_scales_on_a_metric_relais_exports() -> None:
+    from services.core import metrics
+
+    [hpa] = [d for d in k8s_docs() if d["kind"] == "HorizontalPodAutoscaler"]
+    metric = hpa["spec"]["metrics"][0]["external"]["metric"]["name"]
+    exported = {getattr(m, "_name", None) for m in vars(metrics).values()}
+    assert metric in exported
+
+
+def test_dockerfile_runs_relais_as_non_root() -> None:
+    text = (ROOT / "deploy/Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["relais"\]$', text, re.M)
+    user = re.search(r"^USER (\S+)$", text, re.M)
+    assert user and user.group(1) != "root"
+    assert "HEALTHCHECK" in text
+    assert set(re.findall(r"RELAIS_[A-Z_]+", text)) <= SETTINGS
+
+
+def test_env_example_is_current() -> None:
+    assert (ROOT / ".env.example").read_text() == env_example() + "\n", (
+        "regenerate with: python -m services.core.settings_doc --env > .env.example")
+
+
+@pytest.mark.parametrize("path", ["deploy/dev/producers.yaml", "deploy/compose/producers.yaml"])
+def test_demo_producer_files_load(path: str) -> None:
+    from services.ingress.producers import load_producers
+
+    assert load_producers(ROOT / path).authenticate("demo-token") is not None

@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with Relais and its development tools
 
-run: $(STAMP)  ## every stage in one process, a local Kafka, a demo target, demo credentials
+run: $(STAMP)  ## every stage in one process (embedded bus), a demo target, demo credentials
 	RELAIS_PRODUCERS_FILE=$${RELAIS_PRODUCERS_FILE:-deploy/dev/producers.yaml} \
 	RELAIS_TARGETS_FILE=$${RELAIS_TARGETS_FILE:-deploy/dev/targets.yaml} \
+	RELAIS_OPERATORS_FILE=$${RELAIS_OPERATORS_FILE:-deploy/dev/operators.yaml} \
 	$(BIN)/relais run --demo-target
 
 test: $(STAMP)  ## the whole suite: unit, integration (real Kafka), end to end (processes)

@@ -21,6 +21,8 @@ def main() -> int:
     parser.add_argument("--accept", type=int, default=2000, help="Bundles for the ingress acceptance run")
     parser.add_argument("--e2e", type=int, default=500, help="Bundles for the end-to-end run")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients")
+    parser.add_argument("--only", choices=("pipeline", "buses", "delivery"), default=None,
+                        help="run one Kafka-backed benchmark (default: pipeline and buses)")
     parser.add_argument("--validator", action="store_true",
                         help="run only the validator benchmark (one core, no Kafka): tests/bench/validator.py")
     args = parser.parse_args()
@@ -38,10 +40,23 @@ def main() -> int:
         print("bench: starting a local Kafka ...", file=sys.stderr)
         kafka = LocalKafka().start()
         bootstrap = kafka.bootstrap
+    lines: list[str] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="relais-bench-") as work:
-            lines = asyncio.run(pipeline.run(bootstrap, Path(work), accept_count=args.accept,
-                                             e2e_count=args.e2e, concurrency=args.concurrency))
+        if args.only in (None, "pipeline"):
+            print("bench: pipeline (one process per stage, Kafka) ...", file=sys.stderr)
+            with tempfile.TemporaryDirectory(prefix="relais-bench-") as work:
+                lines += asyncio.run(pipeline.run(bootstrap, Path(work), accept_count=args.accept,
+                                                  e2e_count=args.e2e, concurrency=args.concurrency))
+        if args.only in (None, "buses"):
+            from tests.bench import buses
+
+            print("bench: embedded bus beside Kafka ...", file=sys.stderr)
+            lines += buses.run(bootstrap)
+        if args.only == "delivery":
+            from tests.bench import delivery
+
+            with tempfile.TemporaryDirectory(prefix="relais-bench-delivery-") as work:
+                lines += asyncio.run(delivery.bench(bootstrap, Path(work), 600))
     finally:
         if kafka is not None:
             kafka.stop()

@@ -21,7 +21,15 @@ run: $(STAMP)  ## every stage in one process (embedded bus), a demo target, demo
 	RELAIS_OPERATORS_FILE=$${RELAIS_OPERATORS_FILE:-deploy/dev/operators.yaml} \
 	$(BIN)/relais run --demo-target
 
-test: $(STAMP)  ## the whole suite: unit, integration (real Kafka), end to end (processes)
+MEDPLUM := tests/medplum/node_modules/.installed
+
+$(MEDPLUM): tests/medplum/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  echo "installing Medplum (the real FHIR server of the e2e tests) from tests/medplum/package-lock.json ..."; \
+	  (cd tests/medplum && npm ci --no-audit --no-fund --loglevel=error) && touch $@; \
+	else echo "npm not found: the Medplum end-to-end tests will skip (they fail in CI)"; fi
+
+test: $(STAMP) $(MEDPLUM)  ## the whole suite: unit, integration (real Kafka), end to end (processes)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only: no network, seconds

@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from services.core.crypto import DecryptionError, Keyring, is_sealed_blob
 from services.core.errors import ConfigurationError, PermanentError, TransientError
 from services.core.settings import Settings
 
@@ -65,6 +66,23 @@ class BlobStore(Protocol):
         """The payload, checked against `ref.sha256`; BlobIntegrityError otherwise."""
 
 
+def _seal(keyring: Keyring | None, sha: str, data: bytes) -> bytes:
+    """What is stored for a payload: itself, or sealed (bound to its SHA-256 address) when encrypting."""
+    return data if keyring is None else keyring.seal_blob(data, f"relais-blob/1|{sha}".encode())
+
+
+def _open(keyring: Keyring | None, ref: BlobRef, stored: bytes) -> bytes:
+    """The payload of a stored blob, decrypted when sealed, then checked against its SHA-256."""
+    if is_sealed_blob(stored):
+        if keyring is None:
+            raise BlobIntegrityError(f"blob {ref.uri} is encrypted but no encryption key is configured")
+        try:
+            stored = keyring.open_blob(stored, f"relais-blob/1|{ref.sha256}".encode())
+        except DecryptionError as exc:
+            raise BlobIntegrityError(f"blob {ref.uri}: {exc}") from exc
+    return _verify(ref, stored)
+
+
 def _verify(ref: BlobRef, data: bytes) -> bytes:
     digest = hashlib.sha256(data).hexdigest()
     if digest != ref.sha256:
@@ -75,8 +93,9 @@ def _verify(ref: BlobRef, data: bytes) -> bytes:
 class LocalBlobStore:
     """Blobs as files under one directory, named by their SHA-256."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keyring: Keyring | None = None) -> None:
         self.root = Path(root)
+        self.keyring = keyring
 
     def _path(self, sha: str) -> Path:
         return self.root / sha[:2] / sha
@@ -84,7 +103,7 @@ class LocalBlobStore:
     async def put(self, data: bytes) -> BlobRef:
         """Write atomically (temporary file, fsync, rename)."""
         sha = hashlib.sha256(data).hexdigest()
-        await asyncio.to_thread(self._write, sha, data)
+        await asyncio.to_thread(self._write, sha, _seal(self.keyring, sha, data))
         return BlobRef(f"local:{sha}", sha, len(data))
 
     def _write(self, sha: str, data: bytes) -> None:
@@ -111,7 +130,7 @@ class LocalBlobStore:
             data = await asyncio.to_thread(self._path(ref.uri[len("local:"):]).read_bytes)
         except FileNotFoundError as exc:
             raise BlobIntegrityError(f"blob {ref.uri} is missing from {self.root}") from exc
-        return _verify(ref, data)
+        return _open(self.keyring, ref, data)
 
 
 # --- S3-compatible -------------------------------------------------------------------------------
@@ -157,7 +176,9 @@ class S3BlobStore:
     """Blobs as objects `<prefix><sha256>` in an S3-compatible bucket (path-style URLs)."""
 
     def __init__(self, endpoint: str, bucket: str, region: str, access_key: str, secret_key: str,
-                 prefix: str = "relais/", client: httpx.AsyncClient | None = None) -> None:
+                 prefix: str = "relais/", client: httpx.AsyncClient | None = None,
+                 keyring: Keyring | None = None) -> None:
+        self.keyring = keyring
         self.endpoint, self.bucket, self.region, self.prefix = endpoint.rstrip("/"), bucket, region, prefix
         self._keys = (access_key, secret_key)
         self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0))
@@ -177,7 +198,8 @@ class S3BlobStore:
         """PUT the object; 5xx and network trouble are transient."""
         sha = hashlib.sha256(data).hexdigest()
         url = self._url(sha)
-        response = await self._send("PUT", url, data, sha)
+        stored = _seal(self.keyring, sha, data)
+        response = await self._send("PUT", url, stored, hashlib.sha256(stored).hexdigest())
         if response.status_code >= 500:
             raise TransientError(f"blob store answered {response.status_code}")
         if response.status_code >= 300:
@@ -194,7 +216,7 @@ class S3BlobStore:
             raise BlobIntegrityError(f"blob {ref.uri} is missing from the blob store")
         if response.status_code >= 300:
             raise ConfigurationError(f"blob store refused GET {url}: HTTP {response.status_code}")
-        return _verify(ref, response.content)
+        return _open(self.keyring, ref, response.content)
 
 
 def make_blob_store(settings: Settings) -> BlobStore:
@@ -204,8 +226,9 @@ def make_blob_store(settings: Settings) -> BlobStore:
             raise ConfigurationError("RELAIS_BLOB_S3_ENDPOINT needs RELAIS_BLOB_S3_BUCKET, "
                                      "RELAIS_BLOB_S3_ACCESS_KEY_ID and RELAIS_BLOB_S3_SECRET_ACCESS_KEY")
         return S3BlobStore(settings.blob_s3_endpoint, settings.blob_s3_bucket, settings.blob_s3_region,
-                           settings.blob_s3_access_key_id, settings.blob_s3_secret_access_key)
-    return LocalBlobStore(settings.blob_dir)
+                           settings.blob_s3_access_key_id, settings.blob_s3_secret_access_key,
+                           keyring=Keyring.from_settings(settings))
+    return LocalBlobStore(settings.blob_dir, Keyring.from_settings(settings))
 
 
 async def resolve_payload(store: BlobStore, data: bytes, extra: Mapping[str, str]) -> bytes:

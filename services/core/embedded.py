@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from services.core.bus import Partition
+from services.core.crypto import Keyring, open_envelope, seal_envelope
 from services.core.envelope import Emit, Envelope, EnvelopeError, Record
 from services.core.errors import BusUnavailable, ConfigurationError
 from services.core.settings import Settings
@@ -184,6 +185,7 @@ class EmbeddedBus:
     def __init__(self, settings: Settings, path: Path | None = None) -> None:
         self.settings = settings
         self.log = EmbeddedLog(path or settings.embedded_log_path)
+        self.keyring = Keyring.from_settings(settings)  # None: record values are written in clear
         self._started = False
 
     async def start(self) -> None:
@@ -206,8 +208,8 @@ class EmbeddedBus:
         self.log.appended.set()
 
     def _row(self, emit: Emit) -> tuple[str, bytes | None, bytes, str]:
-        return (self.settings.topic(emit.topic), emit.key, emit.envelope.data,
-                _encode_headers(emit.envelope.to_headers()))
+        value, headers = seal_envelope(self.keyring, emit.envelope)
+        return (self.settings.topic(emit.topic), emit.key, value, _encode_headers(headers))
 
     def subscribe(self, stage: str, topics: Sequence[str]) -> EmbeddedSubscription:
         """The (only) member of the stage's group in this process."""
@@ -266,7 +268,7 @@ class EmbeddedSubscription:
         records = []
         for topic, p, offset, key, value, headers in rows:
             self._positions[(topic, p)] = offset + 1
-            records.append(Record(self.bus._logical(topic), p, offset, key, _envelope(headers, value)))
+            records.append(Record(self.bus._logical(topic), p, offset, key, _envelope(headers, value, self.bus.keyring)))
         return records
 
     async def complete(self, emits: Sequence[Emit], offsets: Mapping[Partition, int]) -> None:
@@ -289,9 +291,9 @@ class EmbeddedSubscription:
         return {Partition(self.bus._logical(t), p) for t, p in self._positions}
 
 
-def _envelope(headers: str, value: bytes) -> Envelope:
+def _envelope(headers: str, value: bytes, keyring: Keyring | None = None) -> Envelope:
     try:
-        return Envelope.from_headers(_decode_headers(headers), value)
+        return open_envelope(keyring, Envelope.from_headers(_decode_headers(headers), value))
     except EnvelopeError as exc:
         return Envelope(type="fr.relais.invalid", source="/relais/unknown", transfer_id="unknown", data=value,
                         extra={"envelopeerror": str(exc)})

@@ -12,6 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from services.core.bus import Partition
+from services.core.crypto import Keyring, open_envelope, seal_envelope
 from services.core.envelope import Emit, Envelope, EnvelopeError, Record
 from services.core.errors import BusUnavailable, ConfigurationError
 from services.core.logging import get_logger
@@ -33,6 +34,7 @@ class KafkaBus:
         self.bootstrap = settings.kafka_bootstrap
         self._producer: AIOKafkaProducer | None = None
         self._instance = settings.instance_id or uuid.uuid4().hex[:12]
+        self.keyring = Keyring.from_settings(settings)  # None: record values are written in clear
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -95,9 +97,9 @@ class KafkaBus:
             raise BusUnavailable(f"Kafka did not acknowledge: {type(exc).__name__} {exc}") from exc
 
     async def _send(self, producer: AIOKafkaProducer, emit: Emit) -> asyncio.Future[object]:
+        value, headers = seal_envelope(self.keyring, emit.envelope)
         return await producer.send(  # type: ignore[no-any-return]
-            self.settings.topic(emit.topic), value=emit.envelope.data, key=emit.key,
-            headers=emit.envelope.to_headers(),
+            self.settings.topic(emit.topic), value=value, key=emit.key, headers=headers,
         )
 
     # --- consuming -------------------------------------------------------------------------
@@ -188,7 +190,7 @@ class KafkaSubscription:
     def _record(self, m: ConsumerRecord[bytes, bytes]) -> Record:
         topic = self.bus._logical(m.topic)
         try:
-            envelope = Envelope.from_headers(m.headers, m.value)
+            envelope = open_envelope(self.bus.keyring, Envelope.from_headers(m.headers, m.value))
         except EnvelopeError as exc:
             # A foreign or corrupt record still has to reach the stage so it can be dead-lettered.
             envelope = Envelope(type="fr.relais.invalid", source="/relais/unknown", transfer_id="unknown",

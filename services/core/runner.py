@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from services.core.bus import Bus, Partition, Subscription
+from services.core.crypto import X_DECRYPT_ERROR, DecryptionError
 from services.core.envelope import Emit, Record, event
 from services.core.errors import TransientError
 from services.core.logging import get_logger
@@ -126,6 +127,8 @@ async def _handle_record(stage: Stage, record: Record) -> Sequence[Emit]:
     started = time.perf_counter()
     outcome = "ok"
     try:
+        if X_DECRYPT_ERROR in env.extra:  # tampered or unknown key: never handed to the stage
+            raise DecryptionError(env.extra[X_DECRYPT_ERROR])
         return await stage.handle(record)
     except TransientError as exc:
         outcome = "transient"

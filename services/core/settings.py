@@ -50,6 +50,63 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 when Kafka is down.")
 
+    # --- ingress security (see README, "Security") ------------------------------------------
+    tls_certfile: Path | None = Field(
+        default=None, description="Ingress server certificate (PEM); set with RELAIS_TLS_KEYFILE to serve HTTPS. "
+        "Re-read when it changes.",
+    )
+    tls_keyfile: Path | None = Field(default=None, description="Private key of RELAIS_TLS_CERTFILE (PEM).")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) that issues producers' client certificates; enables mutual TLS "
+        "(a client certificate is then verified when presented). Re-read when it changes.",
+    )
+    tls_crl_file: Path | None = Field(
+        default=None, description="CRL (PEM or DER) of the client CA; a revoked producer certificate is refused. "
+        "Re-read when it changes.",
+    )
+    tls_revoked_fingerprints: Annotated[list[str], NoDecode] = Field(
+        default=[], description="SHA-256 fingerprints (hex) of client certificates refused whatever the producers "
+        "file says (comma-separated or JSON list).",
+    )
+    body_read_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest time a request body may take to arrive (408 after): a slow or "
+        "endless upload does not hold a worker.",
+    )
+    max_json_depth: int = Field(
+        default=64, ge=8, le=1000, description="Deepest JSON nesting accepted in a Bundle (400 above).",
+    )
+    max_bundle_entries: int = Field(
+        default=10000, ge=1, description="Most Bundle.entry items accepted in one transfer (413 above).",
+    )
+    producer_rate_per_s: float = Field(
+        default=0.0, ge=0, description="Requests per second each producer may make (token bucket, burst "
+        "RELAIS_PRODUCER_RATE_BURST; 429 + Retry-After above). 0: no rate limit. Production: e.g. 20.",
+    )
+    producer_rate_burst: int = Field(
+        default=100, ge=1, description="Requests a producer may make at once before the rate limit applies.",
+    )
+    producer_max_concurrent: int = Field(
+        default=0, ge=0, description="Requests one producer may have in flight at once (429 above). 0: no limit. "
+        "Production: e.g. 16.",
+    )
+    auth_reload_s: float = Field(
+        default=5.0, gt=0, description="How often the producers and operators files (and TLS files) are checked "
+        "for changes; a changed file is re-read without restart.",
+    )
+
+    # --- encryption at rest ------------------------------------------------------------------
+    encryption_keys: str | None = Field(
+        default=None, description="Key-encryption keys 'kid:base64(32 bytes)', comma-separated; the first (or "
+        "RELAIS_ENCRYPTION_KEY_ID) encrypts, all decrypt. Set to encrypt record values and blobs (AES-256-GCM).",
+    )
+    encryption_keys_file: Path | None = Field(
+        default=None, description="File of key-encryption keys, one 'kid:base64' per line (first encrypts); "
+        "re-read when it changes, so keys rotate without restart.",
+    )
+    encryption_key_id: str | None = Field(
+        default=None, description="Id of the key that encrypts new records (default: the first key listed).",
+    )
+
     # --- routing and delivery ----------------------------------------------------------------
     targets_file: Path | None = Field(default=None, description="YAML file of targets (id, base_url, ...).")
     delivery_timeout_s: float = Field(default=30.0, gt=0, description="Total timeout of one POST to a target.")
@@ -97,6 +154,10 @@ class Settings(BaseSettings):
         default=90.0, gt=0, description="`relais ledger purge` removes finished transfers (and their history and "
         "the operator access log) older than this many days.",
     )
+    audit_retention_days: float = Field(
+        default=1095.0, gt=0, description="`relais ledger purge` removes audit-trail rows older than this many days "
+        "(default 3 years: proof of who sent, received and looked at what outlives the transfers themselves).",
+    )
 
     # --- operators ---------------------------------------------------------------------------
     operators_file: Path | None = Field(
@@ -142,6 +203,15 @@ class Settings(BaseSettings):
             raise ValueError("every retry delay must be > 0 seconds, e.g. RELAIS_RETRY_DELAYS_S='[10, 60, 600]'")
         return v
 
+    @field_validator("tls_revoked_fingerprints", mode="before")
+    @classmethod
+    def _fingerprints(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
+        if isinstance(v, list):
+            return [r.strip().replace(":", "").lower() for r in v if isinstance(r, str) and r.strip()]
+        return v
+
     @field_validator("validation_ignore_rules", mode="before")
     @classmethod
     def _rule_list(cls, v: object) -> object:
@@ -158,7 +228,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_files(self) -> Settings:
-        for name in ("producers_file", "targets_file", "operators_file"):
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both RELAIS_TLS_CERTFILE and RELAIS_TLS_KEYFILE (or neither)")
+        if self.tls_client_ca_file is not None and self.tls_certfile is None:
+            raise ValueError("RELAIS_TLS_CLIENT_CA_FILE (mutual TLS) needs RELAIS_TLS_CERTFILE and RELAIS_TLS_KEYFILE")
+        for name in ("producers_file", "targets_file", "operators_file", "tls_certfile", "tls_keyfile",
+                     "tls_client_ca_file", "tls_crl_file", "encryption_keys_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 env = f"RELAIS_{name.upper()}"

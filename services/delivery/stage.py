@@ -177,7 +177,8 @@ class DeliveryStage:
         failure = classify(attempt.status, sent=attempt.sent)
         if failure is Failure.NONE and not _is_transaction_response(attempt.json()):
             failure = Failure.PERMANENT  # a 2xx that does not say what was created proves nothing
-            attempt = Attempt(attempt.status, attempt.body, error="2xx without a transaction-response Bundle")
+            attempt = Attempt(attempt.status, attempt.body,
+                              error="2xx without a transaction-response Bundle whose every entry succeeded")
         self._learn(rt, BreakerEvent.FAILURE if failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)
                     else BreakerEvent.SUCCESS)
         sent = sent_at if failure is Failure.AMBIGUOUS else None
@@ -333,4 +334,13 @@ def _moment(text: str | None) -> datetime | None:
 
 
 def _is_transaction_response(body: dict[str, Any] | None) -> bool:
-    return bool(body) and body.get("resourceType") == "Bundle" and body.get("type") == "transaction-response"  # type: ignore[union-attr]
+    """A transaction-response whose every entry succeeded ("201", "201 Created", ...).
+
+    Some servers run a transaction as a batch and answer 200 with failed entries inside; that is a
+    partial application, not a delivery, and must not be reported as one.
+    """
+    if not body or body.get("resourceType") != "Bundle" or body.get("type") != "transaction-response":
+        return False
+    entries = body.get("entry") or []
+    return all(isinstance(e, dict) and str((e.get("response") or {}).get("status", "")).strip().startswith("2")
+               for e in entries)

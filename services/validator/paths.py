@@ -40,15 +40,20 @@ class Segment:
                 if len(key) > n and key.startswith(name) and key[n].isupper():
                     _expand(out, key, value)
             return out
-        value = node.get(self.name)
-        if value is None and not self.also_underscore:
-            return []
-        if self.also_underscore and not isinstance(value, dict | list):
+        name = self.name
+        value = node.get(name)
+        if not self.also_underscore:
+            if value is None:
+                return []
+            if isinstance(value, list):
+                return [(name, i, v) for i, v in enumerate(value) if v is not None]
+            return [(name, None, value)]
+        if not isinstance(value, dict | list):
             # A primitive's extensions live in `_name`; a primitive without them still has "no extension".
-            twin = node.get("_" + self.name)
+            twin = node.get("_" + name)
             value = twin if twin is not None or value is None else {}
-        out = []
-        _expand(out, self.name, value)
+        out: list[Item] = []
+        _expand(out, name, value)
         return out
 
 
@@ -89,8 +94,10 @@ def walk(node: Any, at: str, segments: tuple[Segment, ...]) -> list[Node]:
     current: list[Node] = [(at, node)]
     for segment in segments:
         nxt: list[Node] = []
+        append = nxt.append
         for loc, value in current:
-            nxt.extend(segment.children(value, loc))
+            for key, index, child in segment.select(value):
+                append((f"{loc}.{key}" if index is None else f"{loc}.{key}[{index}]", child))
         current = nxt
         if not current:
             break

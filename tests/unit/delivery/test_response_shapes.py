@@ -113,3 +113,14 @@ async def deliver(tmp_path: Path, bundle: dict[str, Any],
         return list(await stage.handle(Record(DELIVERIES, 0, 0, b"tr-1", env)))
     finally:
         await stage.aclose()
+
+
+async def test_a_transaction_run_as_a_batch_with_a_failed_entry_is_not_delivered(tmp_path: Path) -> None:
+    # Medplum without transactions enabled answers 200 transaction-response with per-entry statuses.
+    partial = {"resourceType": "Bundle", "type": "transaction-response", "entry": [
+        {"response": {"status": "400", "outcome": {"resourceType": "OperationOutcome", "issue": []}}},
+        {"response": {"status": "201", "location": "Patient/1"}},
+        {"response": {"status": "201", "location": "Encounter/2"}}]}
+    emits = await deliver(tmp_path, make_bundle(3, seed=6), lambda _: httpx.Response(200, json=partial))
+    assert [e for e in emits if e.topic == DELIVERIES_DLQ]
+    assert not [e for e in emits if e.envelope.type == "fr.relais.event.delivered"]

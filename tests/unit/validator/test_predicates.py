@@ -125,7 +125,7 @@ def _agrees(rule: str, node: Any) -> None:
 
 
 @pytest.mark.parametrize("rule", TWINNED)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_twin_agrees_with_fhirpathpy_on_generated_content(rule: str, data: st.DataObject) -> None:
     strategy = CONTENT.get(rule.split("/")[0], IDENTIFIERS)
@@ -133,7 +133,7 @@ def test_twin_agrees_with_fhirpathpy_on_generated_content(rule: str, data: st.Da
 
 
 @pytest.mark.parametrize("rule", TWINNED)
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(node=JSONISH)
 def test_twin_agrees_or_defers_on_any_json(rule: str, node: Any) -> None:
     _agrees(rule, node)
@@ -167,7 +167,7 @@ VALUES = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(pattern=PATTERNS, value=VALUES)
 def test_pattern_matcher_agrees_with_matches(pattern: Any, value: Any) -> None:
     assert pattern_matcher(pattern)(value) is matches(value, pattern)

@@ -1,0 +1,142 @@
+"""Envelope encryption: seal/open, rotation, tampering, key files reloaded without restart."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from services.core import crypto
+from services.core.blobstore import BlobIntegrityError, BlobRef, LocalBlobStore
+from services.core.crypto import X_DECRYPT_ERROR, X_ENC_DEK, X_ENC_KID, DecryptionError, Keyring, parse_keys
+from services.core.envelope import Envelope
+from services.core.errors import ConfigurationError
+from services.core.settings import Settings
+
+K1 = crypto.new_key("k1")
+K2 = crypto.new_key("k2")
+BUNDLE = b'{"resourceType":"Bundle","entry":[{"resource":{"name":[{"family":"DUPONTEL"}]}}]}'
+
+
+def ring(*entries: str, current: str | None = None) -> Keyring:
+    return Keyring(parse_keys(",".join(entries), "test"), current)
+
+
+def env(data: bytes = BUNDLE) -> Envelope:
+    return Envelope(type="fr.relais.transfer.received", source="/t", transfer_id="t-1", data=data, producer="p")
+
+
+def test_seal_open_round_trip_and_headers() -> None:
+    keys = ring(K1)
+    value, headers = crypto.seal_envelope(keys, env())
+    names = dict(headers)
+    assert names["ce_enckid"] == b"k1" and "ce_encdek" in names
+    assert b"DUPONTEL" not in value and value != BUNDLE
+    back = crypto.open_envelope(keys, Envelope.from_headers(headers, value))
+    assert back.data == BUNDLE
+    assert X_ENC_KID not in back.extra and X_ENC_DEK not in back.extra and X_DECRYPT_ERROR not in back.extra
+
+
+def test_each_record_gets_its_own_data_key() -> None:
+    keys = ring(K1)
+    (v1, h1), (v2, h2) = crypto.seal_envelope(keys, env()), crypto.seal_envelope(keys, env())
+    assert v1 != v2 and dict(h1)["ce_encdek"] != dict(h2)["ce_encdek"]
+
+
+def test_off_without_keys() -> None:
+    value, headers = crypto.seal_envelope(None, env())
+    assert value == BUNDLE and "ce_enckid" not in dict(headers)
+    assert Keyring.from_settings(Settings()) is None
+
+
+def test_old_key_still_decrypts_after_rotation() -> None:
+    value, headers = crypto.seal_envelope(ring(K1), env())
+    rotated = ring(K2, K1)  # k2 now encrypts; k1 kept to read what is still in the topics
+    assert rotated.current == "k2"
+    assert crypto.open_envelope(rotated, Envelope.from_headers(headers, value)).data == BUNDLE
+    new_value, new_headers = crypto.seal_envelope(rotated, env())
+    assert dict(new_headers)["ce_enckid"] == b"k2"
+    assert crypto.open_envelope(ring(K2), Envelope.from_headers(new_headers, new_value)).data == BUNDLE
+
+
+@pytest.mark.parametrize("damage", ["flip-value", "truncate", "swap-record", "wrong-dek", "unknown-key", "no-key"])
+def test_tampered_record_is_marked_not_opened(damage: str) -> None:
+    keys = ring(K1)
+    value, headers = crypto.seal_envelope(keys, env())
+    h = dict(headers)
+    reader: Keyring | None = keys
+    if damage == "flip-value":
+        value = value[:20] + bytes([value[20] ^ 1]) + value[21:]
+    elif damage == "truncate":
+        value = value[:10]
+    elif damage == "swap-record":  # the same ciphertext under another record's id must not open
+        h["ce_id"] = b"another-event"
+    elif damage == "wrong-dek":
+        other, oh = crypto.seal_envelope(keys, env())
+        h["ce_encdek"] = dict(oh)["ce_encdek"]
+    elif damage == "unknown-key":
+        reader = ring(K2)
+    else:
+        reader = None
+    out = crypto.open_envelope(reader, Envelope.from_headers(list(h.items()), value))
+    assert X_DECRYPT_ERROR in out.extra
+    assert out.data == value  # kept sealed, never the plaintext
+    # Published again (to the poison topic) exactly as read, not sealed twice.
+    again, again_headers = crypto.seal_envelope(keys, out)
+    assert again == value and dict(again_headers)["ce_enckid"] == b"k1"
+
+
+def test_bad_key_material_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="32"):
+        parse_keys("k1:" + base64.b64encode(b"short").decode(), "test")
+    with pytest.raises(ConfigurationError):
+        parse_keys("no-colon", "test")
+    with pytest.raises(ConfigurationError, match="not among"):
+        Keyring.from_settings(Settings(encryption_keys=K1, encryption_key_id="k9"))
+
+
+def test_keys_file_rotates_without_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"# relais keys\n{K1}\n")
+    keys = Keyring.from_settings(Settings(encryption_keys_file=path))
+    assert keys is not None and keys.current == "k1"
+    path.write_text(f"{K2}\n{K1}\n")
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    monkeypatch.setattr(crypto, "RELOAD_EVERY_S", 0.0)
+    keys._next_check = 0.0
+    value, headers = crypto.seal_envelope(keys, env())
+    assert dict(headers)["ce_enckid"] == b"k2"
+    path.write_text("garbage")  # a bad edit keeps the previous keys
+    os.utime(path, (time.time() + 20, time.time() + 20))
+    keys._next_check = 0.0
+    assert crypto.open_envelope(keys, Envelope.from_headers(headers, value)).data == BUNDLE
+
+
+def test_blob_round_trip_rotation_and_tampering(tmp_path: Path) -> None:
+    import asyncio
+
+    async def go() -> None:
+        store = LocalBlobStore(tmp_path, ring(K1))
+        ref = await store.put(BUNDLE)
+        stored = (tmp_path / ref.sha256[:2] / ref.sha256).read_bytes()
+        assert b"DUPONTEL" not in stored and crypto.is_sealed_blob(stored)
+        assert await LocalBlobStore(tmp_path, ring(K2, K1)).get(ref) == BUNDLE
+        with pytest.raises(BlobIntegrityError):
+            await LocalBlobStore(tmp_path, None).get(ref)
+        path = tmp_path / ref.sha256[:2] / ref.sha256
+        path.write_bytes(stored[:-1] + bytes([stored[-1] ^ 1]))
+        with pytest.raises(BlobIntegrityError, match="authenticate"):
+            await store.get(ref)
+        # A plaintext blob written before encryption was turned on still reads.
+        plain = await LocalBlobStore(tmp_path / "p").put(b"old")
+        assert await LocalBlobStore(tmp_path / "p", ring(K1)).get(BlobRef(plain.uri, plain.sha256, 3)) == b"old"
+
+    asyncio.run(go())
+
+
+def test_open_rejects_garbage_blob() -> None:
+    with pytest.raises(DecryptionError):
+        ring(K1).open_blob(b"RLE1\x00", b"x")

@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_PORT ?= 8090
 
 .PHONY: install run test test-fast lint bench clean
 
@@ -19,7 +20,7 @@ run: $(STAMP)  ## every stage in one process (embedded bus), a demo target, demo
 	RELAIS_PRODUCERS_FILE=$${RELAIS_PRODUCERS_FILE:-deploy/dev/producers.yaml} \
 	RELAIS_TARGETS_FILE=$${RELAIS_TARGETS_FILE:-deploy/dev/targets.yaml} \
 	RELAIS_OPERATORS_FILE=$${RELAIS_OPERATORS_FILE:-deploy/dev/operators.yaml} \
-	$(BIN)/relais run --demo-target
+	$(BIN)/relais run --demo-target --demo-target-port $(DEMO_PORT)
 
 MEDPLUM := tests/medplum/node_modules/.installed
 

@@ -5,6 +5,10 @@ producers:
   - id: dui-acme-ssiad-paris          # appears in logs, the ledger and audit
     token_sha256: 9f86d081884c7d65...  # hex SHA-256 of the bearer token; the token itself is never stored
     targets: [sidoba, essms-a]        # optional: the targets it may name (absent: any configured target)
+    finess: ["750000001"]             # optional: the structures (ESSMS) it may send for (absent: any)
+    auth: token                       # token (default) | mtls (client certificate only) | both
+    cert_fingerprints_sha256: [ab12...]  # mtls/both: SHA-256 of the client certificate (DER), hex
+    cert_subjects: ["CN=dui-acme,O=ACME,C=FR"]  # mtls/both: or its subject (RFC 4514), issued by the CA
 ```
 Make a token and its hash with: `python -c "import secrets,hashlib;t=secrets.token_urlsafe(32);print(t, hashlib.sha256(t.encode()).hexdigest())"`
 """
@@ -14,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.core.errors import ConfigurationError
 
@@ -27,13 +32,54 @@ class Producer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    token_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     targets: frozenset[str] | None = None
+    finess: frozenset[str] | None = None
+    auth: Literal["token", "mtls", "both"] = "token"
+    cert_fingerprints_sha256: frozenset[str] = frozenset()
+    cert_subjects: frozenset[str] = frozenset()
 
     @field_validator("token_sha256")
     @classmethod
-    def _lower(cls, v: str) -> str:
-        return v.lower()
+    def _lower(cls, v: str | None) -> str | None:
+        return v.lower() if v is not None else None
+
+    @field_validator("cert_fingerprints_sha256", mode="before")
+    @classmethod
+    def _fingerprints(cls, v: object) -> object:
+        if isinstance(v, list | tuple | set | frozenset):
+            out = [str(f).replace(":", "").strip().lower() for f in v]
+            bad = [f for f in out if len(f) != 64 or any(c not in "0123456789abcdef" for c in f)]
+            if bad:
+                raise ValueError("cert_fingerprints_sha256 entries are hex SHA-256 digests (64 hex digits, ':' allowed)")
+            return frozenset(out)
+        return v
+
+    @field_validator("finess", mode="before")
+    @classmethod
+    def _finess(cls, v: object) -> object:
+        if isinstance(v, list | tuple | set | frozenset):
+            out = [str(f).strip() for f in v]
+            if any(not (len(f) == 9 and f.isdigit()) for f in out):
+                raise ValueError("finess entries are 9-digit FINESS numbers, quoted (e.g. \"750000001\")")
+            return frozenset(out)
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Producer:
+        if self.auth in ("token", "both") and self.token_sha256 is None:
+            raise ValueError(f"auth {self.auth} needs token_sha256")
+        if self.auth in ("mtls", "both") and not (self.cert_fingerprints_sha256 or self.cert_subjects):
+            raise ValueError(f"auth {self.auth} needs cert_fingerprints_sha256 or cert_subjects")
+        return self
+
+    def may_send_for(self, finess: str) -> bool:
+        """True when this producer is registered for the structure (FINESS) `finess`."""
+        return self.finess is None or finess in self.finess
+
+    def matches_certificate(self, fingerprint_sha256: str, subject: str) -> bool:
+        """True when a (CA-verified) client certificate with this fingerprint or subject is this producer's."""
+        return fingerprint_sha256.lower() in self.cert_fingerprints_sha256 or subject in self.cert_subjects
 
     def may_send_to(self, target: str) -> bool:
         """True when this producer is allowed to name `target`."""
@@ -54,8 +100,8 @@ class ProducerDirectory(BaseModel):
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
             raise ValueError(f"producer ids must be unique; repeated: {', '.join(repeated)}")
-        hashes = [p.token_sha256 for p in v]
-        shared = sorted({p.id for p in v if hashes.count(p.token_sha256) > 1})
+        hashes = [p.token_sha256 for p in v if p.token_sha256 is not None]
+        shared = sorted({p.id for p in v if p.token_sha256 is not None and hashes.count(p.token_sha256) > 1})
         if shared:
             raise ValueError(f"producers {', '.join(shared)} share one token (same token_sha256); give each its own token")
         return v
@@ -65,9 +111,16 @@ class ProducerDirectory(BaseModel):
         digest = hashlib.sha256(token.encode()).hexdigest()
         found = None
         for producer in self.producers:  # no early exit: the time taken says nothing about the match
-            if hmac.compare_digest(producer.token_sha256, digest):
+            if hmac.compare_digest(producer.token_sha256 or "", digest):
                 found = producer
         return found
+
+    def by_certificate(self, fingerprint_sha256: str, subject: str) -> Producer | None:
+        """The producer (auth mtls or both) a verified client certificate identifies, or None."""
+        for producer in self.producers:
+            if producer.auth != "token" and producer.matches_certificate(fingerprint_sha256, subject):
+                return producer
+        return None
 
 
 # When authentication is explicitly disabled (development), every request acts as this producer.

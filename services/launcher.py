@@ -25,6 +25,7 @@ from services.core.settings import Settings
 from services.core.targets import load_targets
 from services.delivery.stage import DeliveryStage
 from services.router.stage import RouterStage
+from services.tracker import audit
 from services.tracker.ledger import Ledger
 from services.tracker.opstate import paused_targets
 from services.tracker.stage import TrackerStage
@@ -75,8 +76,9 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
             elif name == "tracker":
                 ledger = Ledger(settings.database_url)
                 await ledger.create_schema()
+                await audit.create_schema(ledger)
                 resources.push_async_callback(ledger.close)
-                stages.append(TrackerStage(ledger))
+                stages.append(audit.AuditingTracker(TrackerStage(ledger), ledger))  # ledger + audit trail
             else:
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(WORKER_STAGES)}")
         yield stages
@@ -103,7 +105,7 @@ async def serve(names: Sequence[str], settings: Settings, *,
         # One bus per process: the embedded log has one owner, and Kafka needs one producer, not two.
         # An ingress-only process connects in the background and answers 503 until Kafka is there.
         app = create_app(settings, bus, Ledger(settings.database_url), manage_bus=not workers)
-        servers.append(_server(app, settings.http_host, settings.http_port))
+        servers.append(_server(app, settings.http_host, settings.http_port, settings))
     servers += [_server(app, host, port) for app, host, port in extra_servers]
 
     try:
@@ -150,9 +152,19 @@ async def _start_bus(bus: Bus, stop: asyncio.Event) -> None:
                 delay = min(delay * 2, 30.0)
 
 
-def _server(app: Any, host: str, port: int) -> uvicorn.Server:
-    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                  timeout_graceful_shutdown=5))
+def _server(app: Any, host: str, port: int, settings: Settings | None = None) -> uvicorn.Server:
+    """A uvicorn server; HTTPS (and mutual TLS with a client CA) when `settings` name TLS files."""
+    if settings is None or settings.tls_certfile is None:
+        return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                      timeout_graceful_shutdown=5))
+    from services.ingress.mtls import PeerCertH11Protocol, ServerTls
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                            ssl_certfile=str(settings.tls_certfile), ssl_keyfile=str(settings.tls_keyfile),
+                            http=PeerCertH11Protocol)
+    config.load()
+    config.ssl = ServerTls(settings).context  # ours: CERT_OPTIONAL client CA, files reloaded on change
+    return _Server(config)
 
 
 async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:

@@ -98,7 +98,7 @@ class EmbeddedLog:
 
     def _lock_file(self) -> None:
         # Two processes on one log would both own every partition and deliver everything twice.
-        lock = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115 - held until close()
+        lock = open(self.path.with_name(self.path.name + ".lock"), "a+b")
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -268,7 +268,8 @@ class EmbeddedSubscription:
         records = []
         for topic, p, offset, key, value, headers in rows:
             self._positions[(topic, p)] = offset + 1
-            records.append(Record(self.bus._logical(topic), p, offset, key, _envelope(headers, value, self.bus.keyring)))
+            envelope = _envelope(headers, value, self.bus.keyring)
+            records.append(Record(self.bus._logical(topic), p, offset, key, envelope))
         return records
 
     async def complete(self, emits: Sequence[Emit], offsets: Mapping[Partition, int]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -15,13 +16,52 @@ from services.core.settings import Settings
 # durations; if code ever binds one of these by mistake, the value is replaced before it is written.
 SENSITIVE_KEYS = frozenset(
     {"body", "bundle", "payload", "resource", "name", "family", "given", "birthdate", "birth_date", "ins",
-     "nir", "address", "telecom", "token", "authorization"}
+     "nir", "address", "telecom", "token", "authorization", "patient", "usager", "first_name", "last_name",
+     "firstname", "lastname", "nom", "prenom", "prénom", "nom_naissance", "date_naissance", "dob", "phone",
+     "email", "mail", "ins_nir", "matricule", "secret", "password", "cookie", "data", "content"}
 )
+_MASK = "[masked]"
+# Values that look like personal data whatever key carries them (an exception message, a diagnostic):
+# an INS-NIR / NIA (13 digits + optional 2-digit key, spaces allowed), a date on its own (birth dates; a
+# timestamp with a time part is left alone), an e-mail address, a French phone number.
+_PATTERNS = (
+    (re.compile(r"(?<![\w-])[12478]\s?\d{2}\s?\d{2}\s?(?:\d{2}|2[ABab])\s?\d{3}\s?\d{3}(?:\s?\d{2})?(?![\w-])"),
+     "[nir]"),
+    (re.compile(r"(?<![\w-])(?:1[89]|20)\d{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])(?![\w:-]|T\d)"), "[date]"),
+    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "[email]"),
+    (re.compile(r"(?<![\w-])(?:\+33\s?|0)[1-9](?:[\s.]?\d{2}){4}(?![\w-])"), "[phone]"),
+)
+_EXEMPT = frozenset({"timestamp", "level", "logger"})
+
+
+def mask_text(text: str) -> str:
+    """`text` with anything shaped like an INS/NIR, a bare date, an e-mail or a phone number masked."""
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _mask_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return mask_text(value)
+    if depth > 4:
+        return value
+    if isinstance(value, dict):
+        return {k: _MASK if str(k).lower() in SENSITIVE_KEYS else _mask_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_mask_value(v, depth + 1) for v in value]
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return value
 
 
 def _mask_sensitive(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in SENSITIVE_KEYS.intersection(event):
-        event[key] = "[masked]"
+    """structlog processor: drop the values of known sensitive keys, mask personal-data shapes elsewhere."""
+    for key in list(event):
+        if key.lower() in SENSITIVE_KEYS:
+            event[key] = _MASK
+        elif key not in _EXEMPT:
+            event[key] = _mask_value(event[key])
     return event
 
 
@@ -37,8 +77,8 @@ def configure_logging(settings: Settings) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _mask_sensitive,
             structlog.processors.format_exc_info,
+            _mask_sensitive,  # after format_exc_info: exception texts are masked too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -192,8 +192,9 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(default=100, ge=1, description="Records a stage fetches per poll.")
     instance_id: str | None = Field(
-        default=None, description="Stable id of this replica (Kafka transactional ids). Set it per replica (e.g. the pod "
-        "name) so a restarted replica fences its crashed predecessor at once; default: random."
+        default=None,
+        description="Stable id of this replica (Kafka transactional ids). Set it per replica (e.g. the pod "
+        "name) so a restarted replica fences its crashed predecessor at once; default: random.",
     )
 
     @field_validator("retry_delays_s")

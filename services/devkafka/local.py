@@ -507,7 +507,8 @@ class LocalKafka:
 
 def _format_storage(jvm: list[str], props_path: Path, log_path: Path) -> None:
     """Write meta.properties with a fresh cluster id (static quorum, so no --standalone)."""
-    cmd = [*jvm, "kafka.tools.StorageTool", "format", "-t", new_cluster_id(), "-c", str(props_path)]
+    # `--cluster-id=<id>`, not `-t <id>`: an id starting with "-" (1 in 64) would read as an option.
+    cmd = [*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={new_cluster_id()}", "-c", str(props_path)]
     try:
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=_FORMAT_TIMEOUT_S, check=False, cwd=props_path.parent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,8 +27,9 @@ from services.core.outcome import Issue, error, information, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
 from services.core.topics import EVENTS, RECEIVED
-from services.ingress import checks
+from services.ingress import checks, limits, security
 from services.ingress.checks import Refusal
+from services.ingress.mtls import ClientCertPolicy
 from services.ingress.producers import ANONYMOUS, Producer, ProducerDirectory, load_producers
 from services.ingress.status import status_answer
 from services.tracker.ledger import Ledger
@@ -47,6 +49,8 @@ class IngressState:
     bus: Bus
     ledger: Ledger
     bus_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    limiter: limits.ProducerLimiter = field(default_factory=limits.ProducerLimiter)
+    cert_policy: ClientCertPolicy | None = None  # mutual TLS: client certificates checked against the CA
 
 
 def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -78,11 +82,13 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
     """The ingress app. Its lifespan starts and stops `ledger`, and `bus` too unless `manage_bus` is
     False (the process already runs the bus for its worker stages)."""
     state = IngressState(settings, load_producer_directory(settings), load_targets(settings.targets_file),
-                         bus, ledger)
+                         bus, ledger, limiter=limits.ProducerLimiter.from_settings(settings),
+                         cert_policy=ClientCertPolicy(settings) if settings.tls_client_ca_file else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await ledger.create_schema()
+        watcher = asyncio.create_task(app.state.reloader.run())  # producers/operators files, no restart
         if manage_bus:
             connector = asyncio.create_task(_connect_bus(state))
         else:
@@ -90,6 +96,9 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
         try:
             yield
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             if manage_bus:
                 connector.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -100,6 +109,7 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
     app = FastAPI(title="Relais ingress", version=__version__, lifespan=lifespan,
                   description="Accepts TDDUI transaction Bundles and reports each transfer's fate.")
     app.state.ingress = state
+    app.state.reloader = security.Reloader(app, settings)
     _install_error_handlers(app)
 
     @app.post("/fhir", status_code=202, summary="Accept a TDDUI transaction Bundle (FHIR POST [base])")
@@ -168,32 +178,26 @@ async def _connect_bus(state: IngressState) -> None:
 
 
 def _authenticate(state: IngressState, request: Request) -> Producer:
+    return _identify(state, request).producer
+
+
+def _identify(state: IngressState, request: Request) -> security.Identity:
+    """Who is calling (bearer token, client certificate or both; see services.ingress.security)."""
+    request.app.state.reloader.maybe()
     if state.producers is None:
-        return ANONYMOUS
-    token = checks.bearer_token(request.headers.get("Authorization"))
-    if token is None:
-        raise checks.unauthenticated("missing credentials: send 'Authorization: Bearer <producer token>'")
-    producer = state.producers.authenticate(token)
-    if producer is None:
-        raise checks.unauthenticated("unknown or revoked token: check the producer token this DUI uses")
-    return producer
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes the limit (a lying Content-Length does not help)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise checks.too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        return security.Identity(ANONYMOUS, "none")
+    return security.identify(state.producers, state.cert_policy, request)
 
 
 async def _accept(state: IngressState, request: Request) -> Response:
+    identity = _identify(state, request)
+    async with state.limiter.slot(identity.producer.id):  # 429 past the producer's rate or concurrency
+        return await _accept_as(state, request, identity)
+
+
+async def _accept_as(state: IngressState, request: Request, identity: security.Identity) -> Response:
     settings = state.settings
-    producer = _authenticate(state, request)
+    producer = identity.producer
     for refusal in (checks.check_content_type(request.headers.get("Content-Type")),
                     checks.check_declared_length(request.headers.get("Content-Length"), settings.max_body_bytes)):
         if refusal:
@@ -201,10 +205,14 @@ async def _accept(state: IngressState, request: Request) -> Response:
     targets = checks.check_targets(request.headers.get(checks.TARGET_HEADER), producer, state.targets)
     if isinstance(targets, Refusal):
         raise targets
-    body = await _read_body(request, settings.max_body_bytes)
+    body = await limits.read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     parsed = checks.parse_bundle(body)
     if isinstance(parsed, Refusal):
         raise parsed
+    finess = security.source_finess(parsed)
+    for refusal in (limits.check_shape(parsed, settings), security.check_structure(producer, finess)):
+        if refusal:
+            raise refusal
     if not state.bus_ready.is_set():
         raise _unavailable(settings, "Relais is not connected to Kafka yet")
 
@@ -213,7 +221,9 @@ async def _accept(state: IngressState, request: Request) -> Response:
                         data=body, producer=producer.id, extra={"targets": join_csv(targets)})
     accepted = Envelope(type="fr.relais.event.accepted", source="/relais/ingress", transfer_id=transfer_id,
                         data=orjson.dumps({"kind": "accepted", "stage": "ingress", "targets": targets,
-                                           "size": len(body), "entries": len(parsed.get("entry") or [])}),
+                                           "size": len(body), "entries": len(parsed.get("entry") or []),
+                                           "sha256": hashlib.sha256(body).hexdigest(), "finess": finess,
+                                           "auth": identity.method, "cert": identity.cert_fingerprint}),
                         producer=producer.id, content_type=JSON)
     key = transfer_id.encode()
     try:

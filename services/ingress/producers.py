@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from services.core.errors import ConfigurationError
 
@@ -32,16 +32,19 @@ class Producer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    auth: Literal["token", "mtls", "both"] = "token"
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$", validate_default=True)
     targets: frozenset[str] | None = None
     finess: frozenset[str] | None = None
-    auth: Literal["token", "mtls", "both"] = "token"
     cert_fingerprints_sha256: frozenset[str] = frozenset()
     cert_subjects: frozenset[str] = frozenset()
 
     @field_validator("token_sha256")
     @classmethod
-    def _lower(cls, v: str | None) -> str | None:
+    def _lower(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("auth", "token") in ("token", "both"):
+            raise ValueError("Field required (the hex SHA-256 of the producer's bearer token; "
+                             "only producers with auth: mtls go without)")
         return v.lower() if v is not None else None
 
     @field_validator("cert_fingerprints_sha256", mode="before")
@@ -51,7 +54,8 @@ class Producer(BaseModel):
             out = [str(f).replace(":", "").strip().lower() for f in v]
             bad = [f for f in out if len(f) != 64 or any(c not in "0123456789abcdef" for c in f)]
             if bad:
-                raise ValueError("cert_fingerprints_sha256 entries are hex SHA-256 digests (64 hex digits, ':' allowed)")
+                raise ValueError("cert_fingerprints_sha256 entries are hex SHA-256 digests "
+                                 "(64 hex digits, ':' allowed)")
             return frozenset(out)
         return v
 
@@ -67,8 +71,6 @@ class Producer(BaseModel):
 
     @model_validator(mode="after")
     def _credentials(self) -> Producer:
-        if self.auth in ("token", "both") and self.token_sha256 is None:
-            raise ValueError(f"auth {self.auth} needs token_sha256")
         if self.auth in ("mtls", "both") and not (self.cert_fingerprints_sha256 or self.cert_subjects):
             raise ValueError(f"auth {self.auth} needs cert_fingerprints_sha256 or cert_subjects")
         return self

@@ -36,7 +36,7 @@ async def validate(request: Request) -> Response:
     """Validate the Bundle in the body (or in a Parameters `resource`) and answer its OperationOutcome."""
     state = request.app.state.ingress
     try:
-        _authenticate(state.producers, request)
+        _authenticate(state, request)
         settings = state.settings
         for refusal in (checks.check_content_type(request.headers.get("Content-Type")),
                         checks.check_declared_length(request.headers.get("Content-Length"), settings.max_body_bytes)):
@@ -57,15 +57,12 @@ def _answer(status: int, issues: list[Issue] | tuple[Issue, ...], headers: dict[
                     headers=headers)
 
 
-def _authenticate(producers: Any, request: Request) -> None:
-    """As POST /fhir: a known producer's bearer token, unless authentication is disabled."""
-    if producers is None:
-        return
-    token = checks.bearer_token(request.headers.get("Authorization"))
-    if token is None:
-        raise checks.unauthenticated("missing credentials: send 'Authorization: Bearer <producer token>'")
-    if producers.authenticate(token) is None:
-        raise checks.unauthenticated("unknown or revoked token: check the producer token this DUI uses")
+def _authenticate(state: Any, request: Request) -> None:
+    """Exactly as POST /fhir (bearer token, client certificate, ...): its own function, imported when
+    called because the app module imports this one while it builds the app."""
+    from services.ingress.app import _authenticate as authenticate_producer
+
+    authenticate_producer(state, request)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

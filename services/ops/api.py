@@ -22,7 +22,7 @@ from services.dlq.store import NotDeadLettered, parse_time
 from services.ops import auth
 from services.ops.auth import Operator
 from services.ops.context import OpsContext
-from services.tracker import opstate, queries
+from services.tracker import audit, opstate, queries
 
 router = APIRouter(tags=["operations"])
 Viewer = Annotated[Operator, Depends(auth.viewer)]
@@ -111,6 +111,7 @@ async def transfer_timeline(request: Request, transfer_id: str, who: Viewer, ful
     context = ctx(request)
     if full:
         await opstate.record_access(context.ledger, who.id, "timeline.full", transfer_id=transfer_id)
+        await audit.record_operator(context.ledger, who.id, "timeline.full", transfer_id=transfer_id)
     found = await queries.timeline(context.ledger, transfer_id, full=full)
     if found is None:
         raise HTTPException(404, f"no transfer {transfer_id}")
@@ -125,6 +126,7 @@ async def transfer_bundle(request: Request, transfer_id: str, target: str, who: 
         raise HTTPException(404, f"no dead letter {transfer_id}/{target}: Relais keeps a Bundle only while "
                                  "its delivery is dead-lettered")
     await opstate.record_access(context.ledger, who.id, "bundle.read", transfer_id=transfer_id, target=target)
+    await audit.record_operator(context.ledger, who.id, "bundle.read", transfer_id=transfer_id, target=target)
     try:
         payload = await context.dlq.payload(dl)
     except (NotDeadLettered, BlobIntegrityError) as exc:
@@ -161,7 +163,10 @@ async def set_paused(context: OpsContext, target: str, paused: bool, who: Operat
     """Pause or resume a configured target (shared with the dashboard)."""
     if context.targets.get(target) is None:
         raise HTTPException(404, f"no target {target} in RELAIS_TARGETS_FILE")
-    return await opstate.set_paused(context.ledger, target, paused, by=who.id, reason=reason)
+    state = await opstate.set_paused(context.ledger, target, paused, by=who.id, reason=reason)
+    await audit.record_operator(context.ledger, who.id, "pause" if paused else "resume", target=target,
+                                detail={"reason": reason} if reason else None)
+    return state
 
 
 @router.post("/targets/{target}/pause", summary="Pause a target: its records wait, no attempts")
@@ -223,3 +228,8 @@ async def discard(request: Request, transfer_id: str, target: str, body: Discard
     except (NotDeadLettered, ValueError) as exc:
         raise HTTPException(409, str(exc)) from exc
     return _json({"discarded": [dl.id]})
+
+
+from services.ops.audit_api import router as _audit_router  # noqa: E402 - after the routes it sits beside
+
+router.include_router(_audit_router)  # GET /ops/audit, /ops/audit/$export, /ops/audit/verify

@@ -283,7 +283,7 @@ class Invariant(Check):
                 continue
             if self.guard_text and not _contains(value, self.guard_text):
                 continue
-            result = self.twin(value) if self.twin is not None else None
+            result: bool | str | None = self.twin(value) if self.twin is not None else None
             if result is None:
                 result = holds(self.function, value)
             if result is False:
@@ -343,10 +343,10 @@ def check_extension(d: ExtensionDef, node: Any, at: str, ctx: Context) -> None:
             ctx.add("error", "required", d.rule + "/value", f"{at}.value", "ext-value-missing", at=at,
                     ext=d.label, allowed=" | ".join(sorted(d.value_types)))
         for key in keys:
-            found = fhir_type(key, "value")
-            if d.value_types and found not in d.value_types:
+            ftype = fhir_type(key, "value")
+            if d.value_types and ftype not in d.value_types:
                 ctx.add("error", "structure", d.rule + "/type", f"{at}.{key}", "type", at=f"{at}.{key}",
-                        found=found, allowed=" | ".join(sorted(d.value_types)), profile=d.label)
+                        found=ftype, allowed=" | ".join(sorted(d.value_types)), profile=d.label)
             else:
                 for check in d.value_checks:
                     check.check_value(node[key], f"{at}.{key}", ctx)
@@ -372,9 +372,9 @@ def check_extension(d: ExtensionDef, node: Any, at: str, ctx: Context) -> None:
                 check_extension(sub, e, loc, ctx)
         if d.subs:
             for loc, e in items:
-                url = e.get("url")
-                if isinstance(url, str) and url not in d.subs and "/" not in url:
+                other = e.get("url")
+                if isinstance(other, str) and other not in d.subs and "/" not in other:
                     ctx.add("warning", "structure", d.rule + "/sub-unknown", f"{loc}.url", "ext-unknown-sub",
-                            at=loc, url=quote(url), ext=d.label, known=", ".join(d.subs))
+                            at=loc, url=quote(other), ext=d.label, known=", ".join(d.subs))
     for inv in d.invariants:
         inv.run(node, at, ctx)

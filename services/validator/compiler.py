@@ -81,7 +81,9 @@ class Compiler:
         if not segs:
             raise RuleError(f"{prefix}: empty element path")
         name = f"{scope}.{path}" if scope else path
-        rule = lambda kind: f"{prefix}/{kind}/{name}"  # noqa: E731 - a one-line naming helper
+        def rule(kind: str) -> str:
+            return f"{prefix}/{kind}/{name}"
+
         severity = spec.get("severity", "error")
         out: list[Check] = []
         if "card" in spec:
@@ -141,7 +143,10 @@ class Compiler:
         elif "match" in spec:
             pattern = spec["match"]
             test = pattern_matcher(pattern)
-            match = lambda item, _ctx, t=test: t(item)  # noqa: E731
+
+            def match(item: Any, _ctx: Context, test: Callable[[Any], bool] = test) -> bool:
+                return test(item)
+
             what = _describe(pattern)
         else:
             raise RuleError(f"{prefix}: slice {key} has no discriminator (url, match or resolve)")

@@ -33,8 +33,8 @@ class Segment:
         """What `children` selects, with the location still in pieces (most values never need one)."""
         if not isinstance(node, dict):
             return []
+        out: list[Item] = []
         if self.choice:
-            out: list[Item] = []
             name, n = self.name, len(self.name)
             for key, value in node.items():
                 if len(key) > n and key.startswith(name) and key[n].isupper():
@@ -52,7 +52,6 @@ class Segment:
             # A primitive's extensions live in `_name`; a primitive without them still has "no extension".
             twin = node.get("_" + name)
             value = twin if twin is not None or value is None else {}
-        out: list[Item] = []
         _expand(out, name, value)
         return out
 

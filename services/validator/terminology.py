@@ -66,14 +66,14 @@ def compile_value_sets(
             if "valueSet" in inc:
                 sub = build(inc["valueSet"], (*seen, url))
                 vs.open |= sub.open
-                for system, codes in sub.codes.items():
-                    _merge(vs, system, codes)
+                for system, known in sub.codes.items():
+                    _merge(vs, system, known)
             else:
                 system = inc["system"]
-                codes = inc.get("codes")
-                if codes is None and system in code_systems:
-                    codes = list(code_systems[system])
-                _merge(vs, system, None if codes is None else frozenset(str(c) for c in codes))
+                listed: Iterable[str] | None = inc.get("codes")
+                if listed is None and system in code_systems:
+                    listed = list(code_systems[system])
+                _merge(vs, system, None if listed is None else frozenset(str(c) for c in listed))
         for exc in d.get("exclude") or ():
             current = vs.codes.get(exc["system"])
             if current is not None:

@@ -27,7 +27,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN_A}", "Content-Type": "application/fhir+
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def summary(label: str, count: int, elapsed: float, latencies_ms: list[float]) -> str:
@@ -35,7 +35,8 @@ def summary(label: str, count: int, elapsed: float, latencies_ms: list[float]) -
             f"p50 {percentile(latencies_ms, 50):.1f} ms, p99 {percentile(latencies_ms, 99):.1f} ms")
 
 
-async def post_many(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[float], list[tuple[str, float]]]:
+async def post_many(url: str, bodies: list[bytes],
+                    concurrency: int) -> tuple[float, list[float], list[tuple[str, float]]]:
     """POST every body with `concurrency` clients; returns elapsed, latencies (ms), (transfer id, sent at)."""
     latencies: list[float] = []
     sent: list[tuple[str, float]] = []

@@ -64,8 +64,8 @@ async def post_all(client: httpx.AsyncClient, relais: EmbeddedRelais, bundles: l
             if killed:
                 return bundle
             try:
-                r = await client.post(f"{relais.url}/fhir", content=orjson.dumps(bundle),
-                                      headers={**AUTH, "Content-Type": "application/fhir+json", "X-Relais-Target": "demo"})
+                headers = {**AUTH, "Content-Type": "application/fhir+json", "X-Relais-Target": "demo"}
+                r = await client.post(f"{relais.url}/fhir", content=orjson.dumps(bundle), headers=headers)
             except httpx.HTTPError:
                 return bundle
             if r.status_code != 202:

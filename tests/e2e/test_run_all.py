@@ -14,7 +14,6 @@ import httpx
 import orjson
 import pytest
 
-from tests.fixtures.tddui import make_bundle
 from tests.support.processes import REPO, free_port
 from tests.support.producers import write_targets
 

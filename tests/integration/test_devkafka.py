@@ -301,3 +301,22 @@ async def test_cli_help_names_the_pinned_version() -> None:
     assert proc.returncode == 0
     assert f"Apache Kafka {KAFKA_VERSION}" in out.decode()
     assert "--port" in out.decode()
+
+
+def test_cluster_id_starting_with_a_dash_formats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 in 64 random ids starts with "-"; the storage tool must not read it as an option."""
+    import services.devkafka.local as local
+
+    monkeypatch.setattr(local, "new_cluster_id", lambda: "-" + local.base64.urlsafe_b64encode(
+        uuid.uuid4().bytes).rstrip(b"=").decode()[1:])
+    kafka = LocalKafka()
+    try:
+        kafka.start()
+    except DevKafkaUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Kafka tests are required in CI: {exc}")
+        pytest.skip(f"no local Kafka: {exc}")
+    try:
+        assert kafka.bootstrap.startswith("127.0.0.1:")
+    finally:
+        kafka.stop()

@@ -7,20 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.core.envelope import Emit, Record
+from services.core.envelope import Record
 from services.core.kafka import KafkaBus
-from services.core.runner import run_stage
 from services.core.settings import Settings
-from services.core.topics import POISON, RECEIVED, VALIDATED, declared_topics
-from tests.support.kafka import publish, read_topic, received, wait_for
+from services.core.topics import RECEIVED, VALIDATED, declared_topics
+from tests.support.kafka import publish, read_topic, received
 
 pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]

@@ -146,12 +146,11 @@ async def test_records_not_completed_are_read_again_completed_ones_are_not(bus_s
                 continue
             if r in done:
                 offsets[p] = r.offset + 1
-        await first.complete([Emit(VALIDATED, r.key, r.envelope.evolve()) for r in done
-                              if Partition(r.topic, r.partition) in offsets and r.offset < offsets[Partition(r.topic, r.partition)]],
-                             offsets)
+        completed = [r for r in done if Partition(r.topic, r.partition) in offsets
+                     and r.offset < offsets[Partition(r.topic, r.partition)]]
+        await first.complete([Emit(VALIDATED, r.key, r.envelope.evolve()) for r in completed], offsets)
         await first.stop()
-        committed_ids = {r.envelope.transfer_id for r in got
-                         if Partition(r.topic, r.partition) in offsets and r.offset < offsets[Partition(r.topic, r.partition)]}
+        committed_ids = {r.envelope.transfer_id for r in completed}
 
         second = bus.subscribe("member", [RECEIVED])
         await second.start()

@@ -68,7 +68,8 @@ def test_references_in_extensions_and_nested_backbones() -> None:
     encounter = entry(
         "Encounter", "e1", f"{BASE}/Encounter/e1",
         extension=[{"url": "https://x/ext", "valueReference": {"reference": "Patient/p1"}},
-                   {"url": "https://x/complex", "extension": [{"url": "a", "valueReference": {"reference": "Patient/p1"}}]}],
+                   {"url": "https://x/complex",
+                    "extension": [{"url": "a", "valueReference": {"reference": "Patient/p1"}}]}],
         participant=[{"individual": {"reference": f"{BASE}/Patient/p1"}}],
     )
     result = repair_transaction(bundle(patient(), encounter))

@@ -75,7 +75,7 @@ def test_tampered_record_is_marked_not_opened(damage: str) -> None:
     elif damage == "swap-record":  # the same ciphertext under another record's id must not open
         h["ce_id"] = b"another-event"
     elif damage == "wrong-dek":
-        other, oh = crypto.seal_envelope(keys, env())
+        _, oh = crypto.seal_envelope(keys, env())
         h["ce_encdek"] = dict(oh)["ce_encdek"]
     elif damage == "unknown-key":
         reader = ring(K2)

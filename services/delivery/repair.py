@@ -88,7 +88,7 @@ def _assign_urns(bundle: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]
     for i, entry in enumerate(bundle.get("entry") or []):
         if not isinstance(entry, dict):
             continue
-        resource = entry.get("resource") if isinstance(entry.get("resource"), dict) else {}
+        resource: dict[str, Any] = entry["resource"] if isinstance(entry.get("resource"), dict) else {}
         original = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
         if original and original.startswith("urn:uuid:"):
             urn = original

@@ -67,8 +67,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             await bus.start()
         if args.action == "list":
             flt = DlqFilter(args.target, args.producer, args.reason, parse_time(args.since), parse_time(args.until))
-            for dl in await service.list(flt, include_closed=args.closed):
-                print(orjson.dumps(dl.summary()).decode())
+            for item in await service.list(flt, include_closed=args.closed):
+                print(orjson.dumps(item.summary()).decode())
             return 0
         if args.action == "replay" and not args.id:
             flt = DlqFilter(args.target, args.producer, args.reason, parse_time(args.since), parse_time(args.until))

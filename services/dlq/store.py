@@ -6,6 +6,7 @@ blob store (the delivery stage claim-checks every dead letter), so a replay need
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -100,9 +101,9 @@ class DlqService:
         await self.blobs.get(ref)  # refuse now, not at the target, if the payload is gone or corrupt
         await self.bus.publish(replay_emits(dl, ref, operator, note))
 
-    async def replay_all(self, flt: DlqFilter, operator: str, note: str | None = None) -> list[str]:
+    async def replay_all(self, flt: DlqFilter, operator: str, note: str | None = None) -> builtins.list[str]:
         """Replay every open dead letter matching `flt`; returns their ids."""
-        done = []
+        done: builtins.list[str] = []
         for dl in await self.list(flt):
             await self.replay(dl, operator, note)
             done.append(dl.id)

@@ -46,8 +46,8 @@ def _per_target_bundle(view: TransferView) -> dict[str, Any]:
 
 
 def _entry(d: DeliveryView) -> dict[str, Any]:
-    extensions = [{"url": TARGET_EXTENSION_URL, "valueString": d.target},
-                  {"url": STATUS_EXTENSION_URL, "valueCode": d.status}]
+    extensions: list[dict[str, Any]] = [{"url": TARGET_EXTENSION_URL, "valueString": d.target},
+                                        {"url": STATUS_EXTENSION_URL, "valueCode": d.status}]
     if d.status == logic.DELIVERED:
         # TDDUI: the producer must learn the ids the target assigned, per resource it sent.
         extensions += [{"url": ASSIGNED_EXTENSION_URL, "extension": [

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any
 
@@ -27,7 +29,7 @@ from services.delivery.stage import DeliveryStage
 from services.router.stage import RouterStage
 from services.tracker import audit
 from services.tracker.ledger import Ledger
-from services.tracker.opstate import paused_targets
+from services.tracker.opstate import paused_targets, record_circuit
 from services.tracker.stage import TrackerStage
 from services.validator.options import validation_options
 from services.validator.stage import ValidatorStage
@@ -71,6 +73,8 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
                 await pause_ledger.create_schema()
                 resources.push_async_callback(pause_ledger.close)
                 watcher = asyncio.create_task(delivery.watch_pauses(functools.partial(paused_targets, pause_ledger)))
+                process = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+                delivery.report_circuit = functools.partial(record_circuit, pause_ledger, process=process)
                 resources.push_async_callback(_cancel, watcher)
                 stages.append(delivery)
             elif name == "tracker":

@@ -90,6 +90,9 @@ class DeliveryStage:
         }
         # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
         self.paused_by_operator: frozenset[str] = frozenset()
+        # Where breaker transitions are reported for operators (None: nowhere; set by the launcher).
+        self.report_circuit: Callable[[str, str, int], Awaitable[None]] | None = None
+        self._reports: set[asyncio.Task[None]] = set()
 
     async def watch_pauses(self, read: Callable[[], Awaitable[frozenset[str]]], every_s: float = 5.0) -> None:
         """Keep `paused_by_operator` current; on a read error keep the last known value and try again."""
@@ -296,8 +299,24 @@ class DeliveryStage:
         if before.circuit is not rt.breaker.circuit:
             log.warning("target circuit changed", target=rt.target.id, circuit=rt.breaker.circuit.value,
                         failures=rt.breaker.failures)
+            self._report(rt.target.id, rt.breaker.circuit.value, rt.breaker.failures)
             if not breaker_allows(rt.breaker):
                 self._ensure_prober(rt)
+
+    def _report(self, target: str, circuit: str, failures: int) -> None:
+        """Tell operators, without making the record wait for it (a failed report is only logged)."""
+        if self.report_circuit is None:
+            return
+
+        async def send() -> None:
+            try:
+                await self.report_circuit(target, circuit, failures)  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - operators' view must never block deliveries
+                log.warning("cannot report circuit state", target=target, error=str(exc))
+
+        task = asyncio.create_task(send())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     def _ensure_prober(self, rt: TargetRuntime) -> None:
         if rt.prober is None or rt.prober.done():

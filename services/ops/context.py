@@ -16,7 +16,7 @@ from services.ops.lag import LagReader
 from services.tracker import opstate, queries
 from services.tracker.ledger import Ledger
 
-CIRCUIT_UNKNOWN = "unknown"  # circuits live in each delivery process's memory; the ledger cannot see them
+CIRCUIT_UNKNOWN = "unknown"  # no delivery process reported this target's breaker in the last hour
 
 
 @dataclass
@@ -54,9 +54,10 @@ class OpsContext:
         return tuple(t.id for t in self.targets.targets if getattr(t, "finess", None) == finess)
 
     async def targets_view(self) -> list[dict[str, Any]]:
-        """Every target: health from the ledger, paused state (file or operator), circuit unknown."""
+        """Every target: health from the ledger, paused state (file or operator), circuit as delivery reports it."""
         health = await queries.target_health(self.ledger, self.target_ids())
         states = await opstate.target_states(self.ledger)
+        circuits = await opstate.circuits(self.ledger)
         out = []
         for h in health:
             configured = self.targets.get(h.target)
@@ -69,7 +70,7 @@ class OpsContext:
                 "paused": bool((state and state.paused) or (configured and configured.paused)),
                 "paused_in_file": bool(configured and configured.paused),
                 "pause": state.as_dict() if state else None,
-                "circuit": CIRCUIT_UNKNOWN,
+                "circuit": circuits.get(h.target, CIRCUIT_UNKNOWN),
             }
             out.append(item)
         return out

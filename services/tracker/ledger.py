@@ -81,6 +81,16 @@ target_state = sa.Table(
     sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Each delivery process's view of each target's circuit breaker (breakers live in process memory).
+target_circuits = sa.Table(
+    "target_circuits", metadata,
+    sa.Column("target", sa.String(64), primary_key=True),
+    sa.Column("process", sa.String(128), primary_key=True),
+    sa.Column("circuit", sa.String(16), nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False, default=0),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Who looked at what: every operator access to a Bundle or to personal data is recorded here.
 access_log = sa.Table(
     "access_log", metadata,

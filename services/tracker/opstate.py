@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from services.tracker.ledger import Ledger, access_log, target_state
+from services.tracker.ledger import Ledger, access_log, target_circuits, target_state
 from services.tracker.queries import aware
 
 
@@ -77,3 +77,34 @@ async def access_entries(ledger: Ledger, *, transfer_id: str | None = None, limi
         rows = (await conn.execute(query)).mappings().all()
     return [{"time": aware(r["time"]).isoformat(), "operator": r["operator"], "action": r["action"],
              "transfer_id": r["transfer_id"], "target": r["target"], "detail": r["detail"]} for r in rows]
+
+
+# When delivery processes disagree, operators see the worst; a report older than this is stale.
+_CIRCUIT_RANK = {"closed": 0, "half-open": 1, "open": 2}
+CIRCUIT_STALE_S = 3600.0
+
+
+async def record_circuit(ledger: Ledger, target: str, circuit: str, failures: int, *, process: str) -> None:
+    """A delivery process says where a target's breaker stands now (called on every transition)."""
+    values = {"circuit": circuit, "failures": failures, "changed_at": datetime.now(UTC)}
+    where = (target_circuits.c.target == target) & (target_circuits.c.process == process)
+    async with ledger.engine.begin() as conn:
+        if (await conn.execute(target_circuits.update().where(where).values(**values))).rowcount == 0:
+            await conn.execute(target_circuits.insert().values(target=target, process=process, **values))
+
+
+def worst_circuit(reports: list[tuple[str, datetime]], now: datetime, stale_s: float = CIRCUIT_STALE_S) -> str | None:
+    """The circuit operators should see: the worst fresh report, or None when no process reported lately."""
+    fresh = [c for c, at in reports if (now - at).total_seconds() <= stale_s and c in _CIRCUIT_RANK]
+    return max(fresh, key=_CIRCUIT_RANK.__getitem__) if fresh else None
+
+
+async def circuits(ledger: Ledger) -> dict[str, str]:
+    """Each target's circuit as the delivery processes last reported it (worst fresh report)."""
+    async with ledger.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(target_circuits))).mappings().all()
+    by_target: dict[str, list[tuple[str, datetime]]] = {}
+    for r in rows:
+        by_target.setdefault(r["target"], []).append((r["circuit"], aware(r["changed_at"])))
+    now = datetime.now(UTC)
+    return {t: c for t, reports in by_target.items() if (c := worst_circuit(reports, now)) is not None}

@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="", description="Prefix for every topic and consumer group name.")
     topic_partitions: int = Field(default=6, ge=1, description="Partitions of each topic created by Relais.")
     topic_replication: int = Field(default=1, ge=1, description="Replication factor of created topics.")
+    topic_retention_days: float = Field(
+        default=7.0, gt=0, description="Retention of the pipeline topics (received, validated, rejected, deliveries, "
+        "retry tiers): long enough to recover from an outage, short because they hold health data.",
+    )
+    dlq_retention_days: float = Field(
+        default=30.0, gt=0, description="Retention of the dead-letter topics and transfers.events (operators' "
+        "window to replay; the ledger can be rebuilt from events within it).",
+    )
     kafka_timeout_s: float = Field(
         default=10.0, gt=0, description="How long ingress waits for Kafka's acknowledgement before 503."
     )

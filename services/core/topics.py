@@ -34,18 +34,23 @@ def retry_topic(tier: int) -> str:
 
 
 def declared_topics(settings: Settings) -> list[TopicSpec]:
-    """Every topic, with retention suited to health data: long enough to recover, no longer."""
+    """Every topic, with retention suited to health data: long enough to recover, no longer.
+
+    Retention applies when Relais creates a topic; change it on existing topics with Kafka's tools.
+    """
+    pipeline = round(settings.topic_retention_days * DAY_MS)
+    kept = round(settings.dlq_retention_days * DAY_MS)
     topics = [
-        TopicSpec(RECEIVED, "Bundles accepted by ingress, awaiting validation", 7 * DAY_MS),
-        TopicSpec(VALIDATED, "Bundles that conform to TDDUI, awaiting routing", 7 * DAY_MS),
-        TopicSpec(REJECTED, "Bundles refused by the validator, with their OperationOutcome", 7 * DAY_MS),
-        TopicSpec(DELIVERIES, "One record per (transfer, target), awaiting delivery", 7 * DAY_MS),
-        TopicSpec(DELIVERIES_DLQ, "Deliveries that need an operator (replay or discard)", 30 * DAY_MS),
-        TopicSpec(POISON, "Records a stage could not handle at all (bugs, corrupt records)", 30 * DAY_MS),
-        TopicSpec(EVENTS, "Every stage's facts about each transfer; the ledger's source", 30 * DAY_MS),
+        TopicSpec(RECEIVED, "Bundles accepted by ingress, awaiting validation", pipeline),
+        TopicSpec(VALIDATED, "Bundles that conform to TDDUI, awaiting routing", pipeline),
+        TopicSpec(REJECTED, "Bundles refused by the validator, with their OperationOutcome", pipeline),
+        TopicSpec(DELIVERIES, "One record per (transfer, target), awaiting delivery", pipeline),
+        TopicSpec(DELIVERIES_DLQ, "Deliveries that need an operator (replay or discard)", kept),
+        TopicSpec(POISON, "Records a stage could not handle at all (bugs, corrupt records)", kept),
+        TopicSpec(EVENTS, "Every stage's facts about each transfer; the ledger's source", kept),
     ]
     topics += [
-        TopicSpec(retry_topic(n), f"Deliveries waiting {delay:g}s before attempt tier {n}", 7 * DAY_MS)
+        TopicSpec(retry_topic(n), f"Deliveries waiting {delay:g}s before attempt tier {n}", pipeline)
         for n, delay in enumerate(settings.retry_delays_s, start=1)
     ]
     return topics

@@ -47,7 +47,7 @@ def main(argv: Sequence[str]) -> int:
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     from services.launcher import make_bus
     from services.ops.context import OpsContext
-    from services.tracker import opstate
+    from services.tracker import audit, opstate
     from services.tracker.ledger import Ledger
     from services.tracker.rebuild import rebuild
     from services.tracker.retention import purge
@@ -66,8 +66,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         elif args.group == "ledger":
             days = args.days if args.days is not None else settings.ledger_retention_days
             gone = await purge(ledger, timedelta(days=days))
+            audit_days = settings.audit_retention_days
+            audited = await audit.purge(ledger, timedelta(days=audit_days))
             print(f"purged {gone.transfers} transfer(s), {gone.deliveries} deliveries, {gone.events} event(s), "
-                  f"{gone.access_log} access-log line(s) older than {days:g} day(s)")
+                  f"{gone.access_log} access-log line(s) older than {days:g} day(s); "
+                  f"{audited} audit row(s) older than {audit_days:g} day(s)")
         elif args.action == "list":
             context = OpsContext.build(settings, ledger, make_bus(settings))
             for item in await context.targets_view():

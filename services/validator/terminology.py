@@ -7,9 +7,14 @@ national one whose content is unknown offline: any coding with a system and a co
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+# FHIR R4 `code`: no leading, trailing or doubled whitespace. No code system holds anything else, so a
+# string bound to a value set must at least read as a code, even when the value set is not enumerable.
+_CODE = re.compile(r"[^\s]+(\s[^\s]+)*")
 
 
 @dataclass(slots=True)
@@ -31,7 +36,7 @@ class ValueSet:
 
     def admits_code(self, code: object) -> bool:
         """For `code` elements (no system): True when some system of the value set has this code."""
-        if not isinstance(code, str):
+        if not isinstance(code, str) or not _CODE.fullmatch(code):
             return False
         if self.open:
             return True

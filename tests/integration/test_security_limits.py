@@ -55,6 +55,9 @@ async def serving(settings: Settings) -> AsyncIterator[str]:
     while not server.started:
         assert not task.done() and time.monotonic() < deadline, "ingress never started"
         await asyncio.sleep(0.05)
+    while not app.state.ingress.bus_ready.is_set():  # /readyz: POSTs answer 503 until the bus is there
+        assert time.monotonic() < deadline, "ingress never connected to its bus"
+        await asyncio.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{settings.http_port}"
     finally:

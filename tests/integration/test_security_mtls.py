@@ -87,6 +87,9 @@ async def serving(settings: Settings) -> AsyncIterator[str]:
         assert not task.done(), task.exception() if task.done() else None
         assert time.monotonic() < deadline, "ingress never started"
         await asyncio.sleep(0.05)
+    while not app.state.ingress.bus_ready.is_set():  # /readyz: POSTs answer 503 until the bus is there
+        assert time.monotonic() < deadline, "ingress never connected to its bus"
+        await asyncio.sleep(0.05)
     try:
         yield f"https://localhost:{settings.http_port}"
     finally:

@@ -64,3 +64,13 @@ def test_topic_config_takes_a_record_larger_than_the_largest_body(body: int) -> 
         assert config["retention.ms"] == str(spec.retention_ms)
         assert config["cleanup.policy"] == "delete"
         assert all(isinstance(v, str) for v in config.values())
+
+
+def test_retention_comes_from_settings() -> None:
+    from services.core.settings import Settings
+    from services.core.topics import DAY_MS, DELIVERIES_DLQ, EVENTS, RECEIVED, declared_topics
+
+    specs = {s.name: s for s in declared_topics(Settings(topic_retention_days=2, dlq_retention_days=10))}
+    assert specs[RECEIVED].retention_ms == 2 * DAY_MS
+    assert specs["deliveries.retry.1"].retention_ms == 2 * DAY_MS
+    assert specs[DELIVERIES_DLQ].retention_ms == specs[EVENTS].retention_ms == 10 * DAY_MS

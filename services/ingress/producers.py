@@ -10,7 +10,8 @@ producers:
     cert_fingerprints_sha256: [ab12...]  # mtls/both: SHA-256 of the client certificate (DER), hex
     cert_subjects: ["CN=dui-acme,O=ACME,C=FR"]  # mtls/both: or its subject (RFC 4514), issued by the CA
 ```
-Make a token and its hash with: `python -c "import secrets,hashlib;t=secrets.token_urlsafe(32);print(t, hashlib.sha256(t.encode()).hexdigest())"`
+Make a token and its hash with:
+    python -c "import secrets,hashlib;t=secrets.token_urlsafe(32);print(t, hashlib.sha256(t.encode()).hexdigest())"
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class ProducerDirectory(BaseModel):
         hashes = [p.token_sha256 for p in v if p.token_sha256 is not None]
         shared = sorted({p.id for p in v if p.token_sha256 is not None and hashes.count(p.token_sha256) > 1})
         if shared:
-            raise ValueError(f"producers {', '.join(shared)} share one token (same token_sha256); give each its own token")
+            raise ValueError(f"producers {', '.join(shared)} share one token (same token_sha256); "
+                             "give each its own token")
         return v
 
     def authenticate(self, token: str) -> Producer | None:

@@ -20,8 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from services.core.envelope import FHIR_JSON
 from services.core.metrics import INGRESS_REQUESTS
 from services.core.outcome import Issue, operation_outcome
-from services.ingress import checks
+from services.ingress import checks, limits
 from services.ingress.checks import Refusal
+from services.ingress.producers import Producer
 from services.validator.logic import validate_bundle
 from services.validator.options import validation_options
 
@@ -35,19 +36,23 @@ RULE_INPUT = "relais-validate-input"
 async def validate(request: Request) -> Response:
     """Validate the Bundle in the body (or in a Parameters `resource`) and answer its OperationOutcome."""
     state = request.app.state.ingress
+    settings = state.settings
     try:
-        _authenticate(state, request)
-        settings = state.settings
-        for refusal in (checks.check_content_type(request.headers.get("Content-Type")),
-                        checks.check_declared_length(request.headers.get("Content-Length"), settings.max_body_bytes)):
-            if refusal:
-                raise refusal
-        bundle = _bundle_of(_decode(await _read_body(request, settings.max_body_bytes)))
+        producer = _authenticate(state, request)
+        # Validation costs CPU: the producer's rate and concurrency limits apply as to POST /fhir.
+        async with state.limiter.slot(producer.id):
+            for refusal in (checks.check_content_type(request.headers.get("Content-Type")),
+                            checks.check_declared_length(request.headers.get("Content-Length"),
+                                                         settings.max_body_bytes)):
+                if refusal:
+                    raise refusal
+            body = await limits.read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
+            bundle = _bundle_of(_decode(body))
+            options = validation_options(settings, request.headers.get("Accept-Language"))
+            # CPU-bound (milliseconds for a typical Bundle, more for a large one): keep the event loop free.
+            issues = await run_in_threadpool(validate_bundle, bundle, options)
     except Refusal as refusal:
         return _answer(refusal.status, refusal.issues, dict(refusal.headers))
-    options = validation_options(settings, request.headers.get("Accept-Language"))
-    # CPU-bound (milliseconds for a typical Bundle, more for a large one): keep the event loop free.
-    issues = await run_in_threadpool(validate_bundle, bundle, options)
     return _answer(200, issues, {"Content-Language": options.language})
 
 
@@ -57,24 +62,12 @@ def _answer(status: int, issues: list[Issue] | tuple[Issue, ...], headers: dict[
                     headers=headers)
 
 
-def _authenticate(state: Any, request: Request) -> None:
+def _authenticate(state: Any, request: Request) -> Producer:
     """Exactly as POST /fhir (bearer token, client certificate, ...): its own function, imported when
     called because the app module imports this one while it builds the app."""
     from services.ingress.app import _authenticate as authenticate_producer
 
-    authenticate_producer(state, request)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes the limit (a lying Content-Length does not help)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise checks.too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return authenticate_producer(state, request)
 
 
 def _decode(body: bytes) -> dict[str, Any]:

@@ -20,6 +20,7 @@ RULE_REQUEST_URL: Final = "tddui-bundle-request-url"
 RULE_REF_URN: Final = "tddui-bundle-ref-urn"
 RULE_REF_RELATIVE: Final = "tddui-bundle-ref-relative"
 RULE_REF_ABSOLUTE: Final = "tddui-bundle-ref-absolute"
+RULE_REF_PORTABLE: Final = "tddui-bundle-ref-portable"
 RULE_REF_FORMAT: Final = "tddui-bundle-ref-format"
 
 _RELATIVE = re.compile(r"(?P<type>[A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
@@ -125,6 +126,33 @@ def check_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: s
             if issue is not None:
                 issues.append(issue)
     return issues
+
+
+def check_portable_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: str = "en") -> list[Issue]:
+    """One warning when entries link to each other other than by `urn:uuid:` fullUrls.
+
+    The IG allows absolute fullUrls and `Type/id`, but FHIR servers differ on rewriting them in a
+    transaction (some store them as sent, pointing at nothing); Relais rewrites them before delivery.
+    """
+    if all(not isinstance(r, str) or r.startswith(("urn:", "#")) for r in _all_references(bundle)):
+        return []  # the usual case: every link is already a urn (or points into contained resources)
+    for i, entry in entries(bundle):
+        resource = entry.get("resource")
+        if not isinstance(resource, dict):
+            continue
+        for path, reference in iter_references(resource, f"Bundle.entry[{i}].resource"):
+            if reference.startswith(("urn:", "#")) or not _names_an_entry(reference, targets):
+                continue
+            return [warning("value", say(lang, "ref-portable", at=path, ref=quote(reference)), path,
+                            rule=RULE_REF_PORTABLE)]
+    return []
+
+
+def _names_an_entry(reference: str, targets: Mapping[str, int]) -> bool:
+    if reference in targets or _HISTORY_TAIL.sub("", reference) in targets:
+        return True
+    relative = _RELATIVE.fullmatch(reference)
+    return bool(relative) and f"{relative['type']}/{relative['id']}" in targets  # type: ignore[index]
 
 
 def _all_references(bundle: dict[str, Any]) -> Iterator[object]:

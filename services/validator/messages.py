@@ -102,6 +102,15 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "système destinataire détient déjà cette ressource. Ajoutez-la au Bundle si elle fait partie de "
         "ce transfert.",
     ),
+    "ref-portable": (
+        "{at} is {ref}: entries of this Bundle refer to each other by absolute fullUrl or 'Type/id', which "
+        "FHIR servers resolve differently in a transaction. Relais rewrites such references to urn:uuid: "
+        "fullUrls before delivery; better, give every entry a urn:uuid: fullUrl and refer to that.",
+        "{at} vaut {ref} : les entrées de ce Bundle se référencent par fullUrl absolu ou 'Type/id', que les "
+        "serveurs FHIR résolvent différemment dans une transaction. Relais réécrit ces références en "
+        "fullUrl urn:uuid: avant la livraison ; mieux : donnez à chaque entrée un fullUrl urn:uuid: et "
+        "référencez-le.",
+    ),
     "ref-absolute": (
         "{at} is {ref}, an absolute URL that is the fullUrl of no entry; it resolves only if that server "
         "holds the resource. Use the entry's fullUrl if it is in this Bundle.",

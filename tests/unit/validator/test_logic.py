@@ -435,7 +435,9 @@ def test_relative_reference_resolves_by_type_and_id() -> None:
         b["entry"][4]["resource"]["id"] = "pract-1"
         b["entry"][5]["resource"]["practitioner"] = {"reference": "Practitioner/pract-1/_history/3"}
 
-    assert run(point_relative) == []
+    # Resolved; the one note left says Relais will make the link portable before delivery.
+    assert [(i.rule, i.expression) for i in run(point_relative)] == [
+        ("tddui-bundle-ref-portable", ("Bundle.entry[5].resource.practitioner.reference",))]
 
 
 def test_relative_reference_resolves_by_full_url_tail() -> None:
@@ -443,7 +445,8 @@ def test_relative_reference_resolves_by_full_url_tail() -> None:
         b["entry"][4]["fullUrl"] = "https://dui.example/fhir/Practitioner/pract-1"
         b["entry"][5]["resource"]["practitioner"] = {"reference": "Practitioner/pract-1"}
 
-    assert run(point_relative) == []
+    assert [(i.rule, i.expression) for i in run(point_relative)] == [
+        ("tddui-bundle-ref-portable", ("Bundle.entry[5].resource.practitioner.reference",))]
 
 
 def test_absolute_reference_resolves_by_full_url() -> None:
@@ -453,7 +456,8 @@ def test_absolute_reference_resolves_by_full_url() -> None:
             "reference": "https://dui.example/fhir/Practitioner/pract-1"
         }
 
-    assert run(point_absolute) == []
+    assert [(i.rule, i.expression) for i in run(point_absolute)] == [
+        ("tddui-bundle-ref-portable", ("Bundle.entry[5].resource.practitioner.reference",))]
 
 
 # --- valid Bundles -----------------------------------------------------------------------------------
@@ -468,11 +472,23 @@ def test_factory_bundles_are_clean(size: int, seed: int, patient_ins: bool) -> N
 
 
 @pytest.mark.parametrize("size", [2, 30, 300])
-def test_published_style_only_warns_about_request_url(size: int) -> None:
+def test_published_style_only_warns_about_what_relais_repairs(size: int) -> None:
     issues = validate_bundle(make_bundle(size, seed=5, published_style=True))
     assert not has_errors(issues)
-    assert {i.rule for i in issues} == {"tddui-bundle-request-url"}
-    assert [i.expression[0] for i in issues] == [f"Bundle.entry[{n}].request.url" for n in range(size)]
+    url_issues = [i for i in issues if i.rule == "tddui-bundle-request-url"]
+    assert [i.expression[0] for i in url_issues] == [f"Bundle.entry[{n}].request.url" for n in range(size)]
+    # Entries linked by absolute fullUrl / Type/id: one warning for the whole Bundle, at the first link.
+    portable = [i for i in issues if i.rule == "tddui-bundle-ref-portable"]
+    links = size > 2  # two entries (Organization, Patient) do not refer to each other
+    assert len(portable) == (1 if links else 0)
+    for issue in portable:
+        assert issue.severity == "warning" and "urn:uuid" in issue.diagnostics
+        assert issue.expression[0].startswith("Bundle.entry[") and issue.expression[0].endswith(".reference")
+    assert len(issues) == size + len(portable)
+
+
+def test_urn_uuid_bundles_get_no_portability_warning() -> None:
+    assert not [i for i in validate_bundle(make_bundle(30, seed=5)) if i.rule == "tddui-bundle-ref-portable"]
 
 
 def test_bytes_and_dict_give_the_same_answer() -> None:

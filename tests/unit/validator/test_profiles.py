@@ -104,7 +104,8 @@ def test_options_ignore_rules_and_raise_warnings() -> None:
     bundle = make_bundle(29, published_style=True)
     assert not has_errors(validate_bundle(bundle))
     assert has_errors(validate_bundle(bundle, ValidationOptions.of(warnings_as_errors=True)))
-    assert validate_bundle(bundle, ValidationOptions.of(ignore_rules=["tddui-bundle-request-url"])) == []
+    ignored = ["tddui-bundle-request-url", "tddui-bundle-ref-portable"]
+    assert validate_bundle(bundle, ValidationOptions.of(ignore_rules=ignored)) == []
 
 
 def test_french_diagnostics() -> None:

@@ -119,8 +119,8 @@ def test_warnings_travel_but_do_not_invalidate(tmp_path: Path, capsys: pytest.Ca
     path = write(tmp_path / "published.json", make_bundle(5, published_style=True))
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
-    assert ": valid (0 error(s), 5 warning(s)/note(s))" in out
-    assert "[tddui-bundle-request-url]" in out
+    assert ": valid (0 error(s), 6 warning(s)/note(s))" in out  # 5 request.url + 1 reference portability
+    assert "[tddui-bundle-request-url]" in out and "[tddui-bundle-ref-portable]" in out
 
 
 def test_warnings_as_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,7 +134,8 @@ def test_ignore_rule_is_repeatable_and_takes_prefixes(tmp_path: Path, capsys: py
     published = write(tmp_path / "published.json", make_bundle(5, published_style=True))
     bad = write(tmp_path / "bad.json", broken())
     argv = ["validate", "--format", "json", "--ignore-rule", "tddui-bundle-request-url",
-            "--ignore-rule", "tddui-encounter-sejour/", str(published), str(bad)]
+            "--ignore-rule", "tddui-bundle-ref-portable", "--ignore-rule", "tddui-encounter-sejour/",
+            str(published), str(bad)]
     assert main(argv) == 0
     lines = json_lines(capsys.readouterr().out)
     assert all(line["valid"] for line in lines)

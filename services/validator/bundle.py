@@ -112,9 +112,14 @@ def _check_full_urls(bundle: dict[str, Any], lang: str) -> list[Issue]:
     return issues
 
 
-def check_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: str = "en") -> list[Issue]:
-    """Every reference of every entry resolves in the Bundle (or says why it may not)."""
-    if all(_resolves(r, targets) for r in _all_references(bundle)):
+def check_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: str = "en",
+                     references: list[object] | None = None) -> list[Issue]:
+    """Every reference of every entry resolves in the Bundle (or says why it may not).
+
+    `references` is `all_references(bundle)` when the caller already walked the Bundle for it.
+    """
+    refs = all_references(bundle) if references is None else references
+    if all(_resolves(r, targets) for r in refs):
         return []  # the usual case, found without spelling a single location
     issues: list[Issue] = []
     for i, entry in entries(bundle):
@@ -128,13 +133,15 @@ def check_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: s
     return issues
 
 
-def check_portable_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: str = "en") -> list[Issue]:
+def check_portable_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: str = "en",
+                              references: list[object] | None = None) -> list[Issue]:
     """One warning when entries link to each other other than by `urn:uuid:` fullUrls.
 
     The IG allows absolute fullUrls and `Type/id`, but FHIR servers differ on rewriting them in a
     transaction (some store them as sent, pointing at nothing); Relais rewrites them before delivery.
     """
-    if all(not isinstance(r, str) or r.startswith(("urn:", "#")) for r in _all_references(bundle)):
+    refs = all_references(bundle) if references is None else references
+    if all(not isinstance(r, str) or r.startswith(("urn:", "#")) for r in refs):
         return []  # the usual case: every link is already a urn (or points into contained resources)
     for i, entry in entries(bundle):
         resource = entry.get("resource")
@@ -153,6 +160,11 @@ def _names_an_entry(reference: str, targets: Mapping[str, int]) -> bool:
         return True
     relative = _RELATIVE.fullmatch(reference)
     return bool(relative) and f"{relative['type']}/{relative['id']}" in targets  # type: ignore[index]
+
+
+def all_references(bundle: dict[str, Any]) -> list[object]:
+    """Every `reference` value in the entries' resources (one walk, shared by the reference checks)."""
+    return list(_all_references(bundle))
 
 
 def _all_references(bundle: dict[str, Any]) -> Iterator[object]:

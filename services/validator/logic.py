@@ -18,6 +18,7 @@ import orjson
 from services.core.outcome import Issue, error
 from services.validator.base import RULE_RESOURCE_TYPE, RULE_STRUCTURE, check_structure, resource_class
 from services.validator.bundle import (
+    all_references,
     check_portable_references,
     check_references,
     check_transaction,
@@ -59,8 +60,9 @@ def validate_bundle(
         issues.extend(structure)
         issues.extend(check_transaction(bundle, lang))
         targets = reference_targets(bundle)
-        issues.extend(check_references(bundle, targets, lang))
-        issues.extend(check_portable_references(bundle, targets, lang))
+        references = all_references(bundle)
+        issues.extend(check_references(bundle, targets, lang, references))
+        issues.extend(check_portable_references(bundle, targets, lang, references))
         known = [(i, r) for i, r in profiled_entries(bundle)
                  if isinstance(r.get("resourceType"), str) and resource_class(r["resourceType"])]
         profile_issues = check_profiles(ruleset(), known, targets, lang)

@@ -16,7 +16,8 @@ from services.ops.lag import LagReader
 from services.tracker import opstate, queries
 from services.tracker.ledger import Ledger
 
-CIRCUIT_UNKNOWN = "unknown"  # no delivery process reported this target's breaker in the last hour
+# Delivery processes report breaker transitions only: no report within the hour means none opened lately.
+CIRCUIT_DEFAULT = "closed"
 
 
 @dataclass
@@ -70,7 +71,7 @@ class OpsContext:
                 "paused": bool((state and state.paused) or (configured and configured.paused)),
                 "paused_in_file": bool(configured and configured.paused),
                 "pause": state.as_dict() if state else None,
-                "circuit": circuits.get(h.target, CIRCUIT_UNKNOWN),
+                "circuit": circuits.get(h.target, CIRCUIT_DEFAULT),
             }
             out.append(item)
         return out

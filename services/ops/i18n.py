@@ -76,6 +76,8 @@ _LABELS: dict[str, tuple[str, str]] = {
     "health_failing": ("en échec", "failing"),
     "health_idle": ("inactive", "idle"),
     "unknown": ("inconnu", "unknown"),
+    "circuit_closed": ("fermé (envois normaux)", "closed (sending)"),
+    "circuit_open": ("ouvert (envois suspendus)", "open (held)"),
     "role": ("Rôle", "Role"),
     "all": ("Tous", "All"),
     "auto_refresh": ("Actualisée toutes les 15 s", "Refreshes every 15 s"),

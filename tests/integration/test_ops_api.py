@@ -148,7 +148,7 @@ async def test_overview_lag_and_targets(settings: Settings) -> None:
         lag = {s["stage"]: s for s in (await get(client, "/ops/lag"))["stages"]}
         assert set(lag["delivery"]["topics"]) >= {"deliveries", "deliveries.retry.1"}
         targets = {t["target"]: t for t in (await get(client, "/ops/targets"))["items"]}
-        assert targets["a"]["circuit"] == "unknown" and targets["a"]["waiting"] == 1
+        assert targets["a"]["circuit"] == "closed" and targets["a"]["waiting"] == 1
         assert targets["b"]["dead_letters"] == 1 and targets["b"]["p50_ms"] is None  # attempts older than 1 h
         assert (await get(client, "/ops/targets/b"))["target"] == "b"
         assert (await client.get("/ops/targets/zz", headers=bearer(VIEWER))).status_code == 404

@@ -24,7 +24,7 @@ def test_targets_pause_list_resume(env: Path, capsys: pytest.CaptureFixture[str]
     assert orjson.loads(capsys.readouterr().out)["paused"] is True
     assert main(["targets", "list"]) == 0
     listed = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(t["target"], t["paused"], t["circuit"]) for t in listed] == [("a", True, "unknown")]
+    assert [(t["target"], t["paused"], t["circuit"]) for t in listed] == [("a", True, "closed")]
     assert main(["targets", "resume", "a"]) == 0
     assert orjson.loads(capsys.readouterr().out)["paused"] is False
     assert main(["targets", "pause", "nope"]) == 2

@@ -39,10 +39,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from services.core.errors import ConfigurationError
+from services.core.configfile import load_yaml_model, repeated
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -201,8 +200,7 @@ class TargetDirectory(_Model):
     @field_validator("targets")
     @classmethod
     def _unique_ids(cls, v: list[Target]) -> list[Target]:
-        ids = [t.id for t in v]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = repeated(t.id for t in v)
         if duplicates:
             raise ValueError(f"target ids must be unique; repeated: {', '.join(duplicates)}")
         return v
@@ -235,16 +233,4 @@ def load_targets(path: Path | None) -> TargetDirectory:
     """Read and check the targets file; no file means no targets (every transfer will be refused)."""
     if path is None:
         return TargetDirectory()
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        return TargetDirectory.model_validate(raw)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"cannot read targets file {path}: {exc}") from exc
-    except ValidationError as exc:
-        raise ConfigurationError(f"targets file {path} is invalid:\n{_explain(exc)}") from exc
-
-
-def _explain(exc: ValidationError) -> str:
-    return "\n".join(
-        f"  - {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
-    )
+    return load_yaml_model(path, TargetDirectory, "targets")

@@ -21,10 +21,9 @@ import hmac
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from services.core.errors import ConfigurationError
+from services.core.configfile import load_yaml_model, repeated
 
 
 class Producer(BaseModel):
@@ -99,12 +98,11 @@ class ProducerDirectory(BaseModel):
     @field_validator("producers")
     @classmethod
     def _unambiguous(cls, v: list[Producer]) -> list[Producer]:
-        ids = [p.id for p in v]
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
-        if repeated:
-            raise ValueError(f"producer ids must be unique; repeated: {', '.join(repeated)}")
-        hashes = [p.token_sha256 for p in v if p.token_sha256 is not None]
-        shared = sorted({p.id for p in v if p.token_sha256 is not None and hashes.count(p.token_sha256) > 1})
+        ids = repeated(p.id for p in v)
+        if ids:
+            raise ValueError(f"producer ids must be unique; repeated: {', '.join(ids)}")
+        hashes = set(repeated(p.token_sha256 for p in v if p.token_sha256 is not None))
+        shared = sorted({p.id for p in v if p.token_sha256 in hashes})
         if shared:
             raise ValueError(f"producers {', '.join(shared)} share one token (same token_sha256); "
                              "give each its own token")
@@ -133,11 +131,4 @@ ANONYMOUS = Producer(id="anonymous", token_sha256="0" * 64)
 
 def load_producers(path: Path) -> ProducerDirectory:
     """Read and check the producers file, with errors that name the bad entry."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        return ProducerDirectory.model_validate(raw)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"cannot read producers file {path}: {exc}") from exc
-    except ValidationError as exc:
-        details = "\n".join(f"  - {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
-        raise ConfigurationError(f"producers file {path} is invalid:\n{details}") from exc
+    return load_yaml_model(path, ProducerDirectory, "producers")

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from fastapi import HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.core.errors import ConfigurationError
+from services.core.configfile import load_yaml_model, repeated
 from services.core.settings import Settings
 
 Role = Literal["viewer", "operator"]
@@ -63,10 +62,9 @@ class OperatorFile(BaseModel):
     @classmethod
     def _unique(cls, v: list[Operator]) -> list[Operator]:
         for attr in ("id", "token_sha256"):
-            values = [getattr(o, attr) for o in v]
-            repeated = sorted({x for x in values if values.count(x) > 1})
-            if repeated:
-                raise ValueError(f"operator {attr} values must be unique; repeated: {', '.join(repeated)[:200]}")
+            twice = repeated(getattr(o, attr) for o in v)
+            if twice:
+                raise ValueError(f"operator {attr} values must be unique; repeated: {', '.join(twice)[:200]}")
         return v
 
 
@@ -96,16 +94,7 @@ def load_operators(settings: Settings) -> OperatorDirectory:
     """The operators of this Relais, from RELAIS_OPERATORS_FILE and RELAIS_OPS_TOKEN."""
     operators: list[Operator] = []
     if settings.operators_file is not None:
-        path = Path(settings.operators_file)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            operators += OperatorFile.model_validate(raw).operators
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigurationError(f"cannot read operators file {path}: {exc}") from exc
-        except ValidationError as exc:
-            details = "\n".join(f"  - {'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                for e in exc.errors(include_url=False))
-            raise ConfigurationError(f"operators file {path} is invalid:\n{details}") from exc
+        operators += load_yaml_model(Path(settings.operators_file), OperatorFile, "operators").operators
     if settings.ops_token:
         operators.append(Operator(id="ops-token", role="operator",
                                   token_sha256=hashlib.sha256(settings.ops_token.encode()).hexdigest()))

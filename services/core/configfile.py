@@ -1,0 +1,35 @@
+"""Reading Relais's YAML configuration files (targets, producers, operators): one way, one kind of error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from services.core.errors import ConfigurationError
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def load_yaml_model(path: Path, model: type[Model], what: str) -> Model:
+    """The file parsed into `model`; a ConfigurationError naming the file and each bad entry otherwise."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return model.model_validate(raw)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"cannot read {what} file {path}: {exc}") from exc
+    except ValidationError as exc:
+        details = "\n".join(f"  - {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise ConfigurationError(f"{what} file {path} is invalid:\n{details}") from exc
+
+
+def repeated(values: Iterable[str]) -> list[str]:
+    """The values that occur more than once, sorted (for "must be unique" checks)."""
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for value in values:
+        (twice if value in seen else seen).add(value)
+    return sorted(twice)

@@ -75,6 +75,8 @@ class EmbeddedLog:
         self._conn: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
         self._round_robin = 0
+        # Topic → partitions; this process owns the file, so topics change only through ensure_topics.
+        self._topics: dict[str, int] | None = None
         self.appended = asyncio.Event()  # wakes idle consumers of this process
 
     async def call(self, fn: Any, *args: Any) -> Any:
@@ -126,13 +128,19 @@ class EmbeddedLog:
         for name, partitions in specs:
             conn.execute("INSERT OR IGNORE INTO topics(name, partitions) VALUES (?, ?)", (name, partitions))
         conn.execute("COMMIT")
+        self._topics = None  # re-read on the next append: a kept file may declare other partition counts
+
+    def _topic_partitions(self, conn: sqlite3.Connection) -> dict[str, int]:
+        if self._topics is None:
+            self._topics = dict(conn.execute("SELECT name, partitions FROM topics"))
+        return self._topics
 
     def append(self, conn: sqlite3.Connection, emits: Sequence[tuple[str, bytes | None, bytes, str]],
                offsets: Mapping[tuple[str, str, int], int] | None = None) -> None:
         """Append records and (optionally) commit group offsets, in one transaction."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            partitions = dict(conn.execute("SELECT name, partitions FROM topics"))
+            partitions = self._topic_partitions(conn)
             now = time.time()
             for topic, key, value, headers in emits:
                 if topic not in partitions:

@@ -26,7 +26,13 @@ class ValidatorStage:
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Validate one received Bundle and say so on `transfers.events`."""
         env = record.envelope
-        issues = validate_bundle(env.data, self.options)
+        try:
+            parsed = orjson.loads(env.data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        # Parsed once here for both the engine and the subject key; the engine reports bad JSON itself.
+        bundle = parsed if isinstance(parsed, dict) else None
+        issues = validate_bundle(bundle if bundle is not None else env.data, self.options)
         outcome = operation_outcome(issues)
         errors = sum(i.is_error for i in issues)
         if errors:
@@ -36,8 +42,7 @@ class ValidatorStage:
                 Emit(REJECTED, record.key, rejected),
                 event(env, "rejected", self.name, {"errors": errors, "outcome": outcome}),
             ]
-        bundle = orjson.loads(env.data)
-        subject = subject_key(bundle) if isinstance(bundle, dict) else None
+        subject = subject_key(bundle) if bundle is not None else None
         extra = {**env.extra, "warnings": str(len(issues))}
         if subject:
             extra["subject"] = subject

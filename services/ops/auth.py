@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.core.configfile import load_yaml_model, repeated
 from services.core.settings import Settings
+from services.ingress.checks import bearer_token
 
 Role = Literal["viewer", "operator"]
 _RANK: dict[str, int] = {"viewer": 0, "operator": 1}
@@ -105,7 +106,7 @@ def request_token(request: Request) -> str | None:
     """The bearer token of the request, else the dashboard's cookie."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
+        return bearer_token(header)
     return request.cookies.get(COOKIE) or None
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-from tests.bench import pipeline
+from tests.bench import kafka_bootstrap, pipeline
 
 
 def main() -> int:
@@ -32,16 +31,8 @@ def main() -> int:
         print("\n".join(validator.run()))
         return 0
 
-    bootstrap = os.environ.get("RELAIS_KAFKA_BOOTSTRAP")
-    kafka = None
-    if not bootstrap:
-        from services.devkafka import LocalKafka
-
-        print("bench: starting a local Kafka ...", file=sys.stderr)
-        kafka = LocalKafka().start()
-        bootstrap = kafka.bootstrap
     lines: list[str] = []
-    try:
+    with kafka_bootstrap() as bootstrap:
         if args.only in (None, "pipeline"):
             print("bench: pipeline (one process per stage, Kafka) ...", file=sys.stderr)
             with tempfile.TemporaryDirectory(prefix="relais-bench-") as work:
@@ -57,9 +48,6 @@ def main() -> int:
 
             with tempfile.TemporaryDirectory(prefix="relais-bench-delivery-") as work:
                 lines += asyncio.run(delivery.bench(bootstrap, Path(work), 600))
-    finally:
-        if kafka is not None:
-            kafka.stop()
     print("\n".join(["", "== Relais benchmark (2-core machine, one process per stage) ==", *lines]))
     return 0
 

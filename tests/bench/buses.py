@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import orjson
 
 from services.core.bus import Bus, Partition
@@ -27,7 +26,7 @@ from services.launcher import make_bus
 from tests.bench.pipeline import percentile, post_many
 from tests.fixtures.tddui import make_bundle
 from tests.support.kafka import received
-from tests.support.processes import REPO, DemoTarget, free_port
+from tests.support.processes import REPO, DemoTarget, free_port, readyz, wait_until
 from tests.support.producers import write_producers, write_targets
 
 
@@ -71,13 +70,8 @@ async def end_to_end(env: dict[str, str], work: Path, count: int) -> str:
                             stdout=subprocess.DEVNULL, stderr=(work / "run.log").open("wb"))
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_until(readyz(url), alive=lambda: proc.poll() is None, timeout_s=60, interval_s=0.1,
+                   explain=lambda: (work / "run.log").read_text()[-3000:], what="relais run to be ready")
         bodies = [orjson.dumps(make_bundle(30, seed=i)) for i in range(count)]
         began = time.perf_counter()
         _, _, sent = await post_many(f"{url}/fhir", bodies, 16)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -30,6 +28,7 @@ from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES
 from services.delivery.stage import DeliveryStage
+from tests.bench import kafka_bootstrap
 from tests.fixtures.tddui import make_bundle
 from tests.support.processes import DemoTarget, free_port
 
@@ -124,20 +123,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1000, help="deliveries per run")
     args = parser.parse_args()
-    bootstrap = os.environ.get("RELAIS_KAFKA_BOOTSTRAP")
-    kafka = None
-    if not bootstrap:
-        from services.devkafka import LocalKafka
-
-        print("bench: starting a local Kafka ...", file=sys.stderr)
-        kafka = LocalKafka().start()
-        bootstrap = kafka.bootstrap
-    try:
-        with tempfile.TemporaryDirectory(prefix="relais-bench-delivery-") as work:
-            lines = asyncio.run(bench(bootstrap, Path(work), args.count))
-    finally:
-        if kafka is not None:
-            kafka.stop()
+    with kafka_bootstrap() as bootstrap, tempfile.TemporaryDirectory(prefix="relais-bench-delivery-") as work:
+        lines = asyncio.run(bench(bootstrap, Path(work), args.count))
     print("\n".join(["", "== Relais delivery benchmark (one delivery process, demo targets) ==", *lines]))
     return 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.processes import REPO, free_port
+from tests.support.processes import REPO, free_port, readyz, wait_until
 from tests.support.producers import write_targets
 
 pytestmark = pytest.mark.e2e
@@ -35,17 +35,10 @@ def test_make_run_in_a_fresh_copy_delivers_a_bundle_sent_with_relais_send(tmp_pa
     proc = subprocess.Popen(["make", "run", f"DEMO_PORT={demo_port}"], cwd=copy, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 600  # the first run installs every dependency into .venv
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "make-run.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("make run never got ready\n" + (tmp_path / "make-run.log").read_text()[-3000:])
+        # The first run installs every dependency into .venv.
+        wait_until(readyz(f"http://127.0.0.1:{http_port}"), alive=lambda: proc.poll() is None,
+                   explain=lambda: (tmp_path / "make-run.log").read_text()[-3000:], timeout_s=600,
+                   interval_s=0.5, what="make run to be ready")
 
         sent = subprocess.run([str(copy / ".venv/bin/relais"), "send", "examples/bundle-ssiad.json", "--to", "demo",
                                "--url", f"http://127.0.0.1:{http_port}", "--token", "demo-token",

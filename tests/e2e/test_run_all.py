@@ -6,15 +6,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from tests.support.processes import REPO, free_port
+from tests.support.processes import REPO, free_port, readyz, wait_until
 from tests.support.producers import write_targets
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
@@ -39,7 +39,7 @@ def test_relais_run_delivers_to_the_demo_target_and_stops_on_sigterm(kafka_boots
     base = f"http://127.0.0.1:{http_port}"
     auth = {"Authorization": "Bearer demo-token"}
     try:
-        _wait(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, proc, tmp_path)
+        _wait(readyz(base), proc, tmp_path)
         bundle = orjson.loads((REPO / "examples/bundle-ssiad.json").read_bytes())
         response = httpx.post(f"{base}/fhir", content=orjson.dumps(bundle), timeout=30,
                               headers={**auth, "Content-Type": "application/fhir+json", "X-Relais-Target": "demo"})
@@ -57,14 +57,6 @@ def test_relais_run_delivers_to_the_demo_target_and_stops_on_sigterm(kafka_boots
     assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
 
 
-def _wait(condition, proc: subprocess.Popen[bytes], tmp_path: Path, timeout_s: float = 90) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-        try:
-            if condition():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("timed out\n" + (tmp_path / "run.log").read_text()[-3000:])
+def _wait(condition: Callable[[], object], proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    wait_until(condition, alive=lambda: proc.poll() is None, timeout_s=90,
+               explain=lambda: (tmp_path / "run.log").read_text()[-3000:])

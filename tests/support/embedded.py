@@ -6,12 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from tests.support.processes import REPO, free_port
+from tests.support.processes import REPO, free_port, readyz, wait_until
 from tests.support.producers import write_targets
 
 
@@ -46,16 +43,9 @@ class EmbeddedRelais:
         log = (self.tmp_path / "run.log").open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=self.env, cwd=REPO,
                                      stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_tail()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("relais run never became ready\n" + self.log_tail())
+        proc = self.proc
+        wait_until(readyz(self.url), alive=lambda: proc.poll() is None, explain=self.log_tail,
+                   interval_s=0.1, what="relais run to be ready")
 
     def kill9(self) -> None:
         assert self.proc is not None

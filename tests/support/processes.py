@@ -5,25 +5,43 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from services.devkafka.local import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = ("validator", "router", "delivery", "tracker")
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def wait_until(condition: Callable[[], object], *, alive: Callable[[], bool], explain: Callable[[], str],
+               timeout_s: float = 60, interval_s: float = 0.2, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail at once, with `explain()`, if the process under test died.
+
+    A condition that raises httpx.HTTPError (the server is not listening yet) counts as not holding.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise AssertionError(f"process exited before {what}\n{explain()}")
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}\n{explain()}")
+
+
+def readyz(base_url: str) -> Callable[[], bool]:
+    """The condition "GET {base_url}/readyz answers 200"."""
+    return lambda: httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
 
 
 @dataclass
@@ -113,18 +131,9 @@ class Broker:
         return f"http://127.0.0.1:{self.http_port}"
 
     def wait_ready(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            dead = [p.name for p in self.procs.values() if not p.alive()]
-            if dead:
-                raise AssertionError(f"stage(s) exited: {dead}\n" + self.tails())
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("ingress never became ready\n" + self.tails())
+        wait_until(readyz(self.url), alive=lambda: all(p.alive() for p in self.procs.values()),
+                   explain=lambda: f"exited: {[p.name for p in self.procs.values() if not p.alive()]}\n"
+                   + self.tails(), timeout_s=timeout_s, what="ingress to be ready")
 
     def kill(self, name: str) -> None:
         """SIGKILL a stage: no shutdown code runs, as in a crash."""

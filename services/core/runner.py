@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
-import orjson
 import structlog
 
 from services.core.bus import Bus, Partition, Subscription
@@ -171,12 +170,3 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
     except TimeoutError:
         pass
-
-
-def json_detail(record: Record) -> dict[str, object]:
-    """The JSON object an event record carries (empty when it is not one)."""
-    try:
-        value = orjson.loads(record.envelope.data)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}

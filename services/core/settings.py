@@ -117,8 +117,6 @@ class Settings(BaseSettings):
 
     # --- routing and delivery ----------------------------------------------------------------
     targets_file: Path | None = Field(default=None, description="YAML file of targets (id, base_url, ...).")
-    delivery_timeout_s: float = Field(default=30.0, gt=0, description="Total timeout of one POST to a target.")
-    delivery_connect_timeout_s: float = Field(default=5.0, gt=0, description="Connect timeout to a target.")
     retry_delays_s: list[float] = Field(
         default=[10.0, 60.0, 600.0], min_length=1,
         description="Delay of each retry tier (one topic per tier), JSON list.",

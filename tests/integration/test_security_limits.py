@@ -15,12 +15,9 @@ import httpx
 import orjson
 import pytest
 
-from services.core.embedded import EmbeddedBus
 from services.core.settings import Settings
-from services.ingress.app import create_app
-from services.launcher import _server
-from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
+from tests.support.ingress import serving as serve_ingress
 from tests.support.processes import free_port
 from tests.support.producers import TOKEN_A, TOKEN_B, write_producers, write_targets
 
@@ -46,23 +43,8 @@ def make(tmp_path: Path) -> Callable[..., Settings]:
     return build
 
 
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[str]:
-    app = create_app(settings, EmbeddedBus(settings), Ledger(settings.database_url))
-    server = _server(app, "127.0.0.1", settings.http_port, settings)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert not task.done() and time.monotonic() < deadline, "ingress never started"
-        await asyncio.sleep(0.05)
-    while not app.state.ingress.bus_ready.is_set():  # /readyz: POSTs answer 503 until the bus is there
-        assert time.monotonic() < deadline, "ingress never connected to its bus"
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{settings.http_port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)
+def serving(settings: Settings) -> contextlib.AbstractAsyncContextManager[str]:
+    return serve_ingress(settings, f"http://127.0.0.1:{settings.http_port}")
 
 
 async def test_rate_limit_answers_429_then_recovers(make: Callable[..., Settings]) -> None:

@@ -10,7 +10,7 @@ import hashlib
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,10 @@ import httpx
 import orjson
 import pytest
 
-from services.core.embedded import EmbeddedBus
 from services.core.settings import Settings
-from services.ingress.app import create_app
-from services.launcher import _server
-from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, organization_finess
 from tests.support.certs import Ca, Client, make_ca
+from tests.support.ingress import serving as serve_ingress
 from tests.support.processes import free_port
 from tests.support.producers import write_targets
 
@@ -77,24 +74,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[str]:
-    app = create_app(settings, EmbeddedBus(settings), Ledger(settings.database_url))
-    server = _server(app, "127.0.0.1", settings.http_port, settings)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert not task.done(), task.exception() if task.done() else None
-        assert time.monotonic() < deadline, "ingress never started"
-        await asyncio.sleep(0.05)
-    while not app.state.ingress.bus_ready.is_set():  # /readyz: POSTs answer 503 until the bus is there
-        assert time.monotonic() < deadline, "ingress never connected to its bus"
-        await asyncio.sleep(0.05)
-    try:
-        yield f"https://localhost:{settings.http_port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)
+def serving(settings: Settings) -> contextlib.AbstractAsyncContextManager[str]:
+    return serve_ingress(settings, f"https://localhost:{settings.http_port}")
 
 
 @pytest.fixture

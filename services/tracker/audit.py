@@ -106,8 +106,8 @@ def row_hash(prev_hash: str, seq: int, time: datetime, kind: str, actor_type: st
 
 async def create_schema(ledger: Ledger) -> None:
     """The tables (Ledger.create_schema makes them too: they share its metadata) and the chain's head row."""
+    await ledger.create_schema()
     async with ledger.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
         if (await conn.execute(sa.select(audit_head.c.id))).first() is None:
             try:
                 async with conn.begin_nested():

@@ -7,7 +7,10 @@ Bundle — only ids, statuses, the targets' transaction-responses and OperationO
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+import fcntl
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +23,7 @@ from services.core.errors import TransientError
 from services.tracker import logic
 
 metadata = sa.MetaData()
+SCHEMA_LOCK_KEY = 0x52454C41  # "RELA": PostgreSQL advisory lock taken while creating the schema
 
 transfers = sa.Table(
     "transfers", metadata,
@@ -166,10 +170,31 @@ class Ledger:
             sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
 
     async def create_schema(self) -> None:
-        """Create missing tables (idempotent)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-            await conn.run_sync(_add_missing_columns)
+        """Create missing tables and columns (idempotent, and safe when several processes start at once).
+
+        create_all checks, then creates; ingress, tracker and delivery all call this at start, so the
+        check-and-create is serialised across processes: an advisory lock on PostgreSQL, a file lock
+        beside the database on SQLite.
+        """
+        async with self._schema_lock():
+            async with self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                await conn.run_sync(metadata.create_all)
+                await conn.run_sync(_add_missing_columns)
+
+    @contextlib.asynccontextmanager
+    async def _schema_lock(self) -> AsyncIterator[None]:
+        database = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.schema-lock", "a+b") as lock:  # noqa: ASYNC230 - opening a lock file is instant
+            await asyncio.to_thread(fcntl.flock, lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     async def close(self) -> None:
         """Release connections; safe twice."""

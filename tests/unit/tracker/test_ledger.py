@@ -272,3 +272,19 @@ async def test_ledger_survives_reopening(tmp_path: Path) -> None:
         assert await second.apply(validated(1, event_id="dup")) is False
     finally:
         await second.close()
+
+
+async def test_schema_creation_is_safe_when_processes_start_together(tmp_path: Path) -> None:
+    """Ingress, tracker and delivery each create the schema at start; on one file they race."""
+    import asyncio
+
+    from services.tracker import audit  # noqa: F401 - registers the audit tables on the shared metadata
+
+    for round_no in range(5):
+        url = f"sqlite+aiosqlite:///{tmp_path}/race-{round_no}.db"
+        ledgers = [Ledger(url) for _ in range(6)]
+        try:
+            await asyncio.gather(*(ledger.create_schema() for ledger in ledgers))
+            assert await ledgers[0].get("nothing") is None  # the schema is there and usable
+        finally:
+            await asyncio.gather(*(ledger.close() for ledger in ledgers))

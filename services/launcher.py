@@ -159,11 +159,12 @@ async def _start_bus(bus: Bus, stop: asyncio.Event) -> None:
 def _server(app: Any, host: str, port: int, settings: Settings | None = None) -> uvicorn.Server:
     """A uvicorn server; HTTPS (and mutual TLS with a client CA) when `settings` name TLS files."""
     if settings is None or settings.tls_certfile is None:
-        return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+        return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
                                       timeout_graceful_shutdown=5))
     from services.ingress.mtls import PeerCertH11Protocol, ServerTls
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
+                            timeout_graceful_shutdown=5,
                             ssl_certfile=str(settings.tls_certfile), ssl_keyfile=str(settings.tls_keyfile),
                             http=PeerCertH11Protocol)
     config.load()

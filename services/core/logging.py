@@ -65,29 +65,52 @@ def _mask_sensitive(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
-def configure_logging(settings: Settings) -> None:
-    """Configure structlog and the stdlib root logger for this process (idempotent)."""
-    level = getattr(logging, settings.log_level.upper())
-    as_json = settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty())
+def _processors(as_json: bool) -> tuple[list[structlog.types.Processor], structlog.types.Processor]:
+    """The one chain every line goes through: (what enriches and masks it, what renders it)."""
+    chain: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _mask_sensitive,  # after format_exc_info: exception texts are masked too
+    ]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )
+    return chain, renderer
+
+
+def configure_logging(settings: Settings) -> None:
+    """Configure structlog and route the stdlib loggers (aiokafka, uvicorn, ...) through the same chain.
+
+    Third-party libraries log through `logging`; their lines get the same timestamp, level, masking
+    of personal data and JSON rendering as ours, so nothing reaches stderr around the masking.
+    Idempotent.
+    """
+    level = getattr(logging, settings.log_level.upper())
+    as_json = settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty())
+    chain, renderer = _processors(as_json)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _mask_sensitive,  # after format_exc_info: exception texts are masked too
-            renderer,
-        ],
+        processors=[*chain, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(), *chain],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(level, logging.WARNING))
     # aiokafka logs every coordinator hiccup at WARNING/ERROR; keep them, but not its INFO chatter.
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        # uvicorn installs its own handlers when it configures itself; ours (on the root) is the only one.
+        uv = logging.getLogger(name)
+        uv.handlers[:] = []
+        uv.propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 

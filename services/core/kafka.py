@@ -231,10 +231,6 @@ class KafkaSubscription:
                 self._consumer.resume(tp)
                 del self._paused[tp]
 
-    def next_due(self) -> float | None:
-        """The earliest monotonic time a paused partition becomes readable again."""
-        return min((due for _, due in self._paused.values()), default=None)
-
     def assignment(self) -> set[Partition]:
         """Partitions currently assigned to this member."""
         if self._consumer is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.core.errors import ConfigurationError
+from services.core.errors import ConfigurationError, PermanentError, TransientError
 from services.core.targets import TargetDirectory, load_targets
 
 GOOD = """
@@ -94,7 +94,8 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_configuration_error_is_permanent() -> None:
-    assert ConfigurationError.retryable is False
+    assert issubclass(ConfigurationError, PermanentError)
+    assert not issubclass(ConfigurationError, TransientError)
 
 
 FULL = """

@@ -39,6 +39,7 @@ class ReplayFilter(BaseModel):
     """Which dead letters to replay at once (at least one condition)."""
 
     target: str | None = None
+    stage: str | None = None
     producer: str | None = None
     reason: str | None = None
     since: str | None = None
@@ -181,20 +182,32 @@ async def resume(request: Request, target: str, who: Actor) -> Response:
     return _json(state.as_dict())
 
 
-@router.get("/dead-letters", summary="Open dead letters (filters: target, producer, reason, since, until)")
+@router.get("/dead-letters/{transfer_id}/{slot}", summary="One dead letter: reason, stage, attempts, original "
+                                                         "topic/partition/offset (no payload)")
+async def dead_letter(request: Request, transfer_id: str, slot: str, _: Viewer) -> Response:
+    dl = await ctx(request).dlq.get(f"{transfer_id}/{slot}")
+    if dl is None:
+        raise HTTPException(404, f"no dead letter {transfer_id}/{slot}")
+    return _json(dl.summary())
+
+
+@router.get("/dead-letters", summary="Open dead letters of every stage (filters: target, stage, producer, reason, "
+                                     "since, until)")
 async def dead_letters(request: Request, _: Viewer, target: str | None = None, producer: str | None = None,
                        reason: str | None = None, since: str | None = None, until: str | None = None,
-                       closed: bool = False) -> Response:
-    flt = DlqFilter(target or None, producer or None, reason or None, _time(since, "since"), _time(until, "until"))
+                       stage: str | None = None, closed: bool = False) -> Response:
+    flt = DlqFilter(target or None, producer or None, reason or None, _time(since, "since"), _time(until, "until"),
+                    stage or None)
     items = await ctx(request).dlq.list(flt, include_closed=closed)
     return _json({"count": len(items), "items": [d.summary() for d in items]})
 
 
 @router.post("/dead-letters/replay", summary="Replay every open dead letter matching a filter")
 async def replay_matching(request: Request, body: ReplayFilter, who: Actor) -> Response:
-    if not any((body.target, body.producer, body.reason, body.since, body.until)):
-        raise HTTPException(400, "give at least one filter (target, producer, reason, since, until)")
-    flt = DlqFilter(body.target, body.producer, body.reason, _time(body.since, "since"), _time(body.until, "until"))
+    if not any((body.target, body.stage, body.producer, body.reason, body.since, body.until)):
+        raise HTTPException(400, "give at least one filter (target, stage, producer, reason, since, until)")
+    flt = DlqFilter(body.target, body.producer, body.reason, _time(body.since, "since"), _time(body.until, "until"),
+                    body.stage)
     try:
         replayed = await ctx(request).dlq.replay_all(flt, who.id, body.note)
     except TransientError as exc:
@@ -202,12 +215,13 @@ async def replay_matching(request: Request, body: ReplayFilter, who: Actor) -> R
     return _json({"replayed": replayed, "count": len(replayed)}, 202)
 
 
-@router.post("/dead-letters/{transfer_id}/{target}/replay", summary="Replay one dead letter (to its one target)")
-async def replay_one(request: Request, transfer_id: str, target: str, who: Actor) -> Response:
+@router.post("/dead-letters/{transfer_id}/{slot}/replay", summary="Replay one dead letter to where it failed; "
+             "409 when it is not open (e.g. a concurrent replay won)")
+async def replay_one(request: Request, transfer_id: str, slot: str, who: Actor) -> Response:
     service = ctx(request).dlq
-    dl = await service.get(f"{transfer_id}/{target}")
+    dl = await service.get(f"{transfer_id}/{slot}")
     if dl is None:
-        raise HTTPException(404, f"no dead letter {transfer_id}/{target}")
+        raise HTTPException(404, f"no dead letter {transfer_id}/{slot}")
     try:
         await service.replay(dl, who.id)
     except (NotDeadLettered, BlobIntegrityError) as exc:
@@ -217,16 +231,20 @@ async def replay_one(request: Request, transfer_id: str, target: str, who: Actor
     return _json({"replayed": [dl.id]}, 202)
 
 
-@router.post("/dead-letters/{transfer_id}/{target}/discard", summary="Discard one dead letter, with a reason")
-async def discard(request: Request, transfer_id: str, target: str, body: DiscardBody, who: Actor) -> Response:
+@router.post("/dead-letters/{transfer_id}/{slot}/discard", summary="Discard one dead letter, with a reason")
+async def discard(request: Request, transfer_id: str, slot: str, body: DiscardBody, who: Actor) -> Response:
     service = ctx(request).dlq
-    dl = await service.get(f"{transfer_id}/{target}")
+    dl = await service.get(f"{transfer_id}/{slot}")
     if dl is None:
-        raise HTTPException(404, f"no dead letter {transfer_id}/{target}")
+        raise HTTPException(404, f"no dead letter {transfer_id}/{slot}")
     try:
         await service.discard(dl, who.id, body.reason)
-    except (NotDeadLettered, ValueError) as exc:
+    except NotDeadLettered as exc:
         raise HTTPException(409, str(exc)) from exc
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    except TransientError as exc:
+        raise HTTPException(503, str(exc)) from exc
     return _json({"discarded": [dl.id]})
 
 

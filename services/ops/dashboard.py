@@ -18,7 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from services.core.errors import TransientError
 from services.dlq.logic import DlqFilter
-from services.dlq.store import NotDeadLettered, parse_time
+from services.dlq.store import AlreadyHandled, NotDeadLettered, parse_time
 from services.ops import auth
 from services.ops.api import set_paused, transfer_filter
 from services.ops.auth import COOKIE, Operator, Role
@@ -264,6 +264,8 @@ async def dlq_action(request: Request, action: str) -> Response:
         if action == "discard":
             await service.discard(dl, who.id, form.get("reason") or "")
             return _back(back, "discarded")
+    except AlreadyHandled:
+        return _back(back, "already")  # a second submit of the same form: the first one did it
     except (NotDeadLettered, ValueError, TransientError) as exc:
         return _page(request, "error.html", who, 409, message=str(exc))
     return _page(request, "error.html", who, 404, message=f"no action {action}")

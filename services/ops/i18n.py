@@ -65,6 +65,8 @@ _LABELS: dict[str, tuple[str, str]] = {
     "discard_reason": ("Motif de l'abandon", "Why discard"),
     "replayed": ("Rejoué : la livraison repart.", "Replayed: the delivery starts again."),
     "discarded": ("Abandonné.", "Discarded."),
+    "already": ("Déjà traitée : une autre demande l'a rejouée ou abandonnée.",
+                "Already handled: another request replayed or discarded it."),
     "paused_ok": ("Cible mise en pause.", "Target paused."),
     "resumed_ok": ("Cible reprise.", "Target resumed."),
     "nothing": ("Rien ne correspond.", "Nothing matches."),

@@ -75,6 +75,27 @@ events = sa.Table(
     sa.Index("ix_events_target_kind_time", "target", "kind", "time"),
 )
 
+# Dead letters of a stage (the runner's poison topic): one row per (transfer, slot), where slot names the
+# stage that could not handle the record ("@validator", or "@delivery:<target>"). Delivery dead letters
+# live in `deliveries`; `services.dlq` lists both as one queue. The payload stays on the poison topic.
+stage_dead_letters = sa.Table(
+    "stage_dead_letters", metadata,
+    sa.Column("transfer_id", sa.String(64), primary_key=True),
+    sa.Column("slot", sa.String(128), primary_key=True),
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("target", sa.String(64), nullable=True),
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("detail", sa.JSON, nullable=True),  # reason, topic, partition, offset, key, poison_id, attempts
+    sa.Column("dead_lettered_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def stage_slot(stage: str, target: str | None) -> str:
+    """The operator-facing name of a stage's dead letter within its transfer."""
+    return f"@{stage}:{target}" if target else f"@{stage}"
+
+
 # Operator state, written by the ops API and not projected from events (a rebuild leaves it alone).
 target_state = sa.Table(
     "target_state", metadata,
@@ -222,6 +243,9 @@ class Ledger:
         detail = ev.detail or {}
         row = (await conn.execute(sa.select(transfers).where(transfers.c.id == ev.transfer_id))).mappings().first()
         stage_status = logic.advance_stage(row["stage_status"] if row else None, ev.kind) or logic.ACCEPTED
+        if ev.kind == "replayed" and detail.get("slot") and row is not None:
+            # A stage's dead letter sent back to that stage: the transfer is where it was before it.
+            stage_status = logic.REPLAY_REWINDS.get(str(detail.get("failed_stage")), row["stage_status"])
         values: dict[str, Any] = {"stage_status": stage_status, "updated_at": ev.time}
         if row is not None:
             # Events arrive out of order: the transfer began at its earliest event, changed at its latest.
@@ -244,6 +268,8 @@ class Ledger:
         else:
             await conn.execute(transfers.update().where(transfers.c.id == ev.transfer_id).values(**values))
 
+        if ev.kind == "failed" or (ev.kind in ("replayed", "discarded") and detail.get("slot")):
+            await _project_stage_dead_letter(conn, ev)
         if ev.kind == "routed":
             for target in detail.get("targets", []):
                 await self._advance_delivery(conn, ev, target, {})
@@ -317,6 +343,23 @@ class Ledger:
             rows = (await conn.execute(
                 sa.select(transfers.c.status, sa.func.count()).group_by(transfers.c.status))).all()
         return {status: n for status, n in rows}
+
+
+async def _project_stage_dead_letter(conn: AsyncConnection, ev: LedgerEvent) -> None:
+    """A stage's dead letter appears (`failed`), or is closed by an operator (`replayed`, `discarded`)."""
+    detail = dict(ev.detail or {})
+    if ev.kind != "failed":
+        where = ((stage_dead_letters.c.transfer_id == ev.transfer_id)
+                 & (stage_dead_letters.c.slot == str(detail["slot"])))
+        status = logic.REPLAYED if ev.kind == "replayed" else logic.DISCARDED
+        await conn.execute(stage_dead_letters.update().where(where).values(status=status, updated_at=ev.time))
+        return
+    slot = stage_slot(ev.stage, ev.target)
+    values = {"stage": ev.stage, "target": ev.target, "status": logic.DEAD_LETTERED, "detail": detail,
+              "dead_lettered_at": ev.time, "updated_at": ev.time}
+    where = (stage_dead_letters.c.transfer_id == ev.transfer_id) & (stage_dead_letters.c.slot == slot)
+    if (await conn.execute(stage_dead_letters.update().where(where).values(**values))).rowcount == 0:
+        await conn.execute(stage_dead_letters.insert().values(transfer_id=ev.transfer_id, slot=slot, **values))
 
 
 def _failure_outcome(ev: LedgerEvent) -> dict[str, Any]:

@@ -205,7 +205,7 @@ async def timeline(ledger: Ledger, transfer_id: str, *, full: bool = False) -> T
                                 "last_http_status": d["last_http_status"],
                                 "updated_at": aware(d["updated_at"]).isoformat()}
         if full:
-            item |= {"response": d["response"], "outcome": d["outcome"]}
+            item |= {"response": d["response"], "outcome": d["outcome"], "assigned": d["assigned"]}
         shown_deliveries.append(item)
     return Timeline(row["id"], row["producer"], row["status"], aware(row["created_at"]), aware(row["updated_at"]),
                     steps, shown_deliveries, full)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
@@ -190,15 +191,39 @@ async def test_dead_letters_list_replay_bulk_and_discard(settings: Settings) -> 
         assert (await client.post("/ops/dead-letters/replay", json={}, headers=bearer(OPERATOR))).status_code == 400
         bulk = await client.post("/ops/dead-letters/replay", json={"target": "b"}, headers=bearer(OPERATOR))
         assert bulk.status_code == 202 and bulk.json()["replayed"] == ["t2/b"]
-        one = await client.post("/ops/dead-letters/t2/b/replay", headers=bearer(OPERATOR))
-        assert one.status_code == 202
+        again = await client.post("/ops/dead-letters/t2/b/replay", headers=bearer(OPERATOR))
+        assert again.status_code == 409 and "another replay or discard" in again.text  # replayed once only
         assert (await client.post("/ops/dead-letters/t9/b/replay", headers=bearer(OPERATOR))).status_code == 404
-        discarded = await client.post("/ops/dead-letters/t2/b/discard", json={"reason": "duplicate"},
-                                      headers=bearer(OPERATOR))
-        assert discarded.status_code == 200
+        late = await client.post("/ops/dead-letters/t2/b/discard", json={"reason": "duplicate"},
+                                 headers=bearer(OPERATOR))
+        assert late.status_code == 409
     records = await _published(settings, DELIVERIES)
-    assert [(r.envelope.transfer_id, r.envelope.target) for r in records] == [("t2", "b"), ("t2", "b")]
+    assert [(r.envelope.transfer_id, r.envelope.target) for r in records] == [("t2", "b")]
     kinds = [orjson.loads(r.envelope.data)["kind"] for r in await _published(settings, EVENTS)]
-    assert kinds.count("replayed") == 2 and kinds.count("discarded") == 1
+    assert kinds.count("replayed") == 1 and kinds.count("discarded") == 0
     operators = {orjson.loads(r.envelope.data).get("operator") for r in await _published(settings, EVENTS)}
     assert operators == {"otto"}
+
+
+async def test_concurrent_replays_of_one_dead_letter_publish_once(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+        answers = await asyncio.gather(*(client.post("/ops/dead-letters/t2/b/replay", headers=bearer(OPERATOR))
+                                         for _ in range(10)))
+        assert sorted(a.status_code for a in answers) == [202] + [409] * 9
+        shown = await get(client, "/ops/dead-letters/t2/b")
+        assert shown["status"] == "replaying" and shown["original"]["topic"] is None
+    assert len(await _published(settings, DELIVERIES)) == 1
+
+
+async def test_discard_once_with_a_reason(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+        no_reason = await client.post("/ops/dead-letters/t2/b/discard", json={"reason": " "}, headers=bearer(OPERATOR))
+        assert no_reason.status_code == 400
+        answers = await asyncio.gather(*(client.post("/ops/dead-letters/t2/b/discard", json={"reason": "duplicate"},
+                                                     headers=bearer(OPERATOR)) for _ in range(3)))
+        assert sorted(a.status_code for a in answers) == [200, 409, 409]
+        assert (await get(client, "/ops/dead-letters"))["items"] == []
+    kinds = [orjson.loads(r.envelope.data)["kind"] for r in await _published(settings, EVENTS)]
+    assert kinds.count("discarded") == 1

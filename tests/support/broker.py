@@ -99,7 +99,7 @@ def running_broker(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterat
            "RELAIS_RETRY_DELAYS_S": "[0.2, 0.4]", "RELAIS_MAX_ATTEMPTS": "2", "RELAIS_LOG_FORMAT": "json",
            "RELAIS_TOPIC_PARTITIONS": "2", "RELAIS_ALERT_INTERVAL_S": "1",
            "RELAIS_TEST_VALIDATOR_FAULT_FILE": str(fault_file),
-           "PYTHONPATH": os.pathsep.join([str(SITEFAULTS), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(SITEFAULTS), str(REPO), os.environ.get("PYTHONPATH")) if p),
            **(extra_env or {})}
     for name in ("RELAIS_KAFKA_BOOTSTRAP", "RELAIS_OPS_TOKEN", "RELAIS_URL"):
         env.pop(name, None)

@@ -24,6 +24,7 @@ from services.ops.api import set_paused, transfer_filter
 from services.ops.auth import COOKIE, Operator, Role
 from services.ops.context import OpsContext
 from services.ops.i18n import LANGS, labels
+from services.ops.sessions import SESSION_TTL, close_session, open_session
 from services.tracker import logic, queries
 
 router = APIRouter(include_in_schema=False)
@@ -69,8 +70,8 @@ def _css_version() -> str:
     return hashlib.sha256(css.read_bytes()).hexdigest()[:8]
 
 
-def _who(request: Request) -> Operator | None:
-    return auth.identify(request)
+async def _who(request: Request) -> Operator | None:
+    return await auth.identify(request)
 
 
 def _login_redirect(request: Request) -> RedirectResponse:
@@ -96,7 +97,7 @@ def _same_origin(request: Request) -> bool:
 
 async def _acting(request: Request, role: Role = "operator") -> Operator | Response:
     """The operator for a POST, or the response refusing it."""
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     if not _same_origin(request):
@@ -120,16 +121,21 @@ async def login(request: Request) -> Response:
     if not target.startswith("/ops/ui"):
         target = "/ops/ui"
     directory: auth.OperatorDirectory = request.app.state.operators
-    if not token or directory.authenticate(token) in (None, auth.ANONYMOUS):
+    operator = directory.authenticate(token) if token else None
+    if operator is None or operator is auth.ANONYMOUS:
         return _page(request, "login.html", None, 401, next=target, error=True)
+    session_id = await open_session(_ctx(request).ledger, operator.id)
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/ops",
-                        secure=request.url.scheme == "https", max_age=12 * 3600)
+    response.set_cookie(COOKIE, session_id, httponly=True, samesite="strict", path="/ops",
+                        secure=request.url.scheme == "https", max_age=int(SESSION_TTL.total_seconds()))
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
+    session_id = request.cookies.get(COOKIE)
+    if session_id:
+        await close_session(_ctx(request).ledger, session_id)
     response = RedirectResponse("/ops/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ops")
     return response
@@ -139,7 +145,7 @@ async def logout(request: Request) -> Response:
 @router.get("")
 @router.get("/")
 async def overview_page(request: Request) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     context = _ctx(request)
@@ -155,7 +161,7 @@ async def overview_page(request: Request) -> Response:
 
 @router.get("/targets")
 async def targets_page(request: Request) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     return _page(request, "targets.html", who, targets=await _ctx(request).targets_view())
@@ -163,7 +169,7 @@ async def targets_page(request: Request) -> Response:
 
 @router.get("/targets/{target}")
 async def target_page(request: Request, target: str) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     context = _ctx(request)
@@ -190,7 +196,7 @@ async def target_action(request: Request, target: str, action: str) -> Response:
 
 @router.get("/transfers")
 async def transfers_page(request: Request) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     q = request.query_params
@@ -212,7 +218,7 @@ async def transfers_page(request: Request) -> Response:
 
 @router.get("/transfers/{transfer_id}")
 async def transfer_page(request: Request, transfer_id: str) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     found = await queries.timeline(_ctx(request).ledger, transfer_id)
@@ -223,7 +229,7 @@ async def transfer_page(request: Request, transfer_id: str) -> Response:
 
 @router.get("/dlq")
 async def dlq_page(request: Request) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     q = request.query_params

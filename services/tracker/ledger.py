@@ -116,6 +116,15 @@ target_circuits = sa.Table(
     sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Dashboard sign-ins: the cookie holds a random session id, this table its SHA-256 (never the operator's token).
+ops_sessions = sa.Table(
+    "ops_sessions", metadata,
+    sa.Column("id_sha256", sa.String(64), primary_key=True),
+    sa.Column("operator", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
 # Who looked at what: every operator access to a Bundle or to personal data is recorded here.
 access_log = sa.Table(
     "access_log", metadata,

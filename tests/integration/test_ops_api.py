@@ -227,3 +227,22 @@ async def test_discard_once_with_a_reason(settings: Settings) -> None:
         assert (await get(client, "/ops/dead-letters"))["items"] == []
     kinds = [orjson.loads(r.envelope.data)["kind"] for r in await _published(settings, EVENTS)]
     assert kinds.count("discarded") == 1
+
+
+async def test_session_cookie_is_a_server_side_id_that_logout_kills(settings: Settings) -> None:
+    async with running(settings) as (client, _):
+        signed_in = await client.post("/ops/ui/login", data={"token": OPERATOR, "next": "/ops/ui"})
+        assert signed_in.status_code == 303
+        session = signed_in.cookies.get("relais_ops")
+        assert session and OPERATOR not in session and sha(OPERATOR) not in session
+        cookie = {"Cookie": f"relais_ops={session}"}
+        assert (await client.get("/ops/whoami", headers=cookie)).json() == {"id": "otto", "role": "operator"}
+        page = await client.get("/ops/ui/dlq", headers=cookie)
+        assert page.status_code == 200 and "otto" in page.text
+        # The raw token is no cookie: only a session id the server handed out is.
+        assert (await client.get("/ops/whoami", headers={"Cookie": f"relais_ops={OPERATOR}"})).status_code == 401
+        client.cookies.clear()
+        out = await client.post("/ops/ui/logout", headers={**cookie, "Origin": "http://relais.test"})
+        assert out.status_code == 303
+        assert (await client.get("/ops/whoami", headers=cookie)).status_code == 401  # a copied cookie is dead too
+        assert (await client.get("/ops/ui/dlq", headers=cookie)).status_code == 303

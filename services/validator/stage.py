@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import orjson
 
 from services.core.envelope import JSON, Emit, Record, event
+from services.core.metrics import BUNDLES_REJECTED
 from services.core.outcome import operation_outcome
 from services.core.topics import RECEIVED, REJECTED, VALIDATED
 from services.validator.logic import validate_bundle
@@ -36,6 +37,7 @@ class ValidatorStage:
         outcome = operation_outcome(issues)
         errors = sum(i.is_error for i in issues)
         if errors:
+            BUNDLES_REJECTED.labels(env.producer or "").inc()
             rejected = env.evolve(type="fr.relais.transfer.rejected", source="/relais/validator",
                                   data=orjson.dumps(outcome), content_type=JSON)
             return [

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.broker import OPERATOR_TOKEN, VIEWER_TOKEN, Broker, running_broker
 from tests.support.processes import REPO, free_port
@@ -164,3 +165,29 @@ def test_poison_in_the_validator_is_listed_and_replayed_once_fixed(broker: Broke
     assert broker.received(marker) == 1
     assert dead_letter(broker, dlq_id) is None
     assert relais(elsewhere, "dlq", "replay", dlq_id, broker=broker).returncode == 5
+
+
+def metric(broker: Broker, name: str, **labels: str) -> float:
+    text = httpx.get(f"{broker.base}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_metrics_match_what_the_target_received(broker: Broker) -> None:
+    before_rejected = metric(broker, "relais_bundles_rejected_total")
+    before_delivered = metric(broker, "relais_deliveries_total", target="demo", result="delivered")
+    good = [broker.send() for _ in range(3)]
+    bad = [broker.send(invalid=True) for _ in range(2)]
+    for transfer_id, _ in good:
+        broker.wait(lambda t=transfer_id: transfer_status(broker, t) == "delivered", what="deliveries")
+    for transfer_id, _ in bad:
+        broker.wait(lambda t=transfer_id: transfer_status(broker, t) == "rejected", what="rejections")
+    received = sum(broker.received(marker) for _, marker in good)
+    assert received == 3 and sum(broker.received(marker, applied_only=False) for _, marker in bad) == 0
+    assert metric(broker, "relais_bundles_rejected_total") - before_rejected == len(bad)
+    assert metric(broker, "relais_bundles_rejected_total", producer="dui-a") >= len(bad)
+    assert metric(broker, "relais_deliveries_total", target="demo", result="delivered") - before_delivered == received

@@ -57,10 +57,17 @@ class Broker:
         return httpx.request(method, f"{self.base}{path}", headers={"Authorization": f"Bearer {token}"},
                              timeout=30, **kwargs)
 
-    def send(self, marker: str | None = None) -> tuple[str, str]:
-        """Post the example Bundle to target `demo`; returns (transfer id, the marker its JSON carries)."""
+    def send(self, marker: str | None = None, *, invalid: bool = False) -> tuple[str, str]:
+        """Post the example Bundle to target `demo`; returns (transfer id, the marker its JSON carries).
+
+        `invalid`: without the Patient's identifiers (INS), so the validator rejects it.
+        """
         marker = marker or f"mark-{uuid.uuid4().hex}"
         bundle = orjson.loads((REPO / "examples/bundle-ssiad.json").read_bytes())
+        if invalid:
+            for entry in bundle["entry"]:
+                if entry["resource"]["resourceType"] == "Patient":
+                    entry["resource"].pop("identifier", None)
         bundle["identifier"] = {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}
         bundle.setdefault("meta", {})["tag"] = [{"system": "urn:relais:test", "code": marker}]
         answer = httpx.post(f"{self.base}/fhir", content=orjson.dumps(bundle), timeout=30,

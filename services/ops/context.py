@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from services.core.blobstore import make_blob_store
@@ -11,7 +12,7 @@ from services.core.bus import Bus
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
 from services.dlq.store import DlqService
-from services.ops.alerts import Observation
+from services.ops.alerts import Observation, TargetObservation
 from services.ops.lag import LagReader
 from services.tracker import opstate, queries
 from services.tracker.ledger import Ledger
@@ -77,8 +78,16 @@ class OpsContext:
         return out
 
     async def observe(self) -> Observation:
-        """What the alert rules look at, now."""
+        """What the alert rules look at, now: dead letters, lag, and each target's state."""
         lags = await self.lag.read(fresh=True)
         health = await queries.target_health(self.ledger, self.target_ids())
+        circuits = await opstate.circuits(self.ledger)
+        now = datetime.now(UTC)
+        targets = {}
+        for h in health:
+            circuit = circuits.get(h.target, CIRCUIT_DEFAULT)
+            oldest = (now - h.oldest_waiting_at).total_seconds() if h.oldest_waiting_at else None
+            targets[h.target] = TargetObservation(h.waiting, h.down or circuit == "open", circuit, oldest,
+                                                  h.last_error)
         return Observation(at=time.monotonic(), dlq_size=await queries.dlq_size(self.ledger),
-                           lag={s.stage: s.lag for s in lags}, waiting={h.target: h.waiting for h in health})
+                           lag={s.stage: s.lag for s in lags}, targets=targets)

@@ -18,13 +18,16 @@ import orjson
 import sqlalchemy as sa
 
 from services.tracker import logic
-from services.tracker.ledger import Ledger, deliveries, events, transfers
+from services.tracker.ledger import Ledger, deliveries, events, stage_dead_letters, transfers
 
 # Event detail fields that are operational facts, shown in every timeline.
 SAFE_DETAIL = ("http_status", "duration_ms", "reason", "not_before", "attempts", "operator", "note", "targets",
                "size", "entries", "replay", "probe", "warnings", "added_by_routes", "topic")
 WAITING = (logic.PENDING, logic.RETRYING)
 ATTEMPT_KINDS = ("delivered", "delivered_unconfirmed", "retry_scheduled", "dead_lettered")
+SUCCESS_KINDS = ("delivered", "delivered_unconfirmed")
+FAILURE_KINDS = ("retry_scheduled", "dead_lettered")
+DOWN_AFTER_FAILURES = 3  # consecutive failed attempts (no success since) that make a target "down"
 
 
 def aware(moment: datetime) -> datetime:
@@ -226,10 +229,21 @@ class TargetHealth:
     dead_letters: int
     last_http_status: int | None = None
     last_attempt_at: datetime | None = None
+    failures_since_success: int = 0  # consecutive failed attempts since the latest success (any age)
+    down_since: datetime | None = None  # the first of those failures
+    last_error: str | None = None  # the latest failure's reason
+    oldest_waiting_at: datetime | None = None  # when the oldest pending/retrying record was accepted
+
+    @property
+    def down(self) -> bool:
+        """Its latest attempts all failed (DOWN_AFTER_FAILURES or more since the last success)."""
+        return self.failures_since_success >= DOWN_AFTER_FAILURES
 
     @property
     def health(self) -> str:
-        """ok, degraded, failing or idle — the dashboard's colour."""
+        """down, ok, degraded, failing or idle — the dashboard's colour."""
+        if self.down:
+            return "down"
         if self.success_rate is None:
             return "failing" if self.dead_letters and self.waiting else "idle"
         if self.success_rate >= 0.95:
@@ -242,7 +256,11 @@ class TargetHealth:
                 "delivered": self.delivered, "failed": self.failed, "success_rate": self.success_rate,
                 "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "waiting": self.waiting,
                 "dead_letters": self.dead_letters, "last_http_status": self.last_http_status,
-                "last_attempt_at": self.last_attempt_at.isoformat() if self.last_attempt_at else None}
+                "last_attempt_at": self.last_attempt_at.isoformat() if self.last_attempt_at else None,
+                "down": self.down, "failures_since_success": self.failures_since_success,
+                "down_since": self.down_since.isoformat() if self.down_since else None,
+                "last_error": self.last_error,
+                "oldest_waiting_at": self.oldest_waiting_at.isoformat() if self.oldest_waiting_at else None}
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -285,20 +303,68 @@ async def target_health(ledger: Ledger, targets: Sequence[str], *, window: timed
             s["ms"].append(float(detail["duration_ms"]))
         s["last"], s["at"] = detail.get("http_status"), aware(at)
     out = []
-    for target in sorted(set(targets) | set(per) | set(waiting) | set(dead)):
+    names = sorted(set(targets) | set(per) | set(waiting) | set(dead))
+    streaks = await _failure_streaks(ledger, names)
+    oldest = await _oldest_waiting(ledger)
+    for target in names:
         s = per.get(target, {"ok": 0, "ko": 0, "ms": [], "last": None, "at": None})
         total = s["ok"] + s["ko"]
+        failures, down_since, last_error = streaks.get(target, (0, None, None))
         out.append(TargetHealth(target, total, s["ok"], s["ko"], round(s["ok"] / total, 4) if total else None,
                                 percentile(s["ms"], 50), percentile(s["ms"], 99), waiting.get(target, 0),
-                                dead.get(target, 0), s["last"], s["at"]))
+                                dead.get(target, 0), s["last"], s["at"], failures, down_since, last_error,
+                                oldest.get(target)))
     return out
 
 
-async def dlq_size(ledger: Ledger) -> int:
-    """Deliveries dead-lettered and not yet replayed or discarded."""
+def _attempted(detail: dict[str, Any] | None) -> bool:
+    """False for a dead letter without an attempt (unknown target, claim check): not the target's doing."""
+    detail = detail or {}
+    return detail.get("http_status") is not None or detail.get("duration_ms") is not None
+
+
+async def _failure_streaks(ledger: Ledger, targets: Sequence[str],
+                           cap: int = 100) -> dict[str, tuple[int, datetime | None, str | None]]:
+    """Per target: failed attempts since its latest success (up to `cap`), the first one's time, the last reason."""
+    out: dict[str, tuple[int, datetime | None, str | None]] = {}
     async with ledger.engine.connect() as conn:
-        return int((await conn.execute(sa.select(sa.func.count()).select_from(deliveries)
-                                       .where(deliveries.c.status == logic.DEAD_LETTERED))).scalar_one())
+        successes = dict((await conn.execute(
+            sa.select(events.c.target, sa.func.max(events.c.time))
+            .where(events.c.kind.in_(SUCCESS_KINDS) & events.c.target.in_(targets))
+            .group_by(events.c.target))).all())
+        for target in targets:
+            query = (sa.select(events.c.time, events.c.detail)
+                     .where((events.c.target == target) & events.c.kind.in_(FAILURE_KINDS)))
+            if successes.get(target) is not None:
+                query = query.where(events.c.time > successes[target])
+            rows = [r for r in (await conn.execute(query.order_by(events.c.time.desc()).limit(cap))).all()
+                    if _attempted(r[1])]
+            if rows:
+                last = rows[0][1] or {}
+                reason = str(last.get("reason") or "")
+                status = last.get("http_status")
+                out[target] = (len(rows), aware(rows[-1][0]), f"HTTP {status}: {reason}" if status else reason)
+    return out
+
+
+async def _oldest_waiting(ledger: Ledger) -> dict[str, datetime]:
+    """Per target: when the oldest transfer still waiting for it (pending or retrying) was accepted."""
+    async with ledger.engine.connect() as conn:
+        rows = (await conn.execute(
+            sa.select(deliveries.c.target, sa.func.min(transfers.c.created_at))
+            .join(transfers, transfers.c.id == deliveries.c.transfer_id)
+            .where(deliveries.c.status.in_(WAITING)).group_by(deliveries.c.target))).all()
+    return {t: aware(at) for t, at in rows if at is not None}
+
+
+async def dlq_size(ledger: Ledger) -> int:
+    """Dead letters of every stage not yet replayed or discarded."""
+    async with ledger.engine.connect() as conn:
+        deliveries_dead = (await conn.execute(sa.select(sa.func.count()).select_from(deliveries)
+                                              .where(deliveries.c.status == logic.DEAD_LETTERED))).scalar_one()
+        stages_dead = (await conn.execute(sa.select(sa.func.count()).select_from(stage_dead_letters)
+                                          .where(stage_dead_letters.c.status == logic.DEAD_LETTERED))).scalar_one()
+    return int(deliveries_dead) + int(stages_dead)
 
 
 @dataclass(frozen=True, slots=True)

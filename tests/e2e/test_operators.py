@@ -10,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,13 +21,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.broker import OPERATOR_TOKEN, VIEWER_TOKEN, Broker, running_broker
 from tests.support.processes import REPO, free_port
+from tests.support.webhook import Receiver, listening_in_thread
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with running_broker(tmp_path_factory.mktemp("operators")) as b:
+def receiver() -> Iterator[Receiver]:
+    with listening_in_thread(Receiver()) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Broker]:
+    env = {"RELAIS_ALERT_WEBHOOK_URL": receiver.url, "RELAIS_ALERT_KEEP_FIRING_S": "1",
+           "RELAIS_ALERT_WEBHOOK_BACKOFF_MAX_S": "1"}
+    with running_broker(tmp_path_factory.mktemp("operators"), env) as b:
         yield b
 
 
@@ -191,3 +201,29 @@ def test_metrics_match_what_the_target_received(broker: Broker) -> None:
     assert metric(broker, "relais_bundles_rejected_total") - before_rejected == len(bad)
     assert metric(broker, "relais_bundles_rejected_total", producer="dui-a") >= len(bad)
     assert metric(broker, "relais_deliveries_total", target="demo", result="delivered") - before_delivered == received
+
+
+def test_alerts_stay_firing_until_the_target_is_back_and_the_dlq_replayed(broker: Broker, receiver: Receiver) -> None:
+    assert broker.ops("GET", "/ops/overview").json()["dlq_size"] == 0, "earlier tests left dead letters"
+    broker.fault({"status": 500, "count": -1})  # the target is down for the whole first half
+    sent = [broker.send() for _ in range(2)]
+    for transfer_id, _ in sent:
+        broker.wait(lambda t=transfer_id: dead_letter(broker, f"{t}/demo"), what="dead letters")
+    broker.wait(lambda: receiver.seen("target_down", "demo") == ["firing"], what="target_down firing")
+    broker.wait(lambda: receiver.seen("dlq_not_empty", "dlq")[-1:] == ["firing"], what="dlq_not_empty firing")
+    dlq_notes = len(receiver.seen("dlq_not_empty", "dlq"))
+    time.sleep(4)  # four evaluations, with nothing retrying any more: still firing
+    broker.fault(None)  # the target is back, but nothing has been delivered to it yet
+    time.sleep(3)
+    assert receiver.seen("target_down", "demo") == ["firing"]
+    assert receiver.seen("dlq_not_empty", "dlq")[dlq_notes - 1:] == ["firing"]
+    firing = broker.ops("GET", "/ops/overview").json()
+    assert firing["dlq_size"] == 2 and next(t for t in firing["targets"] if t["target"] == "demo")["health"] == "down"
+
+    replayed = broker.ops("POST", "/ops/dead-letters/replay", json={"target": "demo"})
+    assert replayed.status_code == 202 and replayed.json()["count"] == 2
+    for transfer_id, _ in sent:
+        broker.wait(lambda t=transfer_id: transfer_status(broker, t) == "delivered", what="delivery after replay")
+    broker.wait(lambda: receiver.seen("target_down", "demo") == ["firing", "resolved"], what="target_down resolved")
+    broker.wait(lambda: receiver.seen("dlq_not_empty", "dlq")[-1:] == ["resolved"], what="dlq_not_empty resolved")
+    assert sum(broker.received(marker) for _, marker in sent) == 2

@@ -91,9 +91,12 @@ class DlqFilter:
     since: datetime | None = None
     until: datetime | None = None
     stage: str | None = None
+    transfer_id: str | None = None
 
     def matches(self, dl: DeadLetter) -> bool:
         """True when `dl` satisfies every given condition."""
+        if self.transfer_id is not None and dl.transfer_id != self.transfer_id:
+            return False
         if self.target is not None and dl.target != self.target:
             return False
         if self.stage is not None and dl.stage != self.stage:

@@ -60,6 +60,8 @@ class DlqService:
                          .where(deliveries.c.status.in_(wanted)))
                 if flt.target:
                     query = query.where(deliveries.c.target == flt.target)
+                if flt.transfer_id:
+                    query = query.where(deliveries.c.transfer_id == flt.transfer_id)
                 if flt.producer:
                     query = query.where(transfers.c.producer == flt.producer)
                 for row in (await conn.execute(query.order_by(deliveries.c.updated_at.desc()))).mappings().all():
@@ -69,6 +71,8 @@ class DlqService:
             query = (sa.select(stage_dead_letters, transfers.c.producer)
                      .join(transfers, transfers.c.id == stage_dead_letters.c.transfer_id, isouter=True)
                      .where(stage_dead_letters.c.status.in_(wanted)))
+            if flt.transfer_id:
+                query = query.where(stage_dead_letters.c.transfer_id == flt.transfer_id)
             found += [_stage_entry(row) for row in (await conn.execute(query)).mappings().all()]
         found.sort(key=lambda d: d.dead_lettered_at, reverse=True)
         return [d for d in found if flt.matches(d)][:limit]

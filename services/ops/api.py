@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from services.core.blobstore import BlobIntegrityError
 from services.core.envelope import JSON
 from services.core.errors import TransientError
+from services.core.identifiers import digest
 from services.dlq.logic import DlqFilter
 from services.dlq.store import NotDeadLettered, parse_time
 from services.ops import auth
@@ -107,6 +108,24 @@ async def list_transfers(request: Request, _: Viewer, status: str | None = None,
                   "next_cursor": page.next_cursor})
 
 
+@router.get("/search", summary="Transfers whose Bundle carried a business identifier value (recorded in the access "
+                               "log)")
+async def search(request: Request, who: Viewer, identifier: str) -> Response:
+    context = ctx(request)
+    items = await search_identifier(context, who, identifier)
+    return _json({"count": len(items), "items": [t.as_dict() for t in items]})
+
+
+async def search_identifier(context: OpsContext, who: Operator, identifier: str) -> list[queries.TransferRow]:
+    """Find transfers by identifier, recording the search first (shared with the dashboard)."""
+    if not identifier.strip():
+        raise HTTPException(400, "give the identifier value to search for")
+    key = {"identifier_sha256": digest(identifier)}  # the access log never holds the value itself
+    await opstate.record_access(context.ledger, who.id, "search.identifier", detail=key)
+    await audit.record_operator(context.ledger, who.id, "search.identifier", detail=key)
+    return await queries.find_by_identifier(context.ledger, identifier)
+
+
 @router.get("/transfers/{transfer_id}", summary="One transfer's timeline (full answers only with ?full=true)")
 async def transfer_timeline(request: Request, transfer_id: str, who: Viewer, full: bool = False) -> Response:
     context = ctx(request)
@@ -151,12 +170,13 @@ async def targets(request: Request, _: Viewer) -> Response:
     return _json({"items": await ctx(request).targets_view()})
 
 
-@router.get("/targets/{target}", summary="One target")
+@router.get("/targets/{target}", summary="One target: health, and its policy (no secret)")
 async def target(request: Request, target: str, _: Viewer) -> Response:
-    found = [t for t in await ctx(request).targets_view() if t["target"] == target]
+    context = ctx(request)
+    found = [t for t in await context.targets_view() if t["target"] == target]
     if not found:
         raise HTTPException(404, f"no target {target}")
-    return _json(found[0])
+    return _json({**found[0], "policy": context.target_policy(target)})
 
 
 async def set_paused(context: OpsContext, target: str, paused: bool, who: Operator,

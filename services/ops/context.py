@@ -55,6 +55,21 @@ class OpsContext:
         """Targets whose configured FINESS is `finess`."""
         return tuple(t.id for t in self.targets.targets if getattr(t, "finess", None) == finess)
 
+    def target_policy(self, target_id: str) -> dict[str, Any] | None:
+        """A target's delivery policy as operators see it: never a secret (only the kind of authentication)."""
+        t = self.targets.get(target_id)
+        if t is None:
+            return None
+        return {
+            "base_url": str(t.base_url), "auth": t.effective_auth.type, "mtls": bool(t.tls and t.tls.client_cert),
+            "connect_s": t.timeouts.connect_s, "total_s": t.timeouts.total_s,
+            "delays_s": list(t.retry.delays_s or self.settings.retry_delays_s),
+            "max_attempts": t.retry.max_attempts or self.settings.max_attempts, "max_age_s": t.retry.max_age_s,
+            "jitter": t.retry.jitter, "breaker_failures": t.breaker.failures,
+            "breaker_probe_every_s": t.breaker.probe_every_s, "ambiguous": t.ambiguous,
+            "max_concurrency": t.max_concurrency, "paused_in_file": t.paused, "enabled": t.enabled,
+        }
+
     async def targets_view(self) -> list[dict[str, Any]]:
         """Every target: health from the ledger, paused state (file or operator), circuit as delivery reports it."""
         health = await queries.target_health(self.ledger, self.target_ids())

@@ -20,7 +20,7 @@ from services.core.errors import TransientError
 from services.dlq.logic import DlqFilter
 from services.dlq.store import AlreadyHandled, NotDeadLettered, parse_time
 from services.ops import auth
-from services.ops.api import set_paused, transfer_filter
+from services.ops.api import search_identifier, set_paused, transfer_filter
 from services.ops.auth import COOKIE, Operator, Role
 from services.ops.context import OpsContext
 from services.ops.i18n import LANGS, labels
@@ -179,7 +179,8 @@ async def target_page(request: Request, target: str) -> Response:
     letters = await context.dlq.list(DlqFilter(target=target), limit=50)
     waiting = await queries.list_transfers(context.ledger, queries.TransferFilter(status=logic.DELIVERING,
                                                                                   target=target), limit=20)
-    return _page(request, "target.html", who, target=found[0], letters=letters, waiting=waiting.items)
+    return _page(request, "target.html", who, target=found[0], letters=letters, waiting=waiting.items,
+                 policy=context.target_policy(target))
 
 
 @router.post("/targets/{target}/{action}")
@@ -216,15 +217,27 @@ async def transfers_page(request: Request) -> Response:
                  statuses=STATUSES, target_ids=context.target_ids())
 
 
+@router.get("/search")
+async def search_page(request: Request) -> Response:
+    who = await _who(request)
+    if who is None:
+        return _login_redirect(request)
+    identifier = request.query_params.get("identifier", "").strip()
+    items = await search_identifier(_ctx(request), who, identifier) if identifier else []
+    return _page(request, "search.html", who, identifier=identifier, items=items, searched=bool(identifier))
+
+
 @router.get("/transfers/{transfer_id}")
 async def transfer_page(request: Request, transfer_id: str) -> Response:
     who = await _who(request)
     if who is None:
         return _login_redirect(request)
-    found = await queries.timeline(_ctx(request).ledger, transfer_id)
+    context = _ctx(request)
+    found = await queries.timeline(context.ledger, transfer_id)
     if found is None:
         return _page(request, "error.html", who, 404, message=f"no transfer {transfer_id}")
-    return _page(request, "transfer.html", who, tl=found)
+    letters = await context.dlq.list(DlqFilter(transfer_id=transfer_id), limit=50)
+    return _page(request, "transfer.html", who, tl=found, letters=letters)
 
 
 @router.get("/dlq")
@@ -252,7 +265,9 @@ async def dlq_action(request: Request, action: str) -> Response:
         return who
     form = await _form(request)
     service = _ctx(request).dlq
-    back = "/ops/ui/dlq"
+    back = form.get("back") or "/ops/ui/dlq"
+    if not back.startswith("/ops/ui/") or "//" in back:
+        back = "/ops/ui/dlq"  # never redirect off the dashboard
     try:
         if action == "replay-all":
             flt = DlqFilter(form.get("target") or None, form.get("producer") or None, form.get("reason") or None,

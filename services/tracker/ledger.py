@@ -125,6 +125,13 @@ ops_sessions = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
+# Search keys: the SHA-256 of each business identifier value a transfer's Bundle carries (services.core.identifiers).
+transfer_identifiers = sa.Table(
+    "transfer_identifiers", metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("transfer_id", sa.String(64), primary_key=True),
+)
+
 # Who looked at what: every operator access to a Bundle or to personal data is recorded here.
 access_log = sa.Table(
     "access_log", metadata,
@@ -277,6 +284,8 @@ class Ledger:
         else:
             await conn.execute(transfers.update().where(transfers.c.id == ev.transfer_id).values(**values))
 
+        if isinstance(detail.get("identifiers"), list):
+            await _index_identifiers(conn, ev.transfer_id, detail["identifiers"])
         if ev.kind == "failed" or (ev.kind in ("replayed", "discarded") and detail.get("slot")):
             await _project_stage_dead_letter(conn, ev)
         if ev.kind == "routed":
@@ -352,6 +361,18 @@ class Ledger:
             rows = (await conn.execute(
                 sa.select(transfers.c.status, sa.func.count()).group_by(transfers.c.status))).all()
         return {status: n for status, n in rows}
+
+
+async def _index_identifiers(conn: AsyncConnection, transfer_id: str, digests: list[Any]) -> None:
+    """Remember the transfer's identifier digests (a replayed event adds nothing new)."""
+    wanted = {str(d) for d in digests if isinstance(d, str) and len(d) == 64}
+    if not wanted:
+        return
+    known = set((await conn.execute(sa.select(transfer_identifiers.c.digest).where(
+        (transfer_identifiers.c.transfer_id == transfer_id) & transfer_identifiers.c.digest.in_(wanted)))).scalars())
+    fresh = [{"digest": d, "transfer_id": transfer_id} for d in sorted(wanted - known)]
+    if fresh:
+        await conn.execute(transfer_identifiers.insert(), fresh)
 
 
 async def _project_stage_dead_letter(conn: AsyncConnection, ev: LedgerEvent) -> None:

@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from services.core.identifiers import digest
 from services.tracker import logic
-from services.tracker.ledger import Ledger, deliveries, events, stage_dead_letters, transfers
+from services.tracker.ledger import Ledger, deliveries, events, stage_dead_letters, transfer_identifiers, transfers
 
 # Event detail fields that are operational facts, shown in every timeline.
 SAFE_DETAIL = ("http_status", "duration_ms", "reason", "not_before", "attempts", "operator", "note", "targets",
@@ -162,6 +163,7 @@ class Timeline:
     steps: list[Step]
     deliveries: list[dict[str, Any]]
     full: bool = False
+    issues: list[dict[str, Any]] = field(default_factory=list)  # the validator's errors and warnings
 
     @property
     def duration_ms(self) -> float:
@@ -173,13 +175,13 @@ class Timeline:
         return {"id": self.id, "producer": self.producer, "status": self.status,
                 "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
                 "duration_ms": self.duration_ms, "deliveries": self.deliveries,
-                "steps": [s.as_dict() for s in self.steps], "full": self.full}
+                "steps": [s.as_dict() for s in self.steps], "full": self.full, "issues": self.issues}
 
 
 def _shown(detail: dict[str, Any] | None, full: bool) -> dict[str, Any]:
     detail = detail or {}
     if full:
-        return {k: v for k, v in detail.items() if k not in ("blob", "extra", "key")}
+        return {k: v for k, v in detail.items() if k not in ("blob", "extra", "key", "identifiers")}
     return {k: detail[k] for k in SAFE_DETAIL if detail.get(k) is not None}
 
 
@@ -210,8 +212,26 @@ async def timeline(ledger: Ledger, transfer_id: str, *, full: bool = False) -> T
         if full:
             item |= {"response": d["response"], "outcome": d["outcome"], "assigned": d["assigned"]}
         shown_deliveries.append(item)
+    issues = [issue for e in evs if e["kind"] in ("rejected", "validated")
+              for issue in validation_issues((e["detail"] or {}).get("outcome"))]
     return Timeline(row["id"], row["producer"], row["status"], aware(row["created_at"]), aware(row["updated_at"]),
-                    steps, shown_deliveries, full)
+                    steps, shown_deliveries, full, issues)
+
+
+def validation_issues(outcome: Any) -> list[dict[str, Any]]:
+    """The validator's issues (severity, FHIRPath, rule, diagnostics) from its OperationOutcome."""
+    if not isinstance(outcome, dict):
+        return []
+    out = []
+    for issue in outcome.get("issue") or []:
+        if not isinstance(issue, dict) or issue.get("severity") == "information":
+            continue
+        rule = next((str(x.get("valueString")) for x in issue.get("extension") or []
+                     if isinstance(x, dict) and str(x.get("url", "")).endswith("/issue-rule")), None)
+        out.append({"severity": str(issue.get("severity", "error")), "code": issue.get("code"),
+                    "expression": [str(x) for x in issue.get("expression") or []], "rule": rule,
+                    "diagnostics": str(issue.get("diagnostics", ""))})
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,3 +416,16 @@ async def overview(ledger: Ledger, *, now: datetime | None = None) -> Overview:
                                         .where((events.c.kind == "delivered") & (events.c.time >= since))))\
             .scalar_one()
     return Overview(by_status, int(accepted), int(delivered), await dlq_size(ledger))
+
+
+async def find_by_identifier(ledger: Ledger, value: str, *, limit: int = 100) -> list[TransferRow]:
+    """Transfers whose Bundle carried this business identifier value (Bundle.identifier or a resource's)."""
+    query = (sa.select(transfers.c.id, transfers.c.producer, transfers.c.status, transfers.c.targets,
+                       transfers.c.size, transfers.c.created_at, transfers.c.updated_at)
+             .join(transfer_identifiers, transfer_identifiers.c.transfer_id == transfers.c.id)
+             .where(transfer_identifiers.c.digest == digest(value))
+             .order_by(transfers.c.created_at.desc()).limit(limit))
+    async with ledger.engine.connect() as conn:
+        rows = (await conn.execute(query)).mappings().all()
+    return [TransferRow(r["id"], r["producer"], r["status"], list(r["targets"] or []), r["size"],
+                        aware(r["created_at"]), aware(r["updated_at"])) for r in rows]

@@ -246,3 +246,26 @@ async def test_session_cookie_is_a_server_side_id_that_logout_kills(settings: Se
         assert out.status_code == 303
         assert (await client.get("/ops/whoami", headers=cookie)).status_code == 401  # a copied cookie is dead too
         assert (await client.get("/ops/ui/dlq", headers=cookie)).status_code == 303
+
+
+async def test_search_by_business_identifier_is_access_logged(settings: Settings) -> None:
+    from services.core.identifiers import identifier_digests
+
+    bundle = {"resourceType": "Bundle", "identifier": {"system": "urn:x", "value": "EXPORT-42"},
+              "entry": [{"resource": {"resourceType": "Encounter", "identifier": [{"value": "SEJ-7"}]}},
+                        {"resource": {"resourceType": "Patient", "identifier": "not-a-list"}}, "junk"]}
+    async with running(settings) as (client, app):
+        ledger: Ledger = app.state.ops.ledger
+        await ledger.apply(ev("t8", "accepted", "ingress", 0, targets=["a"]))
+        await ledger.apply(ev("t8", "validated", "validator", 1, identifiers=identifier_digests(bundle)))
+        await ledger.apply(ev("t8", "validated", "validator", 2, identifiers=identifier_digests(bundle)))  # again
+        for value in ("EXPORT-42", " SEJ-7 "):
+            found = await get(client, "/ops/search", identifier=value)
+            assert [t["id"] for t in found["items"]] == ["t8"], value
+        assert (await get(client, "/ops/search", identifier="SEJ-8"))["items"] == []
+        log = (await get(client, "/ops/access-log", OPERATOR))["items"]
+        assert [e["action"] for e in log] == ["search.identifier"] * 3 and "SEJ" not in str(log)
+        page = await client.get("/ops/ui/search", params={"identifier": "SEJ-7"}, headers=bearer(VIEWER))
+        assert page.status_code == 200 and "t8" in page.text
+        tl = await get(client, "/ops/transfers/t8", OPERATOR, full="true")
+        assert "identifiers" not in str(tl["steps"])

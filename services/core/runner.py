@@ -146,6 +146,9 @@ async def _handle_record(stage: Stage, record: Record) -> Sequence[Emit]:
         log.debug("record handled", outcome=outcome, duration_ms=round(elapsed * 1000, 2))
 
 
+FAILED_EVENT_TYPE = "fr.relais.event.failed"
+
+
 def poison(stage: str, record: Record, exc: BaseException) -> list[Emit]:
     """The records that keep an unhandleable record visible: a copy on the poison topic, and an event.
 
@@ -159,8 +162,9 @@ def poison(stage: str, record: Record, exc: BaseException) -> list[Emit]:
         "origoffset": str(record.offset), "failedstage": stage, "reason": reason,
     })
     emits = [Emit(POISON, record.key, env)]
-    # An event about an event could loop forever through the tracker; those only go to the poison topic.
-    if record.topic != EVENTS:
+    # The tracker failing on an event is a dead letter too, told by a `failed` event; but one about a
+    # `failed` event could loop forever through the tracker, so that one only goes to the poison topic.
+    if record.topic != EVENTS or record.envelope.type != FAILED_EVENT_TYPE:
         emits.append(event(record.envelope, "failed", stage, {
             "reason": reason, "topic": record.topic, "partition": record.partition, "offset": record.offset,
             "fate": Fate.DEAD_LETTER.value, "poison_id": env.id,

@@ -13,7 +13,15 @@ from urllib.parse import quote
 
 import orjson
 
-from services.ops.client import EXIT_CODES_HELP, EXIT_NOT_FOUND, EXIT_OK, OpsClient, OpsError, add_connection_arguments
+from services.ops.client import (
+    EXIT_CODES_HELP,
+    EXIT_CONFLICT,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    OpsClient,
+    OpsError,
+    add_connection_arguments,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,9 +95,16 @@ def _run(args: argparse.Namespace, client: OpsClient) -> int:
         if not flt:
             raise OpsError("give an id or at least one filter (--target, --stage, --producer, --reason, --since, "
                            "--until)", 2)
-        done = client.call("POST", "/ops/dead-letters/replay", body={**flt, "note": args.note})["replayed"]
-        print("\n".join(f"{i} replayed" for i in done) or "nothing matched", file=sys.stdout if done else sys.stderr)
-        return EXIT_OK if done else EXIT_NOT_FOUND
+        answer = client.call("POST", "/ops/dead-letters/replay", body={**flt, "note": args.note})
+        done, skipped = answer["replayed"], answer.get("skipped") or []
+        for i in done:
+            print(f"{i} replayed")
+        for s in skipped:
+            print(f"relais dlq replay: {s['id']} not replayed: {s['reason']}", file=sys.stderr)
+        if not done and not skipped:
+            print("nothing matched", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        return EXIT_CONFLICT if skipped else EXIT_OK
     path = _path(args.id)
     if args.action == "show":
         body = client.call("GET", path)

@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from services.core.blobstore import BlobStore, resolve_payload
+from services.core.blobstore import BlobIntegrityError, BlobStore, resolve_payload
 from services.core.bus import Bus
 from services.core.errors import PermanentError
 from services.dlq.logic import DeadLetter, DlqFilter, blob_of, discard_emit, replay_emits, stage_replay_emits
@@ -148,16 +148,19 @@ class DlqService:
             await self._release(dl, status.REPLAYING, before)  # nothing was published: it is still open
             raise
 
-    async def replay_all(self, flt: DlqFilter, operator: str, note: str | None = None) -> builtins.list[str]:
-        """Replay every open dead letter matching `flt` (skipping those another operator got first); their ids."""
+    async def replay_all(self, flt: DlqFilter, operator: str,
+                         note: str | None = None) -> tuple[builtins.list[str], dict[str, str]]:
+        """Replay every open dead letter matching `flt`; returns the ids replayed and, by id, why others were not."""
         done: builtins.list[str] = []
+        skipped: dict[str, str] = {}
         for dl in await self.list(flt):
             try:
                 await self.replay(dl, operator, note)
-            except AlreadyHandled:
+            except (NotDeadLettered, BlobIntegrityError) as exc:  # e.g. another operator got there first
+                skipped[dl.id] = str(exc)
                 continue
             done.append(dl.id)
-        return done
+        return done, skipped
 
     async def discard(self, dl: DeadLetter, operator: str, reason: str) -> None:
         """Close a dead letter for good, saying why."""

@@ -229,10 +229,11 @@ async def replay_matching(request: Request, body: ReplayFilter, who: Actor) -> R
     flt = DlqFilter(body.target, body.producer, body.reason, _time(body.since, "since"), _time(body.until, "until"),
                     body.stage)
     try:
-        replayed = await ctx(request).dlq.replay_all(flt, who.id, body.note)
+        replayed, skipped = await ctx(request).dlq.replay_all(flt, who.id, body.note)
     except TransientError as exc:
         raise HTTPException(503, str(exc)) from exc
-    return _json({"replayed": replayed, "count": len(replayed)}, 202)
+    return _json({"replayed": replayed, "count": len(replayed),
+                  "skipped": [{"id": k, "reason": v} for k, v in skipped.items()]}, 202)
 
 
 @router.post("/dead-letters/{transfer_id}/{slot}/replay", summary="Replay one dead letter to where it failed; "

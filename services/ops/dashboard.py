@@ -274,7 +274,10 @@ async def dlq_action(request: Request, action: str) -> Response:
                             parse_time(form.get("since")), parse_time(form.get("until")))
             if flt == DlqFilter():
                 return _back(back, "nothing")
-            done = await service.replay_all(flt, who.id, form.get("note") or None)
+            done, skipped = await service.replay_all(flt, who.id, form.get("note") or None)
+            if skipped:
+                return _page(request, "error.html", who, 409, message=f"{len(done)} replayed; not replayed: " +
+                             "; ".join(f"{k}: {v}" for k, v in skipped.items()))
             return _back(back, "replayed" if done else "nothing")
         dl = await service.get(form.get("id", ""))
         if dl is None:

@@ -257,6 +257,11 @@ class Ledger:
 
     async def _project(self, conn: AsyncConnection, ev: LedgerEvent) -> None:
         detail = ev.detail or {}
+        if (ev.kind == "failed" and ev.stage == "tracker") or detail.get("failed_stage") == "tracker":
+            # The tracker could not project one event: a dead letter to list (then replayed or discarded),
+            # not a fact about the transfer.
+            await _project_stage_dead_letter(conn, ev)
+            return
         row = (await conn.execute(sa.select(transfers).where(transfers.c.id == ev.transfer_id))).mappings().first()
         stage_status = logic.advance_stage(row["stage_status"] if row else None, ev.kind) or logic.ACCEPTED
         if ev.kind == "replayed" and detail.get("slot") and row is not None:

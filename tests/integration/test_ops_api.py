@@ -269,3 +269,26 @@ async def test_search_by_business_identifier_is_access_logged(settings: Settings
         assert page.status_code == 200 and "t8" in page.text
         tl = await get(client, "/ops/transfers/t8", OPERATOR, full="true")
         assert "identifiers" not in str(tl["steps"])
+
+
+async def test_an_event_the_tracker_cannot_project_is_a_listed_dead_letter(settings: Settings) -> None:
+    from services.core.envelope import Envelope, Record
+    from services.core.runner import poison
+    from services.core.topics import POISON
+    from services.tracker.stage import to_ledger_event
+
+    bad = Record(EVENTS, 0, 41, b"t5", Envelope(type="fr.relais.event.validated", source="/relais/validator",
+                                                  transfer_id="t5", data=b"[1, 2]"))
+    emits = poison("tracker", bad, ValueError("event record value must be a JSON object"))
+    assert [e.topic for e in emits] == [POISON, EVENTS]
+    failed = Record(EVENTS, 0, 42, b"t5", emits[1].envelope)
+    # If the tracker also fails on that `failed` event, it only goes to the poison topic: no loop.
+    assert [e.topic for e in poison("tracker", failed, ValueError("again"))] == [POISON]
+    async with running(settings) as (client, app):
+        await app.state.ops.ledger.apply(to_ledger_event(failed))
+        letter = await get(client, "/ops/dead-letters/t5/@tracker")
+        assert letter["stage"] == "tracker" and "JSON object" in letter["reason"]
+        assert letter["original"] == {"topic": EVENTS, "partition": 0, "offset": 41}
+        assert [d["id"] for d in (await get(client, "/ops/dead-letters", stage="tracker"))["items"]] == ["t5/@tracker"]
+        assert (await get(client, "/ops/transfers"))["items"] == []  # no transfer was made up from it
+        assert (await get(client, "/ops/overview"))["dlq_size"] == 1

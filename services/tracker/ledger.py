@@ -283,6 +283,8 @@ class Ledger:
             values["finess"] = _merge_finess(row["finess"] if row else None, detail["finess"])
         if ev.kind in ("rejected", "failed"):
             values["outcome"] = detail.get("outcome") or _failure_outcome(ev)
+        elif ev.kind == "replayed" and detail.get("slot") and row is not None:
+            values["outcome"] = None  # the stage's failure is being retried: no longer the transfer's answer
         if row is None:
             await conn.execute(transfers.insert().values(
                 id=ev.transfer_id, created_at=ev.time, status=stage_status, **values))

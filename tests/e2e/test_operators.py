@@ -177,6 +177,15 @@ def test_poison_in_the_validator_is_listed_and_replayed_once_fixed(broker: Broke
     assert relais(elsewhere, "dlq", "replay", dlq_id, broker=broker).returncode == 5
 
 
+def test_search_by_business_identifier_finds_the_transfer(broker: Broker) -> None:
+    transfer_id, marker = broker.send()
+    broker.wait(lambda: transfer_status(broker, transfer_id) == "delivered", what="delivery")
+    found = broker.ops("GET", "/ops/search", params={"identifier": f"urn:relais-test:{marker}"}).json()
+    assert [t["id"] for t in found["items"]] == [transfer_id]
+    log = broker.ops("GET", "/ops/access-log").json()["items"]
+    assert log[0]["action"] == "search.identifier" and marker not in str(log)
+
+
 def metric(broker: Broker, name: str, **labels: str) -> float:
     text = httpx.get(f"{broker.base}/metrics", timeout=10).text
     total = 0.0

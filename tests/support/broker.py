@@ -68,7 +68,7 @@ class Broker:
             for entry in bundle["entry"]:
                 if entry["resource"]["resourceType"] == "Patient":
                     entry["resource"].pop("identifier", None)
-        bundle["identifier"] = {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}
+        bundle["identifier"] = {"system": "urn:ietf:rfc:3986", "value": f"urn:relais-test:{marker}"}
         bundle.setdefault("meta", {})["tag"] = [{"system": "urn:relais:test", "code": marker}]
         answer = httpx.post(f"{self.base}/fhir", content=orjson.dumps(bundle), timeout=30,
                             headers={"Authorization": f"Bearer {TOKEN_A}", "Content-Type": "application/fhir+json",

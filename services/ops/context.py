@@ -89,6 +89,8 @@ class OpsContext:
                 "pause": state.as_dict() if state else None,
                 "circuit": circuits.get(h.target, CIRCUIT_DEFAULT),
             }
+            if item["circuit"] == "open":  # delivery stopped sending to it: down, whatever the ledger says
+                item |= {"health": "down", "down": True}
             out.append(item)
         return out
 

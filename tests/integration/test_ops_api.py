@@ -292,3 +292,15 @@ async def test_an_event_the_tracker_cannot_project_is_a_listed_dead_letter(setti
         assert [d["id"] for d in (await get(client, "/ops/dead-letters", stage="tracker"))["items"]] == ["t5/@tracker"]
         assert (await get(client, "/ops/transfers"))["items"] == []  # no transfer was made up from it
         assert (await get(client, "/ops/overview"))["dlq_size"] == 1
+
+
+async def test_an_open_circuit_shows_the_target_down_with_its_policy(settings: Settings) -> None:
+    from services.tracker.opstate import record_circuit
+
+    async with running(settings) as (client, app):
+        before = await get(client, "/ops/targets/a")
+        assert before["health"] == "idle" and before["policy"]["base_url"] == "http://127.0.0.1:9/fhir"
+        assert before["policy"]["auth"] == "none" and before["policy"]["breaker_failures"] == 5
+        await record_circuit(app.state.ops.ledger, "a", "open", 5, process="delivery-1")
+        after = await get(client, "/ops/targets/a")
+        assert after["health"] == "down" and after["down"] is True and after["circuit"] == "open"

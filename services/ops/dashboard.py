@@ -35,6 +35,7 @@ _env.filters["pct"] = lambda v: "—" if v is None else f"{v * 100:.1f} %"
 _env.filters["ms"] = lambda v: ("—" if not isinstance(v, int | float) else
                                 (f"{v / 1000:.2f} s" if v >= 1000 else f"{v:.0f} ms"))
 _env.filters["short"] = lambda v: "" if v is None else str(v)[:19].replace("T", " ")
+DLQ_STAGES = ("validator", "router", "delivery", "tracker")
 STATUSES = (logic.ACCEPTED, logic.VALIDATED, logic.ROUTED, logic.DELIVERING, logic.DELIVERED, logic.REJECTED,
             logic.DEAD_LETTERED)
 
@@ -246,16 +247,16 @@ async def dlq_page(request: Request) -> Response:
     if who is None:
         return _login_redirect(request)
     q = request.query_params
-    form = {k: q.get(k, "") for k in ("target", "producer", "reason", "since", "until")}
+    form = {k: q.get(k, "") for k in ("target", "stage", "producer", "reason", "since", "until")}
     error = None
     try:
         flt = DlqFilter(form["target"] or None, form["producer"] or None, form["reason"] or None,
-                        parse_time(form["since"]), parse_time(form["until"]))
+                        parse_time(form["since"]), parse_time(form["until"]), form["stage"] or None)
         letters = await _ctx(request).dlq.list(flt, limit=200)
     except ValueError as exc:
         error, letters = str(exc), []
     return _page(request, "dlq.html", who, form=form, letters=letters, error=error,
-                 target_ids=_ctx(request).target_ids(), filtered=any(form.values()))
+                 target_ids=_ctx(request).target_ids(), filtered=any(form.values()), stages=DLQ_STAGES)
 
 
 @router.post("/dlq/{action}")
@@ -271,7 +272,7 @@ async def dlq_action(request: Request, action: str) -> Response:
     try:
         if action == "replay-all":
             flt = DlqFilter(form.get("target") or None, form.get("producer") or None, form.get("reason") or None,
-                            parse_time(form.get("since")), parse_time(form.get("until")))
+                            parse_time(form.get("since")), parse_time(form.get("until")), form.get("stage") or None)
             if flt == DlqFilter():
                 return _back(back, "nothing")
             done, skipped = await service.replay_all(flt, who.id, form.get("note") or None)

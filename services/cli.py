@@ -25,6 +25,12 @@ examples:
   relais run --demo-target          every stage in one process (embedded log) and a demo target
   relais validator                  one stage, to scale it out as its own process
   relais dev-kafka                  a local single-node Kafka; prints RELAIS_KAFKA_BOOTSTRAP=...
+  relais dlq list                   dead letters of the running broker (operator commands talk to its /ops
+                                    API: --url or RELAIS_URL, token in RELAIS_OPS_TOKEN or --token-file)
+
+operator commands (dlq, targets, ledger transfers|show, status) exit with:
+  0 done, 1 not found, 2 usage error, 3 broker unreachable, 4 refused (token or role), 5 conflict;
+  `relais status` exits 0 delivered, 10 in flight, 11 rejected, 12 dead-lettered.
 """
 
 STAGE_HELP = {
@@ -63,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("dev-kafka", help="start a local single-node Kafka (prints RELAIS_KAFKA_BOOTSTRAP=...)",
                    add_help=False)
     sub.add_parser("demo-target", help="serve a demo FHIR transaction receiver", add_help=False)
-    sub.add_parser("dlq", help="dead letters: list, show, replay, discard (relais dlq --help)", add_help=False)
-    sub.add_parser("ledger", help="ledger: rebuild from transfers.events, purge old transfers", add_help=False)
-    sub.add_parser("targets", help="targets: list with health, pause, resume", add_help=False)
+    sub.add_parser("dlq", help="dead letters of every stage: list, show, replay, discard (through /ops)",
+                   add_help=False)
+    sub.add_parser("ledger", help="ledger: transfers, show (through /ops); rebuild, purge (direct database access)",
+                   add_help=False)
+    sub.add_parser("targets", help="targets: list with health, pause, resume (through /ops)", add_help=False)
     validate = sub.add_parser("validate", help="validate TDDUI Bundle files offline",
                               description="Validate Bundle JSON files (or directories of them). Exit 0 when "
                                           "all are valid, 1 when any has an error, 2 on usage errors.")
@@ -91,11 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="journal file of accepted files (default: .relais-send.journal)")
     send.add_argument("--report", default=None, help="also write the report as JSON to this file")
 
-    status = sub.add_parser("status", help="show a transfer's status",
-                            description="GET /transfers/ID from a Relais ingress and print the answer.")
-    status.add_argument("transfer_id")
-    status.add_argument("--url", default="http://127.0.0.1:8080", help="Relais base URL (default: %(default)s)")
-    status.add_argument("--token", default=None, help="producer token (default: $RELAIS_TOKEN)")
+    sub.add_parser("status", help="a transfer's state per target, through /ops (relais status --help)",
+                   add_help=False)
     return parser
 
 
@@ -121,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from services.dlq.cli import main as dlq
 
         return dlq(args_list[1:])
-    if args_list and args_list[0] in ("ledger", "targets"):
+    if args_list and args_list[0] in ("ledger", "targets", "status"):
         from services.ops.cli import main as ops_cli
 
         return ops_cli(args_list)
@@ -137,8 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return send_main(args.paths, url=args.url, target=args.to, token=args.token or os.environ.get("RELAIS_TOKEN"),
                          concurrency=args.concurrency, journal_path=args.journal, report_path=args.report)
-    if args.command == "status":
-        return _status(args)
     if args.command == "validate":
         from services.validator.options import ValidationOptions
         from services.validator.report import main as validate
@@ -177,24 +180,6 @@ def _run_stages(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"relais: {exc}", file=sys.stderr)
         return 2
-
-
-def _status(args: argparse.Namespace) -> int:
-    import os
-
-    import httpx
-
-    token = args.token or os.environ.get("RELAIS_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        response = httpx.get(f"{args.url.rstrip('/')}/transfers/{args.transfer_id}", headers=headers, timeout=30)
-    except httpx.HTTPError as exc:
-        print(f"relais status: cannot reach {args.url}: {exc}; is Relais running there?", file=sys.stderr)
-        return 2
-    progress = response.headers.get("X-Progress")
-    print(f"HTTP {response.status_code}" + (f" ({progress})" if progress else ""))
-    print(response.text)
-    return 0 if response.status_code in (200, 202) else 1
 
 
 def _stage_names(args: argparse.Namespace) -> list[str]:

@@ -13,10 +13,16 @@ BATCH_COMMIT_SECONDS = Histogram(
     "relais_commit_seconds", "Time to publish a batch's outputs and commit its offsets", ["stage"],
 )
 INGRESS_REQUESTS = Counter("relais_ingress_requests_total", "Ingress HTTP answers by status", ["status"])
+BUNDLES_REJECTED = Counter("relais_bundles_rejected_total", "Bundles the validator rejected (errors against TDDUI)",
+                           ["producer"])
 DELIVERIES = Counter("relais_deliveries_total", "Delivery attempts by target and result", ["target", "result"])
 
 # Operator views (refreshed by the ops lag reader and the alerts loop).
 CONSUMER_LAG = Gauge("relais_consumer_lag", "Records not yet committed by a stage, per topic", ["stage", "topic"])
-DLQ_SIZE = Gauge("relais_dlq_size", "Deliveries dead-lettered and waiting for an operator")
+DLQ_SIZE = Gauge("relais_dlq_size", "Dead letters of every stage waiting for an operator")
 TARGET_WAITING = Gauge("relais_target_waiting", "Deliveries pending or retrying, per target", ["target"])
+TARGET_DOWN = Gauge("relais_target_down", "1 while a target is down (circuit open, or no success since its latest "
+                    "failures)", ["target"])
+OLDEST_WAITING_SECONDS = Gauge("relais_oldest_waiting_seconds", "Age of the oldest record waiting for a target "
+                               "(pending or retrying), since it was accepted", ["target"])
 ALERTS_FIRING = Gauge("relais_alerts_firing", "Alert rules currently firing", ["rule", "subject"])

@@ -21,6 +21,7 @@ from services.core.bus import Bus, Partition, Subscription
 from services.core.crypto import X_DECRYPT_ERROR, DecryptionError
 from services.core.envelope import Emit, Record, event
 from services.core.errors import TransientError
+from services.core.fate import Fate
 from services.core.logging import get_logger
 from services.core.metrics import BATCH_COMMIT_SECONDS, HANDLE_SECONDS, RECORDS
 from services.core.settings import Settings
@@ -145,17 +146,30 @@ async def _handle_record(stage: Stage, record: Record) -> Sequence[Emit]:
         log.debug("record handled", outcome=outcome, duration_ms=round(elapsed * 1000, 2))
 
 
+FAILED_EVENT_TYPE = "fr.relais.event.failed"
+
+
 def poison(stage: str, record: Record, exc: BaseException) -> list[Emit]:
-    """The records that keep an unhandleable record visible: a copy on the poison topic, and an event."""
+    """The records that keep an unhandleable record visible: a copy on the poison topic, and an event.
+
+    The copy keeps the whole record (payload included), so `relais dlq replay` can read it back and
+    send it to the topic it failed on; the `failed` event tells the ledger everything an operator
+    needs to find it (stage, original topic/partition/offset, the copy's id) and says its fate.
+    """
     reason = f"{type(exc).__name__}: {exc}"[:2000]
     env = record.envelope.evolve(extra={
         **record.envelope.extra, "origtopic": record.topic, "origpartition": str(record.partition),
         "origoffset": str(record.offset), "failedstage": stage, "reason": reason,
     })
     emits = [Emit(POISON, record.key, env)]
-    # An event about an event could loop forever through the tracker; those only go to the poison topic.
-    if record.topic != EVENTS:
-        emits.append(event(record.envelope, "failed", stage, {"reason": reason, "topic": record.topic}))
+    # The tracker failing on an event is a dead letter too, told by a `failed` event; but one about a
+    # `failed` event could loop forever through the tracker, so that one only goes to the poison topic.
+    if record.topic != EVENTS or record.envelope.type != FAILED_EVENT_TYPE:
+        emits.append(event(record.envelope, "failed", stage, {
+            "reason": reason, "topic": record.topic, "partition": record.partition, "offset": record.offset,
+            "fate": Fate.DEAD_LETTER.value, "poison_id": env.id,
+            "key": (record.key or b"").decode(errors="replace"), "attempts": record.envelope.attempt,
+        }))
     return emits
 
 

@@ -171,11 +171,31 @@ class Settings(BaseSettings):
         "the dashboard (/ops/ui); separate from producers.",
     )
     alert_interval_s: float = Field(default=30.0, gt=0, description="How often the alert rules are evaluated.")
-    alert_dlq_growth: int = Field(
-        default=1, ge=1, description="Alert when the dead-letter count grew by at least this much within "
-        "RELAIS_ALERT_WINDOW_S.",
+    alert_dlq_max: int = Field(
+        default=0, ge=0, description="Alert while more dead letters than this (any stage) wait for an operator; "
+        "resolves only once they are replayed or discarded.",
     )
-    alert_window_s: float = Field(default=900.0, gt=0, description="Window of the dead-letter growth rule.")
+    alert_waiting_age_s: float = Field(
+        default=900.0, gt=0, description="Alert while a target's oldest waiting record (pending or retrying) was "
+        "accepted longer ago than this.",
+    )
+    alert_for_s: float = Field(
+        default=0.0, ge=0, description="A rule must hold this long before it fires (damps flapping).",
+    )
+    alert_keep_firing_s: float = Field(
+        default=120.0, ge=0, description="A firing alert resolves only after its condition has been clear this long "
+        "(damps flapping).",
+    )
+    alert_repeat_s: float = Field(
+        default=3600.0, ge=0, description="A still-firing alert is notified again this often (0: never).",
+    )
+    alert_webhook_timeout_s: float = Field(
+        default=5.0, gt=0, description="Timeout of one webhook POST; notifications go out concurrently.",
+    )
+    alert_webhook_backoff_max_s: float = Field(
+        default=60.0, gt=0, description="Longest wait between retries of a notification the webhook refused (5xx) "
+        "or could not receive; retries go on, with backoff, until it is accepted.",
+    )
     alert_lag_max: int = Field(default=1000, ge=1, description="Alert when a stage's consumer lag exceeds this.")
     alert_waiting_max: int = Field(
         default=100, ge=1, description="Alert when more records than this wait for one target (pending or retrying).",

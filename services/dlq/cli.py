@@ -1,98 +1,134 @@
-"""`relais dlq list|show|replay|discard`: the operator's dead-letter commands (same logic as /ops/dead-letters)."""
+"""`relais dlq list|show|replay|discard`: the operator's dead-letter commands, a client of the broker's `/ops` API.
+
+They work from any folder and on either bus: nothing here opens the ledger or the log.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
 import sys
 from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
 
 import orjson
 
-from services.core.blobstore import make_blob_store
-from services.core.errors import RelaisError
-from services.core.settings import Settings
-from services.dlq.logic import DlqFilter
-from services.dlq.store import DlqService, parse_time
+from services.ops.client import (
+    EXIT_CODES_HELP,
+    EXIT_CONFLICT,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    OpsClient,
+    OpsError,
+    add_connection_arguments,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relais dlq", description="Inspect and act on dead-lettered "
-                                     "deliveries. Reads the ledger (RELAIS_DATABASE_URL), publishes to Kafka.")
+    parser = argparse.ArgumentParser(
+        prog="relais dlq", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES_HELP,
+        description="Dead letters of every stage (deliveries a target refused or that ran out of attempts, and "
+                    "records a stage could not handle): list, show, replay to where they failed, discard. A client "
+                    "of the running broker's /ops API (writes need an operator token with role 'operator').")
     sub = parser.add_subparsers(dest="action", required=True)
 
     def filters(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target")
+        p.add_argument("--stage", help="stage that gave up: validator, router, delivery")
         p.add_argument("--producer")
         p.add_argument("--reason", help="substring of the failure reason")
         p.add_argument("--since", help="ISO 8601 time")
         p.add_argument("--until", help="ISO 8601 time")
 
-    listing = sub.add_parser("list", help="list open dead letters (JSON lines)")
+    listing = sub.add_parser("list", help="list open dead letters")
     filters(listing)
     listing.add_argument("--closed", action="store_true", help="include discarded ones")
-    show = sub.add_parser("show", help="one dead letter's metadata")
-    show.add_argument("id", help="TRANSFER_ID/TARGET")
-    show.add_argument("--payload", action="store_true", help="also print the Bundle (health data!)")
-    replay = sub.add_parser("replay", help="replay one dead letter, or all matching filters")
-    replay.add_argument("id", nargs="?", help="TRANSFER_ID/TARGET; omit to use filters")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = sub.add_parser("show", help="one dead letter: reason, stage, attempts, original topic/partition/offset")
+    show.add_argument("id", help="TRANSFER_ID/TARGET, or TRANSFER_ID/@STAGE for a stage's dead letter")
+    show.add_argument("--payload", action="store_true", help="also print the Bundle (health data: access logged)")
+    replay = sub.add_parser("replay", help="replay one dead letter, or all matching filters, to where it failed")
+    replay.add_argument("id", nargs="?", help="TRANSFER_ID/SLOT; omit to use filters")
     filters(replay)
     replay.add_argument("--note")
-    discard = sub.add_parser("discard", help="discard one dead letter")
-    discard.add_argument("id", help="TRANSFER_ID/TARGET")
+    discard = sub.add_parser("discard", help="discard one dead letter, saying why")
+    discard.add_argument("id", help="TRANSFER_ID/SLOT")
     discard.add_argument("--reason", required=True)
+    for p in (listing, show, replay, discard):
+        add_connection_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run one dead-letter command; exit 0 on success, 1 when nothing matched, 2 on errors."""
+    """Run one dead-letter command; exit codes as EXIT_CODES_HELP says."""
     args = _parser().parse_args(list(argv))
     try:
-        return asyncio.run(_run(args, Settings()))
-    except (RelaisError, ValueError) as exc:
-        print(f"relais dlq: {exc}", file=sys.stderr)
-        return 2
+        return _run(args, OpsClient.from_args(args))
+    except OpsError as exc:
+        print(f"relais dlq {args.action}: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
-async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from services.launcher import make_bus
-    from services.tracker.ledger import Ledger
+def _path(dlq_id: str) -> str:
+    transfer_id, sep, slot = dlq_id.partition("/")
+    if not (transfer_id and sep and slot):
+        raise OpsError(f"{dlq_id!r} is not a dead-letter id: use TRANSFER_ID/TARGET or TRANSFER_ID/@STAGE "
+                       "(as `relais dlq list` prints)", 2)
+    return f"/ops/dead-letters/{quote(transfer_id, safe='')}/{quote(slot, safe='')}"
 
-    ledger, bus = Ledger(settings.database_url), make_bus(settings)
-    service = DlqService(ledger, bus, make_blob_store(settings))
-    operator = f"cli:{getpass.getuser()}"
-    try:
-        if args.action in ("replay", "discard"):
-            await bus.start()
-        if args.action == "list":
-            flt = DlqFilter(args.target, args.producer, args.reason, parse_time(args.since), parse_time(args.until))
-            for item in await service.list(flt, include_closed=args.closed):
-                print(orjson.dumps(item.summary()).decode())
-            return 0
-        if args.action == "replay" and not args.id:
-            flt = DlqFilter(args.target, args.producer, args.reason, parse_time(args.since), parse_time(args.until))
-            if flt == DlqFilter():
-                raise ValueError("give an id or at least one filter")
-            ids = await service.replay_all(flt, operator, args.note)
-            print("\n".join(ids) or "nothing matched", file=sys.stderr if not ids else sys.stdout)
-            return 0 if ids else 1
-        dl = await service.get(args.id)
-        if dl is None:
-            print(f"relais dlq: no dead letter {args.id}", file=sys.stderr)
-            return 1
-        if args.action == "show":
-            body = dl.summary()
-            if args.payload:
-                body["bundle"] = orjson.loads(await service.payload(dl))
-            print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
-        elif args.action == "replay":
-            await service.replay(dl, operator, args.note)
-            print(f"{dl.id} replayed")
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("target", "stage", "producer", "reason", "since", "until")}
+
+
+def _run(args: argparse.Namespace, client: OpsClient) -> int:
+    if args.action == "list":
+        items = client.call("GET", "/ops/dead-letters", params={**_filters(args), "closed": args.closed})["items"]
+        if args.json:
+            for item in items:
+                print(orjson.dumps(item).decode())
         else:
-            await service.discard(dl, operator, args.reason)
-            print(f"{dl.id} discarded")
-        return 0
-    finally:
-        await bus.stop()
-        await ledger.close()
+            _print_table(items)
+        return EXIT_OK
+    if args.action == "replay" and not args.id:
+        flt = {k: v for k, v in _filters(args).items() if v}
+        if not flt:
+            raise OpsError("give an id or at least one filter (--target, --stage, --producer, --reason, --since, "
+                           "--until)", 2)
+        answer = client.call("POST", "/ops/dead-letters/replay", body={**flt, "note": args.note})
+        done, skipped = answer["replayed"], answer.get("skipped") or []
+        for i in done:
+            print(f"{i} replayed")
+        for s in skipped:
+            print(f"relais dlq replay: {s['id']} not replayed: {s['reason']}", file=sys.stderr)
+        if not done and not skipped:
+            print("nothing matched", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        return EXIT_CONFLICT if skipped else EXIT_OK
+    path = _path(args.id)
+    if args.action == "show":
+        body = client.call("GET", path)
+        if args.payload:
+            transfer_id, _, slot = args.id.partition("/")
+            bundle = client.call("GET", f"/ops/transfers/{quote(transfer_id, safe='')}/bundle",
+                                 params={"target": slot}, raw=True)
+            body["bundle"] = orjson.loads(bundle)
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    elif args.action == "replay":
+        client.call("POST", f"{path}/replay")
+        print(f"{args.id} replayed")
+    else:
+        client.call("POST", f"{path}/discard", body={"reason": args.reason})
+        print(f"{args.id} discarded")
+    return EXIT_OK
+
+
+def _print_table(items: list[dict[str, Any]]) -> None:
+    if not items:
+        print("no dead letters", file=sys.stderr)
+        return
+    print(f"{'ID':<48} {'STAGE':<10} {'ATTEMPTS':>8}  {'SINCE':<19}  REASON")
+    for d in items:
+        reason = " ".join(str(d.get("reason") or "").split())[:100]
+        print(f"{d['id']:<48} {d['stage']:<10} {d.get('attempts') or 0:>8}  "
+              f"{str(d['dead_lettered_at'])[:19].replace('T', ' '):<19}  {reason}")

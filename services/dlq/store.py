@@ -1,72 +1,100 @@
 """Dead letters read from the ledger (the tracker's projection) and acted on through the bus.
 
-The ledger is the index (status, reason, outcome, where the record came from); the payload is in the
-blob store (the delivery stage claim-checks every dead letter), so a replay needs no Kafka scan.
+The ledger is the index (status, reason, outcome, where the record came from). A delivery dead
+letter's payload is in the blob store (delivery claim-checks every one); a stage's dead letter is read
+back from the poison topic, where the runner keeps the whole record. Replays and discards are atomic
+state changes: a conditional UPDATE of the dead letter's row (`WHERE status = 'dead-lettered'`, checked
+by its row count) claims it before anything is published, so of two concurrent replays one wins and
+the other is refused (AlreadyHandled, HTTP 409) — the target never gets the Bundle twice from that.
 """
 
 from __future__ import annotations
 
 import builtins
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from services.core.blobstore import BlobStore
+from services.core.blobstore import BlobIntegrityError, BlobStore, resolve_payload
 from services.core.bus import Bus
 from services.core.errors import PermanentError
-from services.dlq.logic import DeadLetter, DlqFilter, blob_of, discard_emit, replay_emits
+from services.dlq.logic import DeadLetter, DlqFilter, blob_of, discard_emit, replay_emits, stage_replay_emits
+from services.dlq.poison import read_poison
 from services.tracker import logic as status
-from services.tracker.ledger import Ledger, deliveries, events, transfers
+from services.tracker.ledger import Ledger, deliveries, events, stage_dead_letters, transfers
 
 
 class NotDeadLettered(PermanentError):
-    """When an operator names a delivery that is not (or no longer) a dead letter."""
+    """When an operator names a dead letter whose payload is gone or that cannot be acted on."""
+
+
+class AlreadyHandled(NotDeadLettered):
+    """When another replay or discard of the same dead letter got there first (HTTP 409)."""
+
+
+OPEN = (status.DEAD_LETTERED,)
+REPLAYABLE = (status.DEAD_LETTERED, status.DISCARDED)
 
 
 @dataclass
 class DlqService:
-    """List, show, replay and discard dead letters."""
+    """List, show, replay and discard dead letters of every stage."""
 
     ledger: Ledger
     bus: Bus
     blobs: BlobStore
 
     async def list(self, flt: DlqFilter | None = None, *, include_closed: bool = False,
-                   limit: int = 500) -> list[DeadLetter]:
+                   limit: int = 500) -> builtins.list[DeadLetter]:
         """Dead letters matching `flt`, newest first; `include_closed` adds discarded ones."""
         wanted = [status.DEAD_LETTERED] + ([status.DISCARDED] if include_closed else [])
-        query = (sa.select(deliveries, transfers.c.producer)
-                 .join(transfers, transfers.c.id == deliveries.c.transfer_id)
-                 .where(deliveries.c.status.in_(wanted)))
         flt = flt or DlqFilter()
-        if flt.target:
-            query = query.where(deliveries.c.target == flt.target)
-        if flt.producer:
-            query = query.where(transfers.c.producer == flt.producer)
+        found: builtins.list[DeadLetter] = []
         async with self.ledger.engine.connect() as conn:
-            rows = (await conn.execute(query.order_by(deliveries.c.updated_at.desc()))).mappings().all()
-            out = []
-            for row in rows:
-                dl = await self._entry(conn, row)
-                if dl is not None and flt.matches(dl):
-                    out.append(dl)
-                if len(out) >= limit:
-                    break
-        return out
+            if flt.stage in (None, "delivery"):
+                query = (sa.select(deliveries, transfers.c.producer)
+                         .join(transfers, transfers.c.id == deliveries.c.transfer_id)
+                         .where(deliveries.c.status.in_(wanted)))
+                if flt.target:
+                    query = query.where(deliveries.c.target == flt.target)
+                if flt.transfer_id:
+                    query = query.where(deliveries.c.transfer_id == flt.transfer_id)
+                if flt.producer:
+                    query = query.where(transfers.c.producer == flt.producer)
+                for row in (await conn.execute(query.order_by(deliveries.c.updated_at.desc()))).mappings().all():
+                    dl = await self._delivery_entry(conn, row)
+                    if dl is not None:
+                        found.append(dl)
+            query = (sa.select(stage_dead_letters, transfers.c.producer)
+                     .join(transfers, transfers.c.id == stage_dead_letters.c.transfer_id, isouter=True)
+                     .where(stage_dead_letters.c.status.in_(wanted)))
+            if flt.transfer_id:
+                query = query.where(stage_dead_letters.c.transfer_id == flt.transfer_id)
+            found += [_stage_entry(row) for row in (await conn.execute(query)).mappings().all()]
+        found.sort(key=lambda d: d.dead_lettered_at, reverse=True)
+        return [d for d in found if flt.matches(d)][:limit]
 
     async def get(self, dlq_id: str) -> DeadLetter | None:
-        """One dead letter by `transfer/target` (also when discarded)."""
-        transfer_id, _, target = dlq_id.partition("/")
-        query = (sa.select(deliveries, transfers.c.producer)
-                 .join(transfers, transfers.c.id == deliveries.c.transfer_id)
-                 .where((deliveries.c.transfer_id == transfer_id) & (deliveries.c.target == target)))
+        """One dead letter by `transfer/slot` (also when discarded or replayed)."""
+        transfer_id, _, slot = dlq_id.partition("/")
         async with self.ledger.engine.connect() as conn:
-            row = (await conn.execute(query)).mappings().first()
-            return await self._entry(conn, row) if row is not None else None
+            if slot.startswith("@"):
+                row = (await conn.execute(
+                    sa.select(stage_dead_letters, transfers.c.producer)
+                    .join(transfers, transfers.c.id == stage_dead_letters.c.transfer_id, isouter=True)
+                    .where((stage_dead_letters.c.transfer_id == transfer_id)
+                           & (stage_dead_letters.c.slot == slot)))).mappings().first()
+                return _stage_entry(row) if row is not None else None
+            row = (await conn.execute(
+                sa.select(deliveries, transfers.c.producer)
+                .join(transfers, transfers.c.id == deliveries.c.transfer_id)
+                .where((deliveries.c.transfer_id == transfer_id) & (deliveries.c.target == slot)))).mappings().first()
+            return await self._delivery_entry(conn, row) if row is not None else None
 
-    async def _entry(self, conn: Any, row: Any) -> DeadLetter | None:
+    async def _delivery_entry(self, conn: Any, row: Any) -> DeadLetter | None:
         ev = (await conn.execute(
             sa.select(events.c.detail, events.c.time)
             .where((events.c.transfer_id == row["transfer_id"]) & (events.c.target == row["target"])
@@ -75,47 +103,120 @@ class DlqService:
         if ev is None:
             return None
         detail = dict(ev["detail"] or {})
-        when = ev["time"] if ev["time"].tzinfo else ev["time"].replace(tzinfo=UTC)
         return DeadLetter(
-            transfer_id=row["transfer_id"], target=row["target"], producer=row["producer"], status=row["status"],
-            attempts=row["attempts"], last_http_status=row["last_http_status"],
-            reason=str(detail.get("reason", "")), outcome=row["outcome"] or detail.get("outcome"),
-            first_failure=detail.get("first_failure"), last_failure=detail.get("last_failure"),
-            dead_lettered_at=when, detail=detail,
+            transfer_id=row["transfer_id"], slot=row["target"], stage="delivery", target=row["target"],
+            producer=row["producer"], status=row["status"], attempts=row["attempts"],
+            last_http_status=row["last_http_status"], reason=str(detail.get("reason", "")),
+            outcome=row["outcome"] or detail.get("outcome"), first_failure=detail.get("first_failure"),
+            last_failure=detail.get("last_failure"), dead_lettered_at=_aware(ev["time"]), detail=detail,
         )
 
     async def payload(self, dl: DeadLetter) -> bytes:
         """The Bundle of a dead letter (operator rights only: it is health data)."""
+        if not dl.is_delivery:
+            found = await read_poison(self.bus, str(dl.detail.get("poison_id") or ""))
+            if found is None:
+                raise NotDeadLettered(f"dead letter {dl.id}: its record is no longer on the poison topic "
+                                      "(past RELAIS_DLQ_RETENTION_DAYS?)")
+            return await resolve_payload(self.blobs, found.envelope.data, found.envelope.extra)
         ref = blob_of(dl)
         if ref is None:
             raise NotDeadLettered(f"dead letter {dl.id} has no stored payload")
         return await self.blobs.get(ref)
 
     async def replay(self, dl: DeadLetter, operator: str, note: str | None = None) -> None:
-        """Send the delivery round again, with a fresh attempt budget; tracked as `replayed`."""
-        if dl.status not in (status.DEAD_LETTERED, status.DISCARDED):
-            raise NotDeadLettered(f"{dl.id} is {dl.status}, not dead-lettered")
-        ref = blob_of(dl)
-        if ref is None:
-            raise NotDeadLettered(f"dead letter {dl.id} has no stored payload; it cannot be replayed")
-        await self.blobs.get(ref)  # refuse now, not at the target, if the payload is gone or corrupt
-        await self.bus.publish(replay_emits(dl, ref, operator, note))
+        """Send the record back to where it failed (a delivery with a fresh attempt budget); tracked as `replayed`.
 
-    async def replay_all(self, flt: DlqFilter, operator: str, note: str | None = None) -> builtins.list[str]:
-        """Replay every open dead letter matching `flt`; returns their ids."""
+        Raises AlreadyHandled when the dead letter is not open any more (e.g. a concurrent replay won).
+        """
+        if dl.is_delivery:
+            ref = blob_of(dl)
+            if ref is None:
+                raise NotDeadLettered(f"dead letter {dl.id} has no stored payload; it cannot be replayed")
+            await self.blobs.get(ref)  # refuse now, not at the target, if the payload is gone or corrupt
+            emits = replay_emits(dl, ref, operator, note)
+        else:
+            found = await read_poison(self.bus, str(dl.detail.get("poison_id") or ""))
+            if found is None:
+                raise NotDeadLettered(f"dead letter {dl.id}: its record is no longer on the poison topic "
+                                      "(past RELAIS_DLQ_RETENTION_DAYS?); it cannot be replayed")
+            emits = stage_replay_emits(dl, found.envelope, found.key, operator, note)
+        before = await self._claim(dl, REPLAYABLE, status.REPLAYING)
+        try:
+            await self.bus.publish(emits)
+        except BaseException:
+            await self._release(dl, status.REPLAYING, before)  # nothing was published: it is still open
+            raise
+
+    async def replay_all(self, flt: DlqFilter, operator: str,
+                         note: str | None = None) -> tuple[builtins.list[str], dict[str, str]]:
+        """Replay every open dead letter matching `flt`; returns the ids replayed and, by id, why others were not."""
         done: builtins.list[str] = []
+        skipped: dict[str, str] = {}
         for dl in await self.list(flt):
-            await self.replay(dl, operator, note)
+            try:
+                await self.replay(dl, operator, note)
+            except (NotDeadLettered, BlobIntegrityError) as exc:  # e.g. another operator got there first
+                skipped[dl.id] = str(exc)
+                continue
             done.append(dl.id)
-        return done
+        return done, skipped
 
     async def discard(self, dl: DeadLetter, operator: str, reason: str) -> None:
         """Close a dead letter for good, saying why."""
-        if dl.status != status.DEAD_LETTERED:
-            raise NotDeadLettered(f"{dl.id} is {dl.status}, not dead-lettered")
         if not reason.strip():
             raise ValueError("a discard needs a reason")
-        await self.bus.publish([discard_emit(dl, operator, reason)])
+        before = await self._claim(dl, OPEN, status.DISCARDED)
+        try:
+            await self.bus.publish([discard_emit(dl, operator, reason)])
+        except BaseException:
+            await self._release(dl, status.DISCARDED, before)
+            raise
+
+    # --- the atomic state change -------------------------------------------------------------
+    def _where(self, dl: DeadLetter) -> tuple[sa.Table, sa.ColumnElement[bool]]:
+        if dl.is_delivery:
+            return deliveries, (deliveries.c.transfer_id == dl.transfer_id) & (deliveries.c.target == dl.slot)
+        return stage_dead_letters, ((stage_dead_letters.c.transfer_id == dl.transfer_id)
+                                    & (stage_dead_letters.c.slot == dl.slot))
+
+    async def _claim(self, dl: DeadLetter, allowed: Iterable[str], to: str) -> str:
+        """Move the dead letter from one of `allowed` to `to` by conditional UPDATEs; returns its former status.
+
+        Each UPDATE is its own write (no read first), so concurrent claims queue on the database's
+        write lock and exactly one sees a row count of 1.
+        """
+        table, where = self._where(dl)
+        for before in allowed:
+            async with self.ledger.engine.begin() as conn:
+                moved = await conn.execute(table.update().where(where & (table.c.status == before))
+                                           .values(status=to, updated_at=datetime.now(UTC)))
+            if moved.rowcount == 1:
+                return before
+        async with self.ledger.engine.connect() as conn:
+            current = (await conn.execute(sa.select(table.c.status).where(where))).scalar_one_or_none()
+        raise AlreadyHandled(f"{dl.id} is {current or 'gone'}, not dead-lettered: another replay or discard "
+                             "got there first (see its timeline)")
+
+    async def _release(self, dl: DeadLetter, claimed: str, before: str) -> None:
+        table, where = self._where(dl)
+        async with self.ledger.engine.begin() as conn:
+            await conn.execute(table.update().where(where & (table.c.status == claimed)).values(status=before))
+
+
+def _stage_entry(row: Any) -> DeadLetter:
+    detail = dict(row["detail"] or {})
+    when = _aware(row["dead_lettered_at"])
+    return DeadLetter(
+        transfer_id=row["transfer_id"], slot=row["slot"], stage=row["stage"], target=row["target"],
+        producer=row.get("producer"), status=row["status"], attempts=int(detail.get("attempts") or 0),
+        last_http_status=None, reason=str(detail.get("reason", "")), outcome=None,
+        first_failure=when.isoformat(), last_failure=when.isoformat(), dead_lettered_at=when, detail=detail,
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def parse_time(text: str | None) -> datetime | None:

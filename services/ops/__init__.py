@@ -30,7 +30,7 @@ async def run_alerts_stage(settings: Any, bus: Any, stop: Any) -> None:
 
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
-    notifier = WebhookNotifier(settings.alert_webhook_url)
+    notifier = WebhookNotifier.from_settings(settings)
     try:
         context = OpsContext.build(settings, ledger, bus)
         await run_alerts(AlertEvaluator(Thresholds.from_settings(settings)), context.observe, notifier,

@@ -1,29 +1,56 @@
-"""Alerts: rules on dead-letter growth, lag per stage and waiting records per target — no floods.
+"""Alerts: state rules that fire while a problem lasts and resolve only when it clears, told reliably.
 
-Each evaluation turns observations into *conditions* (pure), then compares them with what is already
-firing (pure): a condition that starts fires once, one that lasts says nothing more, one that ends
-resolves once. Notifications go to the log and, when RELAIS_ALERT_WEBHOOK_URL is set, to a webhook
-(JSON POST). Run one alerts process per Relais (`relais alerts`, or within `relais run`).
+Rules (pure, `conditions`), each on a subject:
+
+* `dlq_not_empty` (dlq): dead letters of any stage wait for an operator (more than RELAIS_ALERT_DLQ_MAX);
+* `target_down` (a target): its circuit is open, or its latest attempts all failed (no success since);
+* `oldest_waiting` (a target): its oldest pending or retrying record was accepted too long ago;
+* `target_waiting` (a target): too many records wait for it;
+* `stage_lag` (a stage): its consumer group is too far behind.
+
+`advance` (pure) turns conditions into notifications: a rule fires once it has held for `for_s`, is
+re-sent every `repeat_s` while it fires, and resolves once it has been clear for `keep_firing_s` — so
+a flapping target gives one firing and one resolved, not one per flap. The `WebhookNotifier` logs
+every notification and POSTs it to RELAIS_ALERT_WEBHOOK_URL: concurrently across alerts, each with a
+timeout, in order per alert, retried with backoff while the receiver answers 5xx or cannot be
+reached — a `resolved` never overtakes its `firing`. Run one alerts process per Relais.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import httpx
 
 from services.core.logging import get_logger
-from services.core.metrics import ALERTS_FIRING, DLQ_SIZE, TARGET_WAITING
+from services.core.metrics import (
+    ALERTS_FIRING,
+    DLQ_SIZE,
+    OLDEST_WAITING_SECONDS,
+    TARGET_DOWN,
+    TARGET_WAITING,
+)
 from services.core.settings import Settings
 
 log = get_logger(__name__)
 
 Key = tuple[str, str]  # (rule, subject)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetObservation:
+    """One target's state, as the ledger and the delivery processes report it."""
+
+    waiting: int = 0
+    down: bool = False  # circuit open, or the latest attempts failed with no success since
+    circuit: str = "closed"
+    oldest_waiting_s: float | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +60,7 @@ class Observation:
     at: float  # monotonic seconds
     dlq_size: int
     lag: Mapping[str, int]  # stage -> lag
-    waiting: Mapping[str, int]  # target -> pending or retrying deliveries
+    targets: Mapping[str, TargetObservation]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,70 +82,104 @@ class Condition:
 
 @dataclass(frozen=True, slots=True)
 class Notification:
-    """An alert starting (`firing`) or ending (`resolved`)."""
+    """An alert starting (`firing`, or still firing when `repeat`) or ending (`resolved`)."""
 
     state: Literal["firing", "resolved"]
     condition: Condition
     since: datetime
+    repeat: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The webhook's JSON body."""
         c = self.condition
         return {"state": self.state, "rule": c.rule, "subject": c.subject, "value": c.value,
                 "threshold": c.threshold, "message": c.message, "since": self.since.isoformat(),
-                "source": "relais"}
+                "repeat": self.repeat, "source": "relais"}
 
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    """The rules' limits (from settings)."""
+    """The rules' limits and the damping policy (from settings)."""
 
-    dlq_growth: int
-    window_s: float
-    lag_max: int
-    waiting_max: int
+    dlq_max: int = 0
+    lag_max: int = 1000
+    waiting_max: int = 100
+    waiting_age_s: float = 900.0
+    for_s: float = 0.0
+    keep_firing_s: float = 120.0
+    repeat_s: float = 3600.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Thresholds:
         """The limits configured for this Relais."""
-        return cls(settings.alert_dlq_growth, settings.alert_window_s, settings.alert_lag_max,
-                   settings.alert_waiting_max)
+        return cls(settings.alert_dlq_max, settings.alert_lag_max, settings.alert_waiting_max,
+                   settings.alert_waiting_age_s, settings.alert_for_s, settings.alert_keep_firing_s,
+                   settings.alert_repeat_s)
 
 
-def conditions(history: Iterable[Observation], now: Observation, limits: Thresholds) -> list[Condition]:
-    """Every rule's verdict for `now`, given earlier observations (for the growth rule)."""
-    in_window = [o for o in history if now.at - o.at <= limits.window_s]
-    baseline = min((o.dlq_size for o in in_window), default=now.dlq_size)
-    growth = now.dlq_size - baseline
-    out = [Condition("dlq_growth", "dlq", growth >= limits.dlq_growth, growth, limits.dlq_growth,
-                     f"{growth} new dead letter(s) in the last {limits.window_s:g}s (now {now.dlq_size})")]
+def conditions(now: Observation, limits: Thresholds) -> list[Condition]:
+    """Every rule's verdict on what is observed now: each describes a state, not a change."""
+    out = [Condition("dlq_not_empty", "dlq", now.dlq_size > limits.dlq_max, now.dlq_size, limits.dlq_max,
+                     f"{now.dlq_size} dead letter(s) wait for an operator (relais dlq list)")]
     out += [Condition("stage_lag", stage, lag > limits.lag_max, lag, limits.lag_max,
                       f"stage {stage} is {lag} record(s) behind")
             for stage, lag in sorted(now.lag.items())]
-    out += [Condition("target_waiting", target, n > limits.waiting_max, n, limits.waiting_max,
-                      f"{n} record(s) waiting for target {target}")
-            for target, n in sorted(now.waiting.items())]
+    for target, t in sorted(now.targets.items()):
+        why = f"circuit {t.circuit}" if t.circuit == "open" else f"last error: {t.last_error or 'unknown'}"
+        out.append(Condition("target_down", target, t.down, 1 if t.down else 0, 0,
+                             f"target {target} is down ({why})" if t.down else f"target {target} is up"))
+        out.append(Condition("target_waiting", target, t.waiting > limits.waiting_max, t.waiting, limits.waiting_max,
+                             f"{t.waiting} record(s) waiting for target {target}"))
+        age = t.oldest_waiting_s or 0.0
+        out.append(Condition("oldest_waiting", target, age > limits.waiting_age_s, round(age, 1),
+                             limits.waiting_age_s, f"the oldest record waiting for target {target} was accepted "
+                             f"{age:.0f}s ago"))
     return out
 
 
-def transitions(firing: Mapping[Key, datetime], current: Iterable[Condition],
-                now: datetime) -> tuple[dict[Key, datetime], list[Notification]]:
-    """What fires and what resolves: only changes notify. A firing subject no longer observed resolves."""
+@dataclass(frozen=True, slots=True)
+class AlertState:
+    """Where one (rule, subject) stands between evaluations."""
+
+    phase: Literal["pending", "firing"]
+    active_since: float  # monotonic
+    condition: Condition
+    fired_at: datetime | None = None
+    last_sent: float = 0.0  # monotonic
+    clear_since: float | None = None  # monotonic; None while the condition holds
+
+
+def advance(states: Mapping[Key, AlertState], current: Iterable[Condition], at: float, now: datetime,
+            limits: Thresholds) -> tuple[dict[Key, AlertState], list[Notification]]:
+    """The alerts' states after `current` is observed at monotonic time `at`, and what to notify."""
     seen = {c.key: c for c in current}
-    still: dict[Key, datetime] = {}
+    for key, state in states.items():  # a subject no longer observed counts as clear
+        if key not in seen:
+            seen[key] = replace(state.condition, active=False, message=f"{key[1]} no longer observed")
+    out: dict[Key, AlertState] = {}
     notes: list[Notification] = []
     for key, cond in seen.items():
+        known = states.get(key)
         if cond.active:
-            still[key] = firing.get(key, now)
-            if key not in firing:
+            state = AlertState("pending", at, cond) if known is None else replace(known, condition=cond,
+                                                                                    clear_since=None)
+            if state.phase == "pending" and at - state.active_since >= limits.for_s:
+                state = replace(state, phase="firing", fired_at=now, last_sent=at)
                 notes.append(Notification("firing", cond, now))
-        elif key in firing:
-            notes.append(Notification("resolved", cond, firing[key]))
-    for key, since in firing.items():
-        if key not in seen:
-            gone = Condition(key[0], key[1], False, 0, 0, f"{key[1]} no longer observed")
-            notes.append(Notification("resolved", gone, since))
-    return still, notes
+            elif (state.phase == "firing" and state.fired_at is not None and limits.repeat_s > 0
+                  and at - state.last_sent >= limits.repeat_s):
+                notes.append(Notification("firing", cond, state.fired_at, repeat=True))
+                state = replace(state, last_sent=at)
+            out[key] = state
+        elif known is not None and known.phase == "firing" and known.fired_at is not None:
+            clear_since = known.clear_since if known.clear_since is not None else at
+            if at - clear_since >= limits.keep_firing_s:
+                notes.append(Notification("resolved", cond, known.fired_at))
+            else:
+                out[key] = replace(known, condition=replace(known.condition, message=cond.message),
+                                   clear_since=clear_since)
+        # a pending alert whose condition cleared never fired: it is simply forgotten
+    return out, notes
 
 
 Observe = Callable[[], Awaitable[Observation]]
@@ -127,53 +188,106 @@ Notify = Callable[[Notification], Awaitable[None]]
 
 @dataclass
 class AlertEvaluator:
-    """Keeps what fires between evaluations and the recent history of the growth rule."""
+    """Keeps the alerts' states between evaluations and exports them as metrics."""
 
     limits: Thresholds
-    firing: dict[Key, datetime] = field(default_factory=dict)
-    history: deque[Observation] = field(default_factory=lambda: deque(maxlen=10_000))
+    states: dict[Key, AlertState] = field(default_factory=dict)
+
+    @property
+    def firing(self) -> dict[Key, datetime]:
+        """Alerts firing now, with the time each started."""
+        return {k: s.fired_at for k, s in self.states.items() if s.phase == "firing" and s.fired_at is not None}
 
     def step(self, obs: Observation, now: datetime | None = None) -> list[Notification]:
         """Evaluate one observation; returns the notifications to send."""
-        current = conditions(self.history, obs, self.limits)
-        self.history.append(obs)
-        while self.history and obs.at - self.history[0].at > self.limits.window_s:
-            self.history.popleft()
-        self.firing, notes = transitions(self.firing, current, now or datetime.now(UTC))
+        current = conditions(obs, self.limits)
+        self.states, notes = advance(self.states, current, obs.at, now or datetime.now(UTC), self.limits)
         DLQ_SIZE.set(obs.dlq_size)
-        for target, n in obs.waiting.items():
-            TARGET_WAITING.labels(target).set(n)
+        for target, t in obs.targets.items():
+            TARGET_WAITING.labels(target).set(t.waiting)
+            TARGET_DOWN.labels(target).set(1 if t.down else 0)
+            OLDEST_WAITING_SECONDS.labels(target).set(t.oldest_waiting_s or 0)
+        firing = self.firing
         for c in current:
-            ALERTS_FIRING.labels(c.rule, c.subject).set(1 if c.key in self.firing else 0)
+            ALERTS_FIRING.labels(c.rule, c.subject).set(1 if c.key in firing else 0)
         return notes
 
 
 class WebhookNotifier:
-    """Logs every notification and POSTs it to the webhook when one is configured."""
+    """Logs every notification; POSTs it to the webhook, concurrently per alert, retried until accepted."""
 
-    def __init__(self, url: str | None, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str | None, *, timeout_s: float = 5.0, backoff_max_s: float = 60.0,
+                 backoff_first_s: float = 1.0) -> None:
         self.url = url
+        self.backoff_first_s = backoff_first_s
+        self.backoff_max_s = backoff_max_s
         self.client = httpx.AsyncClient(timeout=timeout_s) if url else None
+        self._queues: dict[Key, asyncio.Queue[Notification]] = {}
+        self._workers: dict[Key, asyncio.Task[None]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookNotifier:
+        """The notifier RELAIS_ALERT_WEBHOOK_* describe."""
+        return cls(settings.alert_webhook_url, timeout_s=settings.alert_webhook_timeout_s,
+                   backoff_max_s=settings.alert_webhook_backoff_max_s)
 
     async def __call__(self, note: Notification) -> None:
-        """Send one notification; a webhook failure is logged, never fatal."""
+        """Log `note` and queue it for the webhook; returns at once (delivery goes on in the background)."""
         c = note.condition
         (log.warning if note.state == "firing" else log.info)(
             f"alert {note.state}", rule=c.rule, subject=c.subject, value=c.value, threshold=c.threshold,
-            alert=c.message)
-        if self.client is None or self.url is None:
+            alert=c.message, repeat=note.repeat)
+        if self.client is None:
             return
+        queue = self._queues.setdefault(c.key, asyncio.Queue())
+        if note.repeat and not queue.empty():
+            return  # the receiver has not even had the earlier one yet: a reminder adds nothing
+        queue.put_nowait(note)
+        worker = self._workers.get(c.key)
+        if worker is None or worker.done():
+            self._workers[c.key] = asyncio.create_task(self._drain(c.key, queue), name=f"alert-{c.rule}-{c.subject}")
+
+    async def _drain(self, key: Key, queue: asyncio.Queue[Notification]) -> None:
+        """Send one alert's notifications in order, each until the receiver accepts it."""
+        while not queue.empty():
+            note = queue.get_nowait()
+            delay = self.backoff_first_s
+            while not await self._post(note):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max_s)
+
+    async def _post(self, note: Notification) -> bool:
+        assert self.client is not None and self.url is not None
+        c = note.condition
         try:
             answer = await self.client.post(self.url, json=note.as_dict())
-            if answer.status_code >= 300:
-                log.warning("alert webhook refused the notification", status=answer.status_code, rule=c.rule)
         except httpx.HTTPError as exc:
-            log.warning("alert webhook unreachable", error=str(exc), rule=c.rule)
+            log.warning("alert webhook unreachable; will retry", error=type(exc).__name__, rule=c.rule,
+                        subject=c.subject)
+            return False
+        if answer.status_code >= 500 or answer.status_code in (408, 429):
+            log.warning("alert webhook failed; will retry", status=answer.status_code, rule=c.rule, subject=c.subject)
+            return False
+        if answer.status_code >= 300:
+            log.error("alert webhook refused the notification; not retried (fix the receiver)",
+                      status=answer.status_code, rule=c.rule, subject=c.subject)
+        return True
+
+    async def idle(self) -> None:
+        """Wait until every queued notification was accepted (tests, graceful stop)."""
+        while any(not w.done() for w in self._workers.values()):
+            await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Close the HTTP client; safe twice."""
+        """Stop retrying and close the HTTP client; safe twice."""
+        for worker in self._workers.values():
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        self._workers.clear()
         if self.client is not None:
             await self.client.aclose()
+            self.client = None
 
 
 async def run_alerts(evaluator: AlertEvaluator, observe: Observe, notify: Notify, interval_s: float,

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from services.core.blobstore import BlobIntegrityError
 from services.core.envelope import JSON
 from services.core.errors import TransientError
+from services.core.identifiers import digest
 from services.dlq.logic import DlqFilter
 from services.dlq.store import NotDeadLettered, parse_time
 from services.ops import auth
@@ -39,6 +40,7 @@ class ReplayFilter(BaseModel):
     """Which dead letters to replay at once (at least one condition)."""
 
     target: str | None = None
+    stage: str | None = None
     producer: str | None = None
     reason: str | None = None
     since: str | None = None
@@ -106,6 +108,24 @@ async def list_transfers(request: Request, _: Viewer, status: str | None = None,
                   "next_cursor": page.next_cursor})
 
 
+@router.get("/search", summary="Transfers whose Bundle carried a business identifier value (recorded in the access "
+                               "log)")
+async def search(request: Request, who: Viewer, identifier: str) -> Response:
+    context = ctx(request)
+    items = await search_identifier(context, who, identifier)
+    return _json({"count": len(items), "items": [t.as_dict() for t in items]})
+
+
+async def search_identifier(context: OpsContext, who: Operator, identifier: str) -> list[queries.TransferRow]:
+    """Find transfers by identifier, recording the search first (shared with the dashboard)."""
+    if not identifier.strip():
+        raise HTTPException(400, "give the identifier value to search for")
+    key = {"identifier_sha256": digest(identifier)}  # the access log never holds the value itself
+    await opstate.record_access(context.ledger, who.id, "search.identifier", detail=key)
+    await audit.record_operator(context.ledger, who.id, "search.identifier", detail=key)
+    return await queries.find_by_identifier(context.ledger, identifier)
+
+
 @router.get("/transfers/{transfer_id}", summary="One transfer's timeline (full answers only with ?full=true)")
 async def transfer_timeline(request: Request, transfer_id: str, who: Viewer, full: bool = False) -> Response:
     context = ctx(request)
@@ -150,12 +170,13 @@ async def targets(request: Request, _: Viewer) -> Response:
     return _json({"items": await ctx(request).targets_view()})
 
 
-@router.get("/targets/{target}", summary="One target")
+@router.get("/targets/{target}", summary="One target: health, and its policy (no secret)")
 async def target(request: Request, target: str, _: Viewer) -> Response:
-    found = [t for t in await ctx(request).targets_view() if t["target"] == target]
+    context = ctx(request)
+    found = [t for t in await context.targets_view() if t["target"] == target]
     if not found:
         raise HTTPException(404, f"no target {target}")
-    return _json(found[0])
+    return _json({**found[0], "policy": context.target_policy(target)})
 
 
 async def set_paused(context: OpsContext, target: str, paused: bool, who: Operator,
@@ -181,33 +202,47 @@ async def resume(request: Request, target: str, who: Actor) -> Response:
     return _json(state.as_dict())
 
 
-@router.get("/dead-letters", summary="Open dead letters (filters: target, producer, reason, since, until)")
+@router.get("/dead-letters/{transfer_id}/{slot}", summary="One dead letter: reason, stage, attempts, original "
+                                                         "topic/partition/offset (no payload)")
+async def dead_letter(request: Request, transfer_id: str, slot: str, _: Viewer) -> Response:
+    dl = await ctx(request).dlq.get(f"{transfer_id}/{slot}")
+    if dl is None:
+        raise HTTPException(404, f"no dead letter {transfer_id}/{slot}")
+    return _json(dl.summary())
+
+
+@router.get("/dead-letters", summary="Open dead letters of every stage (filters: target, stage, producer, reason, "
+                                     "since, until)")
 async def dead_letters(request: Request, _: Viewer, target: str | None = None, producer: str | None = None,
                        reason: str | None = None, since: str | None = None, until: str | None = None,
-                       closed: bool = False) -> Response:
-    flt = DlqFilter(target or None, producer or None, reason or None, _time(since, "since"), _time(until, "until"))
+                       stage: str | None = None, closed: bool = False) -> Response:
+    flt = DlqFilter(target or None, producer or None, reason or None, _time(since, "since"), _time(until, "until"),
+                    stage or None)
     items = await ctx(request).dlq.list(flt, include_closed=closed)
     return _json({"count": len(items), "items": [d.summary() for d in items]})
 
 
 @router.post("/dead-letters/replay", summary="Replay every open dead letter matching a filter")
 async def replay_matching(request: Request, body: ReplayFilter, who: Actor) -> Response:
-    if not any((body.target, body.producer, body.reason, body.since, body.until)):
-        raise HTTPException(400, "give at least one filter (target, producer, reason, since, until)")
-    flt = DlqFilter(body.target, body.producer, body.reason, _time(body.since, "since"), _time(body.until, "until"))
+    if not any((body.target, body.stage, body.producer, body.reason, body.since, body.until)):
+        raise HTTPException(400, "give at least one filter (target, stage, producer, reason, since, until)")
+    flt = DlqFilter(body.target, body.producer, body.reason, _time(body.since, "since"), _time(body.until, "until"),
+                    body.stage)
     try:
-        replayed = await ctx(request).dlq.replay_all(flt, who.id, body.note)
+        replayed, skipped = await ctx(request).dlq.replay_all(flt, who.id, body.note)
     except TransientError as exc:
         raise HTTPException(503, str(exc)) from exc
-    return _json({"replayed": replayed, "count": len(replayed)}, 202)
+    return _json({"replayed": replayed, "count": len(replayed),
+                  "skipped": [{"id": k, "reason": v} for k, v in skipped.items()]}, 202)
 
 
-@router.post("/dead-letters/{transfer_id}/{target}/replay", summary="Replay one dead letter (to its one target)")
-async def replay_one(request: Request, transfer_id: str, target: str, who: Actor) -> Response:
+@router.post("/dead-letters/{transfer_id}/{slot}/replay", summary="Replay one dead letter to where it failed; "
+             "409 when it is not open (e.g. a concurrent replay won)")
+async def replay_one(request: Request, transfer_id: str, slot: str, who: Actor) -> Response:
     service = ctx(request).dlq
-    dl = await service.get(f"{transfer_id}/{target}")
+    dl = await service.get(f"{transfer_id}/{slot}")
     if dl is None:
-        raise HTTPException(404, f"no dead letter {transfer_id}/{target}")
+        raise HTTPException(404, f"no dead letter {transfer_id}/{slot}")
     try:
         await service.replay(dl, who.id)
     except (NotDeadLettered, BlobIntegrityError) as exc:
@@ -217,16 +252,20 @@ async def replay_one(request: Request, transfer_id: str, target: str, who: Actor
     return _json({"replayed": [dl.id]}, 202)
 
 
-@router.post("/dead-letters/{transfer_id}/{target}/discard", summary="Discard one dead letter, with a reason")
-async def discard(request: Request, transfer_id: str, target: str, body: DiscardBody, who: Actor) -> Response:
+@router.post("/dead-letters/{transfer_id}/{slot}/discard", summary="Discard one dead letter, with a reason")
+async def discard(request: Request, transfer_id: str, slot: str, body: DiscardBody, who: Actor) -> Response:
     service = ctx(request).dlq
-    dl = await service.get(f"{transfer_id}/{target}")
+    dl = await service.get(f"{transfer_id}/{slot}")
     if dl is None:
-        raise HTTPException(404, f"no dead letter {transfer_id}/{target}")
+        raise HTTPException(404, f"no dead letter {transfer_id}/{slot}")
     try:
         await service.discard(dl, who.id, body.reason)
-    except (NotDeadLettered, ValueError) as exc:
+    except NotDeadLettered as exc:
         raise HTTPException(409, str(exc)) from exc
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    except TransientError as exc:
+        raise HTTPException(503, str(exc)) from exc
     return _json({"discarded": [dl.id]})
 
 

@@ -7,8 +7,9 @@ operators:
     role: operator                   # viewer: read only; operator: also replay, discard, pause, resume
 ```
 
-The API takes `Authorization: Bearer <token>`; the dashboard keeps the same token in an HttpOnly,
-SameSite=Strict cookie set by its login form. A producer token is refused on `/ops` (403), never
+The API takes `Authorization: Bearer <token>`; the dashboard's login form checks the token once and
+sets an HttpOnly, SameSite=Strict cookie holding a server-side session id (services.ops.sessions),
+never the token itself. A producer token is refused on `/ops` (403), never
 mistaken for an operator. `RELAIS_OPS_TOKEN`, when set, is one more operator (`ops-token`, role
 operator); with neither and `RELAIS_AUTH_DISABLED=true`, everyone is operator `anonymous` (development).
 """
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.core.configfile import load_yaml_model, repeated
 from services.core.settings import Settings
 from services.ingress.checks import bearer_token
+from services.ops.sessions import session_operator
 
 Role = Literal["viewer", "operator"]
 _RANK: dict[str, int] = {"viewer": 0, "operator": 1}
@@ -90,6 +92,12 @@ class OperatorDirectory:
                 found = operator
         return found or (ANONYMOUS if self.open_access and not self.operators else None)
 
+    def by_id(self, operator_id: str) -> Operator | None:
+        """The operator with this id now (a session follows role changes and removals)."""
+        if self.open_access and operator_id == ANONYMOUS.id:
+            return ANONYMOUS
+        return next((o for o in self.operators if o.id == operator_id), None)
+
 
 def load_operators(settings: Settings) -> OperatorDirectory:
     """The operators of this Relais, from RELAIS_OPERATORS_FILE and RELAIS_OPS_TOKEN."""
@@ -103,23 +111,28 @@ def load_operators(settings: Settings) -> OperatorDirectory:
 
 
 def request_token(request: Request) -> str | None:
-    """The bearer token of the request, else the dashboard's cookie."""
+    """The bearer token of the request, if any."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return bearer_token(header)
-    return request.cookies.get(COOKIE) or None
+    return None
 
 
-def identify(request: Request) -> Operator | None:
-    """The operator making this request, or None."""
+async def identify(request: Request) -> Operator | None:
+    """The operator making this request (bearer token, else the dashboard's session cookie), or None."""
     directory: OperatorDirectory = request.app.state.operators
-    return directory.authenticate(request_token(request))
+    token = request_token(request)
+    session_id = request.cookies.get(COOKIE)
+    if token is None and session_id:
+        operator_id = await session_operator(request.app.state.ops.ledger, session_id)
+        return directory.by_id(operator_id) if operator_id else None
+    return directory.authenticate(token)
 
 
-def check(request: Request, role: Role) -> Operator:
+async def check(request: Request, role: Role) -> Operator:
     """The operator making this request if they hold `role`; raises 401/403 otherwise."""
     token = request_token(request)
-    operator = identify(request)
+    operator = await identify(request)
     if operator is None:
         producers = getattr(getattr(request.app.state, "ingress", None), "producers", None)
         if token and producers is not None and producers.authenticate(token) is not None:
@@ -132,11 +145,11 @@ def check(request: Request, role: Role) -> Operator:
     return operator
 
 
-def viewer(request: Request) -> Operator:
+async def viewer(request: Request) -> Operator:
     """FastAPI dependency: any operator (viewer or operator role)."""
-    return check(request, "viewer")
+    return await check(request, "viewer")
 
 
-def operator(request: Request) -> Operator:
+async def operator(request: Request) -> Operator:
     """FastAPI dependency: an operator allowed to act (role operator)."""
-    return check(request, "operator")
+    return await check(request, "operator")

@@ -1,61 +1,125 @@
-"""`relais ledger rebuild|purge` and `relais targets list|pause|resume`: the operator's ledger commands."""
+"""`relais targets|ledger|status`: operator commands.
+
+`targets list|pause|resume`, `ledger transfers|show` and `status` are clients of the running broker's
+`/ops` API (services.ops.client): any folder, either bus. `ledger rebuild|purge` open the ledger
+database directly (RELAIS_DATABASE_URL), because maintaining that database is their point.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from urllib.parse import quote
 
 import orjson
 
 from services.core.errors import RelaisError
-from services.core.settings import Settings
+from services.ops.client import EXIT_CODES_HELP, EXIT_OK, OpsClient, OpsError, add_connection_arguments
+from services.ops.status import STATUS_EXIT_HELP, render_status, status_exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relais", description="Ledger and target commands for operators. "
-                                     "They use RELAIS_DATABASE_URL (and Kafka for `ledger rebuild`).")
+    parser = argparse.ArgumentParser(prog="relais", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Operator commands: targets, ledger, status.",
+                                     epilog=EXIT_CODES_HELP)
     sub = parser.add_subparsers(dest="group", required=True)
-    ledger = sub.add_parser("ledger", help="the ledger database").add_subparsers(dest="action", required=True)
-    ledger.add_parser("rebuild", help="replay transfers.events from the beginning into an EMPTY ledger "
-                                      "(RELAIS_DATABASE_URL); refuses a ledger that holds data")
-    purge = ledger.add_parser("purge", help="remove finished transfers older than RELAIS_LEDGER_RETENTION_DAYS")
+    ledger = sub.add_parser(
+        "ledger", help="the ledger: queries through /ops; rebuild and purge on the database itself",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES_HELP,
+        description="`transfers` and `show` ask the running broker (/ops). `rebuild` and `purge` open the "
+                    "ledger database directly (RELAIS_DATABASE_URL; `rebuild` also reads transfers.events from "
+                    "the bus): run them where that database is, with the broker's configuration.",
+    ).add_subparsers(dest="action", required=True)
+    ledger.add_parser("rebuild", help="DIRECT DATABASE ACCESS: replay transfers.events from the beginning into an "
+                                      "EMPTY ledger (RELAIS_DATABASE_URL); refuses a ledger that holds data")
+    purge = ledger.add_parser("purge", help="DIRECT DATABASE ACCESS: remove finished transfers older than "
+                                            "RELAIS_LEDGER_RETENTION_DAYS")
     purge.add_argument("--days", type=float, help="override the retention, in days")
-    targets = sub.add_parser("targets", help="targets").add_subparsers(dest="action", required=True)
-    targets.add_parser("list", help="every target with its health (JSON lines)")
+    transfers = ledger.add_parser("transfers", help="transfers, newest first (through /ops; JSON lines)")
+    for name in ("status", "producer", "target", "finess", "since", "until"):
+        transfers.add_argument(f"--{name}")
+    transfers.add_argument("--limit", type=int, default=50)
+    show = ledger.add_parser("show", help="one transfer's timeline (through /ops; JSON)")
+    show.add_argument("transfer_id")
+    show.add_argument("--full", action="store_true", help="include the targets' answers (access logged)")
+    targets = sub.add_parser("targets", help="targets: list with health, pause, resume (through /ops)",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES_HELP,
+                             ).add_subparsers(dest="action", required=True)
+    listing = targets.add_parser("list", help="every target with its health (JSON lines)")
     pause = targets.add_parser("pause", help="pause a target: its records wait, no attempts")
     pause.add_argument("target")
     pause.add_argument("--reason")
     resume = targets.add_parser("resume", help="resume a paused target")
     resume.add_argument("target")
+    status = sub.add_parser(
+        "status", help="a transfer's state, per target (through /ops)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_EXIT_HELP + EXIT_CODES_HELP,
+        description="A transfer's state and, per target, its status, attempts, the ids the target assigned and "
+                    "every error and warning with its FHIRPath. Reads /ops/transfers/ID?full=true (access logged).")
+    status.add_argument("transfer_id")
+    status.add_argument("--json", action="store_true", help="the /ops timeline as JSON, for scripts")
+    for p in (transfers, show, listing, pause, resume, status):
+        add_connection_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run one command; exit 0 on success, 2 on errors."""
+    """Run one command; exit codes as EXIT_CODES_HELP (and STATUS_EXIT_HELP) say."""
     args = _parser().parse_args(list(argv))
+    name = f"relais {args.group}" + (f" {args.action}" if getattr(args, "action", None) else "")
     try:
-        return asyncio.run(_run(args, Settings()))
-    except (RelaisError, ValueError) as exc:
-        print(f"relais {args.group}: {exc}", file=sys.stderr)
+        if args.group == "ledger" and args.action in ("rebuild", "purge"):
+            return asyncio.run(_direct(args))
+        return _remote(args, OpsClient.from_args(args))
+    except OpsError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (RelaisError, ValueError, OSError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
         return 2
 
 
-async def _run(args: argparse.Namespace, settings: Settings) -> int:
+def _remote(args: argparse.Namespace, client: OpsClient) -> int:
+    if args.group == "status":
+        timeline = client.call("GET", f"/ops/transfers/{quote(args.transfer_id, safe='')}", params={"full": True})
+        print(orjson.dumps(timeline, option=orjson.OPT_INDENT_2).decode() if args.json else render_status(timeline))
+        return status_exit_code(timeline["status"])
+    if args.group == "ledger" and args.action == "transfers":
+        params = {k: getattr(args, k) for k in ("status", "producer", "target", "finess", "since", "until", "limit")}
+        for item in client.call("GET", "/ops/transfers", params=params)["items"]:
+            print(orjson.dumps(item).decode())
+    elif args.group == "ledger":
+        found = client.call("GET", f"/ops/transfers/{quote(args.transfer_id, safe='')}", params={"full": args.full})
+        print(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    elif args.action == "list":
+        for item in client.call("GET", "/ops/targets")["items"]:
+            print(orjson.dumps(item).decode())
+    elif args.action == "pause":
+        state = client.call("POST", f"/ops/targets/{quote(args.target, safe='')}/pause", body={"reason": args.reason})
+        print(orjson.dumps(state).decode())
+    else:
+        state = client.call("POST", f"/ops/targets/{quote(args.target, safe='')}/resume")
+        print(orjson.dumps(state).decode())
+    return EXIT_OK
+
+
+async def _direct(args: argparse.Namespace) -> int:
+    """`ledger rebuild|purge`: the ledger database itself, with this shell's RELAIS_* configuration."""
+    from services.core.settings import Settings
     from services.launcher import make_bus
-    from services.ops.context import OpsContext
-    from services.tracker import audit, opstate
+    from services.tracker import audit
     from services.tracker.ledger import Ledger
     from services.tracker.rebuild import rebuild
     from services.tracker.retention import purge
 
+    settings = Settings()
     ledger = Ledger(settings.database_url)
     try:
         await ledger.create_schema()
-        if args.group == "ledger" and args.action == "rebuild":
+        if args.action == "rebuild":
             bus = make_bus(settings)
             await bus.start()
             try:
@@ -63,7 +127,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 await bus.stop()
             print(f"ledger rebuilt: {done.read} event(s) read, {done.applied} applied, {done.skipped} skipped")
-        elif args.group == "ledger":
+        else:
             days = args.days if args.days is not None else settings.ledger_retention_days
             gone = await purge(ledger, timedelta(days=days))
             audit_days = settings.audit_retention_days
@@ -71,17 +135,6 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"purged {gone.transfers} transfer(s), {gone.deliveries} deliveries, {gone.events} event(s), "
                   f"{gone.access_log} access-log line(s) older than {days:g} day(s); "
                   f"{audited} audit row(s) older than {audit_days:g} day(s)")
-        elif args.action == "list":
-            context = OpsContext.build(settings, ledger, make_bus(settings))
-            for item in await context.targets_view():
-                print(orjson.dumps(item).decode())
-        else:
-            context = OpsContext.build(settings, ledger, make_bus(settings))
-            if context.targets.get(args.target) is None:
-                raise ValueError(f"no target {args.target} in RELAIS_TARGETS_FILE")
-            state = await opstate.set_paused(ledger, args.target, args.action == "pause",
-                                             by=f"cli:{getpass.getuser()}", reason=getattr(args, "reason", None))
-            print(orjson.dumps(state.as_dict()).decode())
-        return 0
+        return EXIT_OK
     finally:
         await ledger.close()

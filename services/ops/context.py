@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from services.core.blobstore import make_blob_store
@@ -11,7 +12,7 @@ from services.core.bus import Bus
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
 from services.dlq.store import DlqService
-from services.ops.alerts import Observation
+from services.ops.alerts import Observation, TargetObservation
 from services.ops.lag import LagReader
 from services.tracker import opstate, queries
 from services.tracker.ledger import Ledger
@@ -54,6 +55,21 @@ class OpsContext:
         """Targets whose configured FINESS is `finess`."""
         return tuple(t.id for t in self.targets.targets if getattr(t, "finess", None) == finess)
 
+    def target_policy(self, target_id: str) -> dict[str, Any] | None:
+        """A target's delivery policy as operators see it: never a secret (only the kind of authentication)."""
+        t = self.targets.get(target_id)
+        if t is None:
+            return None
+        return {
+            "base_url": str(t.base_url), "auth": t.effective_auth.type, "mtls": bool(t.tls and t.tls.client_cert),
+            "connect_s": t.timeouts.connect_s, "total_s": t.timeouts.total_s,
+            "delays_s": list(t.retry.delays_s or self.settings.retry_delays_s),
+            "max_attempts": t.retry.max_attempts or self.settings.max_attempts, "max_age_s": t.retry.max_age_s,
+            "jitter": t.retry.jitter, "breaker_failures": t.breaker.failures,
+            "breaker_probe_every_s": t.breaker.probe_every_s, "ambiguous": t.ambiguous,
+            "max_concurrency": t.max_concurrency, "paused_in_file": t.paused, "enabled": t.enabled,
+        }
+
     async def targets_view(self) -> list[dict[str, Any]]:
         """Every target: health from the ledger, paused state (file or operator), circuit as delivery reports it."""
         health = await queries.target_health(self.ledger, self.target_ids())
@@ -73,12 +89,22 @@ class OpsContext:
                 "pause": state.as_dict() if state else None,
                 "circuit": circuits.get(h.target, CIRCUIT_DEFAULT),
             }
+            if item["circuit"] == "open":  # delivery stopped sending to it: down, whatever the ledger says
+                item |= {"health": "down", "down": True}
             out.append(item)
         return out
 
     async def observe(self) -> Observation:
-        """What the alert rules look at, now."""
+        """What the alert rules look at, now: dead letters, lag, and each target's state."""
         lags = await self.lag.read(fresh=True)
         health = await queries.target_health(self.ledger, self.target_ids())
+        circuits = await opstate.circuits(self.ledger)
+        now = datetime.now(UTC)
+        targets = {}
+        for h in health:
+            circuit = circuits.get(h.target, CIRCUIT_DEFAULT)
+            oldest = (now - h.oldest_waiting_at).total_seconds() if h.oldest_waiting_at else None
+            targets[h.target] = TargetObservation(h.waiting, h.down or circuit == "open", circuit, oldest,
+                                                  h.last_error)
         return Observation(at=time.monotonic(), dlq_size=await queries.dlq_size(self.ledger),
-                           lag={s.stage: s.lag for s in lags}, waiting={h.target: h.waiting for h in health})
+                           lag={s.stage: s.lag for s in lags}, targets=targets)

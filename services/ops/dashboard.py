@@ -18,12 +18,13 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from services.core.errors import TransientError
 from services.dlq.logic import DlqFilter
-from services.dlq.store import NotDeadLettered, parse_time
+from services.dlq.store import AlreadyHandled, NotDeadLettered, parse_time
 from services.ops import auth
-from services.ops.api import set_paused, transfer_filter
+from services.ops.api import search_identifier, set_paused, transfer_filter
 from services.ops.auth import COOKIE, Operator, Role
 from services.ops.context import OpsContext
 from services.ops.i18n import LANGS, labels
+from services.ops.sessions import SESSION_TTL, close_session, open_session
 from services.tracker import logic, queries
 
 router = APIRouter(include_in_schema=False)
@@ -34,6 +35,7 @@ _env.filters["pct"] = lambda v: "—" if v is None else f"{v * 100:.1f} %"
 _env.filters["ms"] = lambda v: ("—" if not isinstance(v, int | float) else
                                 (f"{v / 1000:.2f} s" if v >= 1000 else f"{v:.0f} ms"))
 _env.filters["short"] = lambda v: "" if v is None else str(v)[:19].replace("T", " ")
+DLQ_STAGES = ("validator", "router", "delivery", "tracker")
 STATUSES = (logic.ACCEPTED, logic.VALIDATED, logic.ROUTED, logic.DELIVERING, logic.DELIVERED, logic.REJECTED,
             logic.DEAD_LETTERED)
 
@@ -69,8 +71,8 @@ def _css_version() -> str:
     return hashlib.sha256(css.read_bytes()).hexdigest()[:8]
 
 
-def _who(request: Request) -> Operator | None:
-    return auth.identify(request)
+async def _who(request: Request) -> Operator | None:
+    return await auth.identify(request)
 
 
 def _login_redirect(request: Request) -> RedirectResponse:
@@ -96,7 +98,7 @@ def _same_origin(request: Request) -> bool:
 
 async def _acting(request: Request, role: Role = "operator") -> Operator | Response:
     """The operator for a POST, or the response refusing it."""
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     if not _same_origin(request):
@@ -120,16 +122,21 @@ async def login(request: Request) -> Response:
     if not target.startswith("/ops/ui"):
         target = "/ops/ui"
     directory: auth.OperatorDirectory = request.app.state.operators
-    if not token or directory.authenticate(token) in (None, auth.ANONYMOUS):
+    operator = directory.authenticate(token) if token else None
+    if operator is None or operator is auth.ANONYMOUS:
         return _page(request, "login.html", None, 401, next=target, error=True)
+    session_id = await open_session(_ctx(request).ledger, operator.id)
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/ops",
-                        secure=request.url.scheme == "https", max_age=12 * 3600)
+    response.set_cookie(COOKIE, session_id, httponly=True, samesite="strict", path="/ops",
+                        secure=request.url.scheme == "https", max_age=int(SESSION_TTL.total_seconds()))
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
+    session_id = request.cookies.get(COOKIE)
+    if session_id:
+        await close_session(_ctx(request).ledger, session_id)
     response = RedirectResponse("/ops/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ops")
     return response
@@ -139,7 +146,7 @@ async def logout(request: Request) -> Response:
 @router.get("")
 @router.get("/")
 async def overview_page(request: Request) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     context = _ctx(request)
@@ -155,7 +162,7 @@ async def overview_page(request: Request) -> Response:
 
 @router.get("/targets")
 async def targets_page(request: Request) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     return _page(request, "targets.html", who, targets=await _ctx(request).targets_view())
@@ -163,7 +170,7 @@ async def targets_page(request: Request) -> Response:
 
 @router.get("/targets/{target}")
 async def target_page(request: Request, target: str) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     context = _ctx(request)
@@ -173,7 +180,8 @@ async def target_page(request: Request, target: str) -> Response:
     letters = await context.dlq.list(DlqFilter(target=target), limit=50)
     waiting = await queries.list_transfers(context.ledger, queries.TransferFilter(status=logic.DELIVERING,
                                                                                   target=target), limit=20)
-    return _page(request, "target.html", who, target=found[0], letters=letters, waiting=waiting.items)
+    return _page(request, "target.html", who, target=found[0], letters=letters, waiting=waiting.items,
+                 policy=context.target_policy(target))
 
 
 @router.post("/targets/{target}/{action}")
@@ -190,7 +198,7 @@ async def target_action(request: Request, target: str, action: str) -> Response:
 
 @router.get("/transfers")
 async def transfers_page(request: Request) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     q = request.query_params
@@ -210,33 +218,45 @@ async def transfers_page(request: Request) -> Response:
                  statuses=STATUSES, target_ids=context.target_ids())
 
 
-@router.get("/transfers/{transfer_id}")
-async def transfer_page(request: Request, transfer_id: str) -> Response:
-    who = _who(request)
+@router.get("/search")
+async def search_page(request: Request) -> Response:
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
-    found = await queries.timeline(_ctx(request).ledger, transfer_id)
+    identifier = request.query_params.get("identifier", "").strip()
+    items = await search_identifier(_ctx(request), who, identifier) if identifier else []
+    return _page(request, "search.html", who, identifier=identifier, items=items, searched=bool(identifier))
+
+
+@router.get("/transfers/{transfer_id}")
+async def transfer_page(request: Request, transfer_id: str) -> Response:
+    who = await _who(request)
+    if who is None:
+        return _login_redirect(request)
+    context = _ctx(request)
+    found = await queries.timeline(context.ledger, transfer_id)
     if found is None:
         return _page(request, "error.html", who, 404, message=f"no transfer {transfer_id}")
-    return _page(request, "transfer.html", who, tl=found)
+    letters = await context.dlq.list(DlqFilter(transfer_id=transfer_id), limit=50)
+    return _page(request, "transfer.html", who, tl=found, letters=letters)
 
 
 @router.get("/dlq")
 async def dlq_page(request: Request) -> Response:
-    who = _who(request)
+    who = await _who(request)
     if who is None:
         return _login_redirect(request)
     q = request.query_params
-    form = {k: q.get(k, "") for k in ("target", "producer", "reason", "since", "until")}
+    form = {k: q.get(k, "") for k in ("target", "stage", "producer", "reason", "since", "until")}
     error = None
     try:
         flt = DlqFilter(form["target"] or None, form["producer"] or None, form["reason"] or None,
-                        parse_time(form["since"]), parse_time(form["until"]))
+                        parse_time(form["since"]), parse_time(form["until"]), form["stage"] or None)
         letters = await _ctx(request).dlq.list(flt, limit=200)
     except ValueError as exc:
         error, letters = str(exc), []
     return _page(request, "dlq.html", who, form=form, letters=letters, error=error,
-                 target_ids=_ctx(request).target_ids(), filtered=any(form.values()))
+                 target_ids=_ctx(request).target_ids(), filtered=any(form.values()), stages=DLQ_STAGES)
 
 
 @router.post("/dlq/{action}")
@@ -246,14 +266,19 @@ async def dlq_action(request: Request, action: str) -> Response:
         return who
     form = await _form(request)
     service = _ctx(request).dlq
-    back = "/ops/ui/dlq"
+    back = form.get("back") or "/ops/ui/dlq"
+    if not back.startswith("/ops/ui/") or "//" in back:
+        back = "/ops/ui/dlq"  # never redirect off the dashboard
     try:
         if action == "replay-all":
             flt = DlqFilter(form.get("target") or None, form.get("producer") or None, form.get("reason") or None,
-                            parse_time(form.get("since")), parse_time(form.get("until")))
+                            parse_time(form.get("since")), parse_time(form.get("until")), form.get("stage") or None)
             if flt == DlqFilter():
                 return _back(back, "nothing")
-            done = await service.replay_all(flt, who.id, form.get("note") or None)
+            done, skipped = await service.replay_all(flt, who.id, form.get("note") or None)
+            if skipped:
+                return _page(request, "error.html", who, 409, message=f"{len(done)} replayed; not replayed: " +
+                             "; ".join(f"{k}: {v}" for k, v in skipped.items()))
             return _back(back, "replayed" if done else "nothing")
         dl = await service.get(form.get("id", ""))
         if dl is None:
@@ -264,6 +289,8 @@ async def dlq_action(request: Request, action: str) -> Response:
         if action == "discard":
             await service.discard(dl, who.id, form.get("reason") or "")
             return _back(back, "discarded")
+    except AlreadyHandled:
+        return _back(back, "already")  # a second submit of the same form: the first one did it
     except (NotDeadLettered, ValueError, TransientError) as exc:
         return _page(request, "error.html", who, 409, message=str(exc))
     return _page(request, "error.html", who, 404, message=f"no action {action}")

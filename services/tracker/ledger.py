@@ -75,6 +75,27 @@ events = sa.Table(
     sa.Index("ix_events_target_kind_time", "target", "kind", "time"),
 )
 
+# Dead letters of a stage (the runner's poison topic): one row per (transfer, slot), where slot names the
+# stage that could not handle the record ("@validator", or "@delivery:<target>"). Delivery dead letters
+# live in `deliveries`; `services.dlq` lists both as one queue. The payload stays on the poison topic.
+stage_dead_letters = sa.Table(
+    "stage_dead_letters", metadata,
+    sa.Column("transfer_id", sa.String(64), primary_key=True),
+    sa.Column("slot", sa.String(128), primary_key=True),
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("target", sa.String(64), nullable=True),
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("detail", sa.JSON, nullable=True),  # reason, topic, partition, offset, key, poison_id, attempts
+    sa.Column("dead_lettered_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def stage_slot(stage: str, target: str | None) -> str:
+    """The operator-facing name of a stage's dead letter within its transfer."""
+    return f"@{stage}:{target}" if target else f"@{stage}"
+
+
 # Operator state, written by the ops API and not projected from events (a rebuild leaves it alone).
 target_state = sa.Table(
     "target_state", metadata,
@@ -93,6 +114,22 @@ target_circuits = sa.Table(
     sa.Column("circuit", sa.String(16), nullable=False),
     sa.Column("failures", sa.Integer, nullable=False, default=0),
     sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Dashboard sign-ins: the cookie holds a random session id, this table its SHA-256 (never the operator's token).
+ops_sessions = sa.Table(
+    "ops_sessions", metadata,
+    sa.Column("id_sha256", sa.String(64), primary_key=True),
+    sa.Column("operator", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Search keys: the SHA-256 of each business identifier value a transfer's Bundle carries (services.core.identifiers).
+transfer_identifiers = sa.Table(
+    "transfer_identifiers", metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("transfer_id", sa.String(64), primary_key=True),
 )
 
 # Who looked at what: every operator access to a Bundle or to personal data is recorded here.
@@ -220,8 +257,16 @@ class Ledger:
 
     async def _project(self, conn: AsyncConnection, ev: LedgerEvent) -> None:
         detail = ev.detail or {}
+        if (ev.kind == "failed" and ev.stage == "tracker") or detail.get("failed_stage") == "tracker":
+            # The tracker could not project one event: a dead letter to list (then replayed or discarded),
+            # not a fact about the transfer.
+            await _project_stage_dead_letter(conn, ev)
+            return
         row = (await conn.execute(sa.select(transfers).where(transfers.c.id == ev.transfer_id))).mappings().first()
         stage_status = logic.advance_stage(row["stage_status"] if row else None, ev.kind) or logic.ACCEPTED
+        if ev.kind == "replayed" and detail.get("slot") and row is not None:
+            # A stage's dead letter sent back to that stage: the transfer is where it was before it.
+            stage_status = logic.REPLAY_REWINDS.get(str(detail.get("failed_stage")), row["stage_status"])
         values: dict[str, Any] = {"stage_status": stage_status, "updated_at": ev.time}
         if row is not None:
             # Events arrive out of order: the transfer began at its earliest event, changed at its latest.
@@ -238,12 +283,18 @@ class Ledger:
             values["finess"] = _merge_finess(row["finess"] if row else None, detail["finess"])
         if ev.kind in ("rejected", "failed"):
             values["outcome"] = detail.get("outcome") or _failure_outcome(ev)
+        elif ev.kind == "replayed" and detail.get("slot") and row is not None:
+            values["outcome"] = None  # the stage's failure is being retried: no longer the transfer's answer
         if row is None:
             await conn.execute(transfers.insert().values(
                 id=ev.transfer_id, created_at=ev.time, status=stage_status, **values))
         else:
             await conn.execute(transfers.update().where(transfers.c.id == ev.transfer_id).values(**values))
 
+        if isinstance(detail.get("identifiers"), list):
+            await _index_identifiers(conn, ev.transfer_id, detail["identifiers"])
+        if ev.kind == "failed" or (ev.kind in ("replayed", "discarded") and detail.get("slot")):
+            await _project_stage_dead_letter(conn, ev)
         if ev.kind == "routed":
             for target in detail.get("targets", []):
                 await self._advance_delivery(conn, ev, target, {})
@@ -317,6 +368,35 @@ class Ledger:
             rows = (await conn.execute(
                 sa.select(transfers.c.status, sa.func.count()).group_by(transfers.c.status))).all()
         return {status: n for status, n in rows}
+
+
+async def _index_identifiers(conn: AsyncConnection, transfer_id: str, digests: list[Any]) -> None:
+    """Remember the transfer's identifier digests (a replayed event adds nothing new)."""
+    wanted = {str(d) for d in digests if isinstance(d, str) and len(d) == 64}
+    if not wanted:
+        return
+    known = set((await conn.execute(sa.select(transfer_identifiers.c.digest).where(
+        (transfer_identifiers.c.transfer_id == transfer_id) & transfer_identifiers.c.digest.in_(wanted)))).scalars())
+    fresh = [{"digest": d, "transfer_id": transfer_id} for d in sorted(wanted - known)]
+    if fresh:
+        await conn.execute(transfer_identifiers.insert(), fresh)
+
+
+async def _project_stage_dead_letter(conn: AsyncConnection, ev: LedgerEvent) -> None:
+    """A stage's dead letter appears (`failed`), or is closed by an operator (`replayed`, `discarded`)."""
+    detail = dict(ev.detail or {})
+    if ev.kind != "failed":
+        where = ((stage_dead_letters.c.transfer_id == ev.transfer_id)
+                 & (stage_dead_letters.c.slot == str(detail["slot"])))
+        status = logic.REPLAYED if ev.kind == "replayed" else logic.DISCARDED
+        await conn.execute(stage_dead_letters.update().where(where).values(status=status, updated_at=ev.time))
+        return
+    slot = stage_slot(ev.stage, ev.target)
+    values = {"stage": ev.stage, "target": ev.target, "status": logic.DEAD_LETTERED, "detail": detail,
+              "dead_lettered_at": ev.time, "updated_at": ev.time}
+    where = (stage_dead_letters.c.transfer_id == ev.transfer_id) & (stage_dead_letters.c.slot == slot)
+    if (await conn.execute(stage_dead_letters.update().where(where).values(**values))).rowcount == 0:
+        await conn.execute(stage_dead_letters.insert().values(transfer_id=ev.transfer_id, slot=slot, **values))
 
 
 def _failure_outcome(ev: LedgerEvent) -> dict[str, Any]:

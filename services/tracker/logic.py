@@ -25,10 +25,15 @@ PENDING = "pending"
 RETRYING = "retrying"
 DELIVERED_UNCONFIRMED = "delivered-unconfirmed"  # an ambiguous attempt was found applied by a probe
 DISCARDED = "discarded"  # an operator gave up on a dead letter
+REPLAYING = "replaying"  # an operator's replay claimed this dead letter; the `replayed` event follows
+REPLAYED = "replayed"  # a stage's dead letter sent back to its stage (closed)
 DELIVERY_TERMINAL = frozenset({DELIVERED, DELIVERED_UNCONFIRMED, DEAD_LETTERED, DISCARDED})
 
 _STAGE_RANK = {ACCEPTED: 0, VALIDATED: 1, ROUTED: 2, REJECTED: 9, DEAD_LETTERED: 9}
 _DELIVERY_RANK = {PENDING: 0, RETRYING: 1, DELIVERED: 2, DELIVERED_UNCONFIRMED: 2, DEAD_LETTERED: 2, DISCARDED: 3}
+
+# A stage's dead letter replayed to that stage: the transfer's stage status before it.
+REPLAY_REWINDS = {"validator": ACCEPTED, "router": VALIDATED, "delivery": ROUTED}
 
 # Event kind -> the stage status it proves.
 STAGE_EVENTS = {"accepted": ACCEPTED, "validated": VALIDATED, "routed": ROUTED, "rejected": REJECTED,

@@ -17,14 +17,18 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from services.core.identifiers import digest
 from services.tracker import logic
-from services.tracker.ledger import Ledger, deliveries, events, transfers
+from services.tracker.ledger import Ledger, deliveries, events, stage_dead_letters, transfer_identifiers, transfers
 
 # Event detail fields that are operational facts, shown in every timeline.
 SAFE_DETAIL = ("http_status", "duration_ms", "reason", "not_before", "attempts", "operator", "note", "targets",
                "size", "entries", "replay", "probe", "warnings", "added_by_routes", "topic")
 WAITING = (logic.PENDING, logic.RETRYING)
 ATTEMPT_KINDS = ("delivered", "delivered_unconfirmed", "retry_scheduled", "dead_lettered")
+SUCCESS_KINDS = ("delivered", "delivered_unconfirmed")
+FAILURE_KINDS = ("retry_scheduled", "dead_lettered")
+DOWN_AFTER_FAILURES = 3  # consecutive failed attempts (no success since) that make a target "down"
 
 
 def aware(moment: datetime) -> datetime:
@@ -159,6 +163,7 @@ class Timeline:
     steps: list[Step]
     deliveries: list[dict[str, Any]]
     full: bool = False
+    issues: list[dict[str, Any]] = field(default_factory=list)  # the validator's errors and warnings
 
     @property
     def duration_ms(self) -> float:
@@ -170,13 +175,13 @@ class Timeline:
         return {"id": self.id, "producer": self.producer, "status": self.status,
                 "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
                 "duration_ms": self.duration_ms, "deliveries": self.deliveries,
-                "steps": [s.as_dict() for s in self.steps], "full": self.full}
+                "steps": [s.as_dict() for s in self.steps], "full": self.full, "issues": self.issues}
 
 
 def _shown(detail: dict[str, Any] | None, full: bool) -> dict[str, Any]:
     detail = detail or {}
     if full:
-        return {k: v for k, v in detail.items() if k not in ("blob", "extra", "key")}
+        return {k: v for k, v in detail.items() if k not in ("blob", "extra", "key", "identifiers")}
     return {k: detail[k] for k in SAFE_DETAIL if detail.get(k) is not None}
 
 
@@ -205,10 +210,28 @@ async def timeline(ledger: Ledger, transfer_id: str, *, full: bool = False) -> T
                                 "last_http_status": d["last_http_status"],
                                 "updated_at": aware(d["updated_at"]).isoformat()}
         if full:
-            item |= {"response": d["response"], "outcome": d["outcome"]}
+            item |= {"response": d["response"], "outcome": d["outcome"], "assigned": d["assigned"]}
         shown_deliveries.append(item)
+    issues = [issue for e in evs if e["kind"] in ("rejected", "validated")
+              for issue in validation_issues((e["detail"] or {}).get("outcome"))]
     return Timeline(row["id"], row["producer"], row["status"], aware(row["created_at"]), aware(row["updated_at"]),
-                    steps, shown_deliveries, full)
+                    steps, shown_deliveries, full, issues)
+
+
+def validation_issues(outcome: Any) -> list[dict[str, Any]]:
+    """The validator's issues (severity, FHIRPath, rule, diagnostics) from its OperationOutcome."""
+    if not isinstance(outcome, dict):
+        return []
+    out = []
+    for issue in outcome.get("issue") or []:
+        if not isinstance(issue, dict) or issue.get("severity") == "information":
+            continue
+        rule = next((str(x.get("valueString")) for x in issue.get("extension") or []
+                     if isinstance(x, dict) and str(x.get("url", "")).endswith("/issue-rule")), None)
+        out.append({"severity": str(issue.get("severity", "error")), "code": issue.get("code"),
+                    "expression": [str(x) for x in issue.get("expression") or []], "rule": rule,
+                    "diagnostics": str(issue.get("diagnostics", ""))})
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,10 +249,21 @@ class TargetHealth:
     dead_letters: int
     last_http_status: int | None = None
     last_attempt_at: datetime | None = None
+    failures_since_success: int = 0  # consecutive failed attempts since the latest success (any age)
+    down_since: datetime | None = None  # the first of those failures
+    last_error: str | None = None  # the latest failure's reason
+    oldest_waiting_at: datetime | None = None  # when the oldest pending/retrying record was accepted
+
+    @property
+    def down(self) -> bool:
+        """Its latest attempts all failed (DOWN_AFTER_FAILURES or more since the last success)."""
+        return self.failures_since_success >= DOWN_AFTER_FAILURES
 
     @property
     def health(self) -> str:
-        """ok, degraded, failing or idle — the dashboard's colour."""
+        """down, ok, degraded, failing or idle — the dashboard's colour."""
+        if self.down:
+            return "down"
         if self.success_rate is None:
             return "failing" if self.dead_letters and self.waiting else "idle"
         if self.success_rate >= 0.95:
@@ -242,7 +276,11 @@ class TargetHealth:
                 "delivered": self.delivered, "failed": self.failed, "success_rate": self.success_rate,
                 "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "waiting": self.waiting,
                 "dead_letters": self.dead_letters, "last_http_status": self.last_http_status,
-                "last_attempt_at": self.last_attempt_at.isoformat() if self.last_attempt_at else None}
+                "last_attempt_at": self.last_attempt_at.isoformat() if self.last_attempt_at else None,
+                "down": self.down, "failures_since_success": self.failures_since_success,
+                "down_since": self.down_since.isoformat() if self.down_since else None,
+                "last_error": self.last_error,
+                "oldest_waiting_at": self.oldest_waiting_at.isoformat() if self.oldest_waiting_at else None}
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -285,20 +323,68 @@ async def target_health(ledger: Ledger, targets: Sequence[str], *, window: timed
             s["ms"].append(float(detail["duration_ms"]))
         s["last"], s["at"] = detail.get("http_status"), aware(at)
     out = []
-    for target in sorted(set(targets) | set(per) | set(waiting) | set(dead)):
+    names = sorted(set(targets) | set(per) | set(waiting) | set(dead))
+    streaks = await _failure_streaks(ledger, names)
+    oldest = await _oldest_waiting(ledger)
+    for target in names:
         s = per.get(target, {"ok": 0, "ko": 0, "ms": [], "last": None, "at": None})
         total = s["ok"] + s["ko"]
+        failures, down_since, last_error = streaks.get(target, (0, None, None))
         out.append(TargetHealth(target, total, s["ok"], s["ko"], round(s["ok"] / total, 4) if total else None,
                                 percentile(s["ms"], 50), percentile(s["ms"], 99), waiting.get(target, 0),
-                                dead.get(target, 0), s["last"], s["at"]))
+                                dead.get(target, 0), s["last"], s["at"], failures, down_since, last_error,
+                                oldest.get(target)))
     return out
 
 
-async def dlq_size(ledger: Ledger) -> int:
-    """Deliveries dead-lettered and not yet replayed or discarded."""
+def _attempted(detail: dict[str, Any] | None) -> bool:
+    """False for a dead letter without an attempt (unknown target, claim check): not the target's doing."""
+    detail = detail or {}
+    return detail.get("http_status") is not None or detail.get("duration_ms") is not None
+
+
+async def _failure_streaks(ledger: Ledger, targets: Sequence[str],
+                           cap: int = 100) -> dict[str, tuple[int, datetime | None, str | None]]:
+    """Per target: failed attempts since its latest success (up to `cap`), the first one's time, the last reason."""
+    out: dict[str, tuple[int, datetime | None, str | None]] = {}
     async with ledger.engine.connect() as conn:
-        return int((await conn.execute(sa.select(sa.func.count()).select_from(deliveries)
-                                       .where(deliveries.c.status == logic.DEAD_LETTERED))).scalar_one())
+        successes = dict((await conn.execute(
+            sa.select(events.c.target, sa.func.max(events.c.time))
+            .where(events.c.kind.in_(SUCCESS_KINDS) & events.c.target.in_(targets))
+            .group_by(events.c.target))).all())
+        for target in targets:
+            query = (sa.select(events.c.time, events.c.detail)
+                     .where((events.c.target == target) & events.c.kind.in_(FAILURE_KINDS)))
+            if successes.get(target) is not None:
+                query = query.where(events.c.time > successes[target])
+            rows = [r for r in (await conn.execute(query.order_by(events.c.time.desc()).limit(cap))).all()
+                    if _attempted(r[1])]
+            if rows:
+                last = rows[0][1] or {}
+                reason = str(last.get("reason") or "")
+                status = last.get("http_status")
+                out[target] = (len(rows), aware(rows[-1][0]), f"HTTP {status}: {reason}" if status else reason)
+    return out
+
+
+async def _oldest_waiting(ledger: Ledger) -> dict[str, datetime]:
+    """Per target: when the oldest transfer still waiting for it (pending or retrying) was accepted."""
+    async with ledger.engine.connect() as conn:
+        rows = (await conn.execute(
+            sa.select(deliveries.c.target, sa.func.min(transfers.c.created_at))
+            .join(transfers, transfers.c.id == deliveries.c.transfer_id)
+            .where(deliveries.c.status.in_(WAITING)).group_by(deliveries.c.target))).all()
+    return {t: aware(at) for t, at in rows if at is not None}
+
+
+async def dlq_size(ledger: Ledger) -> int:
+    """Dead letters of every stage not yet replayed or discarded."""
+    async with ledger.engine.connect() as conn:
+        deliveries_dead = (await conn.execute(sa.select(sa.func.count()).select_from(deliveries)
+                                              .where(deliveries.c.status == logic.DEAD_LETTERED))).scalar_one()
+        stages_dead = (await conn.execute(sa.select(sa.func.count()).select_from(stage_dead_letters)
+                                          .where(stage_dead_letters.c.status == logic.DEAD_LETTERED))).scalar_one()
+    return int(deliveries_dead) + int(stages_dead)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,3 +416,16 @@ async def overview(ledger: Ledger, *, now: datetime | None = None) -> Overview:
                                         .where((events.c.kind == "delivered") & (events.c.time >= since))))\
             .scalar_one()
     return Overview(by_status, int(accepted), int(delivered), await dlq_size(ledger))
+
+
+async def find_by_identifier(ledger: Ledger, value: str, *, limit: int = 100) -> list[TransferRow]:
+    """Transfers whose Bundle carried this business identifier value (Bundle.identifier or a resource's)."""
+    query = (sa.select(transfers.c.id, transfers.c.producer, transfers.c.status, transfers.c.targets,
+                       transfers.c.size, transfers.c.created_at, transfers.c.updated_at)
+             .join(transfer_identifiers, transfer_identifiers.c.transfer_id == transfers.c.id)
+             .where(transfer_identifiers.c.digest == digest(value))
+             .order_by(transfers.c.created_at.desc()).limit(limit))
+    async with ledger.engine.connect() as conn:
+        rows = (await conn.execute(query)).mappings().all()
+    return [TransferRow(r["id"], r["producer"], r["status"], list(r["targets"] or []), r["size"],
+                        aware(r["created_at"]), aware(r["updated_at"])) for r in rows]

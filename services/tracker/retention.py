@@ -12,7 +12,16 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 
 from services.tracker import logic
-from services.tracker.ledger import Ledger, access_log, deliveries, events, transfers
+from services.tracker.ledger import (
+    Ledger,
+    access_log,
+    deliveries,
+    events,
+    ops_sessions,
+    stage_dead_letters,
+    transfer_identifiers,
+    transfers,
+)
 
 BATCH = 500
 
@@ -44,7 +53,11 @@ async def purge(ledger: Ledger, older_than: timedelta, *, now: datetime | None =
             counts[2] += (await conn.execute(events.delete().where(events.c.transfer_id.in_(ids)))).rowcount or 0
             counts[1] += (await conn.execute(
                 deliveries.delete().where(deliveries.c.transfer_id.in_(ids)))).rowcount or 0
+            # A transfer's search keys and stage dead letters go with it.
+            await conn.execute(transfer_identifiers.delete().where(transfer_identifiers.c.transfer_id.in_(ids)))
+            await conn.execute(stage_dead_letters.delete().where(stage_dead_letters.c.transfer_id.in_(ids)))
             counts[0] += (await conn.execute(transfers.delete().where(transfers.c.id.in_(ids)))).rowcount or 0
     async with ledger.engine.begin() as conn:
         counts[3] = (await conn.execute(access_log.delete().where(access_log.c.time < cutoff))).rowcount or 0
+        await conn.execute(ops_sessions.delete().where(ops_sessions.c.expires_at < datetime.now(UTC)))
     return Purged(*counts)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import orjson
 
 from services.core.envelope import JSON, Emit, Record, event
+from services.core.identifiers import identifier_digests
+from services.core.metrics import BUNDLES_REJECTED
 from services.core.outcome import operation_outcome
 from services.core.topics import RECEIVED, REJECTED, VALIDATED
 from services.validator.logic import validate_bundle
@@ -36,18 +38,20 @@ class ValidatorStage:
         outcome = operation_outcome(issues)
         errors = sum(i.is_error for i in issues)
         if errors:
+            BUNDLES_REJECTED.labels(env.producer or "").inc()
             rejected = env.evolve(type="fr.relais.transfer.rejected", source="/relais/validator",
                                   data=orjson.dumps(outcome), content_type=JSON)
             return [
                 Emit(REJECTED, record.key, rejected),
-                event(env, "rejected", self.name, {"errors": errors, "outcome": outcome}),
+                event(env, "rejected", self.name, {"errors": errors, "outcome": outcome,
+                                                   "identifiers": identifier_digests(bundle)}),
             ]
         subject = subject_key(bundle) if bundle is not None else None
         extra = {**env.extra, "warnings": str(len(issues))}
         if subject:
             extra["subject"] = subject
         validated = env.evolve(type="fr.relais.transfer.validated", source="/relais/validator", extra=extra)
-        detail: dict[str, object] = {"warnings": len(issues)}
+        detail: dict[str, object] = {"warnings": len(issues), "identifiers": identifier_digests(bundle)}
         if issues:
             detail["outcome"] = outcome
         return [Emit(VALIDATED, record.key, validated), event(env, "validated", self.name, detail)]

@@ -1,35 +1,25 @@
 """The operators' dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright).
 
-The broker runs as `relais run --demo-target` (embedded log); the demo target fails on demand.
-Screenshots go to test-artifacts/ (git-ignored) so a failed run can be looked at.
+The broker runs as `relais run --demo-target` (embedded log, tests/support/broker.py); the demo target
+fails on demand. Screenshots go to test-artifacts/ (git-ignored) so a failed run can be looked at.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import httpx
-import orjson
 import pytest
 
-from tests.support.processes import REPO, free_port
-from tests.support.producers import TOKEN_A, write_producers, write_targets
+from tests.support.broker import OPERATOR_TOKEN, VIEWER_TOKEN, Broker, running_broker
+from tests.support.processes import REPO
 
 pytestmark = pytest.mark.browser
 REQUIRED = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ARTIFACTS = REPO / "test-artifacts"
-OPERATOR, VIEWER = "browser-operator-token", "browser-viewer-token"
 
 
 def _unavailable(why: str) -> None:
@@ -38,62 +28,10 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
-@dataclass
-class Broker:
-    base: str
-    target: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def _wait(condition: Any, broker: Broker | None, timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if broker is not None:
-            assert broker.proc.poll() is None, broker.tail()
-        try:
-            value = condition()
-            if value:
-                return value
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("timed out" + ("\n" + broker.tail() if broker else ""))
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    tmp = tmp_path_factory.mktemp("dashboard")
-    http_port, target_port = free_port(), free_port()
-    ops = tmp / "operators.yaml"
-    olga, victor = (hashlib.sha256(t.encode()).hexdigest() for t in (OPERATOR, VIEWER))
-    ops.write_text(f"operators:\n  - {{id: olga, role: operator, token_sha256: {olga}}}\n"
-                   f"  - {{id: victor, role: viewer, token_sha256: {victor}}}\n")
-    env = {**os.environ, "RELAIS_HTTP_PORT": str(http_port), "RELAIS_EMBEDDED_LOG_PATH": str(tmp / "log.db"),
-           "RELAIS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/ledger.db", "RELAIS_BLOB_DIR": str(tmp / "blobs"),
-           "RELAIS_PRODUCERS_FILE": str(write_producers(tmp / "producers.yaml")), "RELAIS_OPERATORS_FILE": str(ops),
-           "RELAIS_TARGETS_FILE": str(write_targets(tmp / "t.yaml", {"demo": f"http://127.0.0.1:{target_port}/fhir"})),
-           "RELAIS_RETRY_DELAYS_S": "[0.2, 0.4]", "RELAIS_MAX_ATTEMPTS": "2", "RELAIS_LOG_FORMAT": "json",
-           "RELAIS_TOPIC_PARTITIONS": "2", "RELAIS_ALERT_INTERVAL_S": "1"}
-    env.pop("RELAIS_KAFKA_BOOTSTRAP", None)
-    log = tmp / "run.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "--demo-target", "--demo-target-port",
-                                 str(target_port)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    b = Broker(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{target_port}", proc, log)
-    try:
-        _wait(lambda: httpx.get(f"{b.base}/readyz", timeout=2).status_code == 200, b)
-        _wait(lambda: httpx.get(f"{b.target}/healthz", timeout=2).status_code == 200, b)
+    with running_broker(tmp_path_factory.mktemp("dashboard")) as b:
         yield b
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture
@@ -117,17 +55,13 @@ async def page() -> AsyncIterator[Any]:
             await browser.close()
 
 
-def send(broker: Broker) -> str:
-    bundle = orjson.loads((REPO / "examples/bundle-ssiad.json").read_bytes())
-    answer = httpx.post(f"{broker.base}/fhir", content=orjson.dumps(bundle), timeout=30,
-                        headers={"Authorization": f"Bearer {TOKEN_A}", "Content-Type": "application/fhir+json",
-                                 "X-Relais-Target": "demo"})
-    assert answer.status_code == 202, answer.text
-    return answer.headers["X-Relais-Transfer-Id"]
+def dead_letters(broker: Broker) -> list[str]:
+    return [d["id"] for d in broker.ops("GET", "/ops/dead-letters").json()["items"]]
 
 
-def ops_get(broker: Broker, path: str) -> Any:
-    return httpx.get(f"{broker.base}{path}", headers={"Authorization": f"Bearer {OPERATOR}"}, timeout=10).json()
+def status_of(broker: Broker, transfer_id: str) -> str | None:
+    answer = broker.ops("GET", f"/ops/transfers/{transfer_id}")
+    return answer.json()["status"] if answer.status_code == 200 else None
 
 
 async def login(page: Any, broker: Broker, token: str) -> None:
@@ -138,12 +72,21 @@ async def login(page: Any, broker: Broker, token: str) -> None:
     await page.wait_for_url(f"{broker.base}/ops/ui")
 
 
-async def test_failing_target_then_replay_from_the_dlq_page(broker: Broker, page: Any) -> None:
-    httpx.post(f"{broker.target}/_faults", json={"status": 500, "count": -1}, timeout=10).raise_for_status()
-    transfer_id = send(broker)
-    _wait(lambda: any(d["transfer_id"] == transfer_id for d in ops_get(broker, "/ops/dead-letters")["items"]), broker)
+async def reload_until(page: Any, selector: str, broker: Broker, tries: int = 150) -> None:
+    for _ in range(tries):
+        if await page.locator(selector).count():
+            return
+        await asyncio.sleep(0.2)
+        await page.reload()
+    raise AssertionError(f"{selector} never appeared\n{broker.tail()}")
 
-    await login(page, broker, OPERATOR)
+
+async def test_failing_target_then_replay_from_the_dlq_page(broker: Broker, page: Any) -> None:
+    broker.fault({"status": 500, "count": -1})
+    transfer_id, marker = broker.send()
+    broker.wait(lambda: f"{transfer_id}/demo" in dead_letters(broker), what="the dead letter")
+
+    await login(page, broker, OPERATOR_TOKEN)
     row = page.locator("tr.target-row[data-target=demo]")
     assert await row.get_attribute("data-health") == "failing"
     assert "en échec" in await row.inner_text()
@@ -154,46 +97,124 @@ async def test_failing_target_then_replay_from_the_dlq_page(broker: Broker, page
     assert "failing" in await page.locator("tr.target-row[data-target=demo]").inner_text()
     await page.click("a[hreflang=fr]")
 
-    httpx.delete(f"{broker.target}/_faults", timeout=10).raise_for_status()  # the target is back
+    broker.fault(None)  # the target is back
     await page.click("nav a[href='/ops/ui/dlq']")
     letter = page.locator(f"tr.dead-letter[data-id='{transfer_id}/demo']")
     assert await letter.count() == 1
     await page.screenshot(path=str(ARTIFACTS / "dlq-before-replay.png"), full_page=True)
     await letter.locator("button.replay").click()
+    await page.wait_for_url(f"{broker.base}/ops/ui/dlq?msg=replayed")
     assert "Rejoué" in await page.locator(".flash").inner_text()
-
-    await page.goto(f"{broker.base}/ops/ui/transfers/{transfer_id}")
-    for _ in range(150):
-        if await page.locator("h1 .s-delivered").count():
-            break
-        await asyncio.sleep(0.2)
-        await page.reload()
-    assert await page.locator("h1 .s-delivered").count() == 1, broker.tail()
-    assert await page.locator("table.timeline tr.k-replayed").count() == 1
-    await page.screenshot(path=str(ARTIFACTS / "transfer-delivered-after-replay.png"), full_page=True)
-    received = httpx.get(f"{broker.target}/_received", timeout=10).json()
-    assert len(received) >= 1
-    await page.goto(f"{broker.base}/ops/ui/dlq")
+    # The list updated with the redirect: the replayed row is gone without a manual reload.
     assert await page.locator(f"tr.dead-letter[data-id='{transfer_id}/demo']").count() == 0
 
+    await page.goto(f"{broker.base}/ops/ui/transfers/{transfer_id}")
+    await reload_until(page, "h1 .s-delivered", broker)
+    assert await page.locator("h1 .s-delivered").inner_text() == "livré"  # statuses in French
+    assert await page.locator("table.timeline tr.k-replayed").count() == 1
+    await page.screenshot(path=str(ARTIFACTS / "transfer-delivered-after-replay.png"), full_page=True)
+    assert broker.received(marker) == 1
 
-async def test_viewer_sees_no_action_buttons_and_pause_resume(broker: Broker, page: Any) -> None:
-    await login(page, broker, VIEWER)
+
+async def test_a_second_submit_of_a_replay_is_refused_once_done(broker: Broker, page: Any) -> None:
+    broker.fault({"status": 422, "count": 1})
+    transfer_id, marker = broker.send()
+    dlq_id = f"{transfer_id}/demo"
+    broker.wait(lambda: dlq_id in dead_letters(broker), what="the dead letter")
+    await login(page, broker, OPERATOR_TOKEN)
+    await page.goto(f"{broker.base}/ops/ui/transfers/{transfer_id}")
+    form = page.locator(f"tr.dead-letter[data-id='{dlq_id}'] form[action='/ops/ui/dlq/replay']")
+    # Two submits of the same form, as a double click or a second tab would send them.
+    statuses = await form.evaluate("""async (f) => {
+        const send = () => fetch(f.action, {method: 'POST', body: new URLSearchParams(new FormData(f)),
+                                            redirect: 'follow'}).then(r => r.url);
+        return await Promise.all([send(), send()]);
+    }""")
+    assert sorted(u.rsplit("msg=", 1)[-1] for u in statuses) == ["already", "replayed"]
+    broker.wait(lambda: status_of(broker, transfer_id) == "delivered", what="delivery after replay")
+    assert broker.received(marker) == 1
+
+
+async def test_rejected_transfer_page_shows_every_issue_with_its_fhirpath(broker: Broker, page: Any) -> None:
+    transfer_id, _ = broker.send(invalid=True)
+    broker.wait(lambda: status_of(broker, transfer_id) == "rejected", what="the rejection")
+    await login(page, broker, VIEWER_TOKEN)
+    await page.goto(f"{broker.base}/ops/ui/transfers/{transfer_id}")
+    assert await page.locator("h1 .s-rejected").inner_text() == "rejeté"
+    rows = page.locator("table.issues tr.issue")
+    assert await rows.count() >= 3
+    expressions = await page.locator("table.issues td.expression").all_inner_texts()
+    rules = await page.locator("table.issues td.rule").all_inner_texts()
+    assert "Bundle.entry[1].resource.identifier" in expressions
+    assert "tddui-patient-ins/card/identifier" in rules
+    assert "erreur" in await rows.first.inner_text()
+    await page.screenshot(path=str(ARTIFACTS / "transfer-rejected-issues.png"), full_page=True)
+
+
+async def test_a_target_completely_down_is_shown_down_in_red(broker: Broker, page: Any) -> None:
+    broker.fault({"status": 503, "count": -1})
+    sent = [broker.send() for _ in range(2)]
+    for transfer_id, _ in sent:
+        broker.wait(lambda t=transfer_id: f"{t}/demo" in dead_letters(broker), what="dead letters")
+    await login(page, broker, OPERATOR_TOKEN)
+    row = page.locator("tr.target-row[data-target=demo]")
+    assert await row.get_attribute("data-health") == "down"
+    badge = row.locator(".badge.down")
+    assert (await badge.inner_text()).lower() == "hors service"
+    assert await badge.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(179, 38, 30)"
+    detail = await row.locator(".down-detail").inner_text()
+    assert "hors service depuis" in detail and "HTTP 503" in detail
+    await page.screenshot(path=str(ARTIFACTS / "overview-target-down.png"), full_page=True)
+
+    broker.fault(None)  # back up; replay what waits so later tests start clean
+    await page.goto(f"{broker.base}/ops/ui/dlq?target=demo")
+    await page.click("form[action='/ops/ui/dlq/replay-all'] button")
+    for transfer_id, _ in sent:
+        broker.wait(lambda t=transfer_id: status_of(broker, t) == "delivered", what="deliveries after replay")
+    await page.goto(f"{broker.base}/ops/ui")
+    assert await page.locator("tr.target-row[data-target=demo]").get_attribute("data-health") != "down"
+
+
+async def test_target_page_shows_its_policy_and_pause(broker: Broker, page: Any) -> None:
+    await login(page, broker, VIEWER_TOKEN)
     await page.goto(f"{broker.base}/ops/ui/targets/demo")
-    assert await page.locator("form[action$='/pause']").count() == 0
-    await page.goto(f"{broker.base}/ops/ui/dlq")
-    assert await page.locator("button.replay").count() == 0
+    assert await page.locator("form[action$='/pause']").count() == 0  # a viewer may not act
+    policy = page.locator("#policy")
+    assert await policy.locator(".base-url").inner_text() == f"{broker.target}/fhir"
+    assert await policy.locator(".auth-kind").inner_text() == "aucune"
+    assert await policy.locator(".timeouts").inner_text() == "5.0 s · 30.0 s"
+    assert (await policy.locator(".retry-tiers").inner_text()).startswith("0.2 s → 0.4 s")
+    assert await policy.locator(".breaker").inner_text() == "5 · 30.0 s"
+    assert "token" not in (await policy.inner_text()).lower()
     await page.context.clear_cookies()
 
-    await login(page, broker, OPERATOR)
+    await login(page, broker, OPERATOR_TOKEN)
     await page.goto(f"{broker.base}/ops/ui/targets/demo")
     await page.fill("input[name=reason]", "maintenance")
     await page.click("form[action$='/pause'] button")
     assert await page.locator("h1 .badge.paused").count() == 1
-    assert ops_get(broker, "/ops/targets/demo")["paused"] is True
+    assert await page.locator(".pause-reason").inner_text() == "maintenance"
+    assert broker.ops("GET", "/ops/targets/demo").json()["paused"] is True
     await page.screenshot(path=str(ARTIFACTS / "target-paused.png"), full_page=True)
     await page.click("form[action$='/resume'] button")
     assert await page.locator("h1 .badge.paused").count() == 0
     await page.goto(f"{broker.base}/ops/ui/transfers?status=delivered")
     assert await page.locator("table.transfers tbody tr").count() >= 1
     await page.screenshot(path=str(ARTIFACTS / "transfers-browser.png"), full_page=True)
+
+
+async def test_poison_is_on_the_dlq_page(broker: Broker, page: Any) -> None:
+    marker = "browser-poison-51c2"
+    broker.fault_file.write_text(marker, encoding="utf-8")
+    try:
+        transfer_id, _ = broker.send(marker)
+        broker.wait(lambda: f"{transfer_id}/@validator" in dead_letters(broker), what="the validator's dead letter")
+    finally:
+        broker.fault_file.unlink()
+    await login(page, broker, OPERATOR_TOKEN)
+    await page.goto(f"{broker.base}/ops/ui/dlq")
+    letter = page.locator(f"tr.dead-letter[data-id='{transfer_id}/@validator']")
+    assert await letter.locator("td.stage").inner_text() == "validator"
+    await letter.locator("button.replay").click()
+    assert await page.locator(f"tr.dead-letter[data-id='{transfer_id}/@validator']").count() == 0
+    broker.wait(lambda: status_of(broker, transfer_id) == "delivered", what="delivery after the replay")

@@ -174,7 +174,7 @@ def test_without_repair_medplums_refusal_is_dead_lettered_with_its_operation_out
     assert "Incorrect resource type" in text and "TDDUIOrganization" in text, text  # Medplum's own words
 
     # The operator's view: one open dead letter for (transfer, medplum), HTTP 400, Medplum's outcome.
-    listing = subprocess.run([sys.executable, "-m", "services.cli", "dlq", "list", "--target", TARGET],
+    listing = subprocess.run([sys.executable, "-m", "services.cli", "dlq", "list", "--target", TARGET, "--json"],
                              env=relais.env, cwd=REPO, capture_output=True, timeout=60, check=True)
     letters = [orjson.loads(line) for line in listing.stdout.splitlines() if line.strip()]
     assert len(letters) == 1, listing.stdout

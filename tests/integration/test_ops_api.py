@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
@@ -190,15 +191,116 @@ async def test_dead_letters_list_replay_bulk_and_discard(settings: Settings) -> 
         assert (await client.post("/ops/dead-letters/replay", json={}, headers=bearer(OPERATOR))).status_code == 400
         bulk = await client.post("/ops/dead-letters/replay", json={"target": "b"}, headers=bearer(OPERATOR))
         assert bulk.status_code == 202 and bulk.json()["replayed"] == ["t2/b"]
-        one = await client.post("/ops/dead-letters/t2/b/replay", headers=bearer(OPERATOR))
-        assert one.status_code == 202
+        again = await client.post("/ops/dead-letters/t2/b/replay", headers=bearer(OPERATOR))
+        assert again.status_code == 409 and "another replay or discard" in again.text  # replayed once only
         assert (await client.post("/ops/dead-letters/t9/b/replay", headers=bearer(OPERATOR))).status_code == 404
-        discarded = await client.post("/ops/dead-letters/t2/b/discard", json={"reason": "duplicate"},
-                                      headers=bearer(OPERATOR))
-        assert discarded.status_code == 200
+        late = await client.post("/ops/dead-letters/t2/b/discard", json={"reason": "duplicate"},
+                                 headers=bearer(OPERATOR))
+        assert late.status_code == 409
     records = await _published(settings, DELIVERIES)
-    assert [(r.envelope.transfer_id, r.envelope.target) for r in records] == [("t2", "b"), ("t2", "b")]
+    assert [(r.envelope.transfer_id, r.envelope.target) for r in records] == [("t2", "b")]
     kinds = [orjson.loads(r.envelope.data)["kind"] for r in await _published(settings, EVENTS)]
-    assert kinds.count("replayed") == 2 and kinds.count("discarded") == 1
+    assert kinds.count("replayed") == 1 and kinds.count("discarded") == 0
     operators = {orjson.loads(r.envelope.data).get("operator") for r in await _published(settings, EVENTS)}
     assert operators == {"otto"}
+
+
+async def test_concurrent_replays_of_one_dead_letter_publish_once(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+        answers = await asyncio.gather(*(client.post("/ops/dead-letters/t2/b/replay", headers=bearer(OPERATOR))
+                                         for _ in range(10)))
+        assert sorted(a.status_code for a in answers) == [202] + [409] * 9
+        shown = await get(client, "/ops/dead-letters/t2/b")
+        assert shown["status"] == "replaying" and shown["original"]["topic"] is None
+    assert len(await _published(settings, DELIVERIES)) == 1
+
+
+async def test_discard_once_with_a_reason(settings: Settings) -> None:
+    async with running(settings) as (client, app):
+        await seed(app, settings)
+        no_reason = await client.post("/ops/dead-letters/t2/b/discard", json={"reason": " "}, headers=bearer(OPERATOR))
+        assert no_reason.status_code == 400
+        answers = await asyncio.gather(*(client.post("/ops/dead-letters/t2/b/discard", json={"reason": "duplicate"},
+                                                     headers=bearer(OPERATOR)) for _ in range(3)))
+        assert sorted(a.status_code for a in answers) == [200, 409, 409]
+        assert (await get(client, "/ops/dead-letters"))["items"] == []
+    kinds = [orjson.loads(r.envelope.data)["kind"] for r in await _published(settings, EVENTS)]
+    assert kinds.count("discarded") == 1
+
+
+async def test_session_cookie_is_a_server_side_id_that_logout_kills(settings: Settings) -> None:
+    async with running(settings) as (client, _):
+        signed_in = await client.post("/ops/ui/login", data={"token": OPERATOR, "next": "/ops/ui"})
+        assert signed_in.status_code == 303
+        session = signed_in.cookies.get("relais_ops")
+        assert session and OPERATOR not in session and sha(OPERATOR) not in session
+        cookie = {"Cookie": f"relais_ops={session}"}
+        assert (await client.get("/ops/whoami", headers=cookie)).json() == {"id": "otto", "role": "operator"}
+        page = await client.get("/ops/ui/dlq", headers=cookie)
+        assert page.status_code == 200 and "otto" in page.text
+        # The raw token is no cookie: only a session id the server handed out is.
+        assert (await client.get("/ops/whoami", headers={"Cookie": f"relais_ops={OPERATOR}"})).status_code == 401
+        client.cookies.clear()
+        out = await client.post("/ops/ui/logout", headers={**cookie, "Origin": "http://relais.test"})
+        assert out.status_code == 303
+        assert (await client.get("/ops/whoami", headers=cookie)).status_code == 401  # a copied cookie is dead too
+        assert (await client.get("/ops/ui/dlq", headers=cookie)).status_code == 303
+
+
+async def test_search_by_business_identifier_is_access_logged(settings: Settings) -> None:
+    from services.core.identifiers import identifier_digests
+
+    bundle = {"resourceType": "Bundle", "identifier": {"system": "urn:x", "value": "EXPORT-42"},
+              "entry": [{"resource": {"resourceType": "Encounter", "identifier": [{"value": "SEJ-7"}]}},
+                        {"resource": {"resourceType": "Patient", "identifier": "not-a-list"}}, "junk"]}
+    async with running(settings) as (client, app):
+        ledger: Ledger = app.state.ops.ledger
+        await ledger.apply(ev("t8", "accepted", "ingress", 0, targets=["a"]))
+        await ledger.apply(ev("t8", "validated", "validator", 1, identifiers=identifier_digests(bundle)))
+        await ledger.apply(ev("t8", "validated", "validator", 2, identifiers=identifier_digests(bundle)))  # again
+        for value in ("EXPORT-42", " SEJ-7 "):
+            found = await get(client, "/ops/search", identifier=value)
+            assert [t["id"] for t in found["items"]] == ["t8"], value
+        assert (await get(client, "/ops/search", identifier="SEJ-8"))["items"] == []
+        log = (await get(client, "/ops/access-log", OPERATOR))["items"]
+        assert [e["action"] for e in log] == ["search.identifier"] * 3 and "SEJ" not in str(log)
+        page = await client.get("/ops/ui/search", params={"identifier": "SEJ-7"}, headers=bearer(VIEWER))
+        assert page.status_code == 200 and "t8" in page.text
+        tl = await get(client, "/ops/transfers/t8", OPERATOR, full="true")
+        assert "identifiers" not in str(tl["steps"])
+
+
+async def test_an_event_the_tracker_cannot_project_is_a_listed_dead_letter(settings: Settings) -> None:
+    from services.core.envelope import Envelope, Record
+    from services.core.runner import poison
+    from services.core.topics import POISON
+    from services.tracker.stage import to_ledger_event
+
+    bad = Record(EVENTS, 0, 41, b"t5", Envelope(type="fr.relais.event.validated", source="/relais/validator",
+                                                  transfer_id="t5", data=b"[1, 2]"))
+    emits = poison("tracker", bad, ValueError("event record value must be a JSON object"))
+    assert [e.topic for e in emits] == [POISON, EVENTS]
+    failed = Record(EVENTS, 0, 42, b"t5", emits[1].envelope)
+    # If the tracker also fails on that `failed` event, it only goes to the poison topic: no loop.
+    assert [e.topic for e in poison("tracker", failed, ValueError("again"))] == [POISON]
+    async with running(settings) as (client, app):
+        await app.state.ops.ledger.apply(to_ledger_event(failed))
+        letter = await get(client, "/ops/dead-letters/t5/@tracker")
+        assert letter["stage"] == "tracker" and "JSON object" in letter["reason"]
+        assert letter["original"] == {"topic": EVENTS, "partition": 0, "offset": 41}
+        assert [d["id"] for d in (await get(client, "/ops/dead-letters", stage="tracker"))["items"]] == ["t5/@tracker"]
+        assert (await get(client, "/ops/transfers"))["items"] == []  # no transfer was made up from it
+        assert (await get(client, "/ops/overview"))["dlq_size"] == 1
+
+
+async def test_an_open_circuit_shows_the_target_down_with_its_policy(settings: Settings) -> None:
+    from services.tracker.opstate import record_circuit
+
+    async with running(settings) as (client, app):
+        before = await get(client, "/ops/targets/a")
+        assert before["health"] == "idle" and before["policy"]["base_url"] == "http://127.0.0.1:9/fhir"
+        assert before["policy"]["auth"] == "none" and before["policy"]["breaker_failures"] == 5
+        await record_circuit(app.state.ops.ledger, "a", "open", 5, process="delivery-1")
+        after = await get(client, "/ops/targets/a")
+        assert after["health"] == "down" and after["down"] is True and after["circuit"] == "open"

@@ -23,6 +23,7 @@ class EmbeddedRelais:
             "RELAIS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
             "RELAIS_EMBEDDED_LOG_PATH": str(tmp_path / "log.db"),
             "RELAIS_BLOB_DIR": str(tmp_path / "blobs"),
+            "RELAIS_OPS_TOKEN": "embedded-ops-token",  # operator commands run with this env reach its /ops
             "RELAIS_RETRY_DELAYS_S": "[0.5, 1, 2]",
             "RELAIS_PRODUCERS_FILE": str(REPO / "deploy/dev/producers.yaml"),
             "RELAIS_TARGETS_FILE": str(targets_file or write_targets(

@@ -18,7 +18,7 @@ from services.core.settings_doc import env_example
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {f"RELAIS_{name.upper()}" for name in Settings.model_fields}
-OWN_PARSER_COMMANDS = {"demo-target", "dev-kafka", "dlq", "ledger", "targets"}
+OWN_PARSER_COMMANDS = {"demo-target", "dev-kafka", "dlq", "ledger", "targets", "status"}
 
 
 def check_command(argv: list[str]) -> None:
@@ -130,3 +130,47 @@ def test_demo_producer_files_load(path: str) -> None:
     from services.ingress.producers import load_producers
 
     assert load_producers(ROOT / path).authenticate("demo-token") is not None
+
+
+def _exported_metrics() -> set[str]:
+    from prometheus_client import REGISTRY
+
+    import services.core.metrics  # noqa: F401 - registers every Relais metric
+
+    names = set()
+    for family in REGISTRY.collect():
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+        names |= {s.name for s in family.samples}
+    return {n for n in names if n.startswith("relais_")}
+
+
+def _metrics_in(expr: str) -> set[str]:
+    return set(re.findall(r"\brelais_[a-z_]+", expr))
+
+
+def test_prometheus_rules_use_only_metrics_relais_exports() -> None:
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/relais-alerts.yaml").read_text(encoding="utf-8"))
+    exported = _exported_metrics()
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    assert {a["alert"] for a in alerts} >= {"RelaisDeadLettersWaiting", "RelaisTargetDown",
+                                            "RelaisOldestWaitingRecordTooOld"}
+    for alert in alerts:
+        used = _metrics_in(alert["expr"])
+        assert used and used <= exported, (alert["alert"], used - exported)
+    by_name = {a["alert"]: a["expr"] for a in alerts}
+    defaults = Settings()
+    assert by_name["RelaisOldestWaitingRecordTooOld"].endswith(f"> {defaults.alert_waiting_age_s:g}")
+    assert by_name["RelaisTargetBacklog"].endswith(f"> {defaults.alert_waiting_max}")
+    assert by_name["RelaisStageLag"].endswith(f"> {defaults.alert_lag_max}")
+
+
+def test_grafana_dashboard_plots_only_metrics_relais_exports() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "deploy/grafana/relais-dashboard.json").read_text(encoding="utf-8"))
+    exported = _exported_metrics()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        used = _metrics_in(expr)
+        assert used and used <= exported, (expr, used - exported)

@@ -1,4 +1,4 @@
-"""Alert rules and dedup: a lasting condition fires once and resolves once, whatever the cycles."""
+"""Alert rules are states: they fire while the problem lasts, resolve when it clears, and flapping is damped."""
 
 from __future__ import annotations
 
@@ -10,18 +10,22 @@ from services.ops.alerts import (
     Condition,
     Notification,
     Observation,
+    TargetObservation,
     Thresholds,
+    advance,
     conditions,
     run_alerts,
-    transitions,
 )
 
-LIMITS = Thresholds(dlq_growth=2, window_s=60, lag_max=100, waiting_max=10)
+LIMITS = Thresholds(dlq_max=0, lag_max=100, waiting_max=10, waiting_age_s=600, for_s=0, keep_firing_s=0,
+                    repeat_s=0)
 NOW = datetime(2025, 4, 1, tzinfo=UTC)
 
 
-def obs(at: float, dlq: int = 0, lag: int = 0, waiting: int = 0) -> Observation:
-    return Observation(at=at, dlq_size=dlq, lag={"delivery": lag}, waiting={"essms-a": waiting})
+def obs(at: float, dlq: int = 0, lag: int = 0, waiting: int = 0, down: bool = False, circuit: str = "closed",
+        age: float | None = None) -> Observation:
+    return Observation(at=at, dlq_size=dlq, lag={"delivery": lag},
+                       targets={"essms-a": TargetObservation(waiting, down, circuit, age, "HTTP 500: boom")})
 
 
 def active(conds: list[Condition]) -> set[tuple[str, str]]:
@@ -29,44 +33,69 @@ def active(conds: list[Condition]) -> set[tuple[str, str]]:
 
 
 def test_rules_each_watch_their_subject() -> None:
-    assert active(conditions([], obs(0, lag=101, waiting=11), LIMITS)) == {
+    assert active(conditions(obs(0, lag=101, waiting=11), LIMITS)) == {
         ("stage_lag", "delivery"), ("target_waiting", "essms-a")}
-    assert active(conditions([], obs(0, lag=100, waiting=10), LIMITS)) == set()
+    assert active(conditions(obs(0, lag=100, waiting=10), LIMITS)) == set()
+    assert active(conditions(obs(0, dlq=1, down=True, age=601), LIMITS)) == {
+        ("dlq_not_empty", "dlq"), ("target_down", "essms-a"), ("oldest_waiting", "essms-a")}
+    down = next(c for c in conditions(obs(0, down=True), LIMITS) if c.rule == "target_down")
+    assert "HTTP 500: boom" in down.message
 
 
-def test_dlq_growth_is_measured_over_the_window() -> None:
-    history = [obs(0, dlq=5), obs(30, dlq=6)]
-    assert active(conditions(history, obs(50, dlq=7), LIMITS)) == {("dlq_growth", "dlq")}
-    # The old sample left the window: growth 1 since t=30, below the threshold.
-    assert active(conditions(history, obs(85, dlq=7), LIMITS)) == set()
+def test_a_dead_letter_left_alone_keeps_firing_for_hours() -> None:
+    evaluator = AlertEvaluator(LIMITS)
+    notes = [n for hour in range(48) for n in evaluator.step(obs(hour * 3600.0, dlq=4, down=True), NOW)]
+    assert sorted((n.state, n.condition.rule) for n in notes) == [("firing", "dlq_not_empty"),
+                                                                  ("firing", "target_down")]
+    assert set(evaluator.firing) == {("dlq_not_empty", "dlq"), ("target_down", "essms-a")}
+    notes = evaluator.step(obs(48 * 3600.0, dlq=0), NOW)
+    assert sorted((n.state, n.condition.rule) for n in notes) == [("resolved", "dlq_not_empty"),
+                                                                  ("resolved", "target_down")]
 
 
-def test_transitions_only_report_changes() -> None:
-    on = Condition("stage_lag", "router", True, 500, 100, "behind")
-    off = Condition("stage_lag", "router", False, 3, 100, "caught up")
-    firing, notes = transitions({}, [on], NOW)
+def test_flapping_gives_one_firing_and_one_resolved() -> None:
+    limits = Thresholds(keep_firing_s=30, repeat_s=0)
+    evaluator = AlertEvaluator(limits)
+    notes: list[Notification] = []
+    t = 0.0
+    for _ in range(3):  # down 5 s, up 5 s, three times
+        for _ in range(5):
+            notes += evaluator.step(obs(t, down=True), NOW)
+            t += 1
+        for _ in range(5):
+            notes += evaluator.step(obs(t), NOW)
+            t += 1
+    for _ in range(40):  # then up for good
+        notes += evaluator.step(obs(t), NOW)
+        t += 1
+    assert [n.state for n in notes if n.condition.rule == "target_down"] == ["firing", "resolved"]
+
+
+def test_for_s_needs_the_condition_to_last() -> None:
+    limits = Thresholds(for_s=10, keep_firing_s=0, repeat_s=0)
+    states, notes = advance({}, [Condition("stage_lag", "router", True, 500, 100, "behind")], 0, NOW, limits)
+    assert notes == [] and states[("stage_lag", "router")].phase == "pending"
+    states, notes = advance(states, [Condition("stage_lag", "router", False, 0, 100, "ok")], 5, NOW, limits)
+    assert notes == [] and states == {}  # cleared before it was due: never fired, nothing to resolve
+    for at in (6, 12, 17):
+        states, notes = advance(states, [Condition("stage_lag", "router", True, 500, 100, "behind")], at, NOW, limits)
     assert [n.state for n in notes] == ["firing"]
-    firing, notes = transitions(firing, [on], NOW)
-    assert notes == []
-    firing, notes = transitions(firing, [off], NOW)
-    assert [n.state for n in notes] == ["resolved"] and firing == {}
+
+
+def test_still_firing_alerts_are_sent_again_at_the_repeat_interval() -> None:
+    limits = Thresholds(keep_firing_s=0, repeat_s=60)
+    evaluator = AlertEvaluator(limits)
+    notes = [n for at in range(0, 200, 10) for n in evaluator.step(obs(float(at), dlq=1), NOW)
+             if n.condition.rule == "dlq_not_empty"]
+    assert [(n.state, n.repeat) for n in notes] == [("firing", False), ("firing", True), ("firing", True),
+                                                    ("firing", True)]
+    assert all(n.since == NOW for n in notes)
 
 
 def test_a_firing_subject_that_disappears_resolves() -> None:
-    firing, _ = transitions({}, [Condition("target_waiting", "gone", True, 50, 10, "x")], NOW)
-    firing, notes = transitions(firing, [], NOW)
-    assert [(n.state, n.condition.subject) for n in notes] == [("resolved", "gone")]
-
-
-def test_condition_lasting_many_cycles_fires_once_and_resolves_once() -> None:
-    evaluator = AlertEvaluator(LIMITS)
-    notes: list[Notification] = []
-    for cycle in range(50):
-        notes += evaluator.step(obs(cycle, lag=500))
-    for cycle in range(50, 100):
-        notes += evaluator.step(obs(cycle, lag=0))
-    lag_notes = [(n.state, n.condition.rule) for n in notes if n.condition.rule == "stage_lag"]
-    assert lag_notes == [("firing", "stage_lag"), ("resolved", "stage_lag")]
+    states, _ = advance({}, [Condition("target_waiting", "gone", True, 50, 10, "x")], 0, NOW, LIMITS)
+    states, notes = advance(states, [], 1, NOW, LIMITS)
+    assert [(n.state, n.condition.subject) for n in notes] == [("resolved", "gone")] and states == {}
 
 
 async def test_the_loop_notifies_once_per_change() -> None:

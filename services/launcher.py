@@ -80,9 +80,10 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
             elif name == "tracker":
                 ledger = Ledger(settings.database_url)
                 await ledger.create_schema()
-                await audit.create_schema(ledger)
+                await audit.open_trail(ledger, settings)  # key, genesis row (or migration); refuses a wrong key
                 resources.push_async_callback(ledger.close)
-                stages.append(audit.AuditingTracker(TrackerStage(ledger), ledger))  # ledger + audit trail
+                stages.append(audit.AuditingTracker(TrackerStage(ledger), ledger,  # ledger + audit trail
+                                                    settings.audit_anchor_s))
             else:
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(WORKER_STAGES)}")
         yield stages

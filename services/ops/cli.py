@@ -67,6 +67,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             days = args.days if args.days is not None else settings.ledger_retention_days
             gone = await purge(ledger, timedelta(days=days))
             audit_days = settings.audit_retention_days
+            audit.bind(ledger, settings)
             audited = await audit.purge(ledger, timedelta(days=audit_days))
             print(f"purged {gone.transfers} transfer(s), {gone.deliveries} deliveries, {gone.events} event(s), "
                   f"{gone.access_log} access-log line(s) older than {days:g} day(s); "

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.core.configfile import load_yaml_model, repeated
 from services.core.settings import Settings
 from services.ingress.checks import bearer_token
+from services.ingress.security import note_refusal
 
 Role = Literal["viewer", "operator"]
 _RANK: dict[str, int] = {"viewer": 0, "operator": 1}
@@ -117,7 +118,15 @@ def identify(request: Request) -> Operator | None:
 
 
 def check(request: Request, role: Role) -> Operator:
-    """The operator making this request if they hold `role`; raises 401/403 otherwise."""
+    """The operator making this request if they hold `role`; raises 401/403 otherwise (audited, rate-limited)."""
+    try:
+        return _check(request, role)
+    except HTTPException as exc:
+        note_refusal(request, "ops", exc.status_code, str(exc.detail))
+        raise
+
+
+def _check(request: Request, role: Role) -> Operator:
     token = request_token(request)
     operator = identify(request)
     if operator is None:

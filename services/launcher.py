@@ -21,6 +21,7 @@ from services.core.blobstore import make_blob_store
 from services.core.bus import Bus
 from services.core.embedded import EmbeddedBus
 from services.core.kafka import KafkaBus
+from services.core.keyrotation import check_keys_at_start
 from services.core.logging import get_logger
 from services.core.runner import Stage, run_stage
 from services.core.settings import Settings
@@ -116,6 +117,7 @@ async def serve(names: Sequence[str], settings: Settings, *,
     try:
         if workers:
             await _start_bus(bus, stop)  # creates missing topics before any consumer subscribes
+        await check_keys_at_start(bus if workers else None, settings)  # no live data under a removed key
         async with worker_stages(workers, settings) as stages:
             tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
             tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]

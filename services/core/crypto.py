@@ -191,6 +191,14 @@ class Keyring:
         return self.open_(blob[8 + klen + wlen:], kid, wrapped, aad)
 
 
+def blob_key_id(blob: bytes) -> str:
+    """The id of the key that seals `blob` (a sealed blob's header; the first few hundred bytes suffice)."""
+    if not is_sealed_blob(blob) or len(blob) < len(BLOB_MAGIC) + 4:
+        raise DecryptionError("blob is not sealed by Relais")
+    klen = struct.unpack(">H", blob[4:6])[0]
+    return blob[8:8 + klen].decode(errors="replace")
+
+
 def is_sealed_blob(blob: bytes) -> bool:
     """True when `blob` was written by `Keyring.seal_blob`."""
     return blob[:len(BLOB_MAGIC)] == BLOB_MAGIC

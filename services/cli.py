@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return dlq(args_list[1:])
     if args_list and args_list[0] == "keys":
-        from services.core.keyrotation import main as keys
+        from services.keyrotation import main as keys
 
         return keys(args_list[1:])
     if args_list and args_list[0] in ("ledger", "targets"):

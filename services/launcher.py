@@ -21,14 +21,14 @@ from services.core.blobstore import make_blob_store
 from services.core.bus import Bus
 from services.core.embedded import EmbeddedBus
 from services.core.kafka import KafkaBus
-from services.core.keyrotation import check_keys_at_start
 from services.core.logging import get_logger
 from services.core.runner import Stage, run_stage
 from services.core.settings import Settings
 from services.core.targets import load_targets
 from services.delivery.stage import DeliveryStage
+from services.keyrotation import check_keys_at_start
 from services.router.stage import RouterStage
-from services.tracker import audit
+from services.tracker import audit, sealed
 from services.tracker.ledger import Ledger
 from services.tracker.opstate import paused_targets, record_circuit
 from services.tracker.stage import TrackerStage
@@ -93,6 +93,7 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
 async def serve(names: Sequence[str], settings: Settings, *,
                 extra_servers: Sequence[tuple[Any, str, int]] = ()) -> None:
     """Run the named stages until SIGTERM/SIGINT, then stop fetching and let in-flight work finish."""
+    sealed.install(settings)  # ledger values that may quote health data are sealed at rest
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -47,8 +47,10 @@ def main(argv: Sequence[str]) -> int:
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     from services.launcher import make_bus
     from services.ops.context import OpsContext
-    from services.tracker import audit, opstate
+    from services.tracker import audit, opstate, sealed
     from services.tracker.ledger import Ledger
+
+    sealed.install(settings)  # ledger values that may quote health data are sealed at rest
     from services.tracker.rebuild import rebuild
     from services.tracker.retention import purge
 

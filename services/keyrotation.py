@@ -2,6 +2,8 @@
 
 `relais keys rotate` (run with the new key listed first, the old ones still listed):
 
+* the ledger: values that may quote health data (services.tracker.sealed) are sealed again under the
+  current key — and sealed for the first time when encryption was turned on after they were written;
 * the embedded log: every record sealed with another key is decrypted and sealed again under the
   current one, in place (retry tiers, dead letters, events — the whole file). It needs the log to
   itself: stop `relais run` first (the log's lock says so if you forget);
@@ -33,6 +35,8 @@ from services.core.errors import ConfigurationError
 from services.core.logging import get_logger
 from services.core.settings import Settings
 from services.core.topics import POISON
+from services.tracker import sealed
+from services.tracker.ledger import Ledger, metadata
 
 log = get_logger(__name__)
 
@@ -47,12 +51,14 @@ class LiveKeys:
 
     records: dict[str, int] = field(default_factory=dict)
     blobs: dict[str, int] = field(default_factory=dict)
+    ledger: dict[str, int] = field(default_factory=dict)
 
     def retired(self, keyring: Keyring | None) -> dict[str, str]:
         """Key ids in use that the keyring no longer holds -> where they are used."""
         known = set(keyring.keys) if keyring is not None else set()
         out: dict[str, list[str]] = {}
-        for what, counts in (("records in the embedded log", self.records), ("blobs", self.blobs)):
+        for what, counts in (("records in the embedded log", self.records), ("blobs", self.blobs),
+                             ("ledger values", self.ledger)):
             for kid, n in counts.items():
                 if kid not in known:
                     out.setdefault(kid, []).append(f"{n} {what}")
@@ -78,7 +84,18 @@ async def live_keys(bus: Bus, settings: Settings) -> LiveKeys:
         found.records = await bus.log.call(_record_kids, settings.topic(POISON))
     if not settings.blob_s3_endpoint:
         found.blobs = LocalBlobStore(settings.blob_dir).key_ids()
+    found.ledger = await _ledger_kids(settings)
     return found
+
+
+async def _ledger_kids(settings: Settings) -> dict[str, int]:
+    ledger = Ledger(settings.database_url)
+    try:
+        await ledger.create_schema()
+        async with ledger.engine.connect() as conn:
+            return await sealed.kids_in_use(conn, metadata)
+    finally:
+        await ledger.close()
 
 
 async def check_keys_at_start(bus: Bus | None, settings: Settings) -> None:
@@ -105,6 +122,7 @@ class Rotated:
 
     records: int = 0
     records_total: int = 0
+    ledger: int = 0
     unreadable: int = 0
     blobs: int = 0
     blobs_total: int = 0
@@ -173,14 +191,22 @@ async def rotate(settings: Settings, out: TextIO = sys.stdout) -> Rotated:
                 _reseal_records, keyring, settings.topic(POISON), progress("embedded log records"))
         finally:
             log.close()
+    ledger = Ledger(settings.database_url)
+    try:
+        await ledger.create_schema()
+        async with ledger.engine.begin() as conn:
+            result.ledger = await sealed.reseal(conn, metadata, keyring, lambda column, n: print(
+                f"  ledger {column}: {n} value(s) checked", file=out, flush=True))
+    finally:
+        await ledger.close()
     if settings.blob_s3_endpoint:
         print("  blobs: the S3 blob store is not rotated by this command yet; keep the old key until "
               "RELAIS_DLQ_RETENTION_DAYS has passed", file=out, flush=True)
     else:
         store = LocalBlobStore(settings.blob_dir)
         result.blobs, result.blobs_total = store.reseal_all(keyring, progress("blobs"))
-    print(f"relais keys rotate: {result.records} of {result.records_total} sealed record(s) and {result.blobs} of "
-          f"{result.blobs_total} blob(s) re-encrypted"
+    print(f"relais keys rotate: {result.records} of {result.records_total} sealed record(s), {result.blobs} of "
+          f"{result.blobs_total} blob(s) and {result.ledger} ledger value(s) re-encrypted"
           + (f"; {result.unreadable} record(s) could not be opened and were left as they are" if result.unreadable
              else "") + ". Keys no longer used can now be removed.", file=out, flush=True)
     if settings.kafka_bootstrap:

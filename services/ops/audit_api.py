@@ -84,8 +84,7 @@ async def audit_export(request: Request, who: Actor, kind: str | None = None, ac
             "outside the database (audit.head topic; or ?seq=&mac= copied from an 'audit chain head' log line)")
 async def audit_verify(request: Request, who: Actor, seq: int | None = None, mac: str | None = None) -> Response:
     ops = request.app.state.ops
-    key = audit.bind(ops.ledger, ops.settings)
-    anchors = [a for a in [await audit.latest_anchor(ops.bus, key)] if a is not None]
+    anchors = [a for a in [await audit.latest_anchor(ops.bus, audit.key_of(ops.ledger))] if a is not None]
     if seq is not None and mac:
         anchors.append(audit.Anchor(seq, mac.lower()))
     verdict = await audit.verify_chain(ops.ledger, anchors)

@@ -102,20 +102,30 @@ _KEPT = ("targets", "size", "entries", "sha256", "auth", "cert", "http_status", 
 
 @dataclass
 class _Trail:
-    key: AuditKey
+    source: AuditKey | Settings
+    loaded: AuditKey | None = None
     checked: bool = False  # the genesis row was found (or made) and names this key
+
+    @property
+    def key(self) -> AuditKey:
+        """Loaded on first use, so a process that never writes the trail never creates a key file."""
+        if self.loaded is None:
+            self.loaded = self.source if isinstance(self.source, AuditKey) else load_audit_key(self.source)
+        return self.loaded
 
 
 _TRAILS: weakref.WeakKeyDictionary[Ledger, _Trail] = weakref.WeakKeyDictionary()
 
 
-def bind(ledger: Ledger, key: AuditKey | Settings) -> AuditKey:
-    """Give `ledger`'s audit trail its MAC key (once per ledger object; the key from settings or given)."""
-    trail = _TRAILS.get(ledger)
-    if trail is None:
-        trail = _Trail(key if isinstance(key, AuditKey) else load_audit_key(key))
-        _TRAILS[ledger] = trail
-    return trail.key
+def bind(ledger: Ledger, key: AuditKey | Settings) -> None:
+    """Give `ledger`'s audit trail its MAC key (once per ledger object; from settings, or given)."""
+    if ledger not in _TRAILS:
+        _TRAILS[ledger] = _Trail(key)
+
+
+def key_of(ledger: Ledger) -> AuditKey:
+    """The MAC key of `ledger`'s audit trail (ConfigurationError when it has none or it cannot be read)."""
+    return _trail(ledger).key
 
 
 def _trail(ledger: Ledger) -> _Trail:
@@ -195,6 +205,7 @@ async def open_trail(ledger: Ledger, settings: Settings) -> None:
     """
     await create_schema(ledger)
     bind(ledger, settings)
+    key_of(ledger)  # a missing or unreadable key stops the process now
     await _write(ledger, None)
 
 

@@ -18,7 +18,7 @@ from services.core.embedded import EmbeddedBus
 from services.core.errors import ConfigurationError
 from services.core.settings import Settings
 from services.tracker import audit
-from services.tracker.auditkey import new_audit_key
+from services.tracker.auditkey import new_audit_key, parse_audit_key
 from services.tracker.ledger import Ledger
 
 ROWS = 50
@@ -109,7 +109,7 @@ async def test_rewriting_a_row_and_recomputing_the_chain_without_the_key(ledger:
 
 
 async def test_rewriting_a_row_with_a_guessed_key(ledger: Ledger) -> None:
-    other = audit.bind(Ledger(ledger.url), Settings(database_url=ledger.url, audit_key=new_audit_key()))
+    other = parse_audit_key(new_audit_key(), "test")
     async with ledger.engine.begin() as conn:
         r = (await conn.execute(sa.select(audit.audit_log).where(audit.audit_log.c.seq == 5))).mappings().one()
         digest = audit.row_mac(other, r["prev_hash"], 5, r["time"], r["kind"], r["actor_type"], "mallory",
@@ -220,7 +220,7 @@ async def test_head_anchors_go_to_the_bus_and_a_forged_one_is_ignored(ledger: Le
         assert emit is not None and await anchors.due() is None  # once per interval
         forged = emit.envelope.evolve(data=orjson.dumps({"seq": 999, "mac": "0" * 64, "sig": "0" * 64}))
         await bus.publish([emit, type(emit)(emit.topic, emit.key, forged)])
-        key = audit.bind(ledger, settings)
+        key = audit.key_of(ledger)
         found = await audit.latest_anchor(bus, key, settle_s=1)
         assert found == await head(ledger)
         await execute(ledger, sa.delete(audit.audit_log).where(audit.audit_log.c.seq == ROWS))
@@ -245,7 +245,7 @@ async def test_failed_authentications_are_recorded_at_most_once_per_interval(led
 
 
 def test_row_mac_is_not_plain_sha256() -> None:
-    key = audit.bind(Ledger("sqlite+aiosqlite:///:memory:"), Settings(audit_key=new_audit_key()))
+    key = parse_audit_key(new_audit_key(), "test")
     now = datetime.now(UTC)
     args = ("0" * 64, 1, now, "k", "system", None, None, None, None, "success", {})
     assert audit.row_mac(key, *args) != audit.legacy_row_hash(*args)

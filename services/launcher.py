@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from services.core.blobstore import make_blob_store
+from services.core.blobstore import make_blob_store, prune_blobs_periodically
 from services.core.bus import Bus
 from services.core.embedded import EmbeddedBus
 from services.core.kafka import KafkaBus
@@ -122,6 +122,8 @@ async def serve(names: Sequence[str], settings: Settings, *,
         async with worker_stages(workers, settings) as stages:
             tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
             tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]
+            if workers:
+                tasks.append(asyncio.create_task(prune_blobs_periodically(settings, stop), name="blob-retention"))
             if "alerts" in names:
                 from services.ops import run_alerts_stage
 

@@ -37,7 +37,10 @@ import httpx
 
 from services.core.crypto import DecryptionError, Keyring, blob_key_id, is_sealed_blob
 from services.core.errors import ConfigurationError, PermanentError, TransientError
+from services.core.logging import get_logger
 from services.core.settings import Settings
+
+log = get_logger(__name__)
 
 # Envelope extension attributes of a claim-checked record (the value is then empty).
 X_BLOB = "blob"
@@ -363,6 +366,34 @@ def make_blob_store(settings: Settings) -> BlobStore:
                            settings.blob_s3_access_key_id, settings.blob_s3_secret_access_key,
                            keyring=Keyring.from_settings(settings))
     return LocalBlobStore(settings.blob_dir, Keyring.from_settings(settings))
+
+
+def blob_retention_s(settings: Settings) -> float:
+    """How long a blob may still be referenced: the longer of the pipeline and dead-letter retentions."""
+    return max(settings.topic_retention_days, settings.dlq_retention_days) * 86400
+
+
+def prune_local_blobs(settings: Settings) -> int:
+    """Apply retention to the local blob store (none for S3: give the bucket a lifecycle rule instead)."""
+    if settings.blob_s3_endpoint:
+        return 0
+    return LocalBlobStore(settings.blob_dir).prune(blob_retention_s(settings))
+
+
+async def prune_blobs_periodically(settings: Settings, stop: asyncio.Event, every_s: float = 3600.0) -> None:
+    """`prune_local_blobs` now and every `every_s` until `stop` is set (the embedded default has no Kafka
+    retention to lean on, so blobs would otherwise accumulate forever)."""
+    while not stop.is_set():
+        try:
+            gone = await asyncio.to_thread(prune_local_blobs, settings)
+            if gone:
+                log.info("blobs past retention removed", blobs=gone)
+        except OSError as exc:
+            log.warning("blob retention could not run; retrying later", error=str(exc))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        except TimeoutError:
+            pass
 
 
 async def resolve_payload(store: BlobStore, data: bytes, extra: Mapping[str, str]) -> bytes:

@@ -45,14 +45,15 @@ def main(argv: Sequence[str]) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from services.core.blobstore import prune_local_blobs
     from services.launcher import make_bus
     from services.ops.context import OpsContext
     from services.tracker import audit, opstate, sealed
     from services.tracker.ledger import Ledger
-
-    sealed.install(settings)  # ledger values that may quote health data are sealed at rest
     from services.tracker.rebuild import rebuild
     from services.tracker.retention import purge
+
+    sealed.install(settings)  # ledger values that may quote health data are sealed at rest
 
     ledger = Ledger(settings.database_url)
     try:
@@ -71,9 +72,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             audit_days = settings.audit_retention_days
             audit.bind(ledger, settings)
             audited = await audit.purge(ledger, timedelta(days=audit_days))
+            blobs = prune_local_blobs(settings)
             print(f"purged {gone.transfers} transfer(s), {gone.deliveries} deliveries, {gone.events} event(s), "
                   f"{gone.access_log} access-log line(s) older than {days:g} day(s); "
-                  f"{audited} audit row(s) older than {audit_days:g} day(s)")
+                  f"{audited} audit row(s) older than {audit_days:g} day(s); {blobs} blob(s) past retention")
         elif args.action == "list":
             context = OpsContext.build(settings, ledger, make_bus(settings))
             for item in await context.targets_view():

@@ -19,10 +19,12 @@ from services.core.blobstore import (
     BlobRef,
     BlobStoreUnavailable,
     LocalBlobStore,
+    prune_blobs_periodically,
     resolve_payload,
     sigv4_headers,
 )
 from services.core.crypto import Keyring, new_key, parse_keys
+from services.core.settings import Settings
 
 AWS_KEY, AWS_SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
@@ -153,3 +155,20 @@ def test_sigv4_matches_the_aws_s3_put_object_example() -> None:
         now=datetime(2013, 5, 24, tzinfo=UTC))
     assert headers["Authorization"].endswith(
         "Signature=98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd")
+
+
+async def test_the_running_broker_prunes_blobs_past_the_longest_retention(tmp_path: Path) -> None:
+    settings = Settings(blob_dir=tmp_path, topic_retention_days=1, dlq_retention_days=2)
+    store = LocalBlobStore(tmp_path)
+    kept, gone = await store.put(b"dead letter of yesterday"), await store.put(b"three days old")
+    for ref, days in ((kept, 1.5), (gone, 3)):
+        moment = time.time() - days * 86400
+        os.utime(tmp_path / ref.name[:2] / ref.name, (moment, moment))
+    stop = asyncio.Event()
+    task = asyncio.create_task(prune_blobs_periodically(settings, stop, every_s=0.05))
+    deadline = time.monotonic() + 5
+    while len(list(store.names())) > 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert [p.name for p in store.names()] == [kept.name]

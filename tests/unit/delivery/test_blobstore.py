@@ -25,6 +25,7 @@ from services.core.blobstore import (
 )
 from services.core.crypto import Keyring, new_key, parse_keys
 from services.core.settings import Settings
+from tests.support.kafka import wait_for
 
 AWS_KEY, AWS_SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
@@ -166,9 +167,11 @@ async def test_the_running_broker_prunes_blobs_past_the_longest_retention(tmp_pa
         os.utime(tmp_path / ref.name[:2] / ref.name, (moment, moment))
     stop = asyncio.Event()
     task = asyncio.create_task(prune_blobs_periodically(settings, stop, every_s=0.05))
-    deadline = time.monotonic() + 5
-    while len(list(store.names())) > 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: _true(len(list(store.names())) == 1), timeout_s=5, interval_s=0.02)
     stop.set()
     await asyncio.wait_for(task, 5)
     assert [p.name for p in store.names()] == [kept.name]
+
+
+async def _true(value: bool) -> bool:
+    return value

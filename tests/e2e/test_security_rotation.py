@@ -29,6 +29,7 @@ pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": "Bearer demo-token"}
 OPS = {"Authorization": "Bearer rotation-ops-token"}
 K_OLD, K_NEW = crypto.new_key("old"), crypto.new_key("new")
+PLANTED_BY_TARGET, PLANTED_BY_VALIDATOR = "MARCELLINE-DUPONTEL", "ZORGLUBGENDER"
 
 
 def post(relais: EmbeddedRelais, body: bytes) -> str:
@@ -86,10 +87,14 @@ def test_rotation_retires_the_old_key_and_the_same_bundle_is_delivered_before_an
     try:
         first = post(relais, same_body)
         assert entry_status(final(relais, first)).startswith("201") or received_with(relais, marker(same)) == 1
-        httpx.post(f"http://127.0.0.1:{relais.target_port}/_faults", json={"status": 400, "count": 1},
-                   timeout=10).raise_for_status()
+        target_says = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "error", "code": "invalid", "diagnostics": f"patient {PLANTED_BY_TARGET} already exists"}]}
+        httpx.post(f"http://127.0.0.1:{relais.target_port}/_faults", json={"status": 400, "count": 1,
+                   "body": target_says}, timeout=10).raise_for_status()
         dead = post(relais, doomed_body)
-        final(relais, dead)
+        assert PLANTED_BY_TARGET in orjson.dumps(final(relais, dead)).decode()  # the producer is told, in full
+        rejected = post(relais, orjson.dumps(with_gender(make_bundle(6, seed=903), PLANTED_BY_VALIDATOR)))
+        assert PLANTED_BY_VALIDATOR in orjson.dumps(final(relais, rejected)).decode()
         assert received_with(relais, marker(same)) == 1 and received_with(relais, marker(doomed)) == 0
         stop_broker(relais)  # the target keeps running: it counts both deliveries
 
@@ -128,3 +133,15 @@ def test_rotation_retires_the_old_key_and_the_same_bundle_is_delivered_before_an
     for path in (tmp_path / "blobs").rglob("*"):
         if path.is_file():
             assert crypto.blob_key_id(path.read_bytes()) == "new"
+    # Data at rest: nothing personal in clear in the ledger, the log or the blobs (issue 11).
+    planted = [PLANTED_BY_TARGET, PLANTED_BY_VALIDATOR, marker(same), marker(doomed)]
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "run.log" and p.suffix != ".yaml"]
+    leaks = [(p.name, m) for p in files for m in planted if m.encode() in p.read_bytes()]
+    assert not leaks, leaks
+
+
+def with_gender(bundle: dict[str, Any], gender: str) -> dict[str, Any]:
+    for entry in bundle["entry"]:
+        if entry["resource"]["resourceType"] == "Patient":
+            entry["resource"]["gender"] = gender  # the validator quotes the value it rejects
+    return bundle

@@ -466,6 +466,12 @@ class HeadAnchors:
         anchor = Anchor(int(last[0]), str(last[1]), origin)
         if anchor == self._last and not force:
             return None
+        if self._last is not None and (anchor.seq < self._last.seq or anchor.origin != self._last.origin):
+            # Someone removed rows (or restarted the trail) since the last anchor: say so loudly, and keep
+            # the higher anchor authoritative (verify takes the highest; this lower one is not written).
+            log.error("audit trail went backwards since the last anchor: rows were removed; run GET "
+                      "/ops/audit/verify", anchored_seq=self._last.seq, head_seq=anchor.seq)
+            return None
         self._last = anchor
         key = _trail(self.ledger).key
         log.info("audit chain head", audit_seq=anchor.seq, audit_mac=anchor.mac)
@@ -474,7 +480,9 @@ class HeadAnchors:
                               "time": datetime.now(UTC).isoformat()})
         env = Envelope(type="fr.relais.audit.head", source="/relais/tracker", transfer_id="audit-head", data=value,
                        content_type=JSON)
-        return Emit(AUDIT_HEAD, b"audit-head", env)
+        # One key per UTC day: compaction keeps the day's newest anchor, and never lets a later (possibly
+        # truncated) head replace the anchors of earlier days.
+        return Emit(AUDIT_HEAD, f"audit-head-{datetime.now(UTC).date().isoformat()}".encode(), env)
 
 
 async def latest_anchor(bus: Bus, key: AuditKey, *, settle_s: float = 3.0) -> Anchor | None:

@@ -250,3 +250,10 @@ def test_row_mac_is_not_plain_sha256() -> None:
     args = ("0" * 64, 1, now, "k", "system", None, None, None, None, "success", {})
     assert audit.row_mac(key, *args) != audit.legacy_row_hash(*args)
     assert audit.legacy_row_hash(*args) == hashlib.sha256(b"0" * 64 + audit._content(*args[1:])).hexdigest()
+
+
+async def test_the_tracker_does_not_anchor_a_head_that_went_backwards(ledger: Ledger) -> None:
+    anchors = audit.HeadAnchors(ledger, every_s=0.0)
+    assert await anchors.due() is not None
+    await execute(ledger, sa.delete(audit.audit_log).where(audit.audit_log.c.seq > ROWS - 5))
+    assert await anchors.due() is None  # a lower head never overwrites the anchored one

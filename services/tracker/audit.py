@@ -49,6 +49,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from services.core.bus import Bus
+from services.core.embedded import EmbeddedBus
 from services.core.envelope import JSON, Emit, Envelope, Record, new_id
 from services.core.errors import ConfigurationError, TransientError
 from services.core.logging import get_logger
@@ -485,17 +486,22 @@ class HeadAnchors:
         return Emit(AUDIT_HEAD, f"audit-head-{datetime.now(UTC).date().isoformat()}".encode(), env)
 
 
-async def latest_anchor(bus: Bus, key: AuditKey, *, settle_s: float = 3.0) -> Anchor | None:
-    """The highest authentic anchor on the `audit.head` topic (None when there is none yet)."""
+async def latest_anchor(bus: Bus, key: AuditKey, *, settle_s: float = 10.0) -> Anchor | None:
+    """The highest authentic anchor on the `audit.head` topic (None when there is none yet).
+
+    A throwaway consumer group reads the (small, compacted) topic from the start; on Kafka joining takes
+    a few seconds, hence `settle_s`; the embedded log answers at once.
+    """
     sub = bus.subscribe(f"audit-verify-{new_id()}", [AUDIT_HEAD])
     best: Anchor | None = None
+    immediate = isinstance(bus, EmbeddedBus)  # every record is readable at the first poll
     await sub.start()
     try:
         deadline = clock.monotonic() + settle_s
         seen = False
         while clock.monotonic() < deadline:
             records = await sub.poll(500, 0.3)
-            if not records and seen:
+            if not records and (seen or immediate):
                 break
             seen = seen or bool(records)
             for record in records:

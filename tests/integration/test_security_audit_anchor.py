@@ -26,7 +26,7 @@ async def test_the_newest_authentic_anchor_is_read_back(bus_settings: Callable[.
             emit = await anchors.due()
             assert emit is not None
             await bus.publish([emit])
-        found = await audit.latest_anchor(bus, audit.key_of(ledger), settle_s=15)
+        found = await audit.latest_anchor(bus, audit.key_of(ledger))  # the default settle time, as verify uses
         assert found is not None and found.seq == 3
         assert (await audit.verify_chain(ledger, [found])).valid
     finally:

@@ -389,11 +389,14 @@ class Refusals:
     """
 
     MAX_KEYS = 10_000
+    MAX_ROWS = 100  # per interval, all clients together: many addresses must not flood the database either
 
     def __init__(self, ledger: Ledger, every_s: float) -> None:
         self.ledger = ledger
         self.every_s = every_s
         self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._window = (0.0, 0)  # start of the current interval, rows written in it
+        self._dropped = 0  # refusals not recorded because of MAX_ROWS, told in the next row
         self._tasks: set[asyncio.Task[None]] = set()
 
     def note(self, surface: str, status: int, reason: str, *, client: str | None, actor: str | None = None,
@@ -405,6 +408,13 @@ class Refusals:
         if last is not None and moment - last < self.every_s:
             self._last[slot] = (last, suppressed + 1)
             return False
+        start, rows = self._window
+        if moment - start >= self.every_s:
+            start, rows = moment, 0
+        if rows >= self.MAX_ROWS:
+            self._dropped += 1
+            return False
+        self._window = (start, rows + 1)
         if len(self._last) >= self.MAX_KEYS:
             self._last.clear()  # a flood of distinct clients: forget, rather than grow without bound
         self._last[slot] = (moment, 0)
@@ -412,6 +422,8 @@ class Refusals:
                                   "client": client, "path": path}
         if suppressed:
             detail["suppressed_since_last"] = suppressed
+        if self._dropped:
+            detail["dropped_over_limit"], self._dropped = self._dropped, 0
         task = asyncio.get_running_loop().create_task(self._write(actor, detail))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

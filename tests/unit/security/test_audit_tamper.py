@@ -257,3 +257,15 @@ async def test_the_tracker_does_not_anchor_a_head_that_went_backwards(ledger: Le
     assert await anchors.due() is not None
     await execute(ledger, sa.delete(audit.audit_log).where(audit.audit_log.c.seq > ROWS - 5))
     assert await anchors.due() is None  # a lower head never overwrites the anchored one
+
+
+async def test_refusals_from_many_clients_are_capped_per_interval(ledger: Ledger) -> None:
+    refusals = audit.Refusals(ledger, every_s=60)
+    written = sum(refusals.note("ingress", 401, "unknown token", client=f"10.0.{n // 256}.{n % 256}", now=1.0)
+                  for n in range(150))
+    assert written == audit.Refusals.MAX_ROWS
+    assert refusals.note("ingress", 401, "unknown token", client="10.9.9.9", now=62.0)
+    await refusals.drain()
+    rows, _ = await audit.entries(ledger, audit.AuditFilter(kind="auth.refused"), limit=500)
+    assert len(rows) == audit.Refusals.MAX_ROWS + 1
+    assert [r.detail.get("dropped_over_limit") for r in rows if r.detail["client"] == "10.9.9.9"] == [50]

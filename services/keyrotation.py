@@ -8,14 +8,17 @@
   current one, in place (retry tiers, dead letters, events — the whole file). It needs the log to
   itself: stop `relais run` first (the log's lock says so if you forget);
 * the local blob store: every blob sealed with another key is re-encrypted (atomic rename per blob);
-* Kafka: records cannot be rewritten in place. Records waiting in the retry tiers are sealed again with
-  the current key each time delivery handles or parks them, so after the longest retry delay (plus a
-  target's Retry-After, capped at 1 h) none is left under the old key; dead letters are replayed from
-  the blob store, which this command re-encrypts. Events sealed with a removed key can no longer feed
-  `relais ledger rebuild`: keep the old key until RELAIS_DLQ_RETENTION_DAYS has passed if you need that.
+* Kafka: records cannot be rewritten in place (and re-publishing a copy would deliver twice). Records not
+  yet handled are sealed again with the current key each time a stage handles or parks them, so after
+  the longest retry delay (plus a target's Retry-After, capped at 1 h) none is left under the old key;
+  this command and `relais keys status` count those still waiting (read past each stage's committed
+  offsets, never committing). Dead letters replay from the blob store, which this command re-encrypts.
+  Events sealed with a removed key can no longer feed `relais ledger rebuild`: keep the old key until
+  RELAIS_DLQ_RETENTION_DAYS has passed if you need that.
 
-At start, a process refuses to run when live data is sealed with a key that is no longer configured
-(`check_keys_at_start`), naming the key and what to do, instead of dead-lettering records one by one.
+At start, a process refuses to run when live data (embedded log records, blobs, ledger values, records
+waiting on Kafka) is sealed with a key that is no longer configured (`check_keys_at_start`), naming the
+key and what to do, instead of dead-lettering records one by one.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from services.core.bus import Bus
 from services.core.crypto import X_DECRYPT_ERROR, X_ENC_KID, Keyring, open_envelope, seal_envelope
 from services.core.embedded import EmbeddedBus, EmbeddedLog, _decode_headers, _encode_headers
 from services.core.envelope import EXTRA_PREFIX, Envelope, EnvelopeError
-from services.core.errors import ConfigurationError
+from services.core.errors import BusUnavailable, ConfigurationError
+from services.core.kafka import KafkaBus
 from services.core.logging import get_logger
 from services.core.settings import Settings
-from services.core.topics import POISON
+from services.core.topics import DELIVERIES, EVENTS, POISON, RECEIVED, VALIDATED, retry_topic
 from services.tracker import sealed
 from services.tracker.ledger import Ledger, metadata
 
@@ -52,13 +56,14 @@ class LiveKeys:
     records: dict[str, int] = field(default_factory=dict)
     blobs: dict[str, int] = field(default_factory=dict)
     ledger: dict[str, int] = field(default_factory=dict)
+    kafka: dict[str, int] = field(default_factory=dict)  # records on Kafka not yet consumed by their stage
 
     def retired(self, keyring: Keyring | None) -> dict[str, str]:
         """Key ids in use that the keyring no longer holds -> where they are used."""
         known = set(keyring.keys) if keyring is not None else set()
         out: dict[str, list[str]] = {}
         for what, counts in (("records in the embedded log", self.records), ("blobs", self.blobs),
-                             ("ledger values", self.ledger)):
+                             ("ledger values", self.ledger), ("records waiting on Kafka", self.kafka)):
             for kid, n in counts.items():
                 if kid not in known:
                     out.setdefault(kid, []).append(f"{n} {what}")
@@ -77,15 +82,38 @@ def _record_kids(conn: sqlite3.Connection, poison: str) -> dict[str, int]:
     return counts
 
 
-async def live_keys(bus: Bus, settings: Settings) -> LiveKeys:
+async def live_keys(bus: Bus, settings: Settings, *, at_start: bool = False) -> LiveKeys:
     """Key ids sealing records of the embedded log (when that is the bus) and blobs of the local store."""
     found = LiveKeys()
     if isinstance(bus, EmbeddedBus):
         found.records = await bus.log.call(_record_kids, settings.topic(POISON))
+    if isinstance(bus, KafkaBus):
+        try:
+            found.kafka = await _kafka_kids(bus, settings)
+        except BusUnavailable as exc:
+            if not at_start:
+                raise
+            # A long backlog after an outage must not stop the start: the records stay readable by
+            # any process that still lists their key, and `relais keys status` can tell later.
+            log.warning("could not check which keys seal the records waiting on Kafka", error=str(exc))
     if not settings.blob_s3_endpoint:
         found.blobs = LocalBlobStore(settings.blob_dir).key_ids()
     found.ledger = await _ledger_kids(settings)
     return found
+
+
+def stage_inputs(settings: Settings) -> dict[str, list[str]]:
+    """Each worker stage and the topics it consumes: where live records wait on Kafka."""
+    return {"validator": [RECEIVED], "router": [VALIDATED], "tracker": [EVENTS],
+            "delivery": [DELIVERIES, *(retry_topic(n) for n in range(1, len(settings.retry_delays_s) + 1))]}
+
+
+async def _kafka_kids(bus: KafkaBus, settings: Settings) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for stage, topics in stage_inputs(settings).items():
+        for kid, n in (await bus.pending_header_values(stage, topics, KID_HEADER, timeout_s=30)).items():
+            counts[kid] = counts.get(kid, 0) + n
+    return counts
 
 
 async def _ledger_kids(settings: Settings) -> dict[str, int]:
@@ -107,7 +135,7 @@ async def check_keys_at_start(bus: Bus | None, settings: Settings) -> None:
                     "RELAIS_ENCRYPTION_KEYS_FILE (or RELAIS_ENCRYPTION_KEYS) to encrypt them")
     if bus is None:
         return
-    retired = (await live_keys(bus, settings)).retired(keyring)
+    retired = (await live_keys(bus, settings, at_start=True)).retired(keyring)
     if retired:
         detail = "; ".join(f"key {kid!r}: {where}" for kid, where in sorted(retired.items()))
         raise ConfigurationError(
@@ -126,6 +154,7 @@ class Rotated:
     unreadable: int = 0
     blobs: int = 0
     blobs_total: int = 0
+    kafka_waiting: int = 0
 
 
 def _reseal_records(conn: sqlite3.Connection, keyring: Keyring, poison: str,
@@ -210,8 +239,14 @@ async def rotate(settings: Settings, out: TextIO = sys.stdout) -> Rotated:
           + (f"; {result.unreadable} record(s) could not be opened and were left as they are" if result.unreadable
              else "") + ". Keys no longer used can now be removed.", file=out, flush=True)
     if settings.kafka_bootstrap:
-        print("relais keys rotate: on Kafka, records waiting in retry tiers are re-sealed as delivery handles them: "
-              "wait the longest retry delay (max 1 h) before removing the old key.", file=out, flush=True)
+        bus = KafkaBus(settings)
+        waiting = await _kafka_kids(bus, settings)
+        old = {kid: n for kid, n in waiting.items() if kid != keyring.current}
+        result.kafka_waiting = sum(old.values())
+        print(f"relais keys rotate: on Kafka, {result.kafka_waiting} record(s) not yet handled are still sealed "
+              f"with an older key ({old or 'none'}); stages re-seal records under the current key as they handle "
+              "or park them (at most the longest retry delay, capped at 1 h): run 'relais keys status' until it "
+              "says none, then remove the old key.", file=out, flush=True)
     return result
 
 
@@ -258,17 +293,16 @@ def main(argv: list[str]) -> int:
 
 async def _status(settings: Settings) -> int:
     keyring = Keyring.from_settings(settings)
-    bus = None if settings.kafka_bootstrap else EmbeddedBus(settings)
+    bus: Bus = KafkaBus(settings) if settings.kafka_bootstrap else EmbeddedBus(settings)
+    if isinstance(bus, EmbeddedBus):
+        await bus.start()
     try:
-        if bus is not None:
-            await bus.start()
-        found = await live_keys(bus, settings) if bus is not None else LiveKeys(
-            blobs={} if settings.blob_s3_endpoint else LocalBlobStore(settings.blob_dir).key_ids())
+        found = await live_keys(bus, settings)
     finally:
-        if bus is not None:
-            await bus.stop()
+        await bus.stop()
     print(f"current key: {keyring.current if keyring else '(encryption off)'}")
-    print(f"records by key: {found.records}  blobs by key: {found.blobs}")
+    print(f"by key: embedded log records {found.records}, records waiting on Kafka {found.kafka}, "
+          f"blobs {found.blobs}, ledger values {found.ledger}")
     retired = found.retired(keyring)
     for kid, where in sorted(retired.items()):
         print(f"NOT CONFIGURED: key {kid!r} still seals {where}: put it back and run 'relais keys rotate'")

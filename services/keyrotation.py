@@ -23,6 +23,7 @@ key and what to do, instead of dead-lettering records one by one.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -87,7 +88,8 @@ async def live_keys(bus: Bus, settings: Settings, *, at_start: bool = False) -> 
     found = LiveKeys()
     if isinstance(bus, EmbeddedBus):
         found.records = await bus.log.call(_record_kids, settings.topic(POISON))
-    if isinstance(bus, KafkaBus):
+    if isinstance(bus, KafkaBus) and not (at_start and Keyring.from_settings(settings) is None):
+        # (At start without encryption the scan is skipped: it costs a read of every stage's backlog.)
         try:
             found.kafka = await _kafka_kids(bus, settings)
         except BusUnavailable as exc:
@@ -110,8 +112,10 @@ def stage_inputs(settings: Settings) -> dict[str, list[str]]:
 
 async def _kafka_kids(bus: KafkaBus, settings: Settings) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for stage, topics in stage_inputs(settings).items():
-        for kid, n in (await bus.pending_header_values(stage, topics, KID_HEADER, timeout_s=30)).items():
+    per_stage = await asyncio.gather(*(bus.pending_header_values(stage, topics, KID_HEADER, timeout_s=30)
+                                       for stage, topics in stage_inputs(settings).items()))
+    for found in per_stage:
+        for kid, n in found.items():
             counts[kid] = counts.get(kid, 0) + n
     return counts
 

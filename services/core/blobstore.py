@@ -226,8 +226,8 @@ class LocalBlobStore:
         """Remove blobs (and abandoned temporary files) not written for `older_than_s`; how many went.
 
         Retention: a blob is referenced by pipeline records and dead letters, which the bus keeps for
-        RELAIS_TOPIC_RETENTION_DAYS / RELAIS_DLQ_RETENTION_DAYS; past the longer of the two nothing can
-        refer to it any more. `reseal` rewrites a blob, which restarts its clock.
+        RELAIS_TOPIC_RETENTION_DAYS then RELAIS_DLQ_RETENTION_DAYS (`blob_retention_s`); past both nothing
+        can refer to it any more. `reseal` rewrites a blob, which restarts its clock.
         """
         cutoff = (time.time() if now is None else now) - older_than_s
         gone = 0
@@ -369,8 +369,9 @@ def make_blob_store(settings: Settings) -> BlobStore:
 
 
 def blob_retention_s(settings: Settings) -> float:
-    """How long a blob may still be referenced: the longer of the pipeline and dead-letter retentions."""
-    return max(settings.topic_retention_days, settings.dlq_retention_days) * 86400
+    """How long a blob may still be referenced: a record may wait in the pipeline up to its retention, then
+    be dead-lettered (a dead letter reuses the blob the router wrote) and kept as long again."""
+    return (settings.topic_retention_days + settings.dlq_retention_days) * 86400
 
 
 def prune_local_blobs(settings: Settings) -> int:

@@ -158,11 +158,11 @@ def test_sigv4_matches_the_aws_s3_put_object_example() -> None:
         "Signature=98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd")
 
 
-async def test_the_running_broker_prunes_blobs_past_the_longest_retention(tmp_path: Path) -> None:
+async def test_the_running_broker_prunes_blobs_past_both_retentions(tmp_path: Path) -> None:
     settings = Settings(blob_dir=tmp_path, topic_retention_days=1, dlq_retention_days=2)
     store = LocalBlobStore(tmp_path)
-    kept, gone = await store.put(b"dead letter of yesterday"), await store.put(b"three days old")
-    for ref, days in ((kept, 1.5), (gone, 3)):
+    kept, gone = await store.put(b"still a dead letter"), await store.put(b"four days old")
+    for ref, days in ((kept, 2.5), (gone, 4)):
         moment = time.time() - days * 86400
         os.utime(tmp_path / ref.name[:2] / ref.name, (moment, moment))
     stop = asyncio.Event()

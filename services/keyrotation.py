@@ -256,8 +256,9 @@ async def rotate(settings: Settings, out: TextIO = sys.stdout) -> Rotated:
 
 USAGE = """usage: relais keys rotate | status | new KID | new-audit-key
 
-  rotate         re-encrypt live data (embedded log records, local blobs) under the current key
-                 (RELAIS_ENCRYPTION_KEY_ID, else the first listed); then old keys can be removed
+  rotate         re-encrypt live data (embedded log records, local blobs, ledger values) under the current
+                 key (RELAIS_ENCRYPTION_KEY_ID, else the first listed), with progress; on Kafka, count the
+                 records still waiting under an old key; then old keys can be removed
   status         which key ids seal live data, and which of them are no longer configured
   new KID        print a new encryption key entry 'KID:base64' (list it first to make it current)
   new-audit-key  print a new audit-trail key (base64) for RELAIS_AUDIT_KEY / RELAIS_AUDIT_KEY_FILE
@@ -278,6 +279,9 @@ def main(argv: list[str]) -> int:
         return 0
     if argv == ["new-audit-key"]:
         print(new_audit_key())
+        return 0
+    if argv in (["-h"], ["--help"]):
+        print(USAGE)
         return 0
     if argv not in (["rotate"], ["status"]):
         print(USAGE, file=sys.stderr)

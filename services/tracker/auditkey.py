@@ -96,17 +96,23 @@ def _read(path: Path, origin: str) -> AuditKey:
 
 
 def _create(path: Path) -> None:
+    # Written whole under a temporary name, then linked into place: another process starting at the same
+    # moment either finds no file (and links its own, losing the race harmlessly) or a complete one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(new_audit_key() + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(tmp, path)
     except FileExistsError:
         return  # another process created it first: use theirs
     except OSError as exc:
         raise ConfigurationError(f"cannot create the audit key file {path}: {exc}; set RELAIS_AUDIT_KEY_FILE") \
             from exc
-    with os.fdopen(fd, "w") as out:
-        out.write(new_audit_key() + "\n")
-        out.flush()
-        os.fsync(out.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
     log.warning("audit key created beside the ledger; in production set RELAIS_AUDIT_KEY_FILE to a secret kept "
                 "off the database host (whoever holds both the database and the key can rewrite the trail)",
                 path=str(path))

@@ -269,3 +269,16 @@ async def test_refusals_from_many_clients_are_capped_per_interval(ledger: Ledger
     rows, _ = await audit.entries(ledger, audit.AuditFilter(kind="auth.refused"), limit=500)
     assert len(rows) == audit.Refusals.MAX_ROWS + 1
     assert [r.detail.get("dropped_over_limit") for r in rows if r.detail["client"] == "10.9.9.9"] == [50]
+
+
+def test_processes_starting_together_share_one_complete_audit_key(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    from services.tracker.auditkey import load_audit_key
+
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: load_audit_key(settings).secret, range(32)))
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert [p.name for p in tmp_path.iterdir()] == ["relais-audit.key"]
+    assert (tmp_path / "relais-audit.key").stat().st_mode & 0o777 == 0o600

@@ -5,14 +5,17 @@
 * the ledger: values that may quote health data (services.tracker.sealed) are sealed again under the
   current key — and sealed for the first time when encryption was turned on after they were written;
 * the embedded log: every record sealed with another key is decrypted and sealed again under the
-  current one, in place (retry tiers, dead letters, events — the whole file). It needs the log to
-  itself: stop `relais run` first (the log's lock says so if you forget);
+  current one, in place (retry tiers, dead letters of every stage, events — the whole file; a record
+  poisoned because it never opened stays exactly as it arrived). It needs the log to itself: stop
+  `relais run` first (the log's lock says so if you forget);
 * the local blob store: every blob sealed with another key is re-encrypted (atomic rename per blob);
 * Kafka: records cannot be rewritten in place (and re-publishing a copy would deliver twice). Records not
   yet handled are sealed again with the current key each time a stage handles or parks them, so after
   the longest retry delay (plus a target's Retry-After, capped at 1 h) none is left under the old key;
   this command and `relais keys status` count those still waiting (read past each stage's committed
-  offsets, never committing). Dead letters replay from the blob store, which this command re-encrypts.
+  offsets, never committing). Delivery dead letters replay from the blob store, which this command
+  re-encrypts; stage dead letters replay from the poison topic, so a key sealing some of them stays
+  until they are replayed, discarded or expired (the count says so).
   Events sealed with a removed key can no longer feed `relais ledger rebuild`: keep the old key until
   RELAIS_DLQ_RETENTION_DAYS has passed if you need that.
 
@@ -46,6 +49,7 @@ from services.tracker.ledger import Ledger, metadata
 log = get_logger(__name__)
 
 KID_HEADER = EXTRA_PREFIX + X_ENC_KID
+DECRYPT_ERROR_HEADER = EXTRA_PREFIX + X_DECRYPT_ERROR
 BATCH = 500
 CURRENT, UNREADABLE = "current", "unreadable"
 
@@ -71,14 +75,12 @@ class LiveKeys:
         return {kid: ", ".join(where) for kid, where in out.items()}
 
 
-def _record_kids(conn: sqlite3.Connection, poison: str) -> dict[str, int]:
+def _record_kids(conn: sqlite3.Connection) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for topic, headers in conn.execute("SELECT topic, headers FROM records WHERE headers LIKE ?",
-                                       (f"%{KID_HEADER}%",)):
-        if topic == poison:
-            continue  # kept exactly as it arrived, already unreadable: not live data
-        kid = dict(_decode_headers(headers)).get(KID_HEADER)
-        if kid is not None:
+    for (headers,) in conn.execute("SELECT headers FROM records WHERE headers LIKE ?", (f"%{KID_HEADER}%",)):
+        pairs = dict(_decode_headers(headers))
+        kid = pairs.get(KID_HEADER)
+        if kid is not None and DECRYPT_ERROR_HEADER not in pairs:  # one that never opened is not live data
             counts[kid.decode()] = counts.get(kid.decode(), 0) + 1
     return counts
 
@@ -87,7 +89,7 @@ async def live_keys(bus: Bus, settings: Settings, *, at_start: bool = False) -> 
     """Key ids sealing records of the embedded log (when that is the bus) and blobs of the local store."""
     found = LiveKeys()
     if isinstance(bus, EmbeddedBus):
-        found.records = await bus.log.call(_record_kids, settings.topic(POISON))
+        found.records = await bus.log.call(_record_kids)
     if isinstance(bus, KafkaBus) and not (at_start and Keyring.from_settings(settings) is None):
         # (At start without encryption the scan is skipped: it costs a read of every stage's backlog.)
         try:
@@ -112,8 +114,13 @@ def stage_inputs(settings: Settings) -> dict[str, list[str]]:
 
 async def _kafka_kids(bus: KafkaBus, settings: Settings) -> dict[str, int]:
     counts: dict[str, int] = {}
-    per_stage = await asyncio.gather(*(bus.pending_header_values(stage, topics, KID_HEADER, timeout_s=30)
-                                       for stage, topics in stage_inputs(settings).items()))
+    scans = [bus.pending_header_values(stage, topics, KID_HEADER, timeout_s=30)
+             for stage, topics in stage_inputs(settings).items()]
+    # Stage dead letters wait on the poison topic until an operator replays them: all of it is live, except
+    # records that never opened (kept exactly as they arrived).
+    scans.append(bus.pending_header_values("keys-scan-poison", [POISON], KID_HEADER, timeout_s=30,
+                                           unless=DECRYPT_ERROR_HEADER))
+    per_stage = await asyncio.gather(*scans)
     for found in per_stage:
         for kid, n in found.items():
             counts[kid] = counts.get(kid, 0) + n
@@ -161,10 +168,10 @@ class Rotated:
     kafka_waiting: int = 0
 
 
-def _reseal_records(conn: sqlite3.Connection, keyring: Keyring, poison: str,
+def _reseal_records(conn: sqlite3.Connection, keyring: Keyring,
                     progress: Callable[[int, int], None]) -> tuple[int, int, int]:
-    rows = conn.execute("SELECT topic, partition, offset FROM records WHERE headers LIKE ? AND topic != ?",
-                        (f"%{KID_HEADER}%", poison)).fetchall()
+    rows = conn.execute("SELECT topic, partition, offset FROM records WHERE headers LIKE ?",
+                        (f"%{KID_HEADER}%",)).fetchall()
     done = unreadable = 0
     for start in range(0, len(rows), BATCH):
         conn.execute("BEGIN IMMEDIATE")
@@ -192,6 +199,8 @@ def _reseal_record(keyring: Keyring, value: bytes, headers: str) -> tuple[bytes,
     pairs = _decode_headers(headers)
     if dict(pairs).get(KID_HEADER, b"").decode() == keyring.current:
         return CURRENT
+    if DECRYPT_ERROR_HEADER in dict(pairs):
+        return UNREADABLE  # poisoned because it never opened: kept exactly as it arrived, for forensics
     try:
         opened = open_envelope(keyring, Envelope.from_headers(pairs, value))
     except EnvelopeError:
@@ -221,7 +230,7 @@ async def rotate(settings: Settings, out: TextIO = sys.stdout) -> Rotated:
         log = EmbeddedLog(settings.embedded_log_path)
         try:
             result.records, result.records_total, result.unreadable = await log.call(
-                _reseal_records, keyring, settings.topic(POISON), progress("embedded log records"))
+                _reseal_records, keyring, progress("embedded log records"))
         finally:
             log.close()
     ledger = Ledger(settings.database_url)

@@ -133,10 +133,11 @@ class KafkaBus:
             await consumer.stop()
 
     async def pending_header_values(self, stage: str, topics: Sequence[str], header: str,
-                                    timeout_s: float = 60.0) -> dict[str, int]:
+                                    timeout_s: float = 60.0, unless: str | None = None) -> dict[str, int]:
         """How many records the stage's group has not consumed yet carry each value of `header` (records past
-        the committed offsets are read, never committed: the group is not joined). `relais keys` uses it to
-        tell whether records sealed with an old key still wait."""
+        the committed offsets are read, never committed: the group is not joined; a group that never
+        committed reads from the start). Records carrying the header `unless` are not counted. `relais keys`
+        uses it to tell whether records sealed with an old key still wait."""
         group = self.settings.group(stage)
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
@@ -168,8 +169,9 @@ class KafkaBus:
                 batches = await consumer.getmany(*active, timeout_ms=500, max_records=500)
                 for tp, messages in batches.items():
                     for m in messages:
-                        if m.offset < ends[tp]:
-                            value = dict(m.headers).get(header)
+                        headers = dict(m.headers)
+                        if m.offset < ends[tp] and (unless is None or unless not in headers):
+                            value = headers.get(header)
                             if value is not None:
                                 counts[value.decode()] = counts.get(value.decode(), 0) + 1
                 for tp in list(active):

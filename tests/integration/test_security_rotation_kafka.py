@@ -15,7 +15,7 @@ from services.core.errors import ConfigurationError
 from services.core.kafka import KafkaBus
 from services.core.runner import run_stage
 from services.core.settings import Settings
-from services.core.topics import RECEIVED, VALIDATED
+from services.core.topics import POISON, RECEIVED, VALIDATED
 from services.keyrotation import check_keys_at_start, live_keys
 from tests.support.kafka import received, wait_for
 
@@ -39,6 +39,8 @@ async def test_records_waiting_under_a_removed_key_are_counted_and_refuse_the_st
     bus = KafkaBus(settings(OLD))
     await bus.start()
     await bus.publish([received(data=b'{"resourceType":"Bundle"}') for _ in range(3)])
+    never_opened = received(enckid="ancient", decrypterror="unknown encryption key id 'ancient'")
+    await bus.publish([Emit(POISON, never_opened.key, never_opened.envelope)])  # kept as it came: not live
     await bus.stop()
 
     only_new = KafkaBus(settings(NEW))

@@ -28,7 +28,7 @@ from services.core.targets import load_targets
 from services.delivery.stage import DeliveryStage
 from services.keyrotation import check_keys_at_start
 from services.router.stage import RouterStage
-from services.tracker import audit, sealed
+from services.tracker import audit, auditchain, sealed
 from services.tracker.ledger import Ledger
 from services.tracker.opstate import paused_targets, record_circuit
 from services.tracker.stage import TrackerStage
@@ -83,7 +83,7 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
                 await ledger.create_schema()
                 await audit.open_trail(ledger, settings)  # key, genesis row (or migration); refuses a wrong key
                 resources.push_async_callback(ledger.close)
-                stages.append(audit.AuditingTracker(TrackerStage(ledger), ledger,  # ledger + audit trail
+                stages.append(auditchain.AuditingTracker(TrackerStage(ledger), ledger,  # ledger + audit trail
                                                     settings.audit_anchor_s))
             else:
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(WORKER_STAGES)}")

@@ -18,7 +18,7 @@ from services.core.envelope import FHIR_JSON, JSON, new_id
 from services.dlq.store import parse_time
 from services.ops import auth
 from services.ops.auth import Operator
-from services.tracker import audit
+from services.tracker import audit, auditchain
 from services.tracker.audit import AuditEntry, AuditFilter
 
 router = APIRouter(tags=["audit"])
@@ -84,10 +84,10 @@ async def audit_export(request: Request, who: Actor, kind: str | None = None, ac
             "outside the database (audit.head topic; or ?seq=&mac= copied from an 'audit chain head' log line)")
 async def audit_verify(request: Request, who: Actor, seq: int | None = None, mac: str | None = None) -> Response:
     ops = request.app.state.ops
-    anchors = [a for a in [await audit.latest_anchor(ops.bus, audit.key_of(ops.ledger))] if a is not None]
+    anchors = [a for a in [await auditchain.latest_anchor(ops.bus, audit.key_of(ops.ledger))] if a is not None]
     if seq is not None and mac:
-        anchors.append(audit.Anchor(seq, mac.lower()))
-    verdict = await audit.verify_chain(ops.ledger, anchors)
+        anchors.append(auditchain.Anchor(seq, mac.lower()))
+    verdict = await auditchain.verify_chain(ops.ledger, anchors)
     await audit.record_operator(ops.ledger, who.id, "audit.verify", detail=verdict.as_dict())  # verify is audited
     return Response(orjson.dumps(verdict.as_dict()), media_type=JSON)
 

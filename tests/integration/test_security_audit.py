@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from services.core.settings import Settings
-from services.tracker import audit
+from services.tracker import audit, auditchain
 from tests.integration.test_ops_api import OPERATOR, bearer, running, settings  # noqa: F401 - fixture
 from tests.support.kafka import wait_for
 from tests.support.producers import TOKEN_A
@@ -28,7 +28,7 @@ async def test_ops_refusals_and_verify_are_in_the_trail_and_verify_uses_the_bus_
 
         for n in range(5):
             await audit.record_operator(ledger, "otto", "pause", target=f"t{n}")
-        emit = await audit.HeadAnchors(ledger, every_s=60).due()  # what the tracker writes every RELAIS_AUDIT_ANCHOR_S
+        emit = await auditchain.HeadAnchors(ledger, every_s=60).due()  # as the tracker, every RELAIS_AUDIT_ANCHOR_S
         assert emit is not None
         await app.state.ops.bus.publish([emit])
         first = (await client.get("/ops/audit/verify", headers=bearer(OPERATOR))).json()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from services.core.settings import Settings
 from services.launcher import make_bus
-from services.tracker import audit
+from services.tracker import audit, auditchain
 from services.tracker.auditkey import new_audit_key
 from services.tracker.ledger import Ledger
 
@@ -20,15 +20,15 @@ async def test_the_newest_authentic_anchor_is_read_back(bus_settings: Callable[.
     await bus.start()
     try:
         await audit.open_trail(ledger, settings)
-        anchors = audit.HeadAnchors(ledger, every_s=0.0)
+        anchors = auditchain.HeadAnchors(ledger, every_s=0.0)
         for n in range(3):
             await audit.record_operator(ledger, "otto", "pause", target=f"t{n}")
             emit = await anchors.due()
             assert emit is not None
             await bus.publish([emit])
-        found = await audit.latest_anchor(bus, audit.key_of(ledger))  # the default settle time, as verify uses
+        found = await auditchain.latest_anchor(bus, audit.key_of(ledger))  # the default settle time, as verify uses
         assert found is not None and found.seq == 3
-        assert (await audit.verify_chain(ledger, [found])).valid
+        assert (await auditchain.verify_chain(ledger, [found])).valid
     finally:
         await bus.stop()
         await ledger.close()

@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from services.core.settings import Settings
-from services.tracker import audit
+from services.tracker import audit, auditchain
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, organization_finess
 from tests.support.certs import Ca, Client, make_ca
@@ -174,7 +174,7 @@ async def test_revoked_certificate_with_a_valid_token_is_refused_and_audited(pki
         assert [(r.outcome, r.detail["surface"], r.detail["http_status"]) for r in rows] == [
             ("failure", "ingress", 401)]
         assert "revoked" in rows[0].detail["reason"] and rows[0].detail["path"] == "/fhir"
-        assert (await audit.verify_chain(ledger)).valid
+        assert (await auditchain.verify_chain(ledger)).valid
     finally:
         await ledger.close()
 

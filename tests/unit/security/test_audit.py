@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from services.core.settings import Settings
 from services.ops.audit_api import audit_event
-from services.tracker import audit
+from services.tracker import audit, auditchain
 from services.tracker.ledger import Ledger, LedgerEvent
 
 
@@ -46,11 +46,11 @@ async def test_events_and_operator_actions_are_chained_and_idempotent(tmp_path: 
         assert "response" not in items[1].detail  # a target's answer never goes into the trail
         only, _ = await audit.entries(ledger, audit.AuditFilter(finess="990000001"))
         assert [i.kind for i in only] == ["accepted"]
-        assert (await audit.verify_chain(ledger)).valid
+        assert (await auditchain.verify_chain(ledger)).valid
 
         async with ledger.engine.begin() as conn:  # someone edits history ...
             await conn.execute(audit.audit_log.update().where(audit.audit_log.c.seq == 2).values(target="elsewhere"))
-        verdict = await audit.verify_chain(ledger)
+        verdict = await auditchain.verify_chain(ledger)
         assert not verdict.valid and verdict.first_bad_seq == 2
     finally:
         await ledger.close()
@@ -63,7 +63,7 @@ async def test_deleting_a_row_breaks_the_chain(tmp_path: Path) -> None:
             await audit.record_operator(ledger, "alice", "pause", target=f"t{n}")
         async with ledger.engine.begin() as conn:
             await conn.execute(sa.delete(audit.audit_log).where(audit.audit_log.c.seq == 2))
-        verdict = await audit.verify_chain(ledger)
+        verdict = await auditchain.verify_chain(ledger)
         assert (verdict.valid, verdict.first_bad_seq) == (False, 2) and "missing" in (verdict.reason or "")
     finally:
         await ledger.close()

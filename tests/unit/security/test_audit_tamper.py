@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from services.core.embedded import EmbeddedBus
 from services.core.errors import ConfigurationError
 from services.core.settings import Settings
-from services.tracker import audit
+from services.tracker import audit, auditchain
 from services.tracker.auditkey import new_audit_key, parse_audit_key
 from services.tracker.ledger import Ledger
 
@@ -41,23 +41,23 @@ async def execute(ledger: Ledger, statement: sa.Executable) -> None:
         await conn.execute(statement)
 
 
-async def head(ledger: Ledger) -> audit.Anchor:
+async def head(ledger: Ledger) -> auditchain.Anchor:
     async with ledger.engine.connect() as conn:
         seq, mac = (await conn.execute(sa.select(audit.audit_log.c.seq, audit.audit_log.c.hash)
                                        .order_by(audit.audit_log.c.seq.desc()).limit(1))).one()
         origin = await _mac(conn, 0)
-    return audit.Anchor(seq, mac, origin)
+    return auditchain.Anchor(seq, mac, origin)
 
 
-async def assert_bad(ledger: Ledger, seq: int, anchors: list[audit.Anchor] | None = None) -> str:
-    verdict = await audit.verify_chain(ledger, anchors or [])
+async def assert_bad(ledger: Ledger, seq: int, anchors: list[auditchain.Anchor] | None = None) -> str:
+    verdict = await auditchain.verify_chain(ledger, anchors or [])
     assert (verdict.valid, verdict.first_bad_seq) == (False, seq), verdict
     assert verdict.reason
     return verdict.reason
 
 
 async def test_untouched_trail_verifies_with_its_genesis_row_and_anchor(ledger: Ledger) -> None:
-    verdict = await audit.verify_chain(ledger, [await head(ledger)])
+    verdict = await auditchain.verify_chain(ledger, [await head(ledger)])
     assert verdict.valid and verdict.rows == ROWS + 1 and verdict.last_seq == ROWS and verdict.anchor_seq == ROWS
 
 
@@ -145,10 +145,10 @@ async def test_retention_purge_keeps_the_chain_verifiable_and_a_further_removal_
     later = datetime.now(UTC) + timedelta(days=1)
     assert await audit.purge(ledger, timedelta(hours=1), now=later) == ROWS
     await audit.record_operator(ledger, "alice", "resume", target="t")
-    verdict = await audit.verify_chain(ledger, [await head(ledger)])
+    verdict = await auditchain.verify_chain(ledger, [await head(ledger)])
     assert verdict.valid, verdict
     assert await audit.purge(ledger, timedelta(hours=1), now=later + timedelta(days=1)) == 2  # purge row too
-    assert (await audit.verify_chain(ledger, [await head(ledger)])).valid
+    assert (await auditchain.verify_chain(ledger, [await head(ledger)])).valid
     # Deleting the last purge row (to hide that rows were removed) leaves an undeclared hole.
     await execute(ledger, sa.delete(audit.audit_log).where(audit.audit_log.c.kind == audit.PURGED_KIND))
     await assert_bad(ledger, 1)  # the database's own head row still says where the trail ended
@@ -191,7 +191,7 @@ async def test_an_old_plain_sha_trail_is_migrated_when_it_verifies(tmp_path: Pat
     try:
         await audit.open_trail(ledger, Settings(database_url=url, audit_key=new_audit_key()))
         await audit.record_operator(ledger, "bob", "resume", target="t")
-        verdict = await audit.verify_chain(ledger, [await head(ledger)])
+        verdict = await auditchain.verify_chain(ledger, [await head(ledger)])
         assert verdict.valid and verdict.rows == 14, verdict
         (genesis,), _ = await audit.entries(ledger, audit.AuditFilter(kind=audit.GENESIS_KIND))
         assert genesis.detail["migrated"]["rows"] == 12
@@ -215,13 +215,13 @@ async def test_head_anchors_go_to_the_bus_and_a_forged_one_is_ignored(ledger: Le
     bus = EmbeddedBus(settings)
     await bus.start()
     try:
-        anchors = audit.HeadAnchors(ledger, every_s=3600)
+        anchors = auditchain.HeadAnchors(ledger, every_s=3600)
         emit = await anchors.due()
         assert emit is not None and await anchors.due() is None  # once per interval
         forged = emit.envelope.evolve(data=orjson.dumps({"seq": 999, "mac": "0" * 64, "sig": "0" * 64}))
         await bus.publish([emit, type(emit)(emit.topic, emit.key, forged)])
         key = audit.key_of(ledger)
-        found = await audit.latest_anchor(bus, key, settle_s=1)
+        found = await auditchain.latest_anchor(bus, key, settle_s=1)
         assert found == await head(ledger)
         await execute(ledger, sa.delete(audit.audit_log).where(audit.audit_log.c.seq == ROWS))
         await assert_bad(ledger, ROWS, [found])
@@ -241,7 +241,7 @@ async def test_failed_authentications_are_recorded_at_most_once_per_interval(led
     assert sorted((r.detail["surface"], r.detail.get("suppressed_since_last") or 0) for r in rows) == [
         ("ingress", 0), ("ingress", 2), ("ops", 0)]
     assert all(r.outcome == "failure" and r.actor_type == "unknown" for r in rows)
-    assert (await audit.verify_chain(ledger)).valid
+    assert (await auditchain.verify_chain(ledger)).valid
 
 
 def test_row_mac_is_not_plain_sha256() -> None:
@@ -253,7 +253,7 @@ def test_row_mac_is_not_plain_sha256() -> None:
 
 
 async def test_the_tracker_does_not_anchor_a_head_that_went_backwards(ledger: Ledger) -> None:
-    anchors = audit.HeadAnchors(ledger, every_s=0.0)
+    anchors = auditchain.HeadAnchors(ledger, every_s=0.0)
     assert await anchors.due() is not None
     await execute(ledger, sa.delete(audit.audit_log).where(audit.audit_log.c.seq > ROWS - 5))
     assert await anchors.due() is None  # a lower head never overwrites the anchored one

@@ -84,7 +84,7 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
                 await audit.open_trail(ledger, settings)  # key, genesis row (or migration); refuses a wrong key
                 resources.push_async_callback(ledger.close)
                 stages.append(auditchain.AuditingTracker(TrackerStage(ledger), ledger,  # ledger + audit trail
-                                                    settings.audit_anchor_s))
+                                                         settings.audit_anchor_s))
             else:
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(WORKER_STAGES)}")
         yield stages

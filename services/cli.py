@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ledger", help="ledger: transfers, show (through /ops); rebuild, purge (direct database access)",
                    add_help=False)
     sub.add_parser("targets", help="targets: list with health, pause, resume (through /ops)", add_help=False)
+    sub.add_parser("keys", help="encryption keys: rotate (re-encrypt live data), status, new, new-audit-key",
+                   add_help=False)
     validate = sub.add_parser("validate", help="validate TDDUI Bundle files offline",
                               description="Validate Bundle JSON files (or directories of them). Exit 0 when "
                                           "all are valid, 1 when any has an error, 2 on usage errors.")
@@ -126,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from services.dlq.cli import main as dlq
 
         return dlq(args_list[1:])
+    if args_list and args_list[0] == "keys":
+        from services.keyrotation import main as keys
+
+        return keys(args_list[1:])
     if args_list and args_list[0] in ("ledger", "targets", "status"):
         from services.ops.cli import main as ops_cli
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from services.core.blobstore import make_blob_store
+from services.core.blobstore import make_blob_store, prune_blobs_periodically
 from services.core.bus import Bus
 from services.core.embedded import EmbeddedBus
 from services.core.kafka import KafkaBus
@@ -26,8 +26,9 @@ from services.core.runner import Stage, run_stage
 from services.core.settings import Settings
 from services.core.targets import load_targets
 from services.delivery.stage import DeliveryStage
+from services.keyrotation import check_keys_at_start
 from services.router.stage import RouterStage
-from services.tracker import audit
+from services.tracker import audit, auditchain, sealed
 from services.tracker.ledger import Ledger
 from services.tracker.opstate import paused_targets, record_circuit
 from services.tracker.stage import TrackerStage
@@ -80,9 +81,10 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
             elif name == "tracker":
                 ledger = Ledger(settings.database_url)
                 await ledger.create_schema()
-                await audit.create_schema(ledger)
+                await audit.open_trail(ledger, settings)  # key, genesis row (or migration); refuses a wrong key
                 resources.push_async_callback(ledger.close)
-                stages.append(audit.AuditingTracker(TrackerStage(ledger), ledger))  # ledger + audit trail
+                stages.append(auditchain.AuditingTracker(TrackerStage(ledger), ledger,  # ledger + audit trail
+                                                         settings.audit_anchor_s))
             else:
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(WORKER_STAGES)}")
         yield stages
@@ -91,6 +93,7 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
 async def serve(names: Sequence[str], settings: Settings, *,
                 extra_servers: Sequence[tuple[Any, str, int]] = ()) -> None:
     """Run the named stages until SIGTERM/SIGINT, then stop fetching and let in-flight work finish."""
+    sealed.install(settings)  # ledger values that may quote health data are sealed at rest
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,9 +118,12 @@ async def serve(names: Sequence[str], settings: Settings, *,
     try:
         if workers:
             await _start_bus(bus, stop)  # creates missing topics before any consumer subscribes
+        await check_keys_at_start(bus if workers else None, settings)  # no live data under a removed key
         async with worker_stages(workers, settings) as stages:
             tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
             tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]
+            if workers:
+                tasks.append(asyncio.create_task(prune_blobs_periodically(settings, stop), name="blob-retention"))
             if "alerts" in names:
                 from services.ops import run_alerts_stage
 

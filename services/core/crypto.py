@@ -7,15 +7,16 @@ Off unless a key is configured (`RELAIS_ENCRYPTION_KEYS` or `RELAIS_ENCRYPTION_K
   headers with the KEK's id: `ce_enckid`, `ce_encdek`. The authenticated data binds the ciphertext to
   the record's transfer id and event id, so a value moved onto another record does not decrypt either;
 * blobs (claim check) are stored as `RLE1 | kid | wrapped DEK | nonce | ciphertext`, bound to their
-  SHA-256 address;
-* rotation: list the new key first (it encrypts), keep the old ones (they still decrypt) until every
-  topic's retention has passed. A keys file is re-read when it changes, without restart.
+  (random) name, with the payload's SHA-256 sealed inside (services.core.blobstore);
+* rotation: list the new key first (it encrypts), keep the old ones (they still decrypt), run
+  `relais keys rotate` (services.keyrotation re-encrypts what is still live), then remove the old key.
+  A keys file is re-read when it changes, without restart.
 
 A record that fails authentication (tampered, truncated, unknown key) is not handed to the stage: the
 bus marks it (`decrypterror`) and the runner sends it to the poison topic (`transfers.dlq`) untouched.
 
 Key format: `kid:base64(32 bytes)`, comma-separated (environment) or one per line (file, `#` comments).
-New key: `python -m services.core.crypto new-key KID`.
+New key: `relais keys new KID`.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def parse_keys(text: str, origin: str) -> list[tuple[str, bytes]]:
             raise ConfigurationError(f"{origin}: key {kid!r} is not base64")
         if len(key) != KEY_BYTES:
             raise ConfigurationError(f"{origin}: key {kid!r} has {len(key)} bytes; AES-256 needs {KEY_BYTES} "
-                                     "(make one with: python -m services.core.crypto new-key KID)")
+                                     "(make one with: relais keys new KID)")
         keys.append((kid, key))
     return keys
 
@@ -191,6 +192,14 @@ class Keyring:
         return self.open_(blob[8 + klen + wlen:], kid, wrapped, aad)
 
 
+def blob_key_id(blob: bytes) -> str:
+    """The id of the key that seals `blob` (a sealed blob's header; the first few hundred bytes suffice)."""
+    if not is_sealed_blob(blob) or len(blob) < len(BLOB_MAGIC) + 4:
+        raise DecryptionError("blob is not sealed by Relais")
+    klen = struct.unpack(">H", blob[4:6])[0]
+    return blob[8:8 + klen].decode(errors="replace")
+
+
 def is_sealed_blob(blob: bytes) -> bool:
     """True when `blob` was written by `Keyring.seal_blob`."""
     return blob[:len(BLOB_MAGIC)] == BLOB_MAGIC
@@ -254,13 +263,3 @@ def open_envelope(keyring: Keyring | None, env: Envelope) -> Envelope:
 def new_key(kid: str) -> str:
     """A fresh key entry `kid:base64`."""
     return f"{kid}:{base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()}"
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) == 3 and sys.argv[1] == "new-key":
-        print(new_key(sys.argv[2]))
-    else:
-        print("usage: python -m services.core.crypto new-key KID", file=sys.stderr)
-        raise SystemExit(2)

@@ -132,6 +132,59 @@ class KafkaBus:
         finally:
             await consumer.stop()
 
+    async def pending_header_values(self, stage: str, topics: Sequence[str], header: str,
+                                    timeout_s: float = 60.0, unless: str | None = None) -> dict[str, int]:
+        """How many records the stage's group has not consumed yet carry each value of `header` (records past
+        the committed offsets are read, never committed: the group is not joined; a group that never
+        committed reads from the start). Records carrying the header `unless` are not counted. `relais keys`
+        uses it to tell whether records sealed with an old key still wait."""
+        group = self.settings.group(stage)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([self.settings.topic(t) for t in topics])
+        finally:
+            await admin.close()
+        tps = [TopicPartition(d["topic"], p["partition"]) for d in described if not d.get("error_code")
+               for p in d["partitions"]]
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False,
+                                    isolation_level="read_committed",
+                                    max_partition_fetch_bytes=max_record_bytes(self.settings))
+        await consumer.start()
+        counts: dict[str, int] = {}
+        try:
+            if not tps:
+                return counts
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            starts = await consumer.beginning_offsets(tps)
+            active = set()
+            for tp in tps:
+                start = max(await consumer.committed(tp) or 0, starts[tp])
+                if start < ends[tp]:
+                    consumer.seek(tp, start)
+                    active.add(tp)
+            deadline = time.monotonic() + timeout_s
+            while active and time.monotonic() < deadline:
+                batches = await consumer.getmany(*active, timeout_ms=500, max_records=500)
+                for tp, messages in batches.items():
+                    for m in messages:
+                        headers = dict(m.headers)
+                        if m.offset < ends[tp] and (unless is None or unless not in headers):
+                            value = headers.get(header)
+                            if value is not None:
+                                counts[value.decode()] = counts.get(value.decode(), 0) + 1
+                for tp in list(active):
+                    if await consumer.position(tp) >= ends[tp]:
+                        active.discard(tp)
+            if active:
+                raise BusUnavailable(f"reading {stage}'s pending records took longer than {timeout_s:g}s")
+            return counts
+        except KafkaError as exc:
+            raise BusUnavailable(f"Kafka read failed: {exc}") from exc
+        finally:
+            await consumer.stop()
+
     def _logical(self, physical: str) -> str:
         prefix = self.settings.topic_prefix
         return physical[len(prefix):] if prefix and physical.startswith(prefix) else physical

@@ -115,6 +115,24 @@ class Settings(BaseSettings):
         default=None, description="Id of the key that encrypts new records (default: the first key listed).",
     )
 
+    # --- audit trail (services/tracker/auditkey.py) -------------------------------------------
+    audit_key: str | None = Field(
+        default=None, description="Key of the audit trail's HMAC chain (base64, >= 32 bytes; 'relais keys "
+        "new-audit-key'). Never stored in the database; every process writing the trail needs the same key.",
+    )
+    audit_key_file: Path | None = Field(
+        default=None, description="File holding RELAIS_AUDIT_KEY (a mounted secret). Neither set: with a SQLite "
+        "ledger, relais-audit.key beside it is created; with PostgreSQL, start is refused.",
+    )
+    audit_anchor_s: float = Field(
+        default=60.0, gt=0, description="How often the tracker writes the audit chain's head (sequence + MAC) to "
+        "the log and the compacted audit.head topic, outside the database: verify detects truncation against it.",
+    )
+    audit_refusal_every_s: float = Field(
+        default=60.0, gt=0, description="Failed authentications (401/403) are audited at most once per client, "
+        "surface and reason in this many seconds; the next row counts the ones left out.",
+    )
+
     # --- routing and delivery ----------------------------------------------------------------
     targets_file: Path | None = Field(default=None, description="YAML file of targets (id, base_url, ...).")
     retry_delays_s: list[float] = Field(

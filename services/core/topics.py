@@ -16,6 +16,7 @@ POISON = "transfers.dlq"
 DELIVERIES = "deliveries"
 DELIVERIES_DLQ = "deliveries.dlq"
 RETRY_PREFIX = "deliveries.retry."
+AUDIT_HEAD = "audit.head"  # the audit chain's head, anchored outside the ledger database (compacted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,8 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec(DELIVERIES_DLQ, "Deliveries that need an operator (replay or discard)", kept),
         TopicSpec(POISON, "Records a stage could not handle at all (bugs, corrupt records)", kept),
         TopicSpec(EVENTS, "Every stage's facts about each transfer; the ledger's source", kept),
+        TopicSpec(AUDIT_HEAD, "The audit trail's head (sequence + MAC), where the database cannot rewrite it",
+                  kept, compacted=True),
     ]
     topics += [
         TopicSpec(retry_topic(n), f"Deliveries waiting {delay:g}s before attempt tier {n}", pipeline)

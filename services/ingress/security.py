@@ -5,6 +5,7 @@ authorization by FINESS; producers and operators files re-read when they change,
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio.from_thread
 from fastapi import FastAPI, Request
 
 from services.core.errors import ConfigurationError
@@ -22,6 +24,7 @@ from services.ingress.checks import Refusal
 from services.ingress.mtls import PEER_CERT, ClientCertificate, ClientCertPolicy, parse_certificate
 from services.ingress.producers import Producer, ProducerDirectory, load_producers
 from services.router.logic import transfer_info
+from services.tracker import audit
 
 log = get_logger(__name__)
 
@@ -36,38 +39,52 @@ class Identity:
 
 
 def peer_certificate(request: Request) -> ClientCertificate | None:
-    """The client certificate of the request's TLS connection, if one was presented."""
+    """The client certificate of the request's TLS connection, if one was presented (a 401 Refusal when it
+    cannot even be parsed: a presented certificate is never ignored)."""
     der = getattr(request.state, PEER_CERT, None)
     if not der:
         return None
     try:
         return parse_certificate(der)
     except ValueError:
-        return None
+        raise checks.unauthenticated("the client certificate cannot be parsed") from None
 
 
 def identify(directory: ProducerDirectory, policy: ClientCertPolicy | None, request: Request) -> Identity:
-    """The producer making this request, per its `auth` method; raises a 401 Refusal otherwise.
+    """The producer making this request, per its `auth` method; raises a 401 Refusal otherwise (recorded in
+    the audit trail, rate-limited).
 
-    * `token`: a known bearer token (a certificate, if any, is ignored);
+    A certificate that is presented and fails validation (revoked, expired, unknown CA) is refused whatever
+    else the request carries, a valid token included. Otherwise:
+
+    * `token`: a known bearer token (a valid certificate alongside it is not required, nor checked against
+      the producer);
     * `mtls`: a client certificate from the configured CA, not revoked, registered to the producer;
     * `both`: the token names the producer and the certificate must be registered to that same producer.
     """
+    try:
+        return _identify(directory, policy, request)
+    except Refusal as refusal:
+        note_refusal(request, "ingress", refusal.status, _text(refusal))
+        raise
+
+
+def _identify(directory: ProducerDirectory, policy: ClientCertPolicy | None, request: Request) -> Identity:
     token = checks.bearer_token(request.headers.get("Authorization"))
     cert = peer_certificate(request) if policy is not None and policy.enabled else None
     cert_problem = policy.refusal(cert) if cert is not None and policy is not None else None
+    if cert_problem:
+        raise checks.unauthenticated(cert_problem)
     if token is not None:
         producer = directory.authenticate(token)
         if producer is None:
             raise checks.unauthenticated("unknown or revoked token: check the producer token this DUI uses")
         if producer.auth == "token":
-            return Identity(producer, "token")
-        _require_cert(producer, cert, cert_problem)
+            return Identity(producer, "token", cert.fingerprint_sha256 if cert is not None else None)
+        _require_cert(producer, cert)
         assert cert is not None
         return Identity(producer, "both", cert.fingerprint_sha256)
     if cert is not None:
-        if cert_problem:
-            raise checks.unauthenticated(cert_problem)
         producer = directory.by_certificate(cert.fingerprint_sha256, cert.subject)
         if producer is None:
             raise checks.unauthenticated("this client certificate is not registered to any producer "
@@ -79,11 +96,33 @@ def identify(directory: ProducerDirectory, policy: ClientCertPolicy | None, requ
                                  + (" or a client certificate" if policy is not None and policy.enabled else ""))
 
 
-def _require_cert(producer: Producer, cert: ClientCertificate | None, problem: str | None) -> None:
+def _text(refusal: Refusal) -> str:
+    return "; ".join(str(i.diagnostics) for i in refusal.issues)[:300]
+
+
+def note_refusal(request: Request, surface: str, status: int, reason: str) -> None:
+    """Record a failed authentication (401/403) in the audit trail, at most once per client, surface and
+    reason per RELAIS_AUDIT_REFUSAL_EVERY_S; never delays or fails the refusal itself."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # a sync FastAPI dependency runs in a worker thread: note it on the event loop
+        anyio.from_thread.run_sync(functools.partial(note_refusal, request, surface, status, reason))
+        return
+    state = request.app.state
+    refusals = getattr(state, "auth_refusals", None)
+    if refusals is None:
+        ops = getattr(state, "ops", None)
+        if ops is None:
+            return  # an app without the operator side has no audit trail to write to
+        refusals = audit.Refusals(ops.ledger, ops.settings.audit_refusal_every_s)
+        state.auth_refusals = refusals
+    refusals.note(surface, status, reason, client=request.client.host if request.client else None,
+                  path=request.url.path)
+
+
+def _require_cert(producer: Producer, cert: ClientCertificate | None) -> None:
     if cert is None:
         raise checks.unauthenticated(f"producer '{producer.id}' must present its client certificate (mutual TLS)")
-    if problem:
-        raise checks.unauthenticated(problem)
     if not producer.matches_certificate(cert.fingerprint_sha256, cert.subject):
         raise checks.unauthenticated(f"this client certificate is not registered to producer '{producer.id}'")
 

@@ -14,7 +14,9 @@ def install(app: Any, state: Any) -> None:
     from services.ops import api, dashboard
     from services.ops.auth import load_operators
     from services.ops.context import OpsContext
+    from services.tracker import audit
 
+    audit.bind(state.ledger, state.settings)  # the audit trail's MAC key (never in the database)
     app.state.operators = load_operators(state.settings)
     app.state.ops = OpsContext(state.settings, state.ledger, state.bus, state.targets)
     app.include_router(api.router, prefix="/ops")

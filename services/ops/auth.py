@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.core.configfile import load_yaml_model, repeated
 from services.core.settings import Settings
 from services.ingress.checks import bearer_token
+from services.ingress.security import note_refusal
 from services.ops.sessions import session_operator
 
 Role = Literal["viewer", "operator"]
@@ -130,7 +131,15 @@ async def identify(request: Request) -> Operator | None:
 
 
 async def check(request: Request, role: Role) -> Operator:
-    """The operator making this request if they hold `role`; raises 401/403 otherwise."""
+    """The operator making this request if they hold `role`; raises 401/403 otherwise (audited, rate-limited)."""
+    try:
+        return await _check(request, role)
+    except HTTPException as exc:
+        note_refusal(request, "ops", exc.status_code, str(exc.detail))
+        raise
+
+
+async def _check(request: Request, role: Role) -> Operator:
     token = request_token(request)
     operator = await identify(request)
     if operator is None:

@@ -108,14 +108,16 @@ def _remote(args: argparse.Namespace, client: OpsClient) -> int:
 
 async def _direct(args: argparse.Namespace) -> int:
     """`ledger rebuild|purge`: the ledger database itself, with this shell's RELAIS_* configuration."""
+    from services.core.blobstore import prune_local_blobs
     from services.core.settings import Settings
     from services.launcher import make_bus
-    from services.tracker import audit
+    from services.tracker import audit, sealed
     from services.tracker.ledger import Ledger
     from services.tracker.rebuild import rebuild
     from services.tracker.retention import purge
 
     settings = Settings()
+    sealed.install(settings)  # ledger values that may quote health data are sealed at rest
     ledger = Ledger(settings.database_url)
     try:
         await ledger.create_schema()
@@ -131,10 +133,12 @@ async def _direct(args: argparse.Namespace) -> int:
             days = args.days if args.days is not None else settings.ledger_retention_days
             gone = await purge(ledger, timedelta(days=days))
             audit_days = settings.audit_retention_days
+            audit.bind(ledger, settings)
             audited = await audit.purge(ledger, timedelta(days=audit_days))
+            blobs = prune_local_blobs(settings)
             print(f"purged {gone.transfers} transfer(s), {gone.deliveries} deliveries, {gone.events} event(s), "
                   f"{gone.access_log} access-log line(s) older than {days:g} day(s); "
-                  f"{audited} audit row(s) older than {audit_days:g} day(s)")
+                  f"{audited} audit row(s) older than {audit_days:g} day(s); {blobs} blob(s) past retention")
         return EXIT_OK
     finally:
         await ledger.close()

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from services.core.errors import TransientError
 from services.tracker import logic
+from services.tracker.sealed import SealedJSON
 
 metadata = sa.MetaData()
 SCHEMA_LOCK_KEY = 0x52454C41  # "RELA": PostgreSQL advisory lock taken while creating the schema
@@ -33,7 +34,7 @@ transfers = sa.Table(
     sa.Column("status", sa.String(32), nullable=False, index=True),
     sa.Column("targets", sa.JSON, nullable=True),
     sa.Column("size", sa.Integer, nullable=True),
-    sa.Column("outcome", sa.JSON, nullable=True),
+    sa.Column("outcome", SealedJSON, nullable=True),  # quotes rejected values: sealed at rest (tracker/sealed.py)
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     # FINESS numbers the transfer concerns, as ",750000001,750000002," so one LIKE finds one of them.
@@ -51,9 +52,9 @@ deliveries = sa.Table(
     sa.Column("target", sa.String(64), primary_key=True),
     sa.Column("status", sa.String(32), nullable=False, index=True),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("response", sa.JSON, nullable=True),
+    sa.Column("response", SealedJSON, nullable=True),  # the target's words: sealed at rest
     sa.Column("assigned", sa.JSON, nullable=True),  # producer's fullUrl -> location the target assigned
-    sa.Column("outcome", sa.JSON, nullable=True),
+    sa.Column("outcome", SealedJSON, nullable=True),
     sa.Column("last_http_status", sa.Integer, nullable=True),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     # Per-target views: waiting records and dead letters of one target.
@@ -69,7 +70,7 @@ events = sa.Table(
     sa.Column("target", sa.String(64), nullable=True),
     sa.Column("attempt", sa.Integer, nullable=False, default=0),
     sa.Column("time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("detail", sa.JSON, nullable=True),
+    sa.Column("detail", SealedJSON, nullable=True),  # copies outcomes and responses: sealed at rest
     # A transfer's timeline in order; a target's recent outcomes (success rate, latency).
     sa.Index("ix_events_transfer_time", "transfer_id", "time"),
     sa.Index("ix_events_target_kind_time", "target", "kind", "time"),
@@ -85,7 +86,8 @@ stage_dead_letters = sa.Table(
     sa.Column("stage", sa.String(32), nullable=False),
     sa.Column("target", sa.String(64), nullable=True),
     sa.Column("status", sa.String(32), nullable=False, index=True),
-    sa.Column("detail", sa.JSON, nullable=True),  # reason, topic, partition, offset, key, poison_id, attempts
+    # Sealed at rest (a reason may quote content): reason, topic, partition, offset, key, poison_id, attempts.
+    sa.Column("detail", SealedJSON, nullable=True),
     sa.Column("dead_lettered_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )

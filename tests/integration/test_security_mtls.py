@@ -19,9 +19,12 @@ import orjson
 import pytest
 
 from services.core.settings import Settings
+from services.tracker import audit, auditchain
+from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, organization_finess
 from tests.support.certs import Ca, Client, make_ca
 from tests.support.ingress import serving as serve_ingress
+from tests.support.kafka import wait_for
 from tests.support.processes import free_port
 from tests.support.producers import write_targets
 
@@ -148,6 +151,32 @@ async def test_revoked_or_unregistered_certificate_is_refused(pki: Pki, make: Ca
         answer = await post(pki, url, getattr(pki, which))
         assert answer.status_code == 401, answer.text
         assert answer.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("which", ["crl_revoked", "fp_revoked"])
+async def test_revoked_certificate_with_a_valid_token_is_refused_and_audited(pki: Pki, make: Callable[..., Settings],
+                                                                             which: str) -> None:
+    """A presented certificate is never ignored: a token-only producer's good token does not excuse it."""
+    settings = make()
+    ledger = Ledger(settings.database_url)
+    try:
+        async with serving(settings) as url:
+            assert (await post(pki, url, None, TOKEN_PLAIN)).status_code == 202  # the token alone is fine
+            answer = await post(pki, url, getattr(pki, which), TOKEN_PLAIN)
+            assert answer.status_code == 401, answer.text
+            assert "revoked" in answer.json()["issue"][0]["diagnostics"]
+            audit.bind(ledger, settings)
+
+            async def refused() -> list[audit.AuditEntry]:
+                return (await audit.entries(ledger, audit.AuditFilter(kind="auth.refused")))[0]
+
+            rows = await wait_for(refused, timeout_s=10)  # written in the background, never delaying the 401
+        assert [(r.outcome, r.detail["surface"], r.detail["http_status"]) for r in rows] == [
+            ("failure", "ingress", 401)]
+        assert "revoked" in rows[0].detail["reason"] and rows[0].detail["path"] == "/fhir"
+        assert (await auditchain.verify_chain(ledger)).valid
+    finally:
+        await ledger.close()
 
 
 async def test_both_needs_token_and_matching_certificate(pki: Pki, make: Callable[..., Settings]) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from services.core.settings import MiB, Settings
 from services.core.topics import (
+    AUDIT_HEAD,
     DELIVERIES,
     DELIVERIES_DLQ,
     EVENTS,
@@ -19,7 +20,7 @@ from services.core.topics import (
     topic_config,
 )
 
-FIXED = {RECEIVED, VALIDATED, REJECTED, EVENTS, POISON, DELIVERIES, DELIVERIES_DLQ}
+FIXED = {RECEIVED, VALIDATED, REJECTED, EVENTS, POISON, DELIVERIES, DELIVERIES_DLQ, AUDIT_HEAD}
 
 
 @pytest.mark.parametrize(("delays", "retry_names"), [
@@ -62,7 +63,7 @@ def test_topic_config_takes_a_record_larger_than_the_largest_body(body: int) -> 
         assert int(config["max.message.bytes"]) > body
         assert int(config["max.message.bytes"]) == max_record_bytes(settings)
         assert config["retention.ms"] == str(spec.retention_ms)
-        assert config["cleanup.policy"] == "delete"
+        assert config["cleanup.policy"] == ("compact" if spec.compacted else "delete")
         assert all(isinstance(v, str) for v in config.values())
 
 

@@ -121,12 +121,12 @@ def test_blob_round_trip_rotation_and_tampering(tmp_path: Path) -> None:
     async def go() -> None:
         store = LocalBlobStore(tmp_path, ring(K1))
         ref = await store.put(BUNDLE)
-        stored = (tmp_path / ref.sha256[:2] / ref.sha256).read_bytes()
+        stored = (tmp_path / ref.name[:2] / ref.name).read_bytes()
         assert b"DUPONTEL" not in stored and crypto.is_sealed_blob(stored)
         assert await LocalBlobStore(tmp_path, ring(K2, K1)).get(ref) == BUNDLE
         with pytest.raises(BlobIntegrityError):
             await LocalBlobStore(tmp_path, None).get(ref)
-        path = tmp_path / ref.sha256[:2] / ref.sha256
+        path = tmp_path / ref.name[:2] / ref.name
         path.write_bytes(stored[:-1] + bytes([stored[-1] ^ 1]))
         with pytest.raises(BlobIntegrityError, match="authenticate"):
             await store.get(ref)

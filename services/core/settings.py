@@ -122,9 +122,11 @@ class Settings(BaseSettings):
         description="Delay of each retry tier (one topic per tier), JSON list.",
     )
     max_attempts: int = Field(default=8, ge=1, description="Attempts before a delivery is dead-lettered.")
-    probe_clock_skew_s: float = Field(
-        default=30.0, ge=0, description="Ambiguous-failure probe: how far the target's clock may lag ours when "
-        "telling a resource this attempt created from an older one.",
+    transfer_tag_system: str = Field(
+        default="https://relais.esms.fr/fhir/CodeSystem/transfer", min_length=1,
+        description="System of the meta.tag (code: the transfer id) Relais adds to every resource it delivers; "
+        "after an ambiguous failure or a crash, delivery searches the target for it (_tag) to learn whether "
+        "this transfer was applied.",
     )
     claim_check_bytes: int = Field(
         default=1 * MiB, ge=1024, description="Bundles above this size travel as a blob-store reference + SHA-256.",

@@ -27,7 +27,9 @@ from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES
+from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
+from services.tracker.ledger import Ledger
 from tests.bench import kafka_bootstrap
 from tests.fixtures.tddui import make_bundle
 from tests.support.processes import DemoTarget, free_port
@@ -49,7 +51,9 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     """Publish `emits`, wait until every watched target has its share; (elapsed, latencies in s)."""
     bus = KafkaBus(settings)
     await bus.start()
-    stage = DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"))
+    ledger = Ledger(settings.database_url)
+    await ledger.create_schema()
+    stage = DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"), AttemptJournal(ledger.engine))
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, settings, stop))
     expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}
@@ -64,6 +68,7 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     stop.set()
     await task
     await stage.aclose()
+    await ledger.close()
     await bus.stop()
     lat = []
     for url in watch.values():

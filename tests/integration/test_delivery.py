@@ -33,6 +33,7 @@ from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, EVENTS, VALIDATED
 from services.delivery.logic import Circuit
+from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
 from services.dlq.store import DlqService
 from services.router.stage import RouterStage
@@ -138,12 +139,11 @@ async def running(settings: Settings, dirs: TargetDirectory, tmp: Path, *,
     bus = KafkaBus(settings)
     await bus.start()
     blobs = LocalBlobStore(tmp / "blobs")
-    stage = DeliveryStage(settings, dirs, blobs)
+    ledger = Ledger(settings.database_url)
+    await ledger.create_schema()
+    stage = DeliveryStage(settings, dirs, blobs, AttemptJournal(ledger.engine))
     stages: list[Any] = [stage]
-    ledger = None
     if tracker:
-        ledger = Ledger(settings.database_url)
-        await ledger.create_schema()
         stages.append(TrackerStage(ledger))
     if router:
         stages.append(RouterStage(dirs, blobs, settings.claim_check_bytes))
@@ -155,8 +155,7 @@ async def running(settings: Settings, dirs: TargetDirectory, tmp: Path, *,
         stop.set()
         await asyncio.gather(*tasks)
         await stage.aclose()
-        if ledger is not None:
-            await ledger.close()
+        await ledger.close()
         await bus.stop()
 
 

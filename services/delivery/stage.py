@@ -34,6 +34,7 @@ from services.core.logging import get_logger
 from services.core.metrics import DELIVERIES as DELIVERY_COUNT
 from services.core.metrics import DELIVERIES_IN_DOUBT as DELIVERY_IN_DOUBT
 from services.core.metrics import DELIVERY_SECONDS
+from services.core.outcome import error, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, retry_topic
@@ -247,10 +248,12 @@ class DeliveryStage:
             return out.emits + await self._dead_letter(record, env, attempt_no, Attempt(None, error=reason),
                                                        Decision(Fate.DEAD_LETTER, reason), payload=out.payload)
         if result.verdict is Verdict.UNPROBEABLE:
+            earlier = env.extra.get(X_REASON) or "an earlier attempt got no answer"
             return out.emits + await self._dead_letter(
                 record, env, attempt_no, Attempt(None, error=result.reason),
-                Decision(Fate.DEAD_LETTER, f"ambiguous failure and {result.reason}; an operator must check the "
-                         f"target for resources tagged {self.settings.transfer_tag_system}|{env.transfer_id}"),
+                Decision(Fate.DEAD_LETTER, f"{earlier}; {result.reason}, so whether it was applied is unknown: "
+                         "check the target for resources tagged "
+                         f"{self.settings.transfer_tag_system}|{env.transfer_id}, then replay or discard"),
                 payload=out.payload)
         # The target cannot even answer a search now: wait, and probe again next time.
         self._learn(rt, BreakerEvent.FAILURE)
@@ -363,7 +366,8 @@ class DeliveryStage:
             extra |= ref.to_extra()
         dead = env.evolve(attempt=attempt_no, not_before=None, extra=extra, data=b"" if ref else env.data)
         detail = {
-            "http_status": attempt.status, "reason": decision.reason, "outcome": _outcome(attempt),
+            "http_status": attempt.status, "reason": decision.reason,
+            "outcome": _outcome(attempt) or operation_outcome([error("exception", decision.reason[:2000], "Bundle")]),
             "attempts": attempt_no, "first_failure": extra[X_FIRST_FAILURE], "last_failure": now,
             "orig_topic": record.topic, "orig_partition": record.partition, "orig_offset": record.offset,
             "key": (record.key or b"").decode(errors="replace"),

@@ -21,8 +21,8 @@ from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, EVENTS
 from services.delivery.client import TargetClient
-from services.delivery.repair import assigned_ids
 from services.delivery.journal import AttemptJournal
+from services.delivery.repair import assigned_ids
 from services.delivery.stage import DeliveryStage, _is_transaction_response
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle

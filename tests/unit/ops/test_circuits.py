@@ -11,8 +11,8 @@ import pytest
 from services.core.blobstore import LocalBlobStore
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
-from services.delivery.logic import BreakerEvent
 from services.delivery.journal import AttemptJournal
+from services.delivery.logic import BreakerEvent
 from services.delivery.stage import DeliveryStage
 from services.tracker.ledger import Ledger
 from services.tracker.opstate import circuits, record_circuit, worst_circuit

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -44,8 +44,10 @@ class Stage(Protocol):
     in order) and any other exception when the record itself cannot be handled (it goes to the
     poison topic, and the transfer is marked failed, so it never disappears silently).
 
-    A stage may also define `async def committed(records)`: called (best effort) once the records'
-    outputs and offsets are committed, e.g. to close what it recorded about side effects outside the bus.
+    A stage may also define `def lane(record) -> Hashable`: records of one partition in different
+    lanes are handled concurrently, each lane in order (default: one lane per partition); and
+    `async def committed(records)`: called (best effort) once the records' outputs and offsets are
+    committed, e.g. to close what it recorded about side effects outside the bus.
     """
 
     name: str
@@ -84,33 +86,46 @@ async def run_stage(stage: Stage, bus: Bus, settings: Settings, stop: asyncio.Ev
 
 
 @dataclass
-class _Lane:
-    """One partition's records, handled in order by one task."""
+class _Slot:
+    """A record in hand: its generation (bumped when its partition is rewound) and, once handled, its outputs."""
 
-    queue: deque[Record] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    record: Record
+    generation: int
+    emits: Sequence[Emit] | None = None
+
+
+@dataclass
+class _PartitionState:
+    """One partition's records in hand, by offset (in offset order), and the lanes handling them."""
+
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    lanes: dict[Hashable, deque[tuple[int, Record]]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    generation: int = 0
     # After a deferral the bus re-delivers the partition from this offset: anything else is stale.
     rewound_to: int | None = None
-    task: asyncio.Task[None] | None = None
 
 
 class _Pump:
-    """Polls, hands each partition's records to its own lane, and commits completed records as they complete.
+    """Polls, hands records to lanes, and commits completed records as they complete.
 
-    Partitions are independent (that is what keys are for): one slow record holds only its own
-    partition, never the others' commits. A committer takes whatever has completed — a record, or a
-    run of them gathered while the previous commit was in flight — and publishes their outputs with
-    their offsets in one `complete`; inside a partition records complete in order, so the committed
-    offsets are always contiguous. At most `batch_size` records are in hand (polled, not committed).
+    Partitions are independent (that is what keys are for), and so are the lanes of a partition
+    when the stage names them (`lane(record)`, e.g. delivery: one lane per target + person):
+    each lane handles its records in order, one slow record holds only its own lane. A partition is
+    committed up to its first record not yet handled, so committed offsets are contiguous and a
+    record's outputs are published with its offset. A committer takes whatever has become
+    committable — a record, or a run of them gathered while the previous commit was in flight — in
+    one `complete`. At most `batch_size` records are in hand (polled, not committed).
     """
 
     def __init__(self, stage: Stage, sub: Subscription, settings: Settings, stop: asyncio.Event) -> None:
         self.stage, self.sub, self.stop = stage, sub, stop
+        self.lane_of: Callable[[Record], Hashable] = getattr(stage, "lane", lambda _: None)
         self.capacity = settings.batch_size
         self.in_hand = 0
         self.room = asyncio.Event()
-        self.lanes: dict[Partition, _Lane] = {}
-        self.done: list[tuple[Record, Sequence[Emit]]] = []  # completed, not yet committed, in completion order
+        self.partitions: dict[Partition, _PartitionState] = {}
+        self.done: list[tuple[Record, Sequence[Emit]]] = []  # committable, in offset order per partition
         self.has_done = asyncio.Event()
         self.closing = False
         self.pauses: list[tuple[Partition, int, float]] = []  # applied by the poll loop, between polls
@@ -126,20 +141,21 @@ class _Pump:
                 self.failed.result()  # raises what broke a lane or the committer
             poller.result()
             # Stopping: lanes finish the record in hand, the rest is left uncommitted (read again later).
-            for lane in self.lanes.values():
-                lane.wake.set()
-            await asyncio.gather(*(lane.task for lane in self.lanes.values() if lane.task))
+            await asyncio.gather(*self._lane_tasks())
             self.closing = True
             self.has_done.set()
             await committer
             await asyncio.gather(*self.hooks)
         finally:
-            tasks = [poller, committer, *(lane.task for lane in self.lanes.values() if lane.task)]
+            tasks = [poller, committer, *self._lane_tasks()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if not self.failed.done():
                 self.failed.cancel()
+
+    def _lane_tasks(self) -> list[asyncio.Task[None]]:
+        return [t for state in self.partitions.values() for t in state.tasks]
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -165,17 +181,24 @@ class _Pump:
 
     def _dispatch(self, record: Record) -> None:
         partition = Partition(record.topic, record.partition)
-        lane = self.lanes.get(partition)
-        if lane is None:
-            lane = self.lanes[partition] = _Lane()
-            lane.task = self._spawn(self._lane_loop(partition, lane), f"{self.stage.name}-{partition}")
-        if lane.rewound_to is not None:
-            if record.offset != lane.rewound_to:
+        state = self.partitions.setdefault(partition, _PartitionState())
+        if state.rewound_to is not None:
+            if record.offset > state.rewound_to:
                 return  # fetched before the partition was rewound: it comes again, in order
-            lane.rewound_to = None
-        lane.queue.append(record)
+            if record.offset == state.rewound_to:
+                state.rewound_to = None
+        if record.offset in state.slots:
+            return  # already in hand
+        state.slots[record.offset] = _Slot(record, state.generation)
         self.in_hand += 1
-        lane.wake.set()
+        key = self.lane_of(record)
+        queue = state.lanes.get(key)
+        if queue is None:
+            queue = state.lanes[key] = deque()
+            task = self._spawn(self._lane_loop(partition, state, key, queue), f"{self.stage.name}-{partition}")
+            state.tasks.add(task)
+            task.add_done_callback(state.tasks.discard)
+        queue.append((state.generation, record))
 
     def _apply_pauses(self) -> None:
         # Only between polls: a bus rewinding a partition while a poll is in flight could lose the rewind.
@@ -187,24 +210,49 @@ class _Pump:
         self.in_hand -= count
         self.room.set()
 
-    # --- handling, one lane per partition ----------------------------------------------------
-    async def _lane_loop(self, partition: Partition, lane: _Lane) -> None:
-        while True:
-            while not lane.queue and not self.stop.is_set():
-                lane.wake.clear()
-                await lane.wake.wait()
-            if self.stop.is_set():
-                return
-            record = lane.queue.popleft()
+    # --- handling, one task per lane ------------------------------------------------------------
+    async def _lane_loop(self, partition: Partition, state: _PartitionState, key: Hashable,
+                         queue: deque[tuple[int, Record]]) -> None:
+        # The lane ends when it has nothing left; a later record for it starts a new one.
+        while queue and not self.stop.is_set():
+            generation, record = queue.popleft()
+            if not self._current(state, record, generation):
+                continue  # its partition was rewound: it comes again
             try:
                 emits = await _handle_record(self.stage, record)
             except _Deferred as deferred:
-                self._release(1 + len(lane.queue))
-                lane.queue.clear()
-                lane.rewound_to = record.offset
-                self.pauses.append((partition, record.offset, deferred.due))
+                if self._current(state, record, generation):
+                    self._rewind(partition, state, record.offset, deferred.due)
                 continue
-            self.done.append((record, emits))
+            if self._current(state, record, generation):
+                state.slots[record.offset].emits = emits
+                self._advance(state)
+        if state.lanes.get(key) is queue:
+            del state.lanes[key]
+
+    @staticmethod
+    def _current(state: _PartitionState, record: Record, generation: int) -> bool:
+        slot = state.slots.get(record.offset)
+        return slot is not None and slot.generation == generation
+
+    def _rewind(self, partition: Partition, state: _PartitionState, offset: int, due: float) -> None:
+        """Come back to the partition at `offset` at `due`; what is in hand from there on is dropped."""
+        dropped = [o for o in state.slots if o >= offset]
+        for o in dropped:
+            del state.slots[o]
+        self._release(len(dropped))
+        state.generation += 1
+        state.rewound_to = offset if state.rewound_to is None else min(state.rewound_to, offset)
+        self.pauses.append((partition, offset, due))
+
+    def _advance(self, state: _PartitionState) -> None:
+        """Move the partition's handled records, up to its first unhandled one, to the committer."""
+        while state.slots:
+            offset, slot = next(iter(state.slots.items()))
+            if slot.emits is None:
+                return
+            del state.slots[offset]
+            self.done.append((slot.record, slot.emits))
             self.has_done.set()
 
     # --- committing ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -141,6 +141,14 @@ class DeliveryStage:
         return rt.breaker if rt else None
 
     # --- the record ------------------------------------------------------------------------
+    def lane(self, record: Record) -> Hashable:
+        """Records are keyed by target + person: each such pair is a lane, handled in order, beside the others.
+
+        So a slow target, or one person's slow transaction, holds only its own lane (the runner commits
+        a partition up to its first unfinished record).
+        """
+        return record.key
+
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Attempt the delivery now, or park it until it may be attempted."""
         env = record.envelope

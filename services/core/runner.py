@@ -33,6 +33,7 @@ log = get_logger(__name__)
 
 POLL_TIMEOUT_S = 0.5
 TRANSIENT_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
+HANDLED_FACTOR = 10  # handled records held for an earlier one of their partition, per record to handle
 
 
 class Stage(Protocol):
@@ -115,14 +116,17 @@ class _Pump:
     committed up to its first record not yet handled, so committed offsets are contiguous and a
     record's outputs are published with its offset. A committer takes whatever has become
     committable — a record, or a run of them gathered while the previous commit was in flight — in
-    one `complete`. At most `batch_size` records are in hand (polled, not committed).
+    one `complete`. At most `batch_size` records wait to be handled; records handled but waiting for
+    an earlier one of their partition to be committed count apart (up to HANDLED_FACTOR times more),
+    so a slow lane does not stop the others from fetching.
     """
 
     def __init__(self, stage: Stage, sub: Subscription, settings: Settings, stop: asyncio.Event) -> None:
         self.stage, self.sub, self.stop = stage, sub, stop
         self.lane_of: Callable[[Record], Hashable] = getattr(stage, "lane", lambda _: None)
         self.capacity = settings.batch_size
-        self.in_hand = 0
+        self.in_hand = 0     # polled, not yet committed or dropped
+        self.unhandled = 0   # of those, not yet handled
         self.room = asyncio.Event()
         self.partitions: dict[Partition, _PartitionState] = {}
         self.done: list[tuple[Record, Sequence[Emit]]] = []  # committable, in offset order per partition
@@ -170,7 +174,7 @@ class _Pump:
     async def _poll_loop(self) -> None:
         while not self.stop.is_set():
             self._apply_pauses()
-            room = self.capacity - self.in_hand
+            room = min(self.capacity - self.unhandled, self.capacity * HANDLED_FACTOR - self.in_hand)
             if room <= 0:
                 self.room.clear()
                 with contextlib.suppress(TimeoutError):
@@ -191,6 +195,7 @@ class _Pump:
             return  # already in hand
         state.slots[record.offset] = _Slot(record, state.generation)
         self.in_hand += 1
+        self.unhandled += 1
         key = self.lane_of(record)
         queue = state.lanes.get(key)
         if queue is None:
@@ -206,8 +211,9 @@ class _Pump:
         for partition, offset, due in pauses:
             self.sub.pause_until(partition, offset, due)
 
-    def _release(self, count: int) -> None:
+    def _release(self, count: int, unhandled: int = 0) -> None:
         self.in_hand -= count
+        self.unhandled -= unhandled
         self.room.set()
 
     # --- handling, one task per lane ------------------------------------------------------------
@@ -226,6 +232,7 @@ class _Pump:
                 continue
             if self._current(state, record, generation):
                 state.slots[record.offset].emits = emits
+                self._release(0, unhandled=1)
                 self._advance(state)
         if state.lanes.get(key) is queue:
             del state.lanes[key]
@@ -237,10 +244,8 @@ class _Pump:
 
     def _rewind(self, partition: Partition, state: _PartitionState, offset: int, due: float) -> None:
         """Come back to the partition at `offset` at `due`; what is in hand from there on is dropped."""
-        dropped = [o for o in state.slots if o >= offset]
-        for o in dropped:
-            del state.slots[o]
-        self._release(len(dropped))
+        dropped = [state.slots.pop(o) for o in list(state.slots) if o >= offset]
+        self._release(len(dropped), unhandled=sum(1 for slot in dropped if slot.emits is None))
         state.generation += 1
         state.rewound_to = offset if state.rewound_to is None else min(state.rewound_to, offset)
         self.pauses.append((partition, offset, due))

@@ -84,6 +84,9 @@ def _settings(bootstrap: str, work: Path) -> Settings:
                     log_level="warning", batch_size=200)
 
 
+SLOW_PHASE_BUNDLES = 60
+
+
 def _pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -117,9 +120,35 @@ async def bench(bootstrap: str, work: Path, count: int) -> list[str]:
             elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits, {"ok": targets[0].base_url}, work)
             lines.append(f"healthy target {label}: {half} Bundles in {elapsed:.1f}s; latency p50 "
                          f"{statistics.median(lat) * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms")
+        lines += await _beside_slow_targets(bootstrap, work, body, targets)
     finally:
         for t in targets:
             t.stop()
+    return lines
+
+
+async def _beside_slow_targets(bootstrap: str, work: Path, body: bytes, targets: list[DemoTarget]) -> list[str]:
+    """Issue 15: a fast target's latency alone, beside one target answering in 5 s, beside five such."""
+    slow = targets[5:10]
+    for t in slow:
+        t.fault(delay_s=5, count=-1)
+    lines, alone = [], 0.0
+    for n_slow in (0, 1, 5):
+        dirs = TargetDirectory.model_validate({"targets": [
+            {"id": "fast", "base_url": targets[0].fhir},
+            *({"id": f"slow{i}", "base_url": slow[i].fhir, "timeouts": {"total_s": 30}} for i in range(n_slow))]})
+        emits = []
+        for i in range(SLOW_PHASE_BUNDLES):  # interleaved, one person per Bundle, as the issue measured
+            emits.append(_emit("fast", body, f"f{i}"))
+            emits += [_emit(f"slow{k}", body, f"s{k}-{i}") for k in range(n_slow)]
+        _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": targets[0].base_url}, work)
+        p50 = statistics.median(lat)
+        alone = alone or p50
+        label = "alone" if not n_slow else f"beside {n_slow} target(s) answering in 5 s"
+        lines.append(f"fast target {label}: p50 {p50 * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms"
+                     + (f"; p50 ratio beside/alone {p50 / alone:.2f} (goal <= 1.1)" if n_slow else ""))
+    for t in slow:
+        httpx.delete(f"{t.base_url}/_faults", timeout=10)
     return lines
 
 

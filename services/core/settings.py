@@ -198,7 +198,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=20.0, gt=0, description="On SIGTERM, how long in-flight records may take before exit."
     )
-    batch_size: int = Field(default=100, ge=1, description="Records a stage holds fetched and not yet handled (its lanes share them).")
+    batch_size: int = Field(
+        default=100, ge=1, description="Records a stage holds fetched and not yet handled (its lanes share them).",
+    )
     instance_id: str | None = Field(
         default=None,
         description="Stable id of this replica (Kafka transactional ids). Set it per replica (e.g. the pod "

@@ -27,6 +27,7 @@ from services.delivery.stage import DeliveryStage
 from services.launcher import make_bus
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, patient_identifier
+from tests.support.kafka import wait_for
 from tests.support.processes import DemoTarget
 
 Factory = Callable[..., Settings]
@@ -38,6 +39,10 @@ def two_targets(tmp_path: Path) -> Iterator[tuple[DemoTarget, DemoTarget]]:
     yield slow, fast
     slow.stop()
     fast.stop()
+
+
+async def _has(target: DemoTarget, n: int) -> bool:
+    return len(await asyncio.to_thread(target.received)) >= n
 
 
 def delivery(target: str, person: int, seed: int) -> Emit:
@@ -67,12 +72,9 @@ async def test_a_slow_target_does_not_hold_a_fast_one_in_the_same_partition_and_
     try:
         began = time.time()
         await bus.publish(emits)
-        deadline = time.monotonic() + 60
-        while len(fast.received()) < 9 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await wait_for(lambda: _has(fast, 9), timeout_s=60)
         fast_done = time.time() - began
-        while len(slow.received()) < 9 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await wait_for(lambda: _has(slow, 9), timeout_s=60)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

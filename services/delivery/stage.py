@@ -37,7 +37,7 @@ from services.core.metrics import DELIVERY_SECONDS
 from services.core.outcome import error, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
-from services.core.topics import DELIVERIES, DELIVERIES_DLQ, retry_topic
+from services.core.topics import DELIVERIES, DELIVERIES_DLQ, RETRY_PREFIX, retry_topic
 from services.delivery.client import Attempt, TargetClient
 from services.delivery.journal import DELIVERED, IN_DOUBT, NOT_APPLIED, AttemptJournal, AttemptKey, Prior
 from services.delivery.logic import (
@@ -54,6 +54,7 @@ from services.delivery.logic import (
     parse_retry_after,
 )
 from services.delivery.marker import ProbePlan, Verdict, mark_transfer, probe_plan
+from services.delivery.order import LaneOrder
 from services.delivery.repair import assigned_ids, original_full_urls, repair_transaction
 
 log = get_logger(__name__)
@@ -110,6 +111,9 @@ class DeliveryStage:
             t.id: TargetRuntime(t, TargetClient(t), asyncio.Semaphore(t.max_concurrency))
             for t in directory.targets if t.enabled
         }
+        # Records waiting in retry tiers, per lane: a person's later Bundles wait behind them.
+        longest = max([*self.tiers, *(d for rt in self.runtimes.values() for d in rt.target.retry.delays_s or ())])
+        self.order = LaneOrder(stale_s=longest * 2)
         # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
         self.paused_by_operator: frozenset[str] = frozenset()
         # Where breaker transitions are reported for operators (None: nowhere; set by the launcher).
@@ -150,8 +154,21 @@ class DeliveryStage:
         return record.key
 
     async def handle(self, record: Record) -> Sequence[Emit]:
-        """Attempt the delivery now, or park it until it may be attempted."""
+        """Attempt the delivery now, or park it until it may be attempted (or until its lane's earlier ones are)."""
         env = record.envelope
+        lane = (env.target, record.key)
+        now = datetime.now(UTC)
+        held = self.order.hold_until(lane, env.transfer_id, now)
+        if held is not None:
+            return [self._park(record, env, (held - now).total_seconds())]
+        emits = await self._handle(record, env)
+        waiting = next((e.envelope for e in emits if e.topic.startswith(RETRY_PREFIX)
+                        and e.envelope.transfer_id == env.transfer_id), None)
+        self.order.settled(lane, env.transfer_id, None if waiting is None else
+                           _moment(waiting.extra.get(X_DUE)) or waiting.not_before or now)
+        return emits
+
+    async def _handle(self, record: Record, env: Envelope) -> list[Emit]:
         rt = self.runtimes.get(env.target or "")
         if rt is None:
             return await self._dead_letter(record, env, env.attempt, Attempt(None, error="unknown target", sent=False),

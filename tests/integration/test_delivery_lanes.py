@@ -93,3 +93,57 @@ async def test_a_slow_target_does_not_hold_a_fast_one_in_the_same_partition_and_
         for person_key in {e.key for e in emits}:
             mine = {patient_identifier(orjson.loads(e.envelope.data)) for e in emits if e.key == person_key}
             assert [p for p in arrived if p in mine] == [p for p in sent if p in mine]
+
+
+async def test_each_persons_bundles_arrive_in_order_at_a_healthy_and_a_flaky_target(
+        bus_settings: Factory, two_targets: tuple[DemoTarget, DemoTarget], tmp_path: Path) -> None:
+    """Issue 15: 5 persons x 10 Bundles; one target fails a third of its POSTs with 503. Order per person holds."""
+    flaky, healthy = two_targets
+    for n in range(90):  # every third transaction refused, then the target recovers
+        flaky.fault(status=503) if n % 3 == 0 else flaky.fault(delay_s=0.0)
+    s = bus_settings(topic_partitions=3, retry_delays_s=[0.2, 0.4, 0.8], max_attempts=20)
+    directory = TargetDirectory.model_validate({"targets": [
+        {"id": "flaky", "base_url": flaky.fhir, "breaker": {"failures": 1000, "probe_every_s": 1},
+         "retry": {"jitter": 0.0}},
+        {"id": "healthy", "base_url": healthy.fhir}]})
+    # Each person's ten Bundles in send order, the persons interleaved; one record per target each.
+    sent: dict[str, list[tuple[str, str]]] = {}
+    emits = []
+    for n in range(10):
+        for person in range(5):
+            bundle = make_bundle(3, seed=1000 * person + n)
+            sent.setdefault(str(person), []).append(patient_identifier(bundle))
+            for target in ("flaky", "healthy"):
+                env = Envelope(type="fr.relais.delivery.requested", source="/relais/tests",
+                               transfer_id=str(uuid.uuid4()), data=orjson.dumps(bundle), producer="p", target=target)
+                emits.append(Emit(DELIVERIES, f"{target}|person-{person}".encode(), env))
+    ledger = Ledger(s.database_url)
+    await ledger.create_schema()
+    bus = make_bus(s)
+    await bus.start()
+    stage = DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_stage(stage, bus, s, stop))
+    try:
+        await bus.publish(emits)
+        await wait_for(lambda: _applied(flaky, 50), timeout_s=90)
+        await wait_for(lambda: _applied(healthy, 50), timeout_s=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await stage.aclose()
+        await bus.stop()
+        await ledger.close()
+    assert sum(1 for r in flaky.received() if r["status"] == 503) >= 10  # it really was flaky
+    for target in (flaky, healthy):
+        rows = sorted((r for r in target.received() if r["applied"]),
+                      key=lambda r: datetime.fromisoformat(str(r["time"])))
+        arrived = [patient_identifier(r["body"]) for r in rows]  # type: ignore[arg-type]
+        assert len(arrived) == len(set(arrived)) == 50  # none lost, none twice
+        for person, bundles in sent.items():
+            assert [p for p in arrived if p in set(bundles)] == bundles, f"person {person} out of order"
+
+
+async def _applied(target: DemoTarget, n: int) -> bool:
+    rows = await asyncio.to_thread(target.received)
+    return sum(1 for r in rows if r["applied"]) >= n

@@ -25,6 +25,7 @@ from services.core.logging import get_logger
 from services.core.runner import Stage, run_stage
 from services.core.settings import Settings
 from services.core.targets import load_targets
+from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
 from services.keyrotation import check_keys_at_start
 from services.router.stage import RouterStage
@@ -68,13 +69,14 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
             elif name == "router":
                 stages.append(RouterStage(directory, make_blob_store(settings), settings.claim_check_bytes))
             elif name == "delivery":
-                delivery = DeliveryStage(settings, directory, make_blob_store(settings))
-                resources.push_async_callback(delivery.aclose)
                 pause_ledger = Ledger(settings.database_url)
                 await pause_ledger.create_schema()
                 resources.push_async_callback(pause_ledger.close)
-                watcher = asyncio.create_task(delivery.watch_pauses(functools.partial(paused_targets, pause_ledger)))
                 process = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+                delivery = DeliveryStage(settings, directory, make_blob_store(settings),
+                                         AttemptJournal(pause_ledger.engine, process))
+                resources.push_async_callback(delivery.aclose)
+                watcher = asyncio.create_task(delivery.watch_pauses(functools.partial(paused_targets, pause_ledger)))
                 delivery.report_circuit = functools.partial(record_circuit, pause_ledger, process=process)
                 resources.push_async_callback(_cancel, watcher)
                 stages.append(delivery)

@@ -16,6 +16,14 @@ INGRESS_REQUESTS = Counter("relais_ingress_requests_total", "Ingress HTTP answer
 BUNDLES_REJECTED = Counter("relais_bundles_rejected_total", "Bundles the validator rejected (errors against TDDUI)",
                            ["producer"])
 DELIVERIES = Counter("relais_deliveries_total", "Delivery attempts by target and result", ["target", "result"])
+DELIVERY_SECONDS = Histogram(
+    "relais_delivery_seconds", "Time a target took to answer one transaction POST (or to fail)", ["target"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+DELIVERIES_IN_DOUBT = Counter(
+    "relais_deliveries_in_doubt_total",
+    "Attempts found in flight after a delivery process stopped (crash): resolved by probe or policy", ["target"],
+)
 
 # Operator views (refreshed by the ops lag reader and the alerts loop).
 CONSUMER_LAG = Gauge("relais_consumer_lag", "Records not yet committed by a stage, per topic", ["stage", "topic"])

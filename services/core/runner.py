@@ -1,6 +1,7 @@
 """The one loop every stage runs in: consume, handle, publish and commit atomically, stop gracefully.
 
-A stage only writes `handle()`. The runner owns everything else: batching, per-record log context
+A stage only writes `handle()`. The runner owns everything else: one lane per partition, commits as
+records complete (grouped while a commit is in flight), per-record log context
 and timing, delayed records (`not_before`), the fate of exceptions, and commits. Its promise is the
 bus's: an input offset is committed only together with the outputs it produced, so a crash at any
 point means the record is handled again, never lost.
@@ -9,11 +10,13 @@ point means the record is handled again, never lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -31,6 +34,7 @@ log = get_logger(__name__)
 
 POLL_TIMEOUT_S = 0.5
 TRANSIENT_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
+HANDLED_FACTOR = 10  # handled records held for an earlier one of their partition, per record to handle
 
 
 class Stage(Protocol):
@@ -41,6 +45,11 @@ class Stage(Protocol):
     raises `TransientError` when the infrastructure it needs is down (the record is retried later,
     in order) and any other exception when the record itself cannot be handled (it goes to the
     poison topic, and the transfer is marked failed, so it never disappears silently).
+
+    A stage may also define `def lane(record) -> Hashable`: records of one partition in different
+    lanes are handled concurrently, each lane in order (default: one lane per partition); and
+    `async def committed(records)`: called (best effort) once the records' outputs and offsets are
+    committed, e.g. to close what it recorded about side effects outside the bus.
     """
 
     name: str
@@ -67,9 +76,7 @@ async def run_stage(stage: Stage, bus: Bus, settings: Settings, stop: asyncio.Ev
             await sub.start()
             log.info("stage started", stage=stage.name, topics=list(stage.topics))
             failures = 0
-            while not stop.is_set():
-                await _run_once(stage, sub, settings)
-                failures = 0
+            await _Pump(stage, sub, settings, stop).run()
         except TransientError as exc:
             delay = TRANSIENT_BACKOFF_S[min(failures, len(TRANSIENT_BACKOFF_S) - 1)]
             failures += 1
@@ -80,38 +87,209 @@ async def run_stage(stage: Stage, bus: Bus, settings: Settings, stop: asyncio.Ev
     log.info("stage stopped", stage=stage.name)
 
 
-async def _run_once(stage: Stage, sub: Subscription, settings: Settings) -> None:
-    records = await sub.poll(settings.batch_size, POLL_TIMEOUT_S)
-    if not records:
-        return
-    by_partition: dict[Partition, list[Record]] = defaultdict(list)
-    for record in records:
-        by_partition[Partition(record.topic, record.partition)].append(record)
-    # Partitions are independent (that is what keys are for), so they are handled concurrently;
-    # inside a partition, records keep their order.
-    results = await asyncio.gather(*(_handle_partition(stage, sub, p, rs) for p, rs in by_partition.items()))
-    emits = [e for partition_emits, _ in results for e in partition_emits]
-    offsets = {p: next_offset for (_, next_offset), p in zip(results, by_partition, strict=True) if next_offset}
-    if emits or offsets:
-        started = time.perf_counter()
-        await sub.complete(emits, offsets)
-        BATCH_COMMIT_SECONDS.labels(stage.name).observe(time.perf_counter() - started)
+@dataclass
+class _Slot:
+    """A record in hand: its generation (bumped when its partition is rewound) and, once handled, its outputs."""
+
+    record: Record
+    generation: int
+    emits: Sequence[Emit] | None = None
 
 
-async def _handle_partition(
-    stage: Stage, sub: Subscription, partition: Partition, records: list[Record]
-) -> tuple[list[Emit], int | None]:
-    """Handle one partition's records in order; returns the emits and the next offset to commit."""
-    emits: list[Emit] = []
-    next_offset: int | None = None
-    for record in records:
+@dataclass
+class _PartitionState:
+    """One partition's records in hand, by offset (in offset order), and the lanes handling them."""
+
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    lanes: dict[Hashable, deque[tuple[int, Record]]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    generation: int = 0
+    # After a deferral the bus re-delivers the partition from this offset: anything else is stale.
+    rewound_to: int | None = None
+
+
+class _Pump:
+    """Polls, hands records to lanes, and commits completed records as they complete.
+
+    Partitions are independent (that is what keys are for), and so are the lanes of a partition
+    when the stage names them (`lane(record)`, e.g. delivery: one lane per target + person):
+    each lane handles its records in order, one slow record holds only its own lane. A partition is
+    committed up to its first record not yet handled, so committed offsets are contiguous and a
+    record's outputs are published with its offset. A committer takes whatever has become
+    committable — a record, or a run of them gathered while the previous commit was in flight — in
+    one `complete`. At most `batch_size` records wait to be handled; records handled but waiting for
+    an earlier one of their partition to be committed count apart (up to HANDLED_FACTOR times more),
+    so a slow lane does not stop the others from fetching.
+    """
+
+    def __init__(self, stage: Stage, sub: Subscription, settings: Settings, stop: asyncio.Event) -> None:
+        self.stage, self.sub, self.stop = stage, sub, stop
+        self.lane_of: Callable[[Record], Hashable] = getattr(stage, "lane", lambda _: None)
+        self.capacity = settings.batch_size
+        self.in_hand = 0     # polled, not yet committed or dropped
+        self.unhandled = 0   # of those, not yet handled
+        self.room = asyncio.Event()
+        self.partitions: dict[Partition, _PartitionState] = {}
+        self.done: list[tuple[Record, Sequence[Emit]]] = []  # committable, in offset order per partition
+        self.has_done = asyncio.Event()
+        self.closing = False
+        self.pauses: list[tuple[Partition, int, float]] = []  # applied by the poll loop, between polls
+        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.hooks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        poller = asyncio.create_task(self._poll_loop(), name=f"{self.stage.name}-poll")
+        committer = self._spawn(self._commit_loop(), f"{self.stage.name}-commit")
         try:
-            emits += await _handle_record(stage, record)
-        except _Deferred as deferred:
-            sub.pause_until(partition, record.offset, deferred.due)
-            break
-        next_offset = record.offset + 1
-    return emits, next_offset
+            await asyncio.wait([poller, self.failed], return_when=asyncio.FIRST_COMPLETED)
+            if self.failed.done():
+                self.failed.result()  # raises what broke a lane or the committer
+            poller.result()
+            # Stopping: lanes finish the record in hand, the rest is left uncommitted (read again later).
+            await asyncio.gather(*self._lane_tasks())
+            self.closing = True
+            self.has_done.set()
+            await committer
+            await asyncio.gather(*self.hooks)
+        finally:
+            tasks = [poller, committer, *self._lane_tasks()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not self.failed.done():
+                self.failed.cancel()
+
+    def _lane_tasks(self) -> list[asyncio.Task[None]]:
+        return [t for state in self.partitions.values() for t in state.tasks]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._check)
+        return task
+
+    def _check(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and not self.failed.done():
+            self.failed.set_exception(task.exception())  # type: ignore[arg-type]
+
+    # --- polling -------------------------------------------------------------------------
+    async def _poll_loop(self) -> None:
+        while not self.stop.is_set():
+            self._apply_pauses()
+            room = min(self.capacity - self.unhandled, self.capacity * HANDLED_FACTOR - self.in_hand)
+            if room <= 0:
+                self.room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.room.wait(), POLL_TIMEOUT_S)
+                continue
+            for record in await self.sub.poll(room, POLL_TIMEOUT_S):
+                self._dispatch(record)
+
+    def _dispatch(self, record: Record) -> None:
+        partition = Partition(record.topic, record.partition)
+        state = self.partitions.setdefault(partition, _PartitionState())
+        if state.rewound_to is not None:
+            if record.offset > state.rewound_to:
+                return  # fetched before the partition was rewound: it comes again, in order
+            if record.offset == state.rewound_to:
+                state.rewound_to = None
+        if record.offset in state.slots:
+            return  # already in hand
+        state.slots[record.offset] = _Slot(record, state.generation)
+        self.in_hand += 1
+        self.unhandled += 1
+        key = self.lane_of(record)
+        queue = state.lanes.get(key)
+        if queue is None:
+            queue = state.lanes[key] = deque()
+            task = self._spawn(self._lane_loop(partition, state, key, queue), f"{self.stage.name}-{partition}")
+            state.tasks.add(task)
+            task.add_done_callback(state.tasks.discard)
+        queue.append((state.generation, record))
+
+    def _apply_pauses(self) -> None:
+        # Only between polls: a bus rewinding a partition while a poll is in flight could lose the rewind.
+        pauses, self.pauses = self.pauses, []
+        for partition, offset, due in pauses:
+            self.sub.pause_until(partition, offset, due)
+
+    def _release(self, count: int, unhandled: int = 0) -> None:
+        self.in_hand -= count
+        self.unhandled -= unhandled
+        self.room.set()
+
+    # --- handling, one task per lane ------------------------------------------------------------
+    async def _lane_loop(self, partition: Partition, state: _PartitionState, key: Hashable,
+                         queue: deque[tuple[int, Record]]) -> None:
+        # The lane ends when it has nothing left; a later record for it starts a new one.
+        while queue and not self.stop.is_set():
+            generation, record = queue.popleft()
+            if not self._current(state, record, generation):
+                continue  # its partition was rewound: it comes again
+            try:
+                emits = await _handle_record(self.stage, record)
+            except _Deferred as deferred:
+                if self._current(state, record, generation):
+                    self._rewind(partition, state, record.offset, deferred.due)
+                continue
+            if self._current(state, record, generation):
+                state.slots[record.offset].emits = emits
+                self._release(0, unhandled=1)
+                self._advance(state)
+        if state.lanes.get(key) is queue:
+            del state.lanes[key]
+
+    @staticmethod
+    def _current(state: _PartitionState, record: Record, generation: int) -> bool:
+        slot = state.slots.get(record.offset)
+        return slot is not None and slot.generation == generation
+
+    def _rewind(self, partition: Partition, state: _PartitionState, offset: int, due: float) -> None:
+        """Come back to the partition at `offset` at `due`; what is in hand from there on is dropped."""
+        dropped = [state.slots.pop(o) for o in list(state.slots) if o >= offset]
+        self._release(len(dropped), unhandled=sum(1 for slot in dropped if slot.emits is None))
+        state.generation += 1
+        state.rewound_to = offset if state.rewound_to is None else min(state.rewound_to, offset)
+        self.pauses.append((partition, offset, due))
+
+    def _advance(self, state: _PartitionState) -> None:
+        """Move the partition's handled records, up to its first unhandled one, to the committer."""
+        while state.slots:
+            offset, slot = next(iter(state.slots.items()))
+            if slot.emits is None:
+                return
+            del state.slots[offset]
+            self.done.append((slot.record, slot.emits))
+            self.has_done.set()
+
+    # --- committing ------------------------------------------------------------------------
+    async def _commit_loop(self) -> None:
+        while True:
+            if not self.done:
+                if self.closing:
+                    return
+                self.has_done.clear()
+                await self.has_done.wait()
+                continue
+            batch, self.done = self.done, []
+            offsets: dict[Partition, int] = {}
+            for record, _ in batch:
+                partition = Partition(record.topic, record.partition)
+                offsets[partition] = max(offsets.get(partition, 0), record.offset + 1)
+            started = time.perf_counter()
+            await self.sub.complete([e for _, emits in batch for e in emits], offsets)
+            BATCH_COMMIT_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+            self._release(len(batch))
+            hook = getattr(self.stage, "committed", None)
+            if hook is not None:
+                self.hooks = {t for t in self.hooks if not t.done()}
+                self.hooks.add(asyncio.create_task(_after_commit(hook, [r for r, _ in batch])))
+
+
+async def _after_commit(hook: Callable[[Sequence[Record]], Awaitable[None]], records: Sequence[Record]) -> None:
+    try:
+        await hook(records)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping after a commit never undoes the commit
+        log.warning("after-commit hook failed", error=str(exc))
 
 
 async def _handle_record(stage: Stage, record: Record) -> Sequence[Emit]:

@@ -140,9 +140,11 @@ class Settings(BaseSettings):
         description="Delay of each retry tier (one topic per tier), JSON list.",
     )
     max_attempts: int = Field(default=8, ge=1, description="Attempts before a delivery is dead-lettered.")
-    probe_clock_skew_s: float = Field(
-        default=30.0, ge=0, description="Ambiguous-failure probe: how far the target's clock may lag ours when "
-        "telling a resource this attempt created from an older one.",
+    transfer_tag_system: str = Field(
+        default="https://relais.esms.fr/fhir/CodeSystem/transfer", min_length=1,
+        description="System of the meta.tag (code: the transfer id) Relais adds to every resource it delivers; "
+        "after an ambiguous failure or a crash, delivery searches the target for it (_tag) to learn whether "
+        "this transfer was applied.",
     )
     claim_check_bytes: int = Field(
         default=1 * MiB, ge=1024, description="Bundles above this size travel as a blob-store reference + SHA-256.",
@@ -234,7 +236,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=20.0, gt=0, description="On SIGTERM, how long in-flight records may take before exit."
     )
-    batch_size: int = Field(default=100, ge=1, description="Records a stage fetches per poll.")
+    batch_size: int = Field(
+        default=100, ge=1, description="Records a stage holds fetched and not yet handled (its lanes share them).",
+    )
     instance_id: str | None = Field(
         default=None,
         description="Stable id of this replica (Kafka transactional ids). Set it per replica (e.g. the pod "

@@ -12,7 +12,6 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -22,14 +21,13 @@ from services.core.envelope import FHIR_JSON
 from services.core.errors import ConfigurationError
 from services.core.logging import get_logger
 from services.core.targets import BearerAuth, OAuth2Auth, Target
+from services.delivery.marker import ProbePlan, Verdict, describe_found, has_marker, search_refused, verdict
 
 log = get_logger(__name__)
 
 TOKEN_EXPIRY_MARGIN_S = 30.0
-# Resource types shared by many exports (the person, the ESSMS, professionals): a match on them does
-# not prove *this* transaction was applied, so they are probed last.
-SHARED_TYPES = frozenset({"Patient", "Organization", "Practitioner", "PractitionerRole", "RelatedPerson"})
-PROBE_CANDIDATES = 3
+# Marked resources asked for per search: far more than one transaction creates of one type.
+PROBE_PAGE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,70 +182,58 @@ class TargetClient:
                                       headers={"Accept": FHIR_JSON, **self.target.headers})
         return attempt.status is not None and attempt.status < 500 and attempt.status not in (408, 429)
 
-    async def probe(self, bundle: bytes, sent_at: datetime, skew_s: float) -> ProbeResult:
-        """Search the target for the Bundle's resources by business identifier; were they created since?"""
-        candidates = probe_candidates(bundle)
-        if not candidates:
-            return ProbeResult("unprobeable", reason="no resource of the Bundle has a business identifier")
-        since = sent_at - timedelta(seconds=skew_s)
-        for rtype, token in candidates:
-            attempt = await self._search(rtype, token)
+    async def probe(self, plan: ProbePlan, system: str, code: str) -> ProbeResult:
+        """Search the target for the resources marked with this transfer (`_tag=system|code`), type by type."""
+        if not plan.types:
+            return ProbeResult(Verdict.UNPROBEABLE, reason="the Bundle has no resource to search for")
+        found: dict[str, int] = {}
+        ids: list[str] = []
+        for rtype in plan.types:
+            url = httpx.URL(f"{self.target.base_url}/{rtype}",
+                            params={"_tag": f"{system}|{code}", "_count": str(PROBE_PAGE)})
+            attempt = await self._request("GET", str(url), headers={"Accept": FHIR_JSON, **self.target.headers})
+            if attempt.status is not None and search_refused(attempt.status):
+                return ProbeResult(Verdict.UNPROBEABLE, attempt=attempt,
+                                   reason=f"the target refuses a _tag search on {rtype} ({attempt.describe()})")
             if attempt.status is None or not 200 <= attempt.status < 300:
-                return ProbeResult("failed", attempt=attempt, reason=f"probe search {rtype}: {attempt.describe()}")
-            found = created_since(attempt.json(), since)
-            if found:
-                return ProbeResult("applied", attempt=attempt, found=found)
-        return ProbeResult("absent", reason=f"none of {len(candidates)} resource(s) found on the target")
-
-    async def _search(self, rtype: str, token: str) -> Attempt:
-        url = httpx.URL(f"{self.target.base_url}/{rtype}", params={"identifier": token})
-        return await self._request("GET", str(url), headers={"Accept": FHIR_JSON, **self.target.headers})
+                return ProbeResult(Verdict.FAILED, attempt=attempt,
+                                   reason=f"probe search {rtype}: {attempt.describe()}")
+            matches = _search_matches(attempt.json())
+            if matches is None:
+                return ProbeResult(Verdict.UNPROBEABLE, attempt=attempt,
+                                   reason=f"the target's answer to a {rtype} search is not a searchset Bundle")
+            if any(not has_marker(r, system, code) for r in matches):
+                # A server that ignores an unknown search parameter answers every resource of the type.
+                return ProbeResult(Verdict.UNPROBEABLE, attempt=attempt,
+                                   reason=f"the target ignores _tag in a {rtype} search (it answers unmarked "
+                                   "resources)")
+            found[rtype] = len(matches)
+            ids += [f"{rtype}/{r.get('id')}" for r in matches]
+        result = verdict(plan, found)
+        return ProbeResult(result, found=tuple(ids), reason=describe_found(plan, found))
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """What an ambiguous-failure probe found: applied, absent, failed (ask again later) or unprobeable."""
+    """What a probe concluded; `found` lists the marked resources (`Type/id`), `reason` the counts or the fault."""
 
-    verdict: str
+    verdict: Verdict
     attempt: Attempt | None = None
     found: tuple[str, ...] = ()
     reason: str = ""
 
 
-def probe_candidates(bundle: bytes) -> list[tuple[str, str]]:
-    """(resource type, `system|value`) of the Bundle's identified resources, most specific first."""
-    parsed = _json_object(bundle) or {}
-    specific: list[tuple[str, str]] = []
-    shared: list[tuple[str, str]] = []
-    for entry in parsed.get("entry") or []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            continue
-        idents = resource.get("identifier")
-        idents = idents if isinstance(idents, list) else [idents] if isinstance(idents, dict) else []
-        ident = next((i for i in idents if isinstance(i, dict) and i.get("system") and i.get("value")), None)
-        if ident is None:
-            continue
-        pair = (resource["resourceType"], f"{ident['system']}|{ident['value']}")
-        (shared if resource["resourceType"] in SHARED_TYPES else specific).append(pair)
-    return (specific + shared)[:PROBE_CANDIDATES]
-
-
-def created_since(searchset: dict[str, Any] | None, since: datetime) -> tuple[str, ...]:
-    """`Type/id` of the searchset's resources last updated at or after `since`."""
+def _search_matches(searchset: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The matched resources of a searchset Bundle (includes left out), or None when it is not one."""
+    if not searchset or searchset.get("resourceType") != "Bundle":
+        return None
     out = []
-    for entry in (searchset or {}).get("entry") or []:
+    for entry in searchset.get("entry") or []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict):
-            continue
-        stamp = (resource.get("meta") or {}).get("lastUpdated")
-        try:
-            updated = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-        except ValueError:
-            continue
-        if updated.tzinfo is not None and updated >= since:
-            out.append(f"{resource.get('resourceType')}/{resource.get('id')}")
-    return tuple(out)
+        mode = (entry.get("search") or {}).get("mode", "match") if isinstance(entry, dict) else "match"
+        if isinstance(resource, dict) and mode == "match":
+            out.append(resource)
+    return out
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

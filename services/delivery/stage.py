@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,10 +32,14 @@ from services.core.blobstore import (
 from services.core.envelope import Emit, Envelope, Record, event
 from services.core.logging import get_logger
 from services.core.metrics import DELIVERIES as DELIVERY_COUNT
+from services.core.metrics import DELIVERIES_IN_DOUBT as DELIVERY_IN_DOUBT
+from services.core.metrics import DELIVERY_SECONDS
+from services.core.outcome import error, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
-from services.core.topics import DELIVERIES, DELIVERIES_DLQ, retry_topic
+from services.core.topics import DELIVERIES, DELIVERIES_DLQ, RETRY_PREFIX, retry_topic
 from services.delivery.client import Attempt, TargetClient
+from services.delivery.journal import DELIVERED, IN_DOUBT, NOT_APPLIED, AttemptJournal, AttemptKey, Prior
 from services.delivery.logic import (
     Breaker,
     BreakerEvent,
@@ -49,15 +53,30 @@ from services.delivery.logic import (
     park_tier,
     parse_retry_after,
 )
+from services.delivery.marker import ProbePlan, Verdict, mark_transfer, probe_plan
+from services.delivery.order import LaneOrder
 from services.delivery.repair import assigned_ids, original_full_urls, repair_transaction
 
 log = get_logger(__name__)
 
 # Envelope attributes the delivery stage keeps between attempts (never restored on replay).
-X_DUE, X_PROBE, X_SENT_AT = "due", "probe", "sentat"
+X_DUE, X_PROBE = "due", "probe"
 X_FIRST_FAILURE, X_LAST_FAILURE, X_REASON, X_HTTP_STATUS = "firstfailure", "lastfailure", "reason", "httpstatus"
-FAILURE_ATTRIBUTES = frozenset({X_DUE, X_PROBE, X_SENT_AT, X_FIRST_FAILURE, X_LAST_FAILURE, X_REASON, X_HTTP_STATUS,
+FAILURE_ATTRIBUTES = frozenset({X_DUE, X_PROBE, X_FIRST_FAILURE, X_LAST_FAILURE, X_REASON, X_HTTP_STATUS,
                                 "origtopic", "origpartition", "origoffset", X_BLOB, X_BLOB_SHA256, X_BLOB_SIZE})
+
+
+JOURNAL_PURGE_EVERY_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What one attempt sends: the marked payload, the events about it, the producer's fullUrls, the probe plan."""
+
+    payload: bytes
+    emits: list[Emit]
+    full_urls: list[str | None]
+    plan: ProbePlan
 
 
 @dataclass
@@ -76,9 +95,13 @@ class DeliveryStage:
 
     name = "delivery"
 
-    def __init__(self, settings: Settings, directory: TargetDirectory, blobs: BlobStore, *,
+    def __init__(self, settings: Settings, directory: TargetDirectory, blobs: BlobStore, journal: AttemptJournal, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self.journal = journal
+        # Journal rows of attempts whose outcome is not committed yet, by record position.
+        self._open: dict[tuple[str, int, int], AttemptKey] = {}
+        self._next_purge = 0.0
         self.directory = directory
         self.blobs = blobs
         self.clock = clock
@@ -88,6 +111,9 @@ class DeliveryStage:
             t.id: TargetRuntime(t, TargetClient(t), asyncio.Semaphore(t.max_concurrency))
             for t in directory.targets if t.enabled
         }
+        # Records waiting in retry tiers, per lane: a person's later Bundles wait behind them.
+        longest = max([*self.tiers, *(d for rt in self.runtimes.values() for d in rt.target.retry.delays_s or ())])
+        self.order = LaneOrder(stale_s=longest * 2)
         # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
         self.paused_by_operator: frozenset[str] = frozenset()
         # Where breaker transitions are reported for operators (None: nowhere; set by the launcher).
@@ -119,9 +145,30 @@ class DeliveryStage:
         return rt.breaker if rt else None
 
     # --- the record ------------------------------------------------------------------------
+    def lane(self, record: Record) -> Hashable:
+        """Records are keyed by target + person: each such pair is a lane, handled in order, beside the others.
+
+        So a slow target, or one person's slow transaction, holds only its own lane (the runner commits
+        a partition up to its first unfinished record).
+        """
+        return record.key
+
     async def handle(self, record: Record) -> Sequence[Emit]:
-        """Attempt the delivery now, or park it until it may be attempted."""
+        """Attempt the delivery now, or park it until it may be attempted (or until its lane's earlier ones are)."""
         env = record.envelope
+        lane = (env.target, record.key)
+        now = datetime.now(UTC)
+        held = self.order.hold_until(lane, env.transfer_id, now)
+        if held is not None:
+            return [self._park(record, env, (held - now).total_seconds())]
+        emits = await self._handle(record, env)
+        waiting = next((e.envelope for e in emits if e.topic.startswith(RETRY_PREFIX)
+                        and e.envelope.transfer_id == env.transfer_id), None)
+        self.order.settled(lane, env.transfer_id, None if waiting is None else
+                           _moment(waiting.extra.get(X_DUE)) or waiting.not_before or now)
+        return emits
+
+    async def _handle(self, record: Record, env: Envelope) -> list[Emit]:
         rt = self.runtimes.get(env.target or "")
         if rt is None:
             return await self._dead_letter(record, env, env.attempt, Attempt(None, error="unknown target", sent=False),
@@ -147,74 +194,137 @@ class DeliveryStage:
         except BlobIntegrityError as exc:
             return await self._dead_letter(record, env, env.attempt, Attempt(None, error=str(exc), sent=False),
                                            Decision(Fate.DEAD_LETTER, f"claim check failed: {exc}"), inline=False)
-        attempt_no = env.attempt + 1
-        payload, repair_emits, full_urls = self._repair(env, target, payload, attempt_no)
-        sent_at = datetime.now(UTC)
-        probing = env.extra.get(X_PROBE) == "1" and target.ambiguous == "probe"
-        if probing:
-            first_sent = _moment(env.extra.get(X_SENT_AT)) or sent_at
-            result = await rt.client.probe(payload, first_sent, self.settings.probe_clock_skew_s)
-            if result.verdict == "applied":
-                self._learn(rt, BreakerEvent.SUCCESS)
-                DELIVERY_COUNT.labels(target.id, "delivered-unconfirmed").inc()
-                log.info("ambiguous attempt had been applied; not re-sent", found=len(result.found))
-                reason = (f"an earlier attempt got no answer; the target holds the Bundle's resources "
-                          f"({', '.join(result.found)}), created since, so it was not sent again; its "
-                          "transaction-response is lost")
-                return [event(env.evolve(attempt=attempt_no), "delivered_unconfirmed", self.name, {
-                    "found": list(result.found), "reason": reason, "outcome": {
-                        "resourceType": "OperationOutcome",
-                        "issue": [{"severity": "information", "code": "informational", "diagnostics": reason}]}})]
-            if result.verdict == "unprobeable":
-                return await self._dead_letter(record, env, attempt_no, Attempt(None, error=result.reason),
-                                               Decision(Fate.DEAD_LETTER, f"ambiguous failure and {result.reason}; "
-                                                        "an operator must check the target"), payload=payload)
-            if result.verdict == "failed" and result.attempt is not None:
-                # The target cannot even answer a search: wait, and probe again next time.
-                self._learn(rt, BreakerEvent.FAILURE)
-                failure = Failure.TRANSIENT if result.attempt.status is None else classify(result.attempt.status)
-                return await self._after(record, env, rt, attempt_no, result.attempt,
-                                         Failure.TRANSIENT if failure is not Failure.PERMANENT else failure,
-                                         payload, probe=True)
-        attempt = await rt.client.post_transaction(payload, request_id(env))
+        key = AttemptKey.next_of(env)
+        attempt_no = key.attempt
+        out = self._outgoing(env, target, payload, attempt_no)
+        prior = await self.journal.prior(key)
+        if prior is not None and prior.state != NOT_APPLIED:
+            self._open[_position(record)] = key
+            return out.emits + await self._after_crash(record, env, rt, key, prior, out)
+        if env.extra.get(X_PROBE) == "1" and target.ambiguous == "probe":
+            probed = await self._probe(record, env, rt, attempt_no, out)
+            if probed is not None:
+                return probed
+        await self.journal.start(key)  # no record of the attempt, no attempt (TransientError: it waits)
+        self._open[_position(record)] = key
+        attempt = await rt.client.post_transaction(out.payload, request_id(env))
+        DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)
         failure = classify(attempt.status, sent=attempt.sent)
+        state = NOT_APPLIED
         if failure is Failure.NONE and not _is_transaction_response(attempt.json()):
             failure = Failure.PERMANENT  # a 2xx that does not say what was created proves nothing
             attempt = Attempt(attempt.status, attempt.body,
                               error="2xx without a transaction-response Bundle whose every entry succeeded")
+            state = IN_DOUBT  # something may have been applied
         self._learn(rt, BreakerEvent.FAILURE if failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)
                     else BreakerEvent.SUCCESS)
-        sent = sent_at if failure is Failure.AMBIGUOUS else None
-        return repair_emits + await self._after(record, env, rt, attempt_no, attempt, failure, payload, sent_at=sent,
-                                                full_urls=full_urls)
+        if failure is Failure.NONE:
+            response = attempt.json()
+            await self.journal.finish(key, DELIVERED, attempt.status, response, assigned_ids(out.full_urls, response))
+        else:
+            await self.journal.finish(key, IN_DOUBT if failure is Failure.AMBIGUOUS else state, attempt.status)
+        return out.emits + await self._after(record, env, rt, attempt_no, attempt, failure, out.payload,
+                                             full_urls=out.full_urls)
 
-    def _repair(self, env: Envelope, target: Target, payload: bytes,
-                attempt_no: int) -> tuple[bytes, list[Emit], list[str | None]]:
-        """The payload this target gets: repaired per its policy; the first attempt records what changed."""
+    async def _after_crash(self, record: Record, env: Envelope, rt: TargetRuntime, key: AttemptKey, prior: Prior,
+                           out: Outgoing) -> list[Emit]:
+        """The record's attempt was made before, but its outcome never reached the bus (a crash)."""
+        done = env.evolve(attempt=key.attempt)
+        if prior.state == DELIVERED:
+            # The target answered and the answer was journaled: the outcome is known, nothing to resend.
+            DELIVERY_COUNT.labels(rt.target.id, Fate.DELIVERED.value).inc()
+            return [event(done, "delivered", self.name, {
+                "http_status": prior.http_status, "response": prior.response, "assigned": prior.assigned or {},
+                "recovered": "the outcome was journaled before a delivery process stopped"})]
+        DELIVERY_IN_DOUBT.labels(rt.target.id).inc()
+        await self.journal.finish(key, IN_DOUBT, prior.http_status)
+        reason = (f"attempt {key.attempt} was in flight when delivery process {prior.process} stopped (started "
+                  f"{prior.started_at.isoformat()}): the target may have applied it")
+        log.warning("delivery in doubt after a crash; resolved like an ambiguous failure",
+                    policy=rt.target.ambiguous, in_doubt_attempt=key.attempt)
+        doubt = event(done, "in_doubt", self.name, {"reason": reason, "policy": rt.target.ambiguous,
+                                                    "started_at": prior.started_at.isoformat()})
+        attempt = Attempt(prior.http_status, error=reason, sent=True)
+        return [doubt, *await self._after(record, env, rt, key.attempt, attempt, Failure.AMBIGUOUS, out.payload,
+                                          full_urls=out.full_urls)]
+
+    async def _probe(self, record: Record, env: Envelope, rt: TargetRuntime, attempt_no: int,
+                     out: Outgoing) -> list[Emit] | None:
+        """Search the target for this transfer's marker; None when it is absent (send it)."""
+        target = rt.target
+        result = await rt.client.probe(out.plan, self.settings.transfer_tag_system, env.transfer_id)
+        if result.verdict is Verdict.ABSENT:
+            log.info("ambiguous attempt had not been applied; sending again")
+            return None
+        if result.verdict is Verdict.APPLIED:
+            self._learn(rt, BreakerEvent.SUCCESS)
+            DELIVERY_COUNT.labels(target.id, "delivered-unconfirmed").inc()
+            log.info("ambiguous attempt had been applied; not re-sent", found=len(result.found))
+            reason = (f"an earlier attempt got no answer; the target holds every resource this transfer creates, "
+                      f"marked with it ({result.reason}), so it was not sent again; its transaction-response is lost")
+            return [*out.emits, event(env.evolve(attempt=attempt_no), "delivered_unconfirmed", self.name, {
+                "found": list(result.found), "reason": reason, "outcome": {
+                    "resourceType": "OperationOutcome",
+                    "issue": [{"severity": "information", "code": "informational", "diagnostics": reason}]}})]
+        if result.verdict is Verdict.PARTIAL:
+            reason = (f"an earlier attempt got no answer and the target holds only part of this transfer "
+                      f"({result.reason}; marked {self.settings.transfer_tag_system}|{env.transfer_id}): check those "
+                      "resources at the target, remove or complete them, then replay or discard this dead letter")
+            return out.emits + await self._dead_letter(record, env, attempt_no, Attempt(None, error=reason),
+                                                       Decision(Fate.DEAD_LETTER, reason), payload=out.payload)
+        if result.verdict is Verdict.UNPROBEABLE:
+            earlier = env.extra.get(X_REASON) or "an earlier attempt got no answer"
+            return out.emits + await self._dead_letter(
+                record, env, attempt_no, Attempt(None, error=result.reason),
+                Decision(Fate.DEAD_LETTER, f"{earlier}; {result.reason}, so whether it was applied is unknown: "
+                         "check the target for resources tagged "
+                         f"{self.settings.transfer_tag_system}|{env.transfer_id}, then replay or discard"),
+                payload=out.payload)
+        # The target cannot even answer a search now: wait, and probe again next time.
+        self._learn(rt, BreakerEvent.FAILURE)
+        failed = result.attempt or Attempt(None, error=result.reason)
+        failure = Failure.TRANSIENT if failed.status is None else classify(failed.status)
+        return out.emits + await self._after(record, env, rt, attempt_no, failed,
+                                             Failure.TRANSIENT if failure is not Failure.PERMANENT else failure,
+                                             out.payload, probe=True)
+
+    def _outgoing(self, env: Envelope, target: Target, payload: bytes, attempt_no: int) -> Outgoing:
+        """The payload this target gets: repaired per its policy and marked with the transfer.
+
+        The first attempt records what the repair changed (the marker is not a repair: it is always there).
+        """
         try:
             bundle = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return payload, [], []
+            return Outgoing(payload, [], [], ProbePlan((), {}))
         if not isinstance(bundle, dict):
-            return payload, [], []
+            return Outgoing(payload, [], [], ProbePlan((), {}))
         originals = original_full_urls(bundle)
         repaired = repair_transaction(bundle, request_url=target.repair.request_url,
                                       references=target.repair.references)
-        if not repaired.changes:
-            return payload, [], originals  # untouched: the producer's bytes go out as they came
         emits = []
-        if attempt_no == 1:
+        if repaired.changes and attempt_no == 1:
             kinds = Counter(c.kind for c in repaired.changes)
             emits.append(event(env, "repaired", self.name, {
                 "changes": dict(kinds),
                 "examples": [{"expression": c.expression, "before": c.before, "after": c.after}
                              for c in repaired.changes[:20]],
             }))
-        return orjson.dumps(repaired.bundle), emits, originals
+        marked = mark_transfer(repaired.bundle, self.settings.transfer_tag_system, env.transfer_id)
+        return Outgoing(orjson.dumps(marked), emits, originals, probe_plan(marked))
+
+    async def committed(self, records: Sequence[Record]) -> None:
+        """The records' outcomes are on the bus: close their journal rows (and now and then purge old ones)."""
+        keys = [k for k in (self._open.pop(_position(r), None) for r in records) if k is not None]
+        await self.journal.close(keys)
+        now = self.clock()
+        if now >= self._next_purge:
+            self._next_purge = now + JOURNAL_PURGE_EVERY_S
+            await self.journal.purge(self.settings.topic_retention_days * 86400)
 
     async def _after(self, record: Record, env: Envelope, rt: TargetRuntime, attempt_no: int, attempt: Attempt,
                      failure: Failure, payload: bytes, *, probe: bool = False,
-                     sent_at: datetime | None = None, full_urls: list[str | None] | None = None) -> list[Emit]:
+                     full_urls: list[str | None] | None = None) -> list[Emit]:
         target = rt.target
         first_failure = _moment(env.extra.get(X_FIRST_FAILURE))
         age = (datetime.now(UTC) - first_failure).total_seconds() if first_failure else 0.0
@@ -224,7 +334,8 @@ class DeliveryStage:
             reason=attempt.error or attempt.describe(), jitter=target.retry.jitter, age_s=age,
             max_age_s=target.retry.max_age_s, ambiguous=target.ambiguous,
         )
-        DELIVERY_COUNT.labels(target.id, decision.fate.value).inc()
+        if decision.fate is not Fate.DEAD_LETTER:  # dead letters are counted once, in _dead_letter
+            DELIVERY_COUNT.labels(target.id, decision.fate.value).inc()
         detail: dict[str, Any] = {"http_status": attempt.status, "duration_ms": round(attempt.duration_s * 1000, 1)}
         done = env.evolve(attempt=attempt_no)
         if decision.fate is Fate.DELIVERED:
@@ -237,7 +348,6 @@ class DeliveryStage:
         extra.pop(X_DUE, None)
         if decision.probe or probe:
             extra[X_PROBE] = "1"
-            extra[X_SENT_AT] = env.extra.get(X_SENT_AT) or (sent_at or datetime.now(UTC)).isoformat()
         failed = env.evolve(attempt=attempt_no, extra=extra)
         if decision.fate is Fate.RETRY:
             parked = self._park(record, failed, decision.delay_s)
@@ -281,7 +391,8 @@ class DeliveryStage:
             extra |= ref.to_extra()
         dead = env.evolve(attempt=attempt_no, not_before=None, extra=extra, data=b"" if ref else env.data)
         detail = {
-            "http_status": attempt.status, "reason": decision.reason, "outcome": _outcome(attempt),
+            "http_status": attempt.status, "reason": decision.reason,
+            "outcome": _outcome(attempt) or operation_outcome([error("exception", decision.reason[:2000], "Bundle")]),
             "attempts": attempt_no, "first_failure": extra[X_FIRST_FAILURE], "last_failure": now,
             "orig_topic": record.topic, "orig_partition": record.partition, "orig_offset": record.offset,
             "key": (record.key or b"").decode(errors="replace"),
@@ -335,6 +446,10 @@ class DeliveryStage:
 def request_id(env: Envelope) -> str:
     """The X-Request-Id of every attempt at one (transfer, target): a target can spot a repeat."""
     return f"{env.transfer_id}/{env.target}"
+
+
+def _position(record: Record) -> tuple[str, int, int]:
+    return (record.topic, record.partition, record.offset)
 
 
 def _outcome(attempt: Attempt) -> dict[str, Any] | None:

@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     parser.add_argument("--oauth-client", metavar="ID:SECRET",
                         help="require OAuth2 bearer tokens, issued at POST /oauth/token to this client")
+    parser.add_argument("--no-search", action="store_true",
+                        help="refuse every search (400), as a server without search support does")
     parser.add_argument("--token-ttl", type=int, default=3600, help="lifetime of issued tokens, seconds")
     return parser
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             oauth = OAuthServer(client_id, secret, args.token_ttl)
         scheme = "https" if tls else "http"
         print(f"demo FHIR target listening on {scheme}://{host}:{port}/fhir", file=sys.stderr, flush=True)
-        server = make_server(create_app(oauth=oauth), tls)
+        server = make_server(create_app(oauth=oauth, search=not args.no_search), tls)
         try:
             asyncio.run(server.serve(sockets=[sock]))
         except KeyboardInterrupt:

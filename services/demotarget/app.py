@@ -200,12 +200,14 @@ class TargetState:
         self.store.setdefault(rtype, {})[rid] = {**resource, "id": rid, "meta": meta}
         return rtype, rid
 
-    def search(self, rtype: str, identifier: str | None) -> list[dict[str, Any]]:
-        """Resources of a type, optionally those with an identifier `system|value`, `|value` or `value`."""
+    def search(self, rtype: str, identifier: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:
+        """Resources of a type, optionally with an identifier and/or a `meta.tag` (`system|code`, `|code`, `code`)."""
         resources = list(self.store.get(rtype, {}).values())
-        if identifier is None:
-            return resources
-        return [r for r in resources if _has_identifier(r, identifier)]
+        if identifier is not None:
+            resources = [r for r in resources if _has_identifier(r, identifier)]
+        if tag is not None:
+            resources = [r for r in resources if _has_tag(r, tag)]
+        return resources
 
     def clear_received(self) -> None:
         """Forget every received request and the resources they created."""
@@ -221,6 +223,17 @@ def _has_identifier(resource: dict[str, Any], token: str) -> bool:
         if not isinstance(ident, dict) or ident.get("value") != value:
             continue
         if not sep or ident.get("system", "") == system:
+            return True
+    return False
+
+
+def _has_tag(resource: dict[str, Any], token: str) -> bool:
+    # FHIR token search on meta.tag, as for identifiers: "system|code", "|code" (no system), "code".
+    system, sep, code = token.rpartition("|")
+    meta = resource.get("meta")
+    tags = meta.get("tag") if isinstance(meta, dict) else None
+    for tag in tags if isinstance(tags, list) else []:
+        if isinstance(tag, dict) and tag.get("code") == code and (not sep or tag.get("system", "") == system):
             return True
     return False
 
@@ -342,8 +355,13 @@ class OAuthServer:
     issued: int = 0
 
 
-def create_app(state: TargetState | None = None, oauth: OAuthServer | None = None) -> FastAPI:
-    """The demo target as an ASGI app; pass a TargetState to inspect it from the same process."""
+def create_app(state: TargetState | None = None, oauth: OAuthServer | None = None, *,
+               search: bool = True) -> FastAPI:
+    """The demo target as an ASGI app; pass a TargetState to inspect it from the same process.
+
+    `search=False` plays a server without search: every search is refused (400), as a strict server
+    refuses a parameter it does not support.
+    """
     state = state if state is not None else TargetState()
     app = FastAPI(title="Relais demo FHIR target")
     app.state.target = state
@@ -433,11 +451,14 @@ def create_app(state: TargetState | None = None, oauth: OAuthServer | None = Non
             oauth.tokens.clear()
 
     @app.get("/fhir/{rtype}")
-    async def search(rtype: str, request: Request, identifier: str | None = None) -> Response:
-        """Search a type, optionally by `identifier=system|value`; answers a searchset Bundle."""
+    async def search_type(rtype: str, request: Request, identifier: str | None = None,
+                          _tag: str | None = None) -> Response:
+        """Search a type by `identifier` and/or `_tag` (token `system|code`); answers a searchset Bundle."""
         if not _authorized(request):
             return _outcome(401, "login", "missing, unknown or expired bearer token")
-        matches = state.search(rtype, identifier)
+        if not search:
+            return _outcome(400, "not-supported", "this server does not support search")
+        matches = state.search(rtype, identifier, _tag)
         bundle = {
             "resourceType": "Bundle",
             "type": "searchset",

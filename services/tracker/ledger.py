@@ -134,6 +134,24 @@ transfer_identifiers = sa.Table(
     sa.Column("transfer_id", sa.String(64), primary_key=True),
 )
 
+# Delivery's journal of attempts (services/delivery/journal.py), written *before* each POST to a target:
+# after a crash, a started attempt with no outcome is known to be in doubt, not blindly sent again.
+delivery_attempts = sa.Table(
+    "delivery_attempts", metadata,
+    sa.Column("transfer_id", sa.String(64), primary_key=True),
+    sa.Column("target", sa.String(64), primary_key=True),
+    sa.Column("round", sa.Integer, primary_key=True),    # 0, then one more per DLQ replay
+    sa.Column("attempt", sa.Integer, primary_key=True),  # 1-based within the round
+    sa.Column("state", sa.String(16), nullable=False),   # started | delivered | not-applied | in-doubt
+    sa.Column("process", sa.String(128), nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),  # the outcome is committed on the bus
+    sa.Column("http_status", sa.Integer, nullable=True),
+    sa.Column("response", SealedJSON, nullable=True),  # a delivered attempt's transaction-response: sealed at rest
+    sa.Column("assigned", sa.JSON, nullable=True),
+)
+
 # Who looked at what: every operator access to a Bundle or to personal data is recorded here.
 access_log = sa.Table(
     "access_log", metadata,

@@ -27,7 +27,9 @@ from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES
+from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
+from services.tracker.ledger import Ledger
 from tests.bench import kafka_bootstrap
 from tests.fixtures.tddui import make_bundle
 from tests.support.processes import DemoTarget, free_port
@@ -49,7 +51,9 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     """Publish `emits`, wait until every watched target has its share; (elapsed, latencies in s)."""
     bus = KafkaBus(settings)
     await bus.start()
-    stage = DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"))
+    ledger = Ledger(settings.database_url)
+    await ledger.create_schema()
+    stage = DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"), AttemptJournal(ledger.engine))
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, settings, stop))
     expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}
@@ -64,6 +68,7 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     stop.set()
     await task
     await stage.aclose()
+    await ledger.close()
     await bus.stop()
     lat = []
     for url in watch.values():
@@ -77,6 +82,9 @@ def _settings(bootstrap: str, work: Path) -> Settings:
     return Settings(kafka_bootstrap=bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", topic_partitions=6,
                     retry_delays_s=[0.5, 1, 2], max_attempts=50, database_url=f"sqlite+aiosqlite:///{work}/l.db",
                     log_level="warning", batch_size=200)
+
+
+SLOW_PHASE_BUNDLES = 60
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -112,9 +120,35 @@ async def bench(bootstrap: str, work: Path, count: int) -> list[str]:
             elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits, {"ok": targets[0].base_url}, work)
             lines.append(f"healthy target {label}: {half} Bundles in {elapsed:.1f}s; latency p50 "
                          f"{statistics.median(lat) * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms")
+        lines += await _beside_slow_targets(bootstrap, work, body, targets)
     finally:
         for t in targets:
             t.stop()
+    return lines
+
+
+async def _beside_slow_targets(bootstrap: str, work: Path, body: bytes, targets: list[DemoTarget]) -> list[str]:
+    """Issue 15: a fast target's latency alone, beside one target answering in 5 s, beside five such."""
+    slow = targets[5:10]
+    for t in slow:
+        t.fault(delay_s=5, count=-1)
+    lines, alone = [], 0.0
+    for n_slow in (0, 1, 5):
+        dirs = TargetDirectory.model_validate({"targets": [
+            {"id": "fast", "base_url": targets[0].fhir},
+            *({"id": f"slow{i}", "base_url": slow[i].fhir, "timeouts": {"total_s": 30}} for i in range(n_slow))]})
+        emits = []
+        for i in range(SLOW_PHASE_BUNDLES):  # interleaved, one person per Bundle, as the issue measured
+            emits.append(_emit("fast", body, f"f{i}"))
+            emits += [_emit(f"slow{k}", body, f"s{k}-{i}") for k in range(n_slow)]
+        _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": targets[0].base_url}, work)
+        p50 = statistics.median(lat)
+        alone = alone or p50
+        label = "alone" if not n_slow else f"beside {n_slow} target(s) answering in 5 s"
+        lines.append(f"fast target {label}: p50 {p50 * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms"
+                     + (f"; p50 ratio beside/alone {p50 / alone:.2f} (goal <= 1.1)" if n_slow else ""))
+    for t in slow:
+        httpx.delete(f"{t.base_url}/_faults", timeout=10)
     return lines
 
 

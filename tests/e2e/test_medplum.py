@@ -21,6 +21,10 @@ import orjson
 import pytest
 
 from services.core.envelope import FHIR_JSON
+from services.core.settings import Settings
+from services.core.targets import Target
+from services.delivery.client import TargetClient
+from services.delivery.marker import Verdict, mark_transfer, probe_plan
 from services.ingress.status import (
     ASSIGNED_EXTENSION_URL,
     STATUS_EXTENSION_URL,
@@ -209,3 +213,26 @@ def dead_letter_outcome(status: dict[str, Any]) -> dict[str, Any]:
     assert {"url": STATUS_EXTENSION_URL, "valueCode": "dead-lettered"} in entry["extension"], entry
     assert entry["response"]["status"].startswith("400"), entry
     return entry["response"]["outcome"]  # type: ignore[no-any-return]
+
+
+async def test_the_probe_finds_exactly_this_transfer_on_medplum_by_its_marker(
+        relais_for: Any, medplum_server: MedplumServer) -> None:  # noqa: F811
+    """A real server answers the probe's `_tag` search: this transfer applied, another one absent."""
+    relais = relais_for(None)
+    bundle = make_bundle(8, seed=809)
+    transfer_id = send(relais, bundle)
+    entry = target_entry(final_status(relais, transfer_id))
+    assert {"url": STATUS_EXTENSION_URL, "valueCode": "delivered"} in entry["extension"], entry
+
+    system = Settings().transfer_tag_system
+    plan = probe_plan(mark_transfer(bundle, system, transfer_id))
+    client = TargetClient(Target(id=TARGET, base_url=medplum_server.base_url))
+    try:
+        applied = await client.probe(plan, system, transfer_id)
+        absent = await client.probe(plan, system, "another-transfer")
+    finally:
+        await client.aclose()
+    assert applied.verdict is Verdict.APPLIED, applied
+    assert len(applied.found) == 8
+    assert set(applied.found) == {type_and_id(loc) for loc in assigned(entry).values()}
+    assert absent.verdict is Verdict.ABSENT, absent

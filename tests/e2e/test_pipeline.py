@@ -16,6 +16,8 @@ import httpx
 import orjson
 import pytest
 
+from services.core.settings import Settings
+from services.delivery.marker import mark_transfer
 from tests.fixtures.tddui import make_bundle
 from tests.support.processes import Broker, DemoTarget
 from tests.support.producers import TOKEN_A, write_producers, write_targets
@@ -87,7 +89,8 @@ async def test_valid_bundle_reaches_the_target_and_status_turns_200(broker: Brok
 
     delivered = [r for r in target.received() if r["request_id"] == f"{transfer_id}/essms-a"]
     assert len(delivered) == 1
-    assert delivered[0]["body"] == bundle  # the same JSON the DUI sent
+    # The same JSON the DUI sent, each resource marked with its transfer (what a probe searches for).
+    assert delivered[0]["body"] == mark_transfer(bundle, Settings().transfer_tag_system, transfer_id)
 
 
 async def test_kill_9_of_each_worker_during_200_bundles_loses_nothing(

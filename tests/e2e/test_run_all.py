@@ -14,6 +14,8 @@ import httpx
 import orjson
 import pytest
 
+from services.core.settings import Settings
+from services.delivery.marker import mark_transfer
 from tests.support.processes import REPO, free_port, readyz, wait_until
 from tests.support.producers import write_targets
 
@@ -49,7 +51,8 @@ def test_relais_run_delivers_to_the_demo_target_and_stops_on_sigterm(kafka_boots
         result = httpx.get(status_url, headers=auth, timeout=5).json()
         assert result["entry"][0]["resource"]["type"] == "transaction-response"
         received = httpx.get(f"http://127.0.0.1:{target_port}/_received", timeout=5).json()
-        assert [r["body"] for r in received] == [bundle]
+        marked = mark_transfer(bundle, Settings().transfer_tag_system, response.headers["X-Relais-Transfer-Id"])
+        assert [r["body"] for r in received] == [marked]  # the Bundle sent, each resource marked with its transfer
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)

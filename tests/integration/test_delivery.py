@@ -32,7 +32,9 @@ from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, EVENTS, VALIDATED
+from services.delivery.journal import AttemptJournal, AttemptKey
 from services.delivery.logic import Circuit
+from services.delivery.marker import mark_transfer
 from services.delivery.stage import DeliveryStage
 from services.dlq.store import DlqService
 from services.router.stage import RouterStage
@@ -138,12 +140,11 @@ async def running(settings: Settings, dirs: TargetDirectory, tmp: Path, *,
     bus = KafkaBus(settings)
     await bus.start()
     blobs = LocalBlobStore(tmp / "blobs")
-    stage = DeliveryStage(settings, dirs, blobs)
+    ledger = Ledger(settings.database_url)
+    await ledger.create_schema()
+    stage = DeliveryStage(settings, dirs, blobs, AttemptJournal(ledger.engine))
     stages: list[Any] = [stage]
-    ledger = None
     if tracker:
-        ledger = Ledger(settings.database_url)
-        await ledger.create_schema()
         stages.append(TrackerStage(ledger))
     if router:
         stages.append(RouterStage(dirs, blobs, settings.claim_check_bytes))
@@ -155,8 +156,7 @@ async def running(settings: Settings, dirs: TargetDirectory, tmp: Path, *,
         stop.set()
         await asyncio.gather(*tasks)
         await stage.aclose()
-        if ledger is not None:
-            await ledger.close()
+        await ledger.close()
         await bus.stop()
 
 
@@ -411,7 +411,7 @@ async def test_a_20_mb_bundle_is_delivered_intact_through_the_claim_check(
     [record] = [r for r in await read_topic(settings, DELIVERIES, expect=1) if r.envelope.transfer_id == tid]
     assert record.envelope.data == b"" and record.envelope.extra["blobsha256"] == hashlib.sha256(body).hexdigest()
     [got] = t.received(f"{tid}/a")
-    assert got["body"] == bundle
+    assert got["body"] == mark_transfer(bundle, settings.transfer_tag_system, tid)  # intact, plus the marker
 
 
 # --- dead letters and replay -----------------------------------------------------------------------
@@ -462,3 +462,103 @@ def _routed(e: Emit) -> Emit:
                    data=orjson.dumps({"kind": "routed", "stage": "router", "targets": [e.envelope.target]}),
                    producer=e.envelope.producer, content_type=JSON)
     return Emit(EVENTS, e.envelope.transfer_id.encode(), env)
+
+
+# --- the probe proves *this* transfer; a crash leaves an attempt in doubt, never blindly re-sent --------
+
+def _resource(bundle: dict[str, Any], rtype: str) -> dict[str, Any]:
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == rtype)
+
+
+def _stored(t: Target, rtype: str, system: str, value: str) -> int:
+    """How many resources of a type with that identifier the target holds (counted by content)."""
+    with t._client() as c:
+        return int(c.get(f"{t.fhir}/{rtype}", params={"identifier": f"{system}|{value}"}).json()["total"])
+
+
+async def test_a_timed_out_bundle_sharing_an_identifier_with_a_delivered_one_is_not_called_delivered(
+        kafka_bootstrap: str, make_settings: Callable[..., Settings], targets: Callable[..., Target],
+        tmp_path: Path) -> None:
+    """Issue 11's X/Y: Y times out unapplied; X's Encounter has Y's identifier. Y is re-sent, not "unconfirmed"."""
+    settings = make_settings(kafka_bootstrap=kafka_bootstrap)
+    t = targets()
+    x_bundle, y_bundle = make_bundle(6, seed=901), make_bundle(6, seed=902)  # two persons
+    _resource(y_bundle, "Encounter")["identifier"] = _resource(x_bundle, "Encounter")["identifier"]
+    x, y = delivery("a", x_bundle, subject="person-x"), delivery("a", y_bundle, subject="person-y")
+    async with running(settings, directory({"id": "a", "base_url": t.fhir, "ambiguous": "probe"}), tmp_path):
+        await publish(settings, [x])
+        await events_of(settings, x.envelope.transfer_id, "delivered")
+        t.fault(status=503, delay_s=3)  # Y: no answer within the client's 2 s, and never applied
+        await publish(settings, [y])
+        [ev] = await events_of(settings, y.envelope.transfer_id, "delivered", timeout_s=60)
+        kinds = [detail(r)["kind"] for r in await read_topic(settings, EVENTS, expect=10**9, timeout_s=1)
+                 if r.envelope.transfer_id == y.envelope.transfer_id]
+    assert "delivered_unconfirmed" not in kinds and "retry_scheduled" in kinds
+    assert ev.envelope.attempt == 2  # the timed-out attempt, then the one that delivered
+    [y_ident] = [i for i in _resource(y_bundle, "Patient")["identifier"] if i.get("system")][:1]
+    assert _stored(t, "Patient", y_ident["system"], y_ident["value"]) == 1  # Y applied exactly once
+    enc = _resource(x_bundle, "Encounter")["identifier"][0]
+    assert _stored(t, "Encounter", enc["system"], enc["value"]) == 2  # X's and Y's
+
+
+async def test_a_partly_applied_transfer_is_dead_lettered_with_what_to_check(
+        kafka_bootstrap: str, make_settings: Callable[..., Settings], targets: Callable[..., Target],
+        tmp_path: Path) -> None:
+    settings = make_settings(kafka_bootstrap=kafka_bootstrap)
+    t = targets()
+    emit = delivery("a", make_bundle(6, seed=903))
+    tid = emit.envelope.transfer_id
+    # Half of the transfer's resources, marked with it, are already at the target (a server that is
+    # not transactional applied part of it before failing).
+    marked = mark_transfer(orjson.loads(emit.envelope.data), settings.transfer_tag_system, tid)
+    half = {**marked, "entry": marked["entry"][:3]}
+    with t._client() as c:
+        assert c.post(t.fhir, json=half, headers={"Content-Type": "application/fhir+json"}).status_code == 200
+    t.fault(status=503, delay_s=3)
+    async with running(settings, directory({"id": "a", "base_url": t.fhir, "ambiguous": "probe"}), tmp_path):
+        await publish(settings, [emit])
+        [dead] = await events_of(settings, tid, "dead_lettered", timeout_s=60)
+    assert "only part of this transfer" in detail(dead)["reason"]
+    assert tid in detail(dead)["reason"]  # the marker an operator searches for
+    assert len(t.received(f"{tid}/a")) == 1  # never sent again on top of the half
+
+
+async def test_ambiguous_failure_at_a_target_without_search_follows_the_dead_letter_path(
+        kafka_bootstrap: str, make_settings: Callable[..., Settings], targets: Callable[..., Target],
+        tmp_path: Path) -> None:
+    settings = make_settings(kafka_bootstrap=kafka_bootstrap)
+    t = targets("--no-search")
+    t.fault(apply_then=504, delay_s=3)
+    emit = delivery("a", make_bundle(4, seed=904))
+    async with running(settings, directory({"id": "a", "base_url": t.fhir, "ambiguous": "probe"}), tmp_path):
+        await publish(settings, [emit])
+        [dead] = await events_of(settings, emit.envelope.transfer_id, "dead_lettered", timeout_s=60)
+    assert "refuses a _tag search" in detail(dead)["reason"]
+    assert len(t.received(f"{emit.envelope.transfer_id}/a")) == 1
+
+
+@pytest.mark.parametrize(("applied", "posts", "kind"), [(True, 1, "delivered_unconfirmed"), (False, 2, "delivered")])
+async def test_an_attempt_left_in_doubt_by_a_crash_is_probed_not_resent(
+        kafka_bootstrap: str, make_settings: Callable[..., Settings], targets: Callable[..., Target],
+        tmp_path: Path, applied: bool, posts: int, kind: str) -> None:
+    """The journal says attempt 1 started and nothing more (the process died): probe, then send only if absent."""
+    settings = make_settings(kafka_bootstrap=kafka_bootstrap)
+    t = targets()
+    emit = delivery("a", make_bundle(5, seed=905 + applied))
+    tid = emit.envelope.transfer_id
+    with t._client() as c:  # the crashed process's POST, as the target got it (or not)
+        marked = mark_transfer(orjson.loads(emit.envelope.data), settings.transfer_tag_system, tid)
+        c.post(t.fhir, json=marked if applied else {"resourceType": "Bundle", "type": "transaction", "entry": []},
+               headers={"Content-Type": "application/fhir+json", "X-Request-Id": f"{tid}/a"})
+    ledger = Ledger(settings.database_url)
+    await ledger.create_schema()
+    await AttemptJournal(ledger.engine, "crashed-process").start(AttemptKey(tid, "a", 0, 1))
+    await ledger.close()
+    async with running(settings, directory({"id": "a", "base_url": t.fhir, "ambiguous": "probe"}), tmp_path):
+        await publish(settings, [emit])
+        await events_of(settings, tid, kind, timeout_s=60)
+        [doubt] = await events_of(settings, tid, "in_doubt")
+    assert "crashed-process" in detail(doubt)["reason"]
+    assert len(t.received(f"{tid}/a")) == posts
+    ident = _resource(orjson.loads(emit.envelope.data), "Encounter")["identifier"][0]
+    assert _stored(t, "Encounter", ident["system"], ident["value"]) == 1  # applied once, whatever happened

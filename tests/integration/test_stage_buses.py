@@ -179,3 +179,54 @@ async def test_keys_keep_order_within_a_partition(bus_settings: Factory) -> None
         assert transfer_ids(records) == [e.envelope.transfer_id for e in emits]
     finally:
         await bus.stop()
+
+
+class SlowOnDemandStage(RecordingStage):
+    """A record marked `slow` takes until `release` is set; the others are handled at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def handle(self, record: Record) -> Sequence[Emit]:
+        if record.envelope.extra.get("slow"):
+            await self.release.wait()
+        return await super().handle(record)
+
+
+async def test_a_slow_record_holds_only_its_own_partition_and_the_others_are_committed(
+        bus_settings: Factory) -> None:
+    """Issue 11/15: completed records are committed as they complete, not when the poll's slowest is done."""
+    s = bus_settings(topic_partitions=6)
+    slow = received(slow="1")
+    others = [received() for _ in range(30)]
+    stage, bus, stop = SlowOnDemandStage(), make_bus(s), asyncio.Event()
+    await bus.start()
+    task = asyncio.create_task(run_stage(stage, bus, s, stop))
+    try:
+        await bus.publish([slow, *others])
+        inputs = await read_all(bus, RECEIVED, expect=len(others) + 1)
+        [held] = [r.partition for r in inputs if r.envelope.extra.get("slow")]
+        elsewhere = {r.envelope.transfer_id for r in inputs if r.partition != held}
+
+        async def only_the_slow_partition_lags() -> bool:
+            lag = await bus.lag(stage.name, [RECEIVED])
+            return all(n == 0 for p, n in lag.items() if p.partition != held) and sum(lag.values()) > 0
+
+        # Every other partition's outputs are published and its offsets committed while the slow
+        # record is still in hand (the old runner committed a poll's batch only once all of it was done).
+        await wait_for(only_the_slow_partition_lags, timeout_s=30)
+        out = await read_all(bus, VALIDATED, expect=len(elsewhere))
+        assert elsewhere <= set(transfer_ids(out))
+        assert slow.envelope.transfer_id not in transfer_ids(out)
+        stage.release.set()
+        await wait_for(lambda: _lag_is_zero(bus, stage.name), timeout_s=30)
+    finally:
+        stop.set()
+        stage.release.set()
+        await asyncio.wait_for(task, 30)
+        await bus.stop()
+
+
+async def _lag_is_zero(bus: Bus, stage: str) -> bool:
+    return sum((await bus.lag(stage, [RECEIVED])).values()) == 0

@@ -135,6 +135,29 @@ async def test_search_by_identifier_finds_created_resources(client: httpx.AsyncC
     assert await total("Observation", "urn:relais:test|obs-1") == 1
 
 
+async def test_search_by_tag_finds_only_the_marked_transfer(client: httpx.AsyncClient) -> None:
+    marked = {**PATIENT, "meta": {"tag": [{"system": "urn:relais:transfer", "code": "tr-1"}]}}
+    await client.post("/fhir", json=bundle(marked, OBSERVATION), headers=FHIR_JSON)
+    await post_tx(client)  # same identifiers, no marker
+
+    async def total(rtype: str, tag: str) -> int:
+        response = await client.get(f"/fhir/{rtype}", params={"_tag": tag, "_count": "1000"})
+        assert response.status_code == 200
+        return int(response.json()["total"])
+
+    assert await total("Patient", "urn:relais:transfer|tr-1") == 1
+    assert await total("Patient", "tr-1") == 1
+    assert await total("Patient", "urn:relais:transfer|tr-2") == 0
+    assert await total("Observation", "urn:relais:transfer|tr-1") == 0
+
+
+async def test_a_target_without_search_refuses_it_with_an_outcome() -> None:
+    transport = httpx.ASGITransport(app=create_app(TargetState(), search=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://target") as c:
+        assert_outcome(await c.get("/fhir/Patient", params={"_tag": "a|b"}), 400, "not-supported")
+        assert (await c.post("/fhir", json=bundle(PATIENT), headers=FHIR_JSON)).status_code == 200
+
+
 async def test_read_unknown_resource_is_404(client: httpx.AsyncClient) -> None:
     assert_outcome(await client.get("/fhir/Patient/nope"), 404, "not-found")
 

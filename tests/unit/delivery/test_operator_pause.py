@@ -13,6 +13,7 @@ from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES
 from services.delivery.client import TargetClient
+from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
 from services.tracker.ledger import Ledger
 from services.tracker.opstate import paused_targets, set_paused
@@ -30,7 +31,7 @@ async def test_operator_pause_holds_records_and_resume_lets_them_go(tmp_path: Pa
 
     target = Target(id="t", base_url="http://fhir.test/fhir")
     stage = DeliveryStage(Settings(auth_disabled=True, retry_delays_s=[1, 2]), TargetDirectory(targets=[target]),
-                          LocalBlobStore(tmp_path / "blobs"))
+                          LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
     await stage.runtimes["t"].client.aclose()
     stage.runtimes["t"].client = TargetClient(target, httpx.AsyncClient(transport=httpx.MockTransport(answer)))
     env = Envelope(type="fr.relais.delivery", source="/relais/router", transfer_id="tr-1",

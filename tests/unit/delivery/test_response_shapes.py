@@ -21,8 +21,10 @@ from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, EVENTS
 from services.delivery.client import TargetClient
+from services.delivery.journal import AttemptJournal
 from services.delivery.repair import assigned_ids
 from services.delivery.stage import DeliveryStage, _is_transaction_response
+from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
 
 BASE = "http://fhir.test/fhir"
@@ -103,7 +105,10 @@ async def deliver(tmp_path: Path, bundle: dict[str, Any],
     target = Target(id="t", base_url=BASE)
     settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/l.db", retry_delays_s=[0.2, 0.5],
                         max_attempts=2, auth_disabled=True, log_format="console")
-    stage = DeliveryStage(settings, TargetDirectory(targets=[target]), LocalBlobStore(tmp_path / "blobs"))
+    ledger = Ledger(settings.database_url)
+    await ledger.create_schema()
+    stage = DeliveryStage(settings, TargetDirectory(targets=[target]), LocalBlobStore(tmp_path / "blobs"),
+                          AttemptJournal(ledger.engine))
     runtime = stage.runtimes["t"]
     await runtime.client.aclose()
     runtime.client = TargetClient(target, httpx.AsyncClient(transport=httpx.MockTransport(answer)))
@@ -113,6 +118,7 @@ async def deliver(tmp_path: Path, bundle: dict[str, Any],
         return list(await stage.handle(Record(DELIVERIES, 0, 0, b"tr-1", env)))
     finally:
         await stage.aclose()
+        await ledger.close()
 
 
 async def test_a_transaction_run_as_a_batch_with_a_failed_entry_is_not_delivered(tmp_path: Path) -> None:

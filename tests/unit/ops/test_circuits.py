@@ -11,6 +11,7 @@ import pytest
 from services.core.blobstore import LocalBlobStore
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
+from services.delivery.journal import AttemptJournal
 from services.delivery.logic import BreakerEvent
 from services.delivery.stage import DeliveryStage
 from services.tracker.ledger import Ledger
@@ -50,7 +51,7 @@ async def test_reports_are_kept_per_process_and_read_back(ledger: Ledger) -> Non
 async def test_delivery_reports_breaker_transitions(ledger: Ledger, tmp_path: Path) -> None:
     target = Target(id="t", base_url="http://127.0.0.1:9/fhir")
     stage = DeliveryStage(Settings(auth_disabled=True), TargetDirectory(targets=[target]),
-                          LocalBlobStore(tmp_path / "blobs"))
+                          LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
     reported: list[tuple[str, str, int]] = []
 
     async def report(target_id: str, circuit: str, failures: int) -> None:

@@ -1,0 +1,184 @@
+"""The attempt journal as the delivery stage uses it: a real SQLite ledger, the target answered in-process.
+
+An attempt is journaled before its POST; one the journal cannot record is not made; one found started
+but unanswered (a crash) follows the target's ambiguous policy; one whose answer was journaled is
+completed from it; a DLQ replay starts a new round and is never taken for an in-doubt attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from services.core.blobstore import LocalBlobStore
+from services.core.envelope import Emit, Envelope, Record
+from services.core.errors import TransientError
+from services.core.settings import Settings
+from services.core.targets import Target, TargetDirectory
+from services.core.topics import DELIVERIES, DELIVERIES_DLQ
+from services.delivery.client import TargetClient
+from services.delivery.journal import DELIVERED, IN_DOUBT, AttemptJournal, AttemptKey
+from services.delivery.stage import DeliveryStage
+from services.tracker.ledger import Ledger
+from tests.fixtures.tddui import make_bundle
+
+BASE = "http://fhir.test/fhir"
+OK = {"resourceType": "Bundle", "type": "transaction-response", "entry": []}
+
+
+class Scene:
+    """A delivery stage on a real SQLite ledger; the target's answers are scripted, its POSTs counted."""
+
+    def __init__(self, tmp_path: Path, ledger: Ledger, policy: str) -> None:
+        self.posts: list[httpx.Request] = []
+        self.answers: list[httpx.Response] = []
+        self.ledger = ledger
+        self.target = Target(id="t", base_url=BASE, ambiguous=policy)  # type: ignore[arg-type]
+        settings = Settings(database_url=ledger.url, retry_delays_s=[0.2, 0.5], max_attempts=4,
+                            auth_disabled=True, log_format="console")
+        self.stage = DeliveryStage(settings, TargetDirectory(targets=[self.target]),
+                                   LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine, "this"))
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            if request.method == "POST":
+                self.posts.append(request)
+            return self.answers.pop(0) if self.answers else httpx.Response(200, json=OK)
+
+        self.stage.runtimes["t"].client = TargetClient(self.target,
+                                                       httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+
+    async def handle(self, env: Envelope) -> list[Emit]:
+        return list(await self.stage.handle(Record(DELIVERIES, 0, 0, b"t|p", env)))
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
+    await ledger.create_schema()
+    yield ledger
+    await ledger.close()
+
+
+@pytest.fixture
+async def scene(tmp_path: Path, ledger: Ledger) -> AsyncIterator[Callable[[str], Scene]]:
+    made: list[Scene] = []
+
+    def make(policy: str = "probe") -> Scene:
+        made.append(Scene(tmp_path, ledger, policy))
+        return made[-1]
+
+    yield make
+    for s in made:
+        await s.stage.aclose()
+
+
+def record(seed: int = 1, **extra: str) -> Envelope:
+    return Envelope(type="fr.relais.delivery", source="/relais/router", transfer_id=f"tr-{seed}",
+                    data=orjson.dumps(make_bundle(3, seed=seed)), producer="p", target="t", extra=extra)
+
+
+def kinds(emits: list[Emit]) -> list[str]:
+    return [e.envelope.type.removeprefix("fr.relais.event.") if e.topic != DELIVERIES_DLQ else "dlq" for e in emits]
+
+
+async def started_by_a_crashed_process(ledger: Ledger, env: Envelope, attempt: int = 1) -> None:
+    await AttemptJournal(ledger.engine, "crashed").start(AttemptKey(env.transfer_id, "t", 0, attempt))
+
+
+async def test_each_post_is_journaled_before_it_is_made_and_its_answer_after(
+        scene: Callable[[str], Scene], ledger: Ledger) -> None:
+    s = scene("probe")
+    env = record()
+    assert "delivered" in kinds(await s.handle(env))
+    prior = await s.stage.journal.prior(AttemptKey.next_of(env))
+    assert prior is not None and prior.state == DELIVERED and prior.response == OK and prior.process == "this"
+
+
+async def test_an_attempt_that_cannot_be_journaled_is_not_made(scene: Callable[[str], Scene], ledger: Ledger,
+                                                               tmp_path: Path) -> None:
+    s = scene("probe")
+    journal = s.stage.journal
+    # The ledger database cannot be reached (its volume is gone): nothing can be recorded.
+    unreachable = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/gone/ledger.db")
+    s.stage.journal = AttemptJournal(unreachable, "this")
+    try:
+        with pytest.raises(TransientError, match=r"delivery waits|not made"):
+            await s.handle(record())
+    finally:
+        await unreachable.dispose()
+    assert not s.posts  # "when the log cannot be written, delivery floods the target" cannot happen
+    s.stage.journal = journal
+    assert "delivered" in kinds(await s.handle(record()))  # the fault clears: the record goes on
+    assert len(s.posts) == 1
+
+
+async def test_an_attempt_whose_start_cannot_be_written_is_not_made(scene: Callable[[str], Scene],
+                                                                    ledger: Ledger) -> None:
+    s = scene("probe")
+    async with ledger.engine.begin() as conn:  # reads work, every write of the journal fails (as on a full disk)
+        await conn.execute(sa.text("CREATE TRIGGER full BEFORE INSERT ON delivery_attempts "
+                                   "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"))
+    with pytest.raises(TransientError, match="not made"):
+        await s.handle(record())
+    assert not s.posts
+
+
+async def test_an_answer_journaled_before_a_crash_completes_the_record_without_a_post(
+        scene: Callable[[str], Scene], ledger: Ledger) -> None:
+    s = scene("probe")
+    env = record()
+    journal = AttemptJournal(ledger.engine, "crashed")
+    await journal.start(AttemptKey.next_of(env))
+    await journal.finish(AttemptKey.next_of(env), DELIVERED, 200, OK, {"urn:uuid:a": "Patient/1"})
+    emits = await s.handle(env)
+    assert kinds(emits) == ["delivered"] and not s.posts
+    assert orjson.loads(emits[0].envelope.data)["assigned"] == {"urn:uuid:a": "Patient/1"}
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ("probe", ["in_doubt", "deliveries.retry.1", "retry_scheduled"]),  # probed when it comes back
+    ("retry", ["in_doubt", "deliveries.retry.1", "retry_scheduled"]),  # the target's policy accepts a resend
+    ("dead-letter", ["in_doubt", "dlq", "dead_lettered"]),
+])
+async def test_an_attempt_left_in_doubt_follows_the_policy_and_is_not_resent_now(
+        scene: Callable[[str], Scene], ledger: Ledger, policy: str, expected: list[str]) -> None:
+    s = scene(policy)
+    env = record()
+    await started_by_a_crashed_process(ledger, env)
+    emits = await s.handle(env)
+    assert [e.topic if e.topic.startswith("deliveries.retry") else k for e, k in zip(emits, kinds(emits),
+                                                                                     strict=True)] == expected
+    assert not s.posts
+    retry = [e for e in emits if e.topic.startswith("deliveries.retry")]
+    if retry:
+        assert retry[0].envelope.attempt == 1  # the in-doubt attempt counts
+        assert (retry[0].envelope.extra.get("probe") == "1") is (policy == "probe")
+    prior = await s.stage.journal.prior(AttemptKey.next_of(env))
+    assert prior is not None and prior.state == IN_DOUBT
+
+
+async def test_a_replayed_dead_letter_starts_a_new_round_and_is_not_in_doubt(
+        scene: Callable[[str], Scene], ledger: Ledger) -> None:
+    s = scene("dead-letter")
+    s.answers.append(httpx.Response(504))  # ambiguous; policy dead-letter: an operator decides
+    env = record()
+    assert "dead_lettered" in kinds(await s.handle(env))
+    # What services/dlq/logic.replay_emits publishes: attempts from zero, one more replay.
+    replayed = env.evolve(attempt=0, extra={**env.extra, "replays": "1"})
+    assert "delivered" in kinds(await s.handle(replayed))
+    assert len(s.posts) == 2
+
+
+async def test_every_resource_sent_carries_the_transfer_marker(scene: Callable[[str], Scene]) -> None:
+    s = scene("probe")
+    await s.handle(record(seed=7))
+    sent: dict[str, Any] = orjson.loads(s.posts[0].content)
+    tags = [e["resource"]["meta"]["tag"] for e in sent["entry"]]
+    assert all({"system": s.stage.settings.transfer_tag_system, "code": "tr-7"} in t for t in tags)

@@ -197,6 +197,10 @@ class Settings(BaseSettings):
         default=20.0, gt=0, description="On SIGTERM, how long in-flight records may take before exit."
     )
     batch_size: int = Field(default=100, ge=1, description="Records a stage fetches per poll.")
+    workers: int = Field(
+        default=0, ge=0, description="`relais run`: worker processes beside the ingress process, each running every "
+        "worker stage (`--workers N` overrides). 0: one per core.",
+    )
     instance_id: str | None = Field(
         default=None,
         description="Stable id of this replica (Kafka transactional ids). Set it per replica (e.g. the pod "

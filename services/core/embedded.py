@@ -184,6 +184,7 @@ class EmbeddedSubscription:
         self._in_flight: dict[TopicPartition, int] = {}  # partitions of the last poll -> the epoch read under
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_beat = 0.0
+        self._surplus = 0
         self._version = -1
 
     async def start(self) -> None:
@@ -199,13 +200,11 @@ class EmbeddedSubscription:
                 await self._heartbeat
             self._heartbeat = None
             with contextlib.suppress(BusUnavailable):
-                await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics, set(), True)
+                await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics, (), True)
         self._positions, self._epochs, self._in_flight = {}, {}, {}
 
-    async def _beat(self) -> None:
-        held = await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics,
-                                    set(self._in_flight))
-        assert isinstance(held, dict)
+    async def _beat(self, release: Sequence[TopicPartition] = ()) -> None:
+        held, surplus = await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics, release)
         self._last_beat = time.monotonic()
         for tp in list(self._positions):
             if held.get(tp, (None,))[0] != self._epochs.get(tp):
@@ -213,6 +212,17 @@ class EmbeddedSubscription:
         for tp, (epoch, committed) in held.items():
             if tp not in self._positions:
                 self._positions[tp], self._epochs[tp] = committed, epoch
+        self._surplus = surplus
+
+    async def _give_back_surplus(self) -> None:
+        """Between two batches (nothing in flight): hand partitions above our share to the other members."""
+        if self._surplus <= 0:
+            return
+        spare = sorted(self._positions, key=lambda tp: (tp not in self._paused, tp))[:self._surplus]
+        for tp in spare:
+            self._drop(tp)
+        self._surplus = 0
+        await self._beat(spare)
 
     def _drop(self, tp: TopicPartition) -> None:
         self._positions.pop(tp, None)
@@ -241,6 +251,7 @@ class EmbeddedSubscription:
         log_ = self.bus.log
         deadline = time.monotonic() + timeout_s
         self._in_flight = {}
+        await self._give_back_surplus()
         while True:
             now = time.monotonic()
             self._paused = {tp: due for tp, due in self._paused.items() if due > now}

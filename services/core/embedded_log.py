@@ -118,6 +118,7 @@ class EmbeddedLog:
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="relais-log-read")
         self._reader_conn: sqlite3.Connection | None = None
         self._start_lock = threading.Lock()
+        self._closed = False
         self._round_robin = 0
         self._topics: dict[str, int] | None = None
         self.problem: str | None = None  # why the last write failed; None once a write succeeds
@@ -140,6 +141,8 @@ class EmbeddedLog:
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` inside the next group commit; returns once it is on disk."""
+        if self._closed:
+            raise BusUnavailable(f"embedded log {self.path} is closed (this process is stopping)")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._ensure_writer()
         self._jobs.put((fn, args, future))
@@ -147,6 +150,8 @@ class EmbeddedLog:
 
     async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on the reader thread (a consistent snapshot per statement)."""
+        if self._closed:
+            raise BusUnavailable(f"embedded log {self.path} is closed (this process is stopping)")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._reader, self._read, fn, args)
         except sqlite3.Error as exc:
@@ -173,7 +178,7 @@ class EmbeddedLog:
             first = self._jobs.get()
             if first is None:
                 break
-            batch = [first]
+            batch = [first] if first[2].set_running_or_notify_cancel() else []  # a cancelled caller: skip
             while len(batch) < MAX_JOBS_PER_COMMIT:
                 try:
                     job = self._jobs.get_nowait()
@@ -182,8 +187,10 @@ class EmbeddedLog:
                 if job is None:
                     self._jobs.put(None)  # finish this batch, then stop
                     break
-                batch.append(job)
-            self._commit(batch)
+                if job[2].set_running_or_notify_cancel():
+                    batch.append(job)
+            if batch:
+                self._commit(batch)
         if self._writer_conn is not None:
             self._writer_conn.close()
             self._writer_conn = None
@@ -249,6 +256,10 @@ class EmbeddedLog:
             self._writer.join()
             self._writer = None
 
+        if self._closed:
+            return
+        self._closed = True
+
         def shut() -> None:
             if self._reader_conn is not None:
                 self._reader_conn.close()
@@ -297,20 +308,24 @@ class EmbeddedLog:
                          "DO UPDATE SET next_offset=excluded.next_offset", (group, topic, p, next_offset))
 
     def heartbeat(self, conn: sqlite3.Connection, group: str, member: str, topics: Sequence[str],
-                  busy: set[TopicPartition], leaving: bool = False) -> dict[TopicPartition, tuple[int, int]]:
-        """Renew `member`, balance the group's partitions, and return what it holds: tp -> (epoch, committed).
+                  release: Sequence[TopicPartition] = (), leaving: bool = False,
+                  ) -> tuple[dict[TopicPartition, tuple[int, int]], int]:
+        """Renew `member`, hand back `release`, take free partitions; returns (held: tp -> (epoch, committed), surplus).
 
         Live members share the partitions evenly (ceil(partitions / members) each). A member whose
         heartbeat is older than LEASE_S, or whose process on this host is gone, is dead: its
-        partitions are free at once. A member gives up partitions above its share, except `busy` ones
-        (a batch in flight), which it releases on a later heartbeat. Taking a partition bumps its
-        epoch, which fences the previous holder's commits.
+        partitions are free at once. Taking a partition bumps its epoch, which fences the previous
+        holder's commits. A member above its share is told its `surplus`: it gives those partitions
+        back itself (`release`, on its next heartbeat) between two batches, never under one in flight.
         """
         now = time.time()
+        for tp in release:
+            conn.execute("UPDATE leases SET holder=NULL WHERE grp=? AND topic=? AND partition=? AND holder=?",
+                         (group, *tp, member))
         if leaving:
             conn.execute("DELETE FROM members WHERE grp=? AND member=?", (group, member))
             conn.execute("UPDATE leases SET holder=NULL WHERE grp=? AND holder=?", (group, member))
-            return {}
+            return {}, 0
         conn.execute("INSERT INTO members VALUES (?, ?, ?, ?, ?) ON CONFLICT(grp, member) DO UPDATE SET "
                      "expires=excluded.expires", (group, member, HOST, os.getpid(), now + LEASE_S))
         live: set[str] = set()
@@ -323,13 +338,11 @@ class EmbeddedLog:
         partitions = self._topic_partitions(conn)
         wanted = [(t, p) for t in topics for p in range(partitions.get(t, 0))]
         conn.executemany("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, NULL, 0)", [(group, t, p) for t, p in wanted])
+        wanted_set = set(wanted)
         leases = {(t, p): (holder, epoch) for t, p, holder, epoch in conn.execute(
-            "SELECT topic, partition, holder, epoch FROM leases WHERE grp=?", (group,)) if (t, p) in set(wanted)}
+            "SELECT topic, partition, holder, epoch FROM leases WHERE grp=?", (group,)) if (t, p) in wanted_set}
         share = math.ceil(len(wanted) / max(1, len(live)))
         mine = sorted(tp for tp, (holder, _) in leases.items() if holder == member)
-        for tp in [tp for tp in mine if tp not in busy][:max(0, len(mine) - share)]:
-            conn.execute("UPDATE leases SET holder=NULL WHERE grp=? AND topic=? AND partition=?", (group, *tp))
-            mine.remove(tp)
         free = sorted(tp for tp, (holder, _) in leases.items() if holder is None or holder not in live)
         for tp in free[:max(0, share - len(mine))]:
             conn.execute("UPDATE leases SET holder=?, epoch=epoch+1 WHERE grp=? AND topic=? AND partition=?",
@@ -342,7 +355,7 @@ class EmbeddedLog:
             committed = conn.execute("SELECT next_offset FROM group_offsets WHERE grp=? AND topic=? AND partition=?",
                                      (group, *tp)).fetchone()
             held[tp] = (epoch, committed[0] if committed else 0)
-        return held
+        return held, max(0, len(mine) - share)
 
     def probe(self, conn: sqlite3.Connection, process: str) -> None:
         """A tiny real write: proves the file (and its disk) take writes now."""

@@ -40,6 +40,8 @@ class Stage(Protocol):
     raises `TransientError` when the infrastructure it needs is down (the record is retried later,
     in order) and any other exception when the record itself cannot be handled (it goes to the
     poison topic, and the transfer is marked failed, so it never disappears silently).
+    A stage may also define `async def prepare(records)`, called with a whole poll before `handle`,
+    to do its I/O for the batch at once (the tracker projects a poll's events in one transaction).
     """
 
     name: str
@@ -83,6 +85,9 @@ async def _run_once(stage: Stage, sub: Subscription, settings: Settings) -> None
     records = await sub.poll(settings.batch_size, POLL_TIMEOUT_S)
     if not records:
         return
+    prepare = getattr(stage, "prepare", None)  # optional: a stage's I/O for the whole poll at once (tracker)
+    if prepare is not None:
+        await prepare(records)
     by_partition: dict[Partition, list[Record]] = defaultdict(list)
     for record in records:
         by_partition[Partition(record.topic, record.partition)].append(record)

@@ -194,6 +194,10 @@ class AuditingTracker:
         self.name: str = inner.name
         self.topics: Sequence[str] = inner.topics
 
+    async def prepare(self, records: Sequence[Record]) -> None:
+        """The ledger projection of a whole poll at once (see TrackerStage.prepare)."""
+        await self.inner.prepare(records)
+
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Project the event into the ledger, then into the audit trail (both idempotent)."""
         from services.tracker.stage import to_ledger_event

@@ -9,7 +9,7 @@ duplicates nothing inside the log.
 
 Several processes share the file (`relais run` starts one per core). A consumer group's partitions
 are leased to its live members (see `EmbeddedLog.heartbeat`): a new member gets its share, a
-member that dies (its process gone, or no heartbeat for LEASE_S) leaves its partitions to the
+member that dies (its process gone, or frozen for LEASE_S) leaves its partitions to the
 others within a heartbeat, and a member that lost a partition cannot commit it any more (`Fenced`).
 Idle members notice other processes' records by polling SQLite's `data_version` every
 IDLE_POLL_S. Past a few hundred transfers per second, or across machines, use Kafka.
@@ -190,10 +190,12 @@ class EmbeddedSubscription:
     async def start(self) -> None:
         """Join the group: take this member's share of the partitions, from the committed offsets."""
         await self._beat()
+        self.bus.log.register(self.group, self.member)
         self._heartbeat = asyncio.create_task(self._beat_forever(), name=f"heartbeat-{self.group}")
 
     async def stop(self) -> None:
         """Leave the group: hand the partitions back at once (best effort; a dead member's expire anyway)."""
+        self.bus.log.unregister(self.group, self.member)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS probes (process TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
-LEASE_S = 10.0  # a member that stops heartbeating (frozen, or on another host) loses its partitions after this
+LEASE_S = 30.0  # a member whose process is frozen loses its partitions after this (a dead one: at once)
+RENEW_S = 1.0  # the process's own thread renews its members this often, whatever its event loop is busy with
 HOST = socket.gethostname()
 MAX_JOBS_PER_COMMIT = 500
 
@@ -119,6 +120,8 @@ class EmbeddedLog:
         self._reader_conn: sqlite3.Connection | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+        self._members: set[tuple[str, str]] = set()  # (group, member) of this process, renewed by its own thread
+        self._renewer: threading.Thread | None = None
         self._round_robin = 0
         self._topics: dict[str, int] | None = None
         self.problem: str | None = None  # why the last write failed; None once a write succeeds
@@ -166,6 +169,32 @@ class EmbeddedLog:
             self._reader_conn.close()
             self._reader_conn = None
             raise
+
+    def register(self, group: str, member: str) -> None:
+        """Keep this member alive from a thread of its own: a CPU-bound batch on the event loop is not death."""
+        with self._start_lock:
+            self._members.add((group, member))
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_loop, name="relais-log-renew", daemon=True)
+                self._renewer.start()
+
+    def unregister(self, group: str, member: str) -> None:
+        """Stop renewing a member (it left the group)."""
+        with self._start_lock:
+            self._members.discard((group, member))
+
+    def _renew_loop(self) -> None:
+        while not self._closed:
+            time.sleep(RENEW_S)
+            with self._start_lock:
+                members = list(self._members)
+            if members and not self._closed:
+                self._ensure_writer()
+                self._jobs.put((self._renew, (members,), concurrent.futures.Future()))
+
+    def _renew(self, conn: sqlite3.Connection, members: Sequence[tuple[str, str]]) -> None:
+        conn.executemany("UPDATE members SET expires=? WHERE grp=? AND member=?",
+                         [(time.time() + LEASE_S, g, m) for g, m in members])
 
     def _ensure_writer(self) -> None:
         with self._start_lock:

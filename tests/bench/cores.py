@@ -218,7 +218,7 @@ def per_stage_cpu(work: Path, count: int) -> dict[str, float]:
 def run(bundles: int, rate: int, seconds: int) -> list[str]:
     cores = os.cpu_count()
     lines = [f"machine: {platform.machine()}, {cores} cores, {platform.system()} {platform.release()}, "
-             f"Python {platform.python_version()}"]
+             f"Python {platform.python_version()}; load average before the run {os.getloadavg()[0]:.1f}"]
     base = floor()
     lines.append(f"floor: fhir.resources R4B Bundle.model_validate, one core, 30 entries: {base:.0f} Bundles/s")
     with tempfile.TemporaryDirectory(prefix="relais-bench-cores-") as tmp:

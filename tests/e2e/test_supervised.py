@@ -164,16 +164,15 @@ def test_two_processes_of_one_stage_handle_each_record_once_and_survive_the_hold
     env |= {"RELAIS_EMBEDDED_LOG_PATH": str(tmp_path / "log.db"), "RELAIS_DATABASE_URL":
             f"sqlite+aiosqlite:///{tmp_path}/ledger.db", "RELAIS_LOG_FORMAT": "json"}
     settings = Settings(embedded_log_path=tmp_path / "log.db")
-    count = 240
+    first, count = 40, 340
 
-    async def publish() -> None:
+    async def publish(numbers: range) -> None:
         bus = EmbeddedBus(settings)
         await bus.start()
-        emits = [Emit(RECEIVED, f"t{n}".encode(), Envelope(
+        await bus.publish([Emit(RECEIVED, f"t{n}".encode(), Envelope(
             type="fr.relais.transfer.received", source="/test", transfer_id=f"t{n}",
-            data=orjson.dumps(make_bundle(6, seed=n)), producer="p", extra={"targets": "demo"}))
-            for n in range(count)]
-        await bus.publish(emits)
+            data=orjson.dumps(make_bundle(30, seed=n)), producer="p", extra={"targets": "demo"}))
+            for n in numbers])
         await bus.stop()
 
     async def outputs() -> list[str]:
@@ -188,11 +187,17 @@ def test_two_processes_of_one_stage_handle_each_record_once_and_survive_the_hold
         await bus.stop()
         return ids
 
-    asyncio.run(publish())
+    def holders() -> set[int]:
+        with sqlite3.connect(tmp_path / "log.db", timeout=30) as conn:
+            return {int(h.rsplit("-", 2)[1]) for (h,) in conn.execute(
+                "SELECT holder FROM leases WHERE grp='relais-validator' AND holder IS NOT NULL")}
+
+    asyncio.run(publish(range(first)))
     logs = [(tmp_path / f"validator-{n}.log").open("wb") for n in (1, 2)]
     procs = [subprocess.Popen([sys.executable, "-m", "services.cli", "validator"], env=env, cwd=REPO,
                               stdout=log, stderr=subprocess.STDOUT) for log in logs]
     tails = lambda: "\n".join((tmp_path / f"validator-{n}.log").read_text()[-1500:] for n in (1, 2))  # noqa: E731
+    all_alive = lambda: all(p.poll() is None for p in procs)  # noqa: E731
     try:
         seen: list[str] = []
 
@@ -201,19 +206,19 @@ def test_two_processes_of_one_stage_handle_each_record_once_and_survive_the_hold
             seen = asyncio.run(outputs())
             return len(seen) >= n
 
-        wait_until(lambda: progressed(40), alive=lambda: all(p.poll() is None for p in procs), explain=tails,
-                   timeout_s=60, what="both validators to start handling records")
-        holder = holder_pid(tmp_path / "log.db", "relais-validator")
-        victim = next(p for p in procs if p.pid == holder)
-        survivor = next(p for p in procs if p.pid != holder)
-        with sqlite3.connect(tmp_path / "log.db") as conn:
-            held = {int(h.rsplit("-", 2)[1]) for (h,) in conn.execute(
-                "SELECT holder FROM leases WHERE grp='relais-validator' AND holder IS NOT NULL")}
-        assert held == {p.pid for p in procs}, "the two processes did not share the partitions"
+        wait_until(lambda: progressed(first), alive=all_alive, explain=tails, timeout_s=60, what="the first records")
+        wait_until(lambda: holders() == {p.pid for p in procs}, alive=all_alive, explain=tails, timeout_s=30,
+                   what="the two processes to share the partitions")
+        asyncio.run(publish(range(first, count)))
+        wait_until(lambda: progressed(first + 60), alive=all_alive, explain=tails, timeout_s=60,
+                   what="both to handle the second wave")
+        victim = next(p for p in procs if p.pid == holder_pid(tmp_path / "log.db", "relais-validator"))
+        survivor = next(p for p in procs if p is not victim)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
         wait_until(lambda: progressed(count), alive=lambda: survivor.poll() is None, explain=tails,
                    timeout_s=60, what="the survivor to handle every record")
+        assert holders() == {survivor.pid}
         assert sorted(seen) == sorted(f"t{n}" for n in range(count)), "a record was handled twice or never"
     finally:
         for p in procs:
@@ -222,3 +227,13 @@ def test_two_processes_of_one_stage_handle_each_record_once_and_survive_the_hold
                 p.wait(30)
         for log in logs:
             log.close()
+
+
+def test_a_child_that_cannot_start_stops_the_broker_with_an_exit_code_naming_it(tmp_path: Path) -> None:
+    relais = EmbeddedRelais(tmp_path)
+    del relais.env["RELAIS_PRODUCERS_FILE"]  # the ingress refuses to start without authentication
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "run", "--workers", "1"], env=relais.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 10, proc.stderr[-3000:]  # 10 + 0: the ingress, the first child
+    assert "RELAIS_PRODUCERS_FILE" in proc.stderr  # the child's own one-line reason
+    assert "child ingress failed" in proc.stderr

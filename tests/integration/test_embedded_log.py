@@ -115,6 +115,7 @@ async def test_a_member_that_lost_its_partitions_cannot_commit(embedded: Factory
         # The stale member freezes (no heartbeat) past its lease: the group declares it dead.
         assert stale._heartbeat is not None
         stale._heartbeat.cancel()
+        one.log.unregister(stale.group, stale.member)
         await two.write(lambda conn: conn.execute("UPDATE members SET expires=0 WHERE member=?", (stale.member,)))
         fresh = two.subscribe("stage", [RECEIVED])
         await fresh.start()

@@ -12,7 +12,9 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from services.core.bus import Partition
@@ -21,6 +23,10 @@ from services.core.envelope import Emit, Envelope, Record
 from services.core.errors import BusUnavailable
 from services.core.settings import Settings
 from services.core.topics import RECEIVED, VALIDATED
+from services.devkafka.local import free_port
+from services.ingress.app import create_app
+from services.launcher import _server
+from services.tracker.ledger import Ledger
 
 Factory = Callable[..., Settings]
 
@@ -179,3 +185,82 @@ async def test_retention_prunes_old_records_every_group_has_committed(embedded: 
         await bus.publish([emit(99)])  # offsets go on after pruning: never reused
         [fresh] = await all_records(bus, RECEIVED)
         assert fresh.offset == sum(1 for r in seen if r.partition == fresh.partition)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "3m") -> Iterator[Path]:
+    """A small tmpfs mounted at `path` (root, as CI runs): a disk that really fills up."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+async def test_a_full_disk_is_transient_and_recovers_when_space_returns(make_settings: Factory, tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        settings = make_settings(kafka_bootstrap=None, embedded_log_path=disk / "log.db")
+        async with started(settings) as bus:
+            await bus.publish([emit(0)])
+            ballast = disk / "ballast"
+            with ballast.open("wb") as out:  # fill the disk to the last byte
+                with contextlib.suppress(OSError):
+                    while True:
+                        out.write(b"\0" * 65536)
+                        out.flush()
+            with pytest.raises(BusUnavailable):
+                for n in range(1, 200):  # the WAL may have a little room left: write until it has none
+                    await bus.publish([emit(n)])
+            assert bus.log.problem_reason == "disk-full", bus.log.problem
+            assert await bus.storage_problem() is not None
+            accepted = await stored_keys(bus)  # read-only: a consumer group would need to write
+            ballast.unlink()  # space returns
+            await bus.publish([emit(999)])
+            assert await bus.storage_problem() is None
+            assert await stored_keys(bus) == accepted | {b"t999"}  # what was acknowledged is there; the refused write left nothing
+
+
+async def stored_keys(bus: EmbeddedBus) -> set[bytes]:
+    return {k for (k,) in await bus.log.read(lambda conn: conn.execute("SELECT key FROM records").fetchall())}
+
+
+async def test_ingress_on_an_unwritable_log_serves_health_saying_why_and_recovers(
+        make_settings: Factory, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the log's directory should be")
+    settings = make_settings(kafka_bootstrap=None, embedded_log_path=blocker / "log.db", http_port=free_port())
+    base = f"http://127.0.0.1:{settings.http_port}"
+    app_task = asyncio.create_task(_serve_until_cancelled(settings, base))
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await _eventually(client, f"{base}/readyz", lambda r: r.status_code == 503)
+            assert "not-a-dir" in answer.json()["status"], answer.text  # says what is wrong
+            assert (await client.get(f"{base}/healthz")).status_code == 200
+            blocker.unlink()  # the operator fixes the path: no restart
+            await _eventually(client, f"{base}/readyz", lambda r: r.status_code == 200, timeout_s=15)
+    finally:
+        app_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app_task
+
+
+async def _serve_until_cancelled(settings: Settings, base: str) -> None:
+    server = _server(create_app(settings, EmbeddedBus(settings), Ledger(settings.database_url)), "127.0.0.1",
+                     settings.http_port, settings)
+    try:
+        await server.serve()
+    finally:
+        server.should_exit = True
+
+
+async def _eventually(client: Any, url: str, ok: Callable[[Any], bool], timeout_s: float = 20) -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            last = await client.get(url)
+            if ok(last):
+                return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{url} never answered as expected; last: {last and last.text}")

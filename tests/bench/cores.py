@@ -235,7 +235,7 @@ def run(bundles: int, rate: int, seconds: int) -> list[str]:
         lines.append(f"202 at {rate}/s offered open-loop (vegeta, {seconds}s) while the pipeline is "
                      f"{'busy' if report['busy'] else 'idle (backlog drained early)'}: p50 {lat['50th'] / 1e6:.1f} ms, "
                      f"p99 {lat['99th'] / 1e6:.1f} ms, max {lat['max'] / 1e6:.1f} ms (goal p99 < 100 ms); "
-                     f"status codes {codes}")
+                     f"status codes {codes}" + (f"; errors {report.get('errors')}" if report.get("errors") else ""))
         (work / "stages").mkdir()
         by_stage = per_stage_cpu(work / "stages", max(100, bundles // 2))
         lines.append("CPU s per Bundle by stage (one process per stage): "

@@ -237,3 +237,21 @@ def test_a_child_that_cannot_start_stops_the_broker_with_an_exit_code_naming_it(
     assert proc.returncode == 10, proc.stderr[-3000:]  # 10 + 0: the ingress, the first child
     assert "RELAIS_PRODUCERS_FILE" in proc.stderr  # the child's own one-line reason
     assert "child ingress failed" in proc.stderr
+
+
+def test_operator_commands_work_beside_a_running_broker(tmp_path: Path) -> None:
+    relais = EmbeddedRelais(tmp_path)
+    relais.start()
+    try:
+        def relais_cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "services.cli", *args], env=relais.env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=60)
+
+        paused = relais_cli("targets", "pause", "demo", "--reason", "maintenance")
+        assert paused.returncode == 0, paused.stderr
+        # The replay opens the embedded log to publish: beside the broker it must not be refused.
+        replay = relais_cli("dlq", "replay", "--target", "demo")
+        assert replay.returncode == 1 and "nothing matched" in replay.stderr, replay.stderr
+        assert relais_cli("targets", "resume", "demo").returncode == 0
+    finally:
+        assert relais.stop() == 0, relais.log_tail()

@@ -8,7 +8,8 @@
 3. the 202's p50/p99 at R Bundles/s offered open-loop by `vegeta` while the pipeline works through a
    backlog (goal p99 < 100 ms); vegeta is installed with `go install` into .cache/bin when missing;
 4. CPU seconds per Bundle by stage: the same pipeline with one `relais <stage>` process per stage on
-   the embedded bus, each process's CPU time divided by the Bundles it carried.
+   the embedded bus, each process's CPU time divided by the Bundles it carried;
+5. with `--kafka`: one process per stage plus one extra validator on Kafka, its ratio to the floor (goal >= 0.7).
 
 Prints figures; asserts nothing. The load generator shares the machine's cores with the broker.
 """
@@ -68,8 +69,8 @@ def vegeta() -> str:
 class Broker:
     """`relais run` (no flags), or one `relais <stage>` process per stage, on a fresh embedded log."""
 
-    def __init__(self, work: Path, per_stage: bool) -> None:
-        self.work, self.per_stage = work, per_stage
+    def __init__(self, work: Path, per_stage: bool, kafka: str | None = None) -> None:
+        self.work, self.per_stage, self.kafka = work, per_stage, kafka
         self.target_port, self.http_port = free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")} | {
             "RELAIS_HTTP_PORT": str(self.http_port), "RELAIS_LOG_LEVEL": "warning",
@@ -78,6 +79,8 @@ class Broker:
             "RELAIS_PRODUCERS_FILE": str(REPO / "deploy/dev/producers.yaml"),
             "RELAIS_TARGETS_FILE": str(write_targets(work / "t.yaml", {"demo": f"{self.target}/fhir"})),
         }
+        if kafka:  # one process per stage plus one extra validator, on Kafka
+            self.env |= {"RELAIS_KAFKA_BOOTSTRAP": kafka, "RELAIS_TOPIC_PREFIX": f"bench{free_port()}."}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -92,9 +95,11 @@ class Broker:
         log = (self.work / "broker.log").open("ab")
         self.procs["target"] = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port",
                                                  str(self.target_port)], cwd=REPO, stderr=subprocess.DEVNULL)
-        for name in STAGES if self.per_stage else ("run",):
-            argv = [sys.executable, "-m", "services.cli", name]
-            self.procs[name] = subprocess.Popen(argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        names = [*STAGES, *(["validator-2"] if self.kafka else [])] if self.per_stage else ["run"]
+        for name in names:
+            argv = [sys.executable, "-m", "services.cli", name.split("-")[0]]
+            env = {**self.env, "RELAIS_INSTANCE_ID": f"bench-{name}"}
+            self.procs[name] = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         wait_until(readyz(self.url), alive=lambda: all(p.poll() is None for p in self.procs.values()),
                    explain=lambda: (self.work / "broker.log").read_text()[-2000:], timeout_s=120, what="readiness")
         time.sleep(3)  # the workers join their groups
@@ -200,22 +205,23 @@ def latency_under_load(work: Path, rate: int, seconds: int, backlog: int) -> dic
         broker.stop()
 
 
-def per_stage_cpu(work: Path, count: int) -> dict[str, float]:
-    """CPU seconds per Bundle of each stage, one `relais <stage>` process each on the embedded bus."""
-    broker = Broker(work, per_stage=True).start()
+def per_stage_cpu(work: Path, count: int, kafka: str | None = None) -> tuple[float, dict[str, float]]:
+    """Bundles/s end to end and CPU seconds per Bundle of each stage, one `relais <stage>` process each."""
+    broker = Broker(work, per_stage=True, kafka=kafka).start()
     try:
         asyncio.run(post_all(broker.url, [orjson.dumps(make_bundle(30, seed=60_000 + i)) for i in range(20)]))
         wait_applied(broker, 20)
         cpu0 = broker.cpu_seconds()
+        began = time.perf_counter()
         asyncio.run(post_all(broker.url, [orjson.dumps(make_bundle(30, seed=70_000 + i)) for i in range(count)]))
-        wait_applied(broker, count + 20)
+        ended = wait_applied(broker, count + 20)
         time.sleep(2)  # the tracker projects the last events
-        return {k: (v - cpu0.get(k, 0)) / count for k, v in broker.cpu_seconds().items()}
+        return count / (ended - began), {k: (v - cpu0.get(k, 0)) / count for k, v in broker.cpu_seconds().items()}
     finally:
         broker.stop()
 
 
-def run(bundles: int, rate: int, seconds: int) -> list[str]:
+def run(bundles: int, rate: int, seconds: int, kafka: bool = False) -> list[str]:
     cores = os.cpu_count()
     lines = [f"machine: {platform.machine()}, {cores} cores, {platform.system()} {platform.release()}, "
              f"Python {platform.python_version()}; load average before the run {os.getloadavg()[0]:.1f}"]
@@ -237,10 +243,19 @@ def run(bundles: int, rate: int, seconds: int) -> list[str]:
                      f"p99 {lat['99th'] / 1e6:.1f} ms, max {lat['max'] / 1e6:.1f} ms (goal p99 < 100 ms); "
                      f"status codes {codes}" + (f"; errors {report.get('errors')}" if report.get("errors") else ""))
         (work / "stages").mkdir()
-        by_stage = per_stage_cpu(work / "stages", max(100, bundles // 2))
-        lines.append("CPU s per Bundle by stage (one process per stage): "
+        _, by_stage = per_stage_cpu(work / "stages", max(100, bundles // 2))
+        lines.append("CPU s per Bundle by stage (embedded, one process per stage): "
                      + ", ".join(f"{k} {v:.4f}" for k, v in by_stage.items())
                      + f"; total {sum(by_stage.values()):.4f} (floor: {1 / base:.4f})")
+        if kafka:
+            from tests.bench import kafka_bootstrap
+
+            (work / "kafka").mkdir()
+            with kafka_bootstrap() as bootstrap:
+                rate_k, by_stage = per_stage_cpu(work / "kafka", bundles, kafka=bootstrap)
+            lines.append(f"Kafka, one process per stage + one extra validator, {bundles} Bundles: {rate_k:.1f} "
+                         f"Bundles/s; ratio to the floor {rate_k / base:.2f} (goal >= 0.7); CPU s per Bundle: "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in by_stage.items()))
     return lines
 
 
@@ -250,8 +265,10 @@ def main() -> int:
     parser.add_argument("--bundles", type=int, default=400, help="Bundles for the end-to-end run")
     parser.add_argument("--rate", type=int, default=50, help="Bundles/s offered by vegeta")
     parser.add_argument("--seconds", type=int, default=15, help="duration of the vegeta attack")
+    parser.add_argument("--kafka", action="store_true", help="also Kafka mode (RELAIS_KAFKA_BOOTSTRAP or local jars)")
     args = parser.parse_args()
-    print("\n".join(["== Relais: every core (issue 16) ==", *run(args.bundles, args.rate, args.seconds)]))
+    lines = run(args.bundles, args.rate, args.seconds, args.kafka)
+    print("\n".join(["== Relais: every core (issue 16) ==", *lines]))
     return 0
 
 

@@ -6,6 +6,7 @@ Outcomes are counted at the target by content (each Bundle's identifier), never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -42,13 +43,20 @@ def applied_at_target(relais: EmbeddedRelais) -> Counter[str]:
     return Counter(identifier(r["body"]) for r in received if r["applied"])
 
 
-def holder_pid(log_db: Path, group: str) -> int:
-    """The pid of the process that holds partition 0 of a group's first topic (members are host-pid-nonce)."""
-    with sqlite3.connect(log_db, timeout=30) as conn:
-        rows = conn.execute("SELECT holder FROM leases WHERE grp=? AND holder IS NOT NULL ORDER BY topic, partition",
-                            (group,)).fetchall()
-    assert rows, f"no member of {group} holds a partition"
-    return int(rows[0][0].rsplit("-", 2)[1])
+def holder_pid(log_db: Path, group: str, timeout_s: float = 20) -> int:
+    """The pid of a live process holding a partition of the group (members are named host-pid-nonce)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with sqlite3.connect(log_db, timeout=30) as conn:
+            rows = conn.execute("SELECT holder FROM leases WHERE grp=? AND holder IS NOT NULL ORDER BY topic, "
+                                "partition", (group,)).fetchall()
+        for (holder,) in rows:
+            pid = int(holder.rsplit("-", 2)[1])
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if b"services.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        time.sleep(0.2)  # a dead holder's partitions are being taken over
+    raise AssertionError(f"no live process holds a partition of {group}")
 
 
 async def post(client: httpx.AsyncClient, url: str, bundle: dict[str, Any]) -> bool:

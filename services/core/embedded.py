@@ -32,7 +32,8 @@ from prometheus_client import Gauge
 
 from services.core.bus import Partition
 from services.core.crypto import Keyring, open_envelope, seal_envelope
-from services.core.embedded_log import HOST, LEASE_S, EmbeddedLog, Fenced, Row, TopicPartition
+from services.core.embedded_groups import HOST, LEASE_S, Fenced, TopicPartition
+from services.core.embedded_log import EmbeddedLog, Row
 from services.core.envelope import Emit, Envelope, EnvelopeError, Record
 from services.core.errors import BusUnavailable
 from services.core.logging import get_logger

@@ -11,8 +11,8 @@ Several processes on one machine share the file (SQLite WAL). Inside a process:
 * **Reads** run on their own thread and connection, so a poll never waits behind an fsync.
 
 Across processes, consumer-group membership is a lease per (group, topic, partition): see
-`heartbeat`. A member's commit checks in the same transaction that it still holds each partition
-under the epoch it read it with, so a stale holder cannot commit (`Fenced`).
+`services.core.embedded_groups`. A member's commit checks in the same transaction that it still
+holds each partition under the epoch it read it with, so a stale holder cannot commit (`Fenced`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import asyncio
 import concurrent.futures
 import errno
 import fcntl
-import math
 import os
 import queue
-import socket
 import sqlite3
 import threading
 import time
@@ -33,7 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.core.errors import BusUnavailable, TransientError
+from services.core import embedded_groups as groups
+from services.core.embedded_groups import RENEW_S, TopicPartition
+from services.core.errors import BusUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -61,17 +61,9 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS probes (process TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
-LEASE_S = 30.0  # a member whose process is frozen loses its partitions after this (a dead one: at once)
-RENEW_S = 1.0  # the process's own thread renews its members this often, whatever its event loop is busy with
-HOST = socket.gethostname()
 MAX_JOBS_PER_COMMIT = 500
 
 Row = tuple[str, bytes | None, bytes, str]  # physical topic, key, sealed value, encoded headers
-TopicPartition = tuple[str, int]
-
-
-class Fenced(TransientError):
-    """When a member commits a partition it no longer holds (another process took it over): rejoin."""
 
 
 def partition_for(key: bytes | None, partitions: int, counter: int) -> int:
@@ -95,17 +87,6 @@ def storage_reason(exc: BaseException) -> str:
     if "unable to open" in text:
         return "cannot-open"
     return "io-error"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host still runs (a zombie counts as alive until reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class EmbeddedLog:
@@ -192,11 +173,7 @@ class EmbeddedLog:
                 members = list(self._members)
             if members and not self._closed:
                 self._ensure_writer()
-                self._jobs.put((self._renew, (members,), concurrent.futures.Future()))
-
-    def _renew(self, conn: sqlite3.Connection, members: Sequence[tuple[str, str]]) -> None:
-        conn.executemany("UPDATE members SET expires=? WHERE grp=? AND member=?",
-                         [(time.time() + LEASE_S, g, m) for g, m in members])
+                self._jobs.put((groups.renew, (members,), concurrent.futures.Future()))
 
     def _ensure_writer(self) -> None:
         with self._start_lock:
@@ -333,11 +310,7 @@ class EmbeddedLog:
         With offsets, `member` must still hold each partition under that epoch, or nothing is written.
         """
         for (group, topic, p), (_, epoch) in (offsets or {}).items():
-            row = conn.execute("SELECT holder, epoch FROM leases WHERE grp=? AND topic=? AND partition=?",
-                               (group, topic, p)).fetchone()
-            if row is None or tuple(row) != (member, epoch):
-                raise Fenced(f"{group} no longer owns {topic}[{p}] in this process (another member took it over); "
-                             "its records will be handled there")
+            groups.check_fence(conn, group, topic, p, member, epoch)
         partitions = self._topic_partitions(conn)
         now = time.time()
         for topic, key, value, headers in rows:
@@ -358,52 +331,8 @@ class EmbeddedLog:
     def heartbeat(self, conn: sqlite3.Connection, group: str, member: str, topics: Sequence[str],
                   release: Sequence[TopicPartition] = (), leaving: bool = False,
                   ) -> tuple[dict[TopicPartition, tuple[int, int]], int]:
-        """Renew `member`, hand back `release`, take free partitions; returns (held: tp -> (epoch, committed), surplus).
-
-        Live members share the partitions evenly (ceil(partitions / members) each). A member whose
-        heartbeat is older than LEASE_S, or whose process on this host is gone, is dead: its
-        partitions are free at once. Taking a partition bumps its epoch, which fences the previous
-        holder's commits. A member above its share is told its `surplus`: it gives those partitions
-        back itself (`release`, on its next heartbeat) between two batches, never under one in flight.
-        """
-        now = time.time()
-        for tp in release:
-            conn.execute("UPDATE leases SET holder=NULL WHERE grp=? AND topic=? AND partition=? AND holder=?",
-                         (group, *tp, member))
-        if leaving:
-            conn.execute("DELETE FROM members WHERE grp=? AND member=?", (group, member))
-            conn.execute("UPDATE leases SET holder=NULL WHERE grp=? AND holder=?", (group, member))
-            return {}, 0
-        conn.execute("INSERT INTO members VALUES (?, ?, ?, ?, ?) ON CONFLICT(grp, member) DO UPDATE SET "
-                     "expires=excluded.expires", (group, member, HOST, os.getpid(), now + LEASE_S))
-        live: set[str] = set()
-        for name, host, pid, expires in conn.execute("SELECT member, host, pid, expires FROM members WHERE grp=?",
-                                                     (group,)).fetchall():
-            if expires > now and (host != HOST or pid_alive(pid)):
-                live.add(name)
-            else:
-                conn.execute("DELETE FROM members WHERE grp=? AND member=?", (group, name))
-        partitions = self._topic_partitions(conn)
-        wanted = [(t, p) for t in topics for p in range(partitions.get(t, 0))]
-        conn.executemany("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, NULL, 0)", [(group, t, p) for t, p in wanted])
-        wanted_set = set(wanted)
-        leases = {(t, p): (holder, epoch) for t, p, holder, epoch in conn.execute(
-            "SELECT topic, partition, holder, epoch FROM leases WHERE grp=?", (group,)) if (t, p) in wanted_set}
-        share = math.ceil(len(wanted) / max(1, len(live)))
-        mine = sorted(tp for tp, (holder, _) in leases.items() if holder == member)
-        free = sorted(tp for tp, (holder, _) in leases.items() if holder is None or holder not in live)
-        for tp in free[:max(0, share - len(mine))]:
-            conn.execute("UPDATE leases SET holder=?, epoch=epoch+1 WHERE grp=? AND topic=? AND partition=?",
-                         (member, group, *tp))
-            mine.append(tp)
-        held: dict[TopicPartition, tuple[int, int]] = {}
-        for tp in mine:
-            epoch = conn.execute("SELECT epoch FROM leases WHERE grp=? AND topic=? AND partition=?",
-                                 (group, *tp)).fetchone()[0]
-            committed = conn.execute("SELECT next_offset FROM group_offsets WHERE grp=? AND topic=? AND partition=?",
-                                     (group, *tp)).fetchone()
-            held[tp] = (epoch, committed[0] if committed else 0)
-        return held, max(0, len(mine) - share)
+        """See `embedded_groups.heartbeat`."""
+        return groups.heartbeat(conn, self._topic_partitions(conn), group, member, topics, release, leaving)
 
     def probe(self, conn: sqlite3.Connection, process: str) -> None:
         """A tiny real write: proves the file (and its disk) take writes now."""

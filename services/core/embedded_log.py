@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS probes (process TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
 MAX_JOBS_PER_COMMIT = 500
+MAX_POLL_BYTES = 2 * 1024 * 1024  # per poll: a stage's commit then writes a few MB at most
 
 Row = tuple[str, bytes | None, bytes, str]  # physical topic, key, sealed value, encoded headers
 
@@ -106,6 +107,7 @@ class EmbeddedLog:
         self._renewer: threading.Thread | None = None
         self._lock_fd: int | None = None  # the cross-process writers' queue (flock), see _commit
         self._round_robin = 0
+        self._read_turn = 0
         self._topics: dict[str, int] | None = None
         self.problem: str | None = None  # why the last write failed; None once a write succeeds
         self.problem_reason: str | None = None
@@ -313,17 +315,22 @@ class EmbeddedLog:
             groups.check_fence(conn, group, topic, p, member, epoch)
         partitions = self._topic_partitions(conn)
         now = time.time()
+        heads: dict[TopicPartition, int] = {}  # next offset of each partition written to by this job
         for topic, key, value, headers in rows:
             if topic not in partitions:
                 raise BusUnavailable(f"unknown topic {topic} in the embedded log {self.path}")
             self._round_robin += 1
             p = partition_for(key, partitions[topic], self._round_robin)
-            head = conn.execute("SELECT next_offset FROM heads WHERE topic=? AND partition=?", (topic, p)).fetchone()
-            offset = head[0] if head else 0
+            if (topic, p) not in heads:
+                head = conn.execute("SELECT next_offset FROM heads WHERE topic=? AND partition=?",
+                                    (topic, p)).fetchone()
+                heads[(topic, p)] = head[0] if head else 0
+            offset = heads[(topic, p)]
             conn.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (topic, p, offset, key, value, headers, now))
-            conn.execute("INSERT INTO heads VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
-                         "DO UPDATE SET next_offset=excluded.next_offset", (topic, p, offset + 1))
+            heads[(topic, p)] = offset + 1
+        conn.executemany("INSERT INTO heads VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
+                         "DO UPDATE SET next_offset=excluded.next_offset", [(t, p, o) for (t, p), o in heads.items()])
         for (group, topic, p), (next_offset, _) in (offsets or {}).items():
             conn.execute("INSERT INTO group_offsets VALUES (?, ?, ?, ?) ON CONFLICT(grp, topic, partition) "
                          "DO UPDATE SET next_offset=excluded.next_offset", (group, topic, p, next_offset))
@@ -386,13 +393,24 @@ class EmbeddedLog:
 
     def records(self, conn: sqlite3.Connection, positions: Mapping[TopicPartition, int],
                 max_records: int) -> tuple[int, list[tuple[str, int, int, bytes | None, bytes, str]]]:
+        """Records past each position: at most `max_records` and about MAX_POLL_BYTES of values, so one
+        stage's commit stays short (a 202 waits behind it); partitions take turns to go first."""
         version = self.data_version(conn)
         out: list[tuple[str, int, int, bytes | None, bytes, str]] = []
-        for (topic, p), position in positions.items():
-            if len(out) >= max_records:
+        size = 0
+        turn = list(positions.items())
+        if turn:
+            self._read_turn = (self._read_turn + 1) % len(turn)
+            turn = turn[self._read_turn:] + turn[:self._read_turn]
+        for (topic, p), position in turn:
+            if len(out) >= max_records or size >= MAX_POLL_BYTES:
                 break
-            out += conn.execute(
-                "SELECT topic, partition, offset, key, value, headers FROM records "
-                "WHERE topic=? AND partition=? AND offset>=? ORDER BY offset LIMIT ?",
-                (topic, p, position, max_records - len(out))).fetchall()
+            for row in conn.execute(
+                    "SELECT topic, partition, offset, key, value, headers FROM records "
+                    "WHERE topic=? AND partition=? AND offset>=? ORDER BY offset LIMIT ?",
+                    (topic, p, position, max_records - len(out))).fetchall():  # all: no statement left open
+                out.append(row)
+                size += len(row[4])
+                if size >= MAX_POLL_BYTES:
+                    break
         return version, out

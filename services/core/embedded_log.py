@@ -105,7 +105,8 @@ class EmbeddedLog:
         self._closed = False
         self._members: set[tuple[str, str]] = set()  # (group, member) of this process, renewed by its own thread
         self._renewer: threading.Thread | None = None
-        self._lock_fd: int | None = None  # the cross-process writers' queue (flock), see _commit
+        self._lock_fd: int | None = None  # the cross-process writers' queue (flock), see _lock_for_writing
+        self._urgent_fd: int | None = None
         self._round_robin = 0
         self._read_turn = 0
         self._topics: dict[str, int] | None = None
@@ -204,9 +205,10 @@ class EmbeddedLog:
         if self._writer_conn is not None:
             self._writer_conn.close()
             self._writer_conn = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in (self._lock_fd, self._urgent_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._urgent_fd = None
 
     def _commit(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]]) -> None:
         answers: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
@@ -215,9 +217,7 @@ class EmbeddedLog:
             if conn is None:
                 conn = self._writer_conn = self._connect()
                 conn.executescript(SCHEMA)
-            # Writers of every process queue on a kernel lock first: it hands over the instant it is
-            # released, where SQLite's own busy handler polls with sleeps of up to 100 ms (a 202's p99).
-            fcntl.flock(self._write_lock(), fcntl.LOCK_EX)
+            self._lock_for_writing(urgent=any(fn == self.append and len(args) == 1 for fn, args, _ in batch))
             conn.execute("BEGIN IMMEDIATE")
             for fn, args, future in batch:
                 conn.execute("SAVEPOINT job")
@@ -252,10 +252,28 @@ class EmbeddedLog:
             else:
                 future.set_result(result)
 
-    def _write_lock(self) -> int:
+    def _lock_for_writing(self, urgent: bool) -> None:
+        """Queue on the kernel's locks, not SQLite's busy handler (which polls with sleeps of up to 100 ms).
+
+        Two locks beside the log: `.write-lock`, held for the whole transaction, and `.urgent-lock`,
+        which a publisher (a DUI waiting for its 202) holds while it waits for the first; stage commits
+        pass through the urgent lock before queueing, so a 202 waits behind one commit at most.
+        """
         if self._lock_fd is None:
-            self._lock_fd = os.open(self.path.with_name(self.path.name + ".write-lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        return self._lock_fd
+            stem = self.path.name
+            self._urgent_fd = os.open(self.path.with_name(stem + ".urgent-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = os.open(self.path.with_name(stem + ".write-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        assert self._urgent_fd is not None
+        if urgent:
+            fcntl.flock(self._urgent_fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            finally:
+                fcntl.flock(self._urgent_fd, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(self._urgent_fd, fcntl.LOCK_SH)  # waits while a publisher is queued
+            fcntl.flock(self._urgent_fd, fcntl.LOCK_UN)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

@@ -42,6 +42,7 @@ from services.core.topics import declared_topics
 
 log = get_logger(__name__)
 
+PIPELINE_STAGES = ("validator", "router", "delivery", "tracker")  # their groups hold records back from retention
 HEARTBEAT_S = 1.0
 IDLE_POLL_S = 0.05  # cross-process wake-up: an idle member looks at the log this often
 PRUNE_EVERY_S = 60.0
@@ -153,7 +154,8 @@ class EmbeddedBus:
     async def prune(self) -> int:
         """Apply the retention settings: delete old records every group has committed; returns how many."""
         retention = {self.settings.topic(s.name): s.retention_ms / 1000 for s in declared_topics(self.settings)}
-        return int(await self.write(self.log.prune, retention))
+        stages = [self.settings.group(stage) for stage in PIPELINE_STAGES]
+        return int(await self.write(self.log.prune, retention, stages))
 
     async def _prune_forever(self) -> None:
         while True:

@@ -364,19 +364,23 @@ class EmbeddedLog:
         conn.execute("INSERT INTO probes VALUES (?, ?) ON CONFLICT(process) DO UPDATE SET at=excluded.at",
                      (process, time.time()))
 
-    def prune(self, conn: sqlite3.Connection, retention_s: Mapping[str, float], limit: int = 5000) -> int:
+    def prune(self, conn: sqlite3.Connection, retention_s: Mapping[str, float], stage_groups: Sequence[str],
+              limit: int = 5000) -> int:
         """Delete records older than their topic's retention that every group reading them has committed.
 
-        A topic no group reads (the dead-letter topics) is pruned by age alone, as Kafka would.
+        The groups that hold records back are the stages' (`stage_groups`, even while their processes
+        are down) and any other group while it has a member (a ledger rebuild, a reader); a topic no
+        such group reads (the dead-letter topics) is pruned by age alone, as Kafka would.
         """
         now, deleted = time.time(), 0
+        present = {g for (g,) in conn.execute("SELECT DISTINCT grp FROM members")} | set(stage_groups)
         for topic, partitions in self._topic_partitions(conn).items():
             if topic not in retention_s:
                 continue
             for p in range(partitions):
                 groups = {g for (g,) in conn.execute(
                     "SELECT grp FROM leases WHERE topic=? AND partition=? UNION "
-                    "SELECT grp FROM group_offsets WHERE topic=? AND partition=?", (topic, p, topic, p))}
+                    "SELECT grp FROM group_offsets WHERE topic=? AND partition=?", (topic, p, topic, p))} & present
                 committed = dict(conn.execute(
                     "SELECT grp, next_offset FROM group_offsets WHERE topic=? AND partition=?", (topic, p)).fetchall())
                 head = conn.execute("SELECT next_offset FROM heads WHERE topic=? AND partition=?",

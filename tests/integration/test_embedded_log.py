@@ -168,17 +168,20 @@ async def test_retention_prunes_old_records_every_group_has_committed(embedded: 
     settings = embedded(topic_retention_days=1 / 86400)  # one second
     async with started(settings) as bus:
         await bus.publish([emit(n) for n in range(20)])
-        consumer = bus.subscribe("stage", [RECEIVED])
+        consumer = bus.subscribe("validator", [RECEIVED])
         await consumer.start()
         seen: list[Record] = []
         await drain(consumer, seen, until=lambda: len(seen) >= 20)
         await consumer.stop()
-        lagging = bus.subscribe("slow", [VALIDATED])  # a group that has committed nothing of validated
+        lagging = bus.subscribe("router", [VALIDATED])  # a stage's group that has committed nothing of validated
         await lagging.start()
-        await lagging.stop()
+        await lagging.stop()  # even while it is down, its records are kept for it
+        gone = bus.subscribe("reader-gone", [RECEIVED])  # a throwaway group, left: holds nothing back
+        await gone.start()
+        await gone.stop()
         await asyncio.sleep(1.2)
         pruned = await bus.prune()
-        assert pruned == 20  # received: old and committed by its only group; validated: not committed
+        assert pruned == 20  # received: old and committed by its stage; validated: the router has not committed
         count = await bus.log.read(lambda conn: dict(conn.execute(
             "SELECT topic, COUNT(*) FROM records GROUP BY topic").fetchall()))
         assert count == {settings.topic(VALIDATED): 20}

@@ -189,6 +189,7 @@ class EmbeddedSubscription:
         self._last_beat = 0.0
         self._surplus = 0
         self._version = -1
+        self._beat_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Join the group: take this member's share of the partitions, from the committed offsets."""
@@ -209,15 +210,19 @@ class EmbeddedSubscription:
         self._positions, self._epochs, self._in_flight = {}, {}, {}
 
     async def _beat(self, release: Sequence[TopicPartition] = ()) -> None:
-        held, surplus = await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics, release)
-        self._last_beat = time.monotonic()
-        for tp in list(self._positions):
-            if held.get(tp, (None,))[0] != self._epochs.get(tp):
-                self._drop(tp)  # released, or taken over by another member
-        for tp, (epoch, committed) in held.items():
-            if tp not in self._positions:
-                self._positions[tp], self._epochs[tp] = committed, epoch
-        self._surplus = surplus
+        # One at a time: each answer is applied before the next heartbeat is written, so our view of
+        # what we hold follows the log's order (a periodic beat cannot undo a release).
+        async with self._beat_lock:
+            held, surplus = await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics,
+                                                 release)
+            self._last_beat = time.monotonic()
+            for tp in list(self._positions):
+                if held.get(tp, (None,))[0] != self._epochs.get(tp):
+                    self._drop(tp)  # released, or taken over by another member
+            for tp, (epoch, committed) in held.items():
+                if tp not in self._positions:
+                    self._positions[tp], self._epochs[tp] = committed, epoch
+            self._surplus = surplus
 
     async def _give_back_surplus(self) -> None:
         """Between two batches (nothing in flight): hand partitions above our share to the other members."""

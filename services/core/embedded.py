@@ -304,7 +304,8 @@ class EmbeddedSubscription:
         try:
             await bus.write(bus.log.append, [bus._row(e) for e in emits], self.member, group_offsets)
         finally:
-            self._in_flight = {}
+            for _, topic, partition in group_offsets:  # a runner may complete a poll's partitions one by one
+                self._in_flight.pop((topic, partition), None)
         if emits:
             bus.appended.set()
 

@@ -22,7 +22,7 @@ Configuration comes from RELAIS_* environment variables (see README, 'Configurat
 
 EPILOG = """\
 examples:
-  relais run --demo-target          every stage in one process (embedded log) and a demo target
+  relais run --demo-target          the whole broker (one process per core, embedded log) and a demo target
   relais validator                  one stage, to scale it out as its own process
   relais dev-kafka                  a local single-node Kafka; prints RELAIS_KAFKA_BOOTSTRAP=...
   relais dlq list                   dead letters of the running broker (operator commands talk to its /ops
@@ -50,9 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relais {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser("run", help="run every stage in one process",
-                         description="Run the stages in one process. With RELAIS_KAFKA_BOOTSTRAP they use that "
-                                     "Kafka; without it, the embedded SQLite log (nothing else to install).")
+    run = sub.add_parser("run", help="run the whole broker on this machine (one process per core, supervised)",
+                         description="Run the stages as several processes under one supervisor: the ingress, and "
+                                     "one worker process per core running every worker stage (children that die "
+                                     "are restarted; SIGTERM drains them all). With RELAIS_KAFKA_BOOTSTRAP they use "
+                                     "that Kafka; without it, the embedded SQLite log (nothing else to install). "
+                                     "Exit code: 0 stopped cleanly, 2 invalid configuration, 10 + N child N failed "
+                                     "(10 ingress, 11.. workers, then the demo target).")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="worker processes (default: RELAIS_WORKERS, whose 0 means one per core)")
+    run.add_argument("--in-process", action="store_true",
+                     help="run the stages in this one process, without a supervisor (what each child runs)")
     run.add_argument("--local-kafka", action="store_true",
                      help="without RELAIS_KAFKA_BOOTSTRAP, start a local Kafka from Maven Central jars "
                           "(needs Java 17 and Maven) instead of using the embedded log")
@@ -63,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo-target-port", type=int, default=8090, help="port of the demo target")
 
     for stage, text in STAGE_HELP.items():
-        sub.add_parser(stage, help=text, description=f"Run the {text}. Needs RELAIS_KAFKA_BOOTSTRAP "
-                       "(one process per stage scales out on Kafka; the embedded log is for 'relais run').")
+        sub.add_parser(stage, help=text, description=f"Run the {text}. Start several to scale out: on Kafka "
+                       "(RELAIS_KAFKA_BOOTSTRAP) or on the embedded log of this machine, their group shares the "
+                       "partitions.")
 
     sub.add_parser("dev-kafka", help="start a local single-node Kafka (prints RELAIS_KAFKA_BOOTSTRAP=...)",
                    add_help=False)
@@ -176,10 +185,6 @@ def _run_stages(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             return _run_all(names, settings, args)
-        if not settings.kafka_bootstrap:
-            print(f"relais {args.command}: set RELAIS_KAFKA_BOOTSTRAP to your Kafka (host:port), or use "
-                  "'relais run' for everything in one process", file=sys.stderr)
-            return 2
         from services.launcher import run
 
         return run(names, settings)
@@ -200,27 +205,45 @@ def _stage_names(args: argparse.Namespace) -> list[str]:
 
 
 def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> int:
-    from services.launcher import run
+    if args.in_process:
+        from services.launcher import run
 
-    extra = []
-    if args.demo_target:
-        from services.demotarget.app import create_app as demo_app
+        extra = []
+        if args.demo_target:
+            from services.demotarget.app import create_app as demo_app
 
-        extra.append((demo_app(), "127.0.0.1", args.demo_target_port))
+            extra.append((demo_app(), "127.0.0.1", args.demo_target_port))
+        return run(names, settings, extra_servers=extra)
     if settings.kafka_bootstrap or not args.local_kafka:
         where = settings.kafka_bootstrap or f"the embedded log {settings.embedded_log_path}"
         print(f"relais: bus = {where}", file=sys.stderr)
         _print_banner(settings, args)
-        return run(names, settings, extra_servers=extra)
+        return _supervise(names, settings, args)
+
+    import os
 
     from services.devkafka.local import LocalKafka
 
     print("relais: starting a local Kafka (the first run downloads its jars) ...", file=sys.stderr)
     with LocalKafka() as kafka:
+        os.environ["RELAIS_KAFKA_BOOTSTRAP"] = kafka.bootstrap  # the children read their settings from it
         settings = settings.model_copy(update={"kafka_bootstrap": kafka.bootstrap})
         print(f"relais: bus = local Kafka at {kafka.bootstrap}", file=sys.stderr)
         _print_banner(settings, args)
-        return run(names, settings, extra_servers=extra)
+        return _supervise(names, settings, args)
+
+
+def _supervise(names: list[str], settings: Settings, args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from services.supervisor import Supervisor, plan, worker_count
+
+    workers = worker_count(args.workers if args.workers is not None else settings.workers, os.cpu_count())
+    children = plan(names, workers, instance_id=settings.instance_id or socket.gethostname(),
+                    demo_target_port=args.demo_target_port if args.demo_target else None)
+    print(f"relais: {len(children)} processes: {', '.join(c.name for c in children)}", file=sys.stderr)
+    return Supervisor(children, grace_s=settings.shutdown_grace_s + 10).run()
 
 
 def _print_banner(settings: Settings, args: argparse.Namespace) -> None:

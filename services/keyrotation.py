@@ -31,12 +31,13 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from services.core.blobstore import LocalBlobStore
 from services.core.bus import Bus
 from services.core.crypto import X_DECRYPT_ERROR, X_ENC_KID, Keyring, open_envelope, seal_envelope
-from services.core.embedded import EmbeddedBus, EmbeddedLog, _decode_headers, _encode_headers
+from services.core.embedded import EmbeddedBus, _decode_headers, _encode_headers
 from services.core.envelope import EXTRA_PREFIX, Envelope, EnvelopeError
 from services.core.errors import BusUnavailable, ConfigurationError
 from services.core.kafka import KafkaBus
@@ -89,7 +90,7 @@ async def live_keys(bus: Bus, settings: Settings, *, at_start: bool = False) -> 
     """Key ids sealing records of the embedded log (when that is the bus) and blobs of the local store."""
     found = LiveKeys()
     if isinstance(bus, EmbeddedBus):
-        found.records = await bus.log.call(_record_kids)
+        found.records = await bus.log.read(_record_kids)
     if isinstance(bus, KafkaBus) and not (at_start and Keyring.from_settings(settings) is None):
         # (At start without encryption the scan is skipped: it costs a read of every stage's backlog.)
         try:
@@ -168,6 +169,15 @@ class Rotated:
     kafka_waiting: int = 0
 
 
+def _on_own_connection(path: Path, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(conn, *args)` on a connection of its own: the rotation commits batch by batch itself."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    try:
+        return fn(conn, *args)
+    finally:
+        conn.close()
+
+
 def _reseal_records(conn: sqlite3.Connection, keyring: Keyring,
                     progress: Callable[[int, int], None]) -> tuple[int, int, int]:
     rows = conn.execute("SELECT topic, partition, offset FROM records WHERE headers LIKE ?",
@@ -227,12 +237,9 @@ async def rotate(settings: Settings, out: TextIO = sys.stdout) -> Rotated:
 
     print(f"relais keys rotate: sealing live data with key {keyring.current!r}", file=out, flush=True)
     if not settings.kafka_bootstrap:
-        log = EmbeddedLog(settings.embedded_log_path)
-        try:
-            result.records, result.records_total, result.unreadable = await log.call(
-                _reseal_records, keyring, progress("embedded log records"))
-        finally:
-            log.close()
+        result.records, result.records_total, result.unreadable = await asyncio.to_thread(
+            _on_own_connection, settings.embedded_log_path, _reseal_records, keyring,
+            progress("embedded log records"))
     ledger = Ledger(settings.database_url)
     try:
         await ledger.create_schema()

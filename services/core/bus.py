@@ -1,4 +1,4 @@
-"""The bus interface every stage is written against; Kafka implements it (and, later, an embedded log).
+"""The bus interface every stage is written against; Kafka and the embedded log implement it.
 
 Two operations matter for correctness:
 
@@ -63,3 +63,6 @@ class Bus(Protocol):
 
     async def lag(self, stage: str, topics: Sequence[str]) -> dict[Partition, int]:
         """Records not yet committed by the stage's group, per partition."""
+
+    async def storage_problem(self) -> str | None:
+        """Why this process cannot write to the bus's storage now (readiness), or None."""

@@ -1,61 +1,58 @@
-"""The embedded bus: a durable single-node log on SQLite (WAL) with Kafka's semantics, for one process.
+"""The embedded bus: a durable single-node log on SQLite (WAL) with Kafka's semantics, for the processes of one machine.
 
 `relais run` uses it when no Kafka is configured, so the whole broker runs with nothing but Python.
 It keeps the contract of `services.core.bus`: topics with partitions, keys and headers; consumer
-groups with committed offsets; `publish` returns once the records are on disk (fsync'd); `complete`
-writes a stage's outputs and its new offsets in one SQLite transaction. A `kill -9` at any point
-therefore loses nothing and duplicates nothing inside the log.
+groups with committed offsets; `publish` returns once the records are on disk (fsync'd, group
+committed with whatever else was being written); `complete` writes a stage's outputs and its new
+offsets in one SQLite transaction. A `kill -9` of any process therefore loses nothing and
+duplicates nothing inside the log.
 
-Its limits, by design: one process owns the file (every stage of that process shares one bus), and
-one member per consumer group. Past a few hundred transfers per second, or as soon as you need more
-than one process per stage, use Kafka (see README, "Embedded or Kafka").
+Several processes share the file (`relais run` starts one per core). A consumer group's partitions
+are leased to its live members (see `EmbeddedLog.heartbeat`): a new member gets its share, a
+member that dies (its process gone, or frozen for LEASE_S) leaves its partitions to the
+others within a heartbeat, and a member that lost a partition cannot commit it any more (`Fenced`).
+Idle members notice other processes' records by polling SQLite's `data_version` every
+IDLE_POLL_S. Past a few hundred transfers per second, or across machines, use Kafka.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import fcntl
-import sqlite3
+import contextlib
+import os
 import time
-import zlib
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
+from prometheus_client import Gauge
 
 from services.core.bus import Partition
 from services.core.crypto import Keyring, open_envelope, seal_envelope
+from services.core.embedded_groups import HOST, LEASE_S, Fenced, TopicPartition
+from services.core.embedded_log import EmbeddedLog, Row
 from services.core.envelope import Emit, Envelope, EnvelopeError, Record
-from services.core.errors import BusUnavailable, ConfigurationError
+from services.core.errors import BusUnavailable
+from services.core.logging import get_logger
 from services.core.settings import Settings
 from services.core.topics import declared_topics
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
-    key BLOB, value BLOB, headers TEXT NOT NULL, appended REAL NOT NULL,
-    PRIMARY KEY (topic, partition, offset)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS heads (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
-    PRIMARY KEY (topic, partition)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS group_offsets (
-    grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
-    PRIMARY KEY (grp, topic, partition)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
-"""
+log = get_logger(__name__)
 
+PIPELINE_STAGES = ("validator", "router", "delivery", "tracker")  # their groups hold records back from retention
+HEARTBEAT_S = 1.0
+IDLE_POLL_S = 0.05  # cross-process wake-up: an idle member looks at the log this often
+PRUNE_EVERY_S = 60.0
+PROBE_AFTER_S = 2.0  # readiness: with no successful write for this long, write a probe
 
-def partition_for(key: bytes | None, partitions: int, counter: int) -> int:
-    """Same key, same partition (so order per key holds); keyless records spread round-robin."""
-    if key is None:
-        return counter % partitions
-    return zlib.crc32(key) % partitions
+STORAGE_UNWRITABLE = Gauge("relais_storage_unwritable", "1 while this process cannot write the embedded log, "
+                           "labelled with why (disk-full, read-only, locked, cannot-open, io-error)",
+                           ["store", "reason"])
+
+__all__ = ["EmbeddedBus", "EmbeddedSubscription", "Fenced"]
 
 
 def _encode_headers(headers: list[tuple[str, bytes]]) -> str:
@@ -66,127 +63,6 @@ def _decode_headers(text: str) -> list[tuple[str, bytes]]:
     return [(k, base64.b64decode(v)) for k, v in orjson.loads(text)]
 
 
-class EmbeddedLog:
-    """The SQLite file and the one thread that touches it (sqlite3 objects stay on their thread)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relais-embedded-log")
-        self._conn: sqlite3.Connection | None = None
-        self._lock: BinaryIO | None = None
-        self._round_robin = 0
-        # Topic → partitions; this process owns the file, so topics change only through ensure_topics.
-        self._topics: dict[str, int] | None = None
-        self.appended = asyncio.Event()  # wakes idle consumers of this process
-
-    async def call(self, fn: Any, *args: Any) -> Any:
-        """Run `fn(conn, *args)` on the log's thread."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._with_conn, fn, args)
-        except sqlite3.Error as exc:
-            raise BusUnavailable(f"embedded log {self.path}: {exc}") from exc
-
-    def _with_conn(self, fn: Any, args: tuple[Any, ...]) -> Any:
-        if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_file()
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # a 202 means on disk, as acks=all means replicated
-            conn.executescript(SCHEMA)
-            self._conn = conn
-        return fn(self._conn, *args)
-
-    def _lock_file(self) -> None:
-        # Two processes on one log would both own every partition and deliver everything twice.
-        lock = open(self.path.with_name(self.path.name + ".lock"), "a+b")
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise ConfigurationError(
-                f"the embedded log {self.path} is already used by another Relais process; stop it, or give "
-                "this one its own RELAIS_EMBEDDED_LOG_PATH (or use Kafka to run several processes)") from None
-        self._lock = lock
-
-    def close(self) -> None:
-        """Close the file (on its own thread) and stop the thread."""
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            if self._lock is not None:
-                self._lock.close()  # releases the flock
-                self._lock = None
-        self._executor.submit(shut).result()
-        self._executor.shutdown(wait=True)
-
-    # --- operations, run on the log's thread -------------------------------------------------
-    def ensure_topics(self, conn: sqlite3.Connection, specs: list[tuple[str, int]]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        for name, partitions in specs:
-            conn.execute("INSERT OR IGNORE INTO topics(name, partitions) VALUES (?, ?)", (name, partitions))
-        conn.execute("COMMIT")
-        self._topics = None  # re-read on the next append: a kept file may declare other partition counts
-
-    def _topic_partitions(self, conn: sqlite3.Connection) -> dict[str, int]:
-        if self._topics is None:
-            self._topics = dict(conn.execute("SELECT name, partitions FROM topics"))
-        return self._topics
-
-    def append(self, conn: sqlite3.Connection, emits: Sequence[tuple[str, bytes | None, bytes, str]],
-               offsets: Mapping[tuple[str, str, int], int] | None = None) -> None:
-        """Append records and (optionally) commit group offsets, in one transaction."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            partitions = self._topic_partitions(conn)
-            now = time.time()
-            for topic, key, value, headers in emits:
-                if topic not in partitions:
-                    raise sqlite3.OperationalError(f"unknown topic {topic}")
-                self._round_robin += 1
-                p = partition_for(key, partitions[topic], self._round_robin)
-                row = conn.execute("SELECT next_offset FROM heads WHERE topic=? AND partition=?", (topic, p)).fetchone()
-                offset = row[0] if row else 0
-                conn.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (topic, p, offset, key, value, headers, now))
-                conn.execute("INSERT INTO heads VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
-                             "DO UPDATE SET next_offset=excluded.next_offset", (topic, p, offset + 1))
-            for (group, topic, p), next_offset in (offsets or {}).items():
-                conn.execute("INSERT INTO group_offsets VALUES (?, ?, ?, ?) ON CONFLICT(grp, topic, partition) "
-                             "DO UPDATE SET next_offset=excluded.next_offset", (group, topic, p, next_offset))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    def partitions(self, conn: sqlite3.Connection, topics: Sequence[str]) -> list[tuple[str, int]]:
-        placeholders = ",".join("?" * len(topics))  # only "?" marks: the names are bound parameters
-        rows = conn.execute(f"SELECT name, partitions FROM topics WHERE name IN ({placeholders})",  # noqa: S608
-                            list(topics)).fetchall()
-        return [(name, p) for name, n in rows for p in range(n)]
-
-    def committed(self, conn: sqlite3.Connection, group: str) -> dict[tuple[str, int], int]:
-        rows = conn.execute("SELECT topic, partition, next_offset FROM group_offsets WHERE grp=?", (group,))
-        return {(t, p): o for t, p, o in rows}
-
-    def heads(self, conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
-        return {(t, p): o for t, p, o in conn.execute("SELECT topic, partition, next_offset FROM heads")}
-
-    def read(self, conn: sqlite3.Connection, positions: Mapping[tuple[str, int], int],
-             max_records: int) -> list[tuple[str, int, int, bytes | None, bytes, str]]:
-        out: list[tuple[str, int, int, bytes | None, bytes, str]] = []
-        for (topic, p), position in positions.items():
-            if len(out) >= max_records:
-                break
-            out += conn.execute(
-                "SELECT topic, partition, offset, key, value, headers FROM records "
-                "WHERE topic=? AND partition=? AND offset>=? ORDER BY offset LIMIT ?",
-                (topic, p, position, max_records - len(out))).fetchall()
-        return out
-
-
 class EmbeddedBus:
     """Relais's bus on the embedded SQLite log."""
 
@@ -194,43 +70,103 @@ class EmbeddedBus:
         self.settings = settings
         self.log = EmbeddedLog(path or settings.embedded_log_path)
         self.keyring = Keyring.from_settings(settings)  # None: record values are written in clear
+        self.appended = asyncio.Event()  # wakes this process's idle members at once
         self._started = False
+        self._pruner: asyncio.Task[None] | None = None
+        self._reported: str | None = None
 
     async def start(self) -> None:
-        """Open the log and declare every topic."""
+        """Open the log and declare every topic; raises BusUnavailable (with why) if it cannot be written."""
         if not self._started:
             specs = [(self.settings.topic(s.name), self.settings.topic_partitions)
                      for s in declared_topics(self.settings)]
-            await self.log.call(self.log.ensure_topics, specs)
+            try:
+                await self.log.write(self.log.ensure_topics, specs)
+            finally:
+                self._report()
             self._started = True
+            self._pruner = asyncio.create_task(self._prune_forever(), name="embedded-log-retention")
 
     async def stop(self) -> None:
         """Close the log; safe twice."""
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+            self._pruner = None
         if self._started:
             self._started = False
-            await asyncio.to_thread(self.log.close)
+        await asyncio.to_thread(self.log.close)
 
     async def publish(self, emits: Sequence[Emit]) -> None:
-        """Append and fsync before returning."""
-        await self.log.call(self.log.append, [self._row(e) for e in emits])
-        self.log.appended.set()
+        """Append and fsync before returning (one fsync for everything written meanwhile)."""
+        try:
+            await self.log.write(self.log.append, [self._row(e) for e in emits])
+        finally:
+            self._report()
+        self.appended.set()
 
-    def _row(self, emit: Emit) -> tuple[str, bytes | None, bytes, str]:
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A group-committed write that keeps the storage metric current (for subscriptions)."""
+        try:
+            return await self.log.write(fn, *args)
+        finally:
+            self._report()
+
+    async def storage_problem(self) -> str | None:
+        """Why this process cannot write the log now, or None; writes a probe when nothing was written lately."""
+        if time.monotonic() - self.log.last_write_ok > PROBE_AFTER_S or self.log.problem:
+            with contextlib.suppress(BusUnavailable):
+                await self.write(self.log.probe, f"{HOST}-{os.getpid()}")
+        return self.log.problem
+
+    def _report(self) -> None:
+        reason = self.log.problem_reason
+        if reason == self._reported:
+            return
+        if self._reported is not None:
+            STORAGE_UNWRITABLE.labels("embedded-log", self._reported).set(0)
+        if reason is not None:
+            STORAGE_UNWRITABLE.labels("embedded-log", reason).set(1)
+            log.error("embedded log cannot be written; records wait and are retried", reason=reason,
+                      error=self.log.problem)
+        else:
+            log.info("embedded log writable again")
+        self._reported = reason
+
+    def _row(self, emit: Emit) -> Row:
         value, headers = seal_envelope(self.keyring, emit.envelope)
         return (self.settings.topic(emit.topic), emit.key, value, _encode_headers(headers))
 
     def subscribe(self, stage: str, topics: Sequence[str]) -> EmbeddedSubscription:
-        """The (only) member of the stage's group in this process."""
+        """A new member of the stage's group; it shares the partitions with the group's other live members."""
         return EmbeddedSubscription(self, self.settings.group(stage), topics)
 
     async def lag(self, stage: str, topics: Sequence[str]) -> dict[Partition, int]:
         """Head minus committed offset per partition."""
         group = self.settings.group(stage)
         physical = [self.settings.topic(t) for t in topics]
-        parts = await self.log.call(self.log.partitions, physical)
-        committed = await self.log.call(self.log.committed, group)
-        heads = await self.log.call(self.log.heads)
+        parts = await self.log.read(self.log.partitions, physical)
+        committed = await self.log.read(self.log.committed, group)
+        heads = await self.log.read(self.log.heads)
         return {Partition(self._logical(t), p): heads.get((t, p), 0) - committed.get((t, p), 0) for t, p in parts}
+
+    async def prune(self) -> int:
+        """Apply the retention settings: delete old records every group has committed; returns how many."""
+        retention = {self.settings.topic(s.name): s.retention_ms / 1000 for s in declared_topics(self.settings)}
+        stages = [self.settings.group(stage) for stage in PIPELINE_STAGES]
+        return int(await self.write(self.log.prune, retention, stages))
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            try:
+                for _ in range(100):  # short transactions: publishers wait behind none of them long
+                    if await self.prune() == 0:
+                        break
+                    await asyncio.sleep(0.1)
+            except BusUnavailable as exc:
+                log.warning("embedded log retention skipped; retried later", error=str(exc))
 
     def _logical(self, physical: str) -> str:
         prefix = self.settings.topic_prefix
@@ -238,55 +174,140 @@ class EmbeddedBus:
 
 
 class EmbeddedSubscription:
-    """A consumer-group member on the embedded log: positions in memory, offsets committed on disk."""
+    """A consumer-group member on the embedded log: leased partitions, positions in memory, offsets on disk."""
 
     def __init__(self, bus: EmbeddedBus, group: str, topics: Sequence[str]) -> None:
         self.bus = bus
         self.group = group
         self.topics = [bus.settings.topic(t) for t in topics]
-        self._positions: dict[tuple[str, int], int] = {}
-        self._paused: dict[tuple[str, int], float] = {}
+        self.member = f"{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._positions: dict[TopicPartition, int] = {}
+        self._epochs: dict[TopicPartition, int] = {}
+        self._paused: dict[TopicPartition, float] = {}
+        self._in_flight: dict[TopicPartition, int] = {}  # partitions of the last poll -> the epoch read under
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._last_beat = 0.0
+        self._surplus = 0
+        self._version = -1
+        self._beat_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Resume from the group's committed offsets (0 for a new group)."""
-        log = self.bus.log
-        committed = await log.call(log.committed, self.group)
-        self._positions = {tp: committed.get(tp, 0) for tp in await log.call(log.partitions, self.topics)}
+        """Join the group: take this member's share of the partitions, from the committed offsets."""
+        await self._beat()
+        self.bus.log.register(self.group, self.member)
+        self._heartbeat = asyncio.create_task(self._beat_forever(), name=f"heartbeat-{self.group}")
 
     async def stop(self) -> None:
-        """Nothing to release: positions die with the member, offsets are on disk."""
-        self._positions = {}
+        """Leave the group: hand the partitions back at once (best effort; a dead member's expire anyway)."""
+        self.bus.log.unregister(self.group, self.member)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+            with contextlib.suppress(BusUnavailable):
+                await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics, (), True)
+        self._positions, self._epochs, self._in_flight = {}, {}, {}
+
+    async def _beat(self, release: Sequence[TopicPartition] = ()) -> None:
+        # One at a time: each answer is applied before the next heartbeat is written, so our view of
+        # what we hold follows the log's order (a periodic beat cannot undo a release).
+        async with self._beat_lock:
+            held, surplus = await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics,
+                                                 release)
+            self._last_beat = time.monotonic()
+            for tp in list(self._positions):
+                if held.get(tp, (None,))[0] != self._epochs.get(tp):
+                    self._drop(tp)  # released, or taken over by another member
+            for tp, (epoch, committed) in held.items():
+                if tp not in self._positions:
+                    self._positions[tp], self._epochs[tp] = committed, epoch
+            self._surplus = surplus
+
+    async def _give_back_surplus(self) -> None:
+        """Between two batches (nothing in flight): hand partitions above our share to the other members."""
+        if self._surplus <= 0:
+            return
+        spare = sorted(self._positions, key=lambda tp: (tp not in self._paused, tp))[:self._surplus]
+        for tp in spare:
+            self._drop(tp)
+        self._surplus = 0
+        await self._beat(spare)
+
+    def _drop(self, tp: TopicPartition) -> None:
+        self._positions.pop(tp, None)
+        self._epochs.pop(tp, None)
+        self._paused.pop(tp, None)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self._beat()
+            except BusUnavailable as exc:
+                if time.monotonic() - self._last_beat > LEASE_S:
+                    # Others may consider us dead and take our partitions: start again from what is committed.
+                    for tp in list(self._positions):
+                        self._drop(tp)
+                log.warning("embedded log heartbeat failed; no new records until it can write", group=self.group,
+                            error=str(exc))
+
+    def _writable(self) -> bool:
+        # If the attempt cannot be recorded, it must not be made: hand out nothing while the log refuses writes.
+        return self.bus.log.problem is None
 
     async def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        """Records past each partition's position; waits up to `timeout_s` for new ones."""
+        """Records past each held partition's position; waits up to `timeout_s` for new ones."""
+        log_ = self.bus.log
         deadline = time.monotonic() + timeout_s
+        self._in_flight = {}
+        await self._give_back_surplus()
         while True:
             now = time.monotonic()
             self._paused = {tp: due for tp, due in self._paused.items() if due > now}
             readable = {tp: pos for tp, pos in self._positions.items() if tp not in self._paused}
-            self.bus.log.appended.clear()
-            rows = await self.bus.log.call(self.bus.log.read, readable, max_records) if readable else []
+            epochs = dict(self._epochs)
+            self.bus.appended.clear()
+            rows: list[tuple[str, int, int, bytes | None, bytes, str]] = []
+            if readable and self._writable():
+                self._version, rows = await log_.read(log_.records, readable, max_records)
             if rows or now >= deadline:
                 break
             wake = min([deadline, *self._paused.values()])
-            try:
-                await asyncio.wait_for(self.bus.log.appended.wait(), timeout=max(0.0, min(wake - now, 0.25)))
-            except TimeoutError:
-                pass
+            while time.monotonic() < wake:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.bus.appended.wait(), timeout=IDLE_POLL_S)
+                    break
+                if await log_.read(log_.data_version) != self._version:
+                    break
         records = []
         for topic, p, offset, key, value, headers in rows:
-            self._positions[(topic, p)] = offset + 1
+            tp = (topic, p)
+            if self._epochs.get(tp) != epochs.get(tp):
+                continue  # lost while reading: the new holder handles it
+            self._positions[tp] = offset + 1
+            self._in_flight[tp] = epochs[tp]
             envelope = _envelope(headers, value, self.bus.keyring)
             records.append(Record(self.bus._logical(topic), p, offset, key, envelope))
         return records
 
     async def complete(self, emits: Sequence[Emit], offsets: Mapping[Partition, int]) -> None:
-        """Outputs and offsets in one SQLite transaction."""
-        log = self.bus.log
-        group_offsets = {(self.group, self.bus.settings.topic(p.topic), p.partition): o for p, o in offsets.items()}
-        await log.call(log.append, [self.bus._row(e) for e in emits], group_offsets)
+        """Outputs and offsets in one SQLite transaction; `Fenced` if a partition was taken over meanwhile."""
+        bus = self.bus
+        group_offsets: dict[tuple[str, str, int], tuple[int, int]] = {}
+        for p, o in offsets.items():
+            tp = (bus.settings.topic(p.topic), p.partition)
+            epoch = self._in_flight.get(tp, self._epochs.get(tp))
+            if epoch is None:
+                raise Fenced(f"{self.group} no longer owns {tp[0]}[{tp[1]}]")
+            group_offsets[(self.group, *tp)] = (o, epoch)
+        try:
+            await bus.write(bus.log.append, [bus._row(e) for e in emits], self.member, group_offsets)
+        finally:
+            for _, topic, partition in group_offsets:  # a runner may complete a poll's partitions one by one
+                self._in_flight.pop((topic, partition), None)
         if emits:
-            log.appended.set()
+            bus.appended.set()
 
     def pause_until(self, partition: Partition, offset: int, due: float) -> None:
         """Rewind the partition to `offset` and skip it until `due`."""
@@ -296,7 +317,7 @@ class EmbeddedSubscription:
             self._paused[tp] = due
 
     def assignment(self) -> set[Partition]:
-        """Every partition of the subscribed topics: the only member owns them all."""
+        """The partitions this member holds now."""
         return {Partition(self.bus._logical(t), p) for t, p in self._positions}
 
 

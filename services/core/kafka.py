@@ -107,6 +107,10 @@ class KafkaBus:
         """A transactional consumer-group member for one stage replica."""
         return KafkaSubscription(self, stage, topics, f"{self.settings.group(stage)}-{self._instance}")
 
+    async def storage_problem(self) -> str | None:
+        """Kafka's storage is the brokers': what is wrong there shows as unacknowledged publishes (503)."""
+        return None
+
     async def lag(self, stage: str, topics: Sequence[str]) -> dict[Partition, int]:
         """End offset minus committed offset, per partition, for the stage's group."""
         group = self.settings.group(stage)

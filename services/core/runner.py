@@ -49,7 +49,9 @@ class Stage(Protocol):
     A stage may also define `def lane(record) -> Hashable`: records of one partition in different
     lanes are handled concurrently, each lane in order (default: one lane per partition); and
     `async def committed(records)`: called (best effort) once the records' outputs and offsets are
-    committed, e.g. to close what it recorded about side effects outside the bus.
+    committed, e.g. to close what it recorded about side effects outside the bus; and
+    `async def prepare(records)`: called with a whole poll before its records are handled, to do the
+    stage's I/O for the poll at once (the tracker projects a poll's events in one transaction).
     """
 
     name: str
@@ -125,6 +127,7 @@ class _Pump:
     def __init__(self, stage: Stage, sub: Subscription, settings: Settings, stop: asyncio.Event) -> None:
         self.stage, self.sub, self.stop = stage, sub, stop
         self.lane_of: Callable[[Record], Hashable] = getattr(stage, "lane", lambda _: None)
+        self.prepare: Callable[[list[Record]], Awaitable[None]] | None = getattr(stage, "prepare", None)
         self.capacity = settings.batch_size
         self.in_hand = 0     # polled, not yet committed or dropped
         self.unhandled = 0   # of those, not yet handled
@@ -181,7 +184,10 @@ class _Pump:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.room.wait(), POLL_TIMEOUT_S)
                 continue
-            for record in await self.sub.poll(room, POLL_TIMEOUT_S):
+            records = await self.sub.poll(room, POLL_TIMEOUT_S)
+            if records and self.prepare is not None:
+                await self.prepare(records)
+            for record in records:
                 self._dispatch(record)
 
     def _dispatch(self, record: Record) -> None:

@@ -239,6 +239,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(
         default=100, ge=1, description="Records a stage holds fetched and not yet handled (its lanes share them).",
     )
+    workers: int = Field(
+        default=0, ge=0, description="`relais run`: worker processes beside the ingress process, each running every "
+        "worker stage (`--workers N` overrides). 0: one per core.",
+    )
     instance_id: str | None = Field(
         default=None,
         description="Stable id of this replica (Kafka transactional ids). Set it per replica (e.g. the pod "

@@ -147,10 +147,12 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
     async def healthz() -> Response:
         return Response(orjson.dumps({"status": "ok"}), media_type=JSON)
 
-    @app.get("/readyz", summary="Readiness: Kafka is connected and the ledger answers")
+    @app.get("/readyz", summary="Readiness: the bus is connected and its storage takes writes")
     async def readyz() -> Response:
-        ready = state.bus_ready.is_set()
-        body = {"status": "ready" if ready else "waiting for Kafka", "kafka": ready}
+        storage = await state.bus.storage_problem()  # e.g. the embedded log's disk is full or read-only
+        ready = state.bus_ready.is_set() and storage is None
+        body = {"status": "ready" if ready else storage or "waiting for Kafka", "kafka": state.bus_ready.is_set(),
+                "storage": storage or "ok"}
         return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type=JSON)
 
     @app.get("/metrics", summary="Prometheus metrics")

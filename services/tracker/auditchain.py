@@ -143,6 +143,10 @@ class AuditingTracker:
         self.topics: Sequence[str] = inner.topics
         self.anchors = HeadAnchors(ledger, anchor_every_s)
 
+    async def prepare(self, records: Sequence[Record]) -> None:
+        """The ledger projection of a whole poll at once (see TrackerStage.prepare)."""
+        await self.inner.prepare(records)
+
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Project the event into the ledger, then into the audit trail (both idempotent)."""
         from services.tracker.stage import to_ledger_event

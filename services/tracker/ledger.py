@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -258,15 +258,23 @@ class Ledger:
         await self.engine.dispose()
 
     # --- writing (tracker) ---------------------------------------------------------------
+    async def apply_many(self, evs: Sequence[LedgerEvent]) -> None:
+        """Project a poll's events in one transaction; if one was already applied, each on its own instead."""
+        try:
+            async with self.engine.begin() as conn:
+                for ev in evs:
+                    await self._insert(conn, ev)
+        except IntegrityError:
+            for ev in evs:
+                await self.apply(ev)
+        except (OperationalError, OSError) as exc:
+            raise TransientError(f"ledger database unavailable: {exc}") from exc
+
     async def apply(self, ev: LedgerEvent) -> bool:
         """Project one event; returns False when it was already applied (at-least-once input)."""
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(events.insert().values(
-                    id=ev.id, transfer_id=ev.transfer_id, kind=ev.kind, stage=ev.stage, target=ev.target,
-                    attempt=ev.attempt, time=ev.time, detail=dict(ev.detail or {}),
-                ))
-                await self._project(conn, ev)
+                await self._insert(conn, ev)
             return True
         except IntegrityError:
             if await self._has_event(ev.id):
@@ -274,6 +282,13 @@ class Ledger:
             raise
         except (OperationalError, OSError) as exc:
             raise TransientError(f"ledger database unavailable: {exc}") from exc
+
+    async def _insert(self, conn: AsyncConnection, ev: LedgerEvent) -> None:
+        await conn.execute(events.insert().values(
+            id=ev.id, transfer_id=ev.transfer_id, kind=ev.kind, stage=ev.stage, target=ev.target,
+            attempt=ev.attempt, time=ev.time, detail=dict(ev.detail or {}),
+        ))
+        await self._project(conn, ev)
 
     async def _project(self, conn: AsyncConnection, ev: LedgerEvent) -> None:
         detail = ev.detail or {}

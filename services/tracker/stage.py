@@ -1,4 +1,4 @@
-"""Tracker stage: one event in, one idempotent ledger write, no records out."""
+"""Tracker stage: a poll's events projected into the ledger in one transaction, no records out."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from services.core.envelope import Emit, Record
+from services.core.errors import TransientError
 from services.core.topics import EVENTS
 from services.tracker.ledger import Ledger, LedgerEvent
 
@@ -20,10 +21,34 @@ class TrackerStage:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+        self._applied: set[str] = set()  # event ids `prepare` already projected
+
+    async def prepare(self, records: Sequence[Record]) -> None:
+        """Apply the whole poll's well-formed events in one transaction (one commit, not one per event).
+
+        `handle` then only confirms them; when this fails, `handle` applies each event on its own,
+        so a malformed event or an unavailable ledger still meets its usual fate, record by record.
+        """
+        batch = []
+        for record in records:
+            try:
+                batch.append(to_ledger_event(record))
+            except ValueError:
+                continue  # handle() sends it to the poison topic
+        try:
+            await self.ledger.apply_many(batch)
+        except TransientError:
+            return
+        # Added to, never reset: with the runner's lanes, records of an earlier poll may still be in hand.
+        self._applied |= {ev.id for ev in batch}
 
     async def handle(self, record: Record) -> Sequence[Emit]:
-        """Apply the event; a malformed one raises and ends on the poison topic."""
-        await self.ledger.apply(to_ledger_event(record))
+        """Apply the event (unless prepared); a malformed one raises and ends on the poison topic."""
+        ev = to_ledger_event(record)
+        if ev.id in self._applied:
+            self._applied.discard(ev.id)
+        else:
+            await self.ledger.apply(ev)
         return ()
 
 

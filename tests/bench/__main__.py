@@ -20,8 +20,9 @@ def main() -> int:
     parser.add_argument("--accept", type=int, default=2000, help="Bundles for the ingress acceptance run")
     parser.add_argument("--e2e", type=int, default=500, help="Bundles for the end-to-end run")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients")
-    parser.add_argument("--only", choices=("pipeline", "buses", "delivery"), default=None,
-                        help="run one Kafka-backed benchmark (default: pipeline and buses)")
+    parser.add_argument("--only", choices=("pipeline", "buses", "delivery", "cores"), default=None,
+                        help="run one benchmark (default: pipeline and buses); cores = `relais run` on every "
+                             "core, embedded bus, no Kafka (tests/bench/cores.py)")
     parser.add_argument("--validator", action="store_true",
                         help="run only the validator benchmark (one core, no Kafka): tests/bench/validator.py")
     args = parser.parse_args()
@@ -31,6 +32,11 @@ def main() -> int:
         print("\n".join(validator.run()))
         return 0
 
+    if args.only == "cores":
+        from tests.bench import cores
+
+        print("\n".join(["== Relais: every core (issue 16) ==", *cores.run(400, 50, 15)]))
+        return 0
     lines: list[str] = []
     with kafka_bootstrap() as bootstrap:
         if args.only in (None, "pipeline"):

@@ -43,7 +43,7 @@ async def raw_values(bus: Bus, settings: Settings, topic: str) -> list[tuple[byt
         def rows(conn):  # type: ignore[no-untyped-def]
             return conn.execute("SELECT value, headers FROM records WHERE topic=?", (settings.topic(topic),)).fetchall()
         from services.core.embedded import _decode_headers
-        return [(v, dict(_decode_headers(h))) for v, h in await bus.log.call(rows)]
+        return [(v, dict(_decode_headers(h))) for v, h in await bus.log.read(rows)]
     consumer = AIOKafkaConsumer(settings.topic(topic), bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 auto_offset_reset="earliest", isolation_level="read_committed")
     await consumer.start()
@@ -56,8 +56,8 @@ async def raw_values(bus: Bus, settings: Settings, topic: str) -> list[tuple[byt
 
 async def publish_raw(bus: Bus, settings: Settings, emit: Emit, value: bytes, headers: list[tuple[str, bytes]]) -> None:
     if isinstance(bus, EmbeddedBus):
-        await bus.log.call(bus.log.append, [(settings.topic(emit.topic), emit.key, value, _encode_headers(headers))])
-        bus.log.appended.set()
+        await bus.log.write(bus.log.append, [(settings.topic(emit.topic), emit.key, value, _encode_headers(headers))])
+        bus.appended.set()
         return
     assert isinstance(bus, KafkaBus) and bus._producer is not None
     await bus._producer.send_and_wait(settings.topic(emit.topic), value=value, key=emit.key, headers=headers)

@@ -63,5 +63,19 @@ class EmbeddedRelais:
             self.target.wait(10)
         return code
 
-    def log_tail(self) -> str:
-        return (self.tmp_path / "run.log").read_text(errors="replace")[-3000:]
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def children(self) -> dict[str, int]:
+        """The supervisor's children by name (ingress, worker-N, demo-target) -> pid, from /proc."""
+        assert self.proc is not None
+        names = {}
+        pids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        for pid in map(int, pids):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stages = argv[argv.index(b"--stages") + 1].decode() if b"--stages" in argv else "other"
+            names["ingress" if stages.startswith("ingress") else f"{stages}:{pid}"] = pid
+        return names
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return (self.tmp_path / "run.log").read_text(errors="replace")[-chars:]

@@ -1,0 +1,276 @@
+"""Benchmark of issue 16, "every core": `relais run` (defaults, embedded bus) beside one core's parse floor.
+
+`python -m tests.bench.cores [--bundles N] [--rate R] [--seconds S]` prints, from one run on this machine:
+
+1. the floor: one core parsing the 30-entry Bundle with fhir.resources (R4B `Bundle.model_validate`);
+2. end-to-end Bundles/s of `relais run` with no flags (POST -> applied at the demo target), 16 clients,
+   and its ratio to the floor (goal >= 1.0);
+3. the 202's p50/p99 at R Bundles/s offered open-loop by `vegeta` while the pipeline works through a
+   backlog (goal p99 < 100 ms); vegeta is installed with `go install` into .cache/bin when missing;
+4. CPU seconds per Bundle by stage: the same pipeline with one `relais <stage>` process per stage on
+   the embedded bus, each process's CPU time divided by the Bundles it carried;
+5. with `--kafka`: one process per stage plus one extra validator on Kafka, its ratio to the floor (goal >= 0.7).
+
+Prints figures; asserts nothing. The load generator shares the machine's cores with the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from tests.fixtures.tddui import make_bundle
+from tests.support.processes import REPO, free_port, readyz, wait_until
+from tests.support.producers import write_targets
+
+VEGETA = "github.com/tsenart/vegeta/v12@v12.13.0"
+HEADERS = {"Authorization": "Bearer demo-token", "Content-Type": "application/fhir+json", "X-Relais-Target": "demo"}
+STAGES = ("ingress", "validator", "router", "delivery", "tracker")
+
+
+def floor(seconds: float = 5.0) -> float:
+    """Bundles/s one core parses the 30-entry Bundle into fhir.resources R4B models."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    raw = orjson.dumps(make_bundle(30, seed=1))
+    for _ in range(20):
+        Bundle.model_validate(orjson.loads(raw))
+    n, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        Bundle.model_validate(orjson.loads(raw))
+        n += 1
+    return n / (time.perf_counter() - began)
+
+
+def vegeta() -> str:
+    """The vegeta binary: on PATH, in .cache/bin, or installed there now with `go install`."""
+    found = shutil.which("vegeta") or (REPO / ".cache/bin/vegeta")
+    if Path(found).exists():
+        return str(found)
+    print(f"bench: installing vegeta ({VEGETA}) into .cache/bin ...", file=sys.stderr)
+    subprocess.run(["go", "install", VEGETA], check=True, env={**os.environ, "GOBIN": str(REPO / ".cache/bin")})
+    return str(REPO / ".cache/bin/vegeta")
+
+
+class Broker:
+    """`relais run` (no flags), or one `relais <stage>` process per stage, on a fresh embedded log."""
+
+    def __init__(self, work: Path, per_stage: bool, kafka: str | None = None) -> None:
+        self.work, self.per_stage, self.kafka = work, per_stage, kafka
+        self.target_port, self.http_port = free_port(), free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")} | {
+            "RELAIS_HTTP_PORT": str(self.http_port), "RELAIS_LOG_LEVEL": "warning",
+            "RELAIS_DATABASE_URL": f"sqlite+aiosqlite:///{work}/ledger.db",
+            "RELAIS_EMBEDDED_LOG_PATH": str(work / "log.db"), "RELAIS_BLOB_DIR": str(work / "blobs"),
+            "RELAIS_PRODUCERS_FILE": str(REPO / "deploy/dev/producers.yaml"),
+            "RELAIS_TARGETS_FILE": str(write_targets(work / "t.yaml", {"demo": f"{self.target}/fhir"})),
+        }
+        if kafka:  # one process per stage plus one extra validator, on Kafka
+            self.env |= {"RELAIS_KAFKA_BOOTSTRAP": kafka, "RELAIS_TOPIC_PREFIX": f"bench{free_port()}."}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def target(self) -> str:
+        return f"http://127.0.0.1:{self.target_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Broker:
+        log = (self.work / "broker.log").open("ab")
+        self.procs["target"] = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port",
+                                                 str(self.target_port)], cwd=REPO, stderr=subprocess.DEVNULL)
+        names = [*STAGES, *(["validator-2"] if self.kafka else [])] if self.per_stage else ["run"]
+        for name in names:
+            argv = [sys.executable, "-m", "services.cli", name.split("-")[0]]
+            env = {**self.env, "RELAIS_INSTANCE_ID": f"bench-{name}"}
+            self.procs[name] = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(readyz(self.url), alive=lambda: all(p.poll() is None for p in self.procs.values()),
+                   explain=lambda: (self.work / "broker.log").read_text()[-2000:], timeout_s=120, what="readiness")
+        time.sleep(3)  # the workers join their groups
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def applied(self) -> int:
+        return int(httpx.get(f"{self.target}/_received", params={"summary": 1}, timeout=30).json()["applied"])
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) of each broker process and its children, by name."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, proc in self.procs.items():
+            if name == "target":
+                continue
+            pids = [proc.pid, *_children(proc.pid)]
+            out[name] = sum(_cpu(pid, ticks) for pid in pids)
+        return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _cpu(pid: int, ticks: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
+async def post_all(url: str, bodies: list[bytes], concurrency: int = 16) -> None:
+    queue = list(reversed(bodies))
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def worker() -> None:
+            while queue:
+                body = queue.pop()
+                response = await client.post(f"{url}/fhir", content=body, headers=HEADERS)
+                if response.status_code != 202:
+                    raise RuntimeError(f"ingress answered {response.status_code}: {response.text[:200]}")
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def wait_applied(broker: Broker, count: int, timeout_s: float = 900) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if broker.applied() >= count:
+            return time.perf_counter()
+        time.sleep(0.25)
+    raise RuntimeError(f"fewer than {count} Bundles reached the target in {timeout_s}s")
+
+
+def end_to_end(work: Path, count: int) -> tuple[float, dict[str, float]]:
+    """Bundles/s from the first POST to the last Bundle applied at the target, and CPU s by process."""
+    broker = Broker(work, per_stage=False).start()
+    try:
+        asyncio.run(post_all(broker.url, [orjson.dumps(make_bundle(30, seed=50_000 + i)) for i in range(30)]))
+        wait_applied(broker, 30)  # warm-up: imports, first fhir.resources models, connections
+        cpu0 = broker.cpu_seconds()
+        bodies = [orjson.dumps(make_bundle(30, seed=i)) for i in range(count)]
+        began = time.perf_counter()
+        asyncio.run(post_all(broker.url, bodies))
+        ended = wait_applied(broker, count + 30)
+        cpu = {k: v - cpu0.get(k, 0) for k, v in broker.cpu_seconds().items()}
+        return count / (ended - began), cpu
+    finally:
+        broker.stop()
+
+
+def latency_under_load(work: Path, rate: int, seconds: int, backlog: int) -> dict[str, Any]:
+    """vegeta's view of the 202 at `rate`/s, open loop, while the workers chew on `backlog` Bundles."""
+    binary = vegeta()
+    broker = Broker(work, per_stage=False).start()
+    try:
+        targets = work / "targets.jsonl"
+        with targets.open("wb") as out:
+            for i in range(rate * seconds):
+                body = orjson.dumps(make_bundle(30, seed=200_000 + i))
+                out.write(orjson.dumps({"method": "POST", "url": f"{broker.url}/fhir",
+                                        "header": {k: [v] for k, v in HEADERS.items()},
+                                        "body": base64.b64encode(body).decode()}) + b"\n")
+        asyncio.run(post_all(broker.url, [orjson.dumps(make_bundle(30, seed=100_000 + i)) for i in range(backlog)]))
+        attack = subprocess.run([binary, "attack", "-format=json", f"-targets={targets}", f"-rate={rate}/s",
+                                 f"-duration={seconds}s", "-timeout=30s"], capture_output=True, check=True)
+        report = subprocess.run([binary, "report", "-type=json"], input=attack.stdout, capture_output=True, check=True)
+        busy = broker.applied() < backlog + rate * seconds  # still working while measured
+        return {**orjson.loads(report.stdout), "busy": busy}
+    finally:
+        broker.stop()
+
+
+def per_stage_cpu(work: Path, count: int, kafka: str | None = None) -> tuple[float, dict[str, float]]:
+    """Bundles/s end to end and CPU seconds per Bundle of each stage, one `relais <stage>` process each."""
+    broker = Broker(work, per_stage=True, kafka=kafka).start()
+    try:
+        asyncio.run(post_all(broker.url, [orjson.dumps(make_bundle(30, seed=60_000 + i)) for i in range(20)]))
+        wait_applied(broker, 20)
+        cpu0 = broker.cpu_seconds()
+        began = time.perf_counter()
+        asyncio.run(post_all(broker.url, [orjson.dumps(make_bundle(30, seed=70_000 + i)) for i in range(count)]))
+        ended = wait_applied(broker, count + 20)
+        time.sleep(2)  # the tracker projects the last events
+        return count / (ended - began), {k: (v - cpu0.get(k, 0)) / count for k, v in broker.cpu_seconds().items()}
+    finally:
+        broker.stop()
+
+
+def run(bundles: int, rate: int, seconds: int, kafka: bool = False) -> list[str]:
+    cores = os.cpu_count()
+    lines = [f"machine: {platform.machine()}, {cores} cores, {platform.system()} {platform.release()}, "
+             f"Python {platform.python_version()}; load average before the run {os.getloadavg()[0]:.1f}"]
+    base = floor()
+    lines.append(f"floor: fhir.resources R4B Bundle.model_validate, one core, 30 entries: {base:.0f} Bundles/s")
+    with tempfile.TemporaryDirectory(prefix="relais-bench-cores-") as tmp:
+        work = Path(tmp)
+        (work / "e2e").mkdir()
+        rate_e2e, cpu = end_to_end(work / "e2e", bundles)
+        lines.append(f"relais run (defaults, embedded), {bundles} Bundles, 16 clients, POST -> applied at target: "
+                     f"{rate_e2e:.1f} Bundles/s; ratio to the floor {rate_e2e / base:.2f} (goal >= 1.0)")
+        lines.append(f"  CPU s per Bundle, every process of relais run together: {sum(cpu.values()) / bundles:.4f}")
+        (work / "lat").mkdir()
+        report = latency_under_load(work / "lat", rate, seconds, backlog=bundles)
+        lat = report["latencies"]
+        codes = report.get("status_codes", {})
+        lines.append(f"202 at {rate}/s offered open-loop (vegeta, {seconds}s) while the pipeline is "
+                     f"{'busy' if report['busy'] else 'idle (backlog drained early)'}: p50 {lat['50th'] / 1e6:.1f} ms, "
+                     f"p99 {lat['99th'] / 1e6:.1f} ms, max {lat['max'] / 1e6:.1f} ms (goal p99 < 100 ms); "
+                     f"status codes {codes}" + (f"; errors {report.get('errors')}" if report.get("errors") else ""))
+        (work / "stages").mkdir()
+        _, by_stage = per_stage_cpu(work / "stages", max(100, bundles // 2))
+        lines.append("CPU s per Bundle by stage (embedded, one process per stage): "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in by_stage.items())
+                     + f"; total {sum(by_stage.values()):.4f} (floor: {1 / base:.4f})")
+        if kafka:
+            from tests.bench import kafka_bootstrap
+
+            (work / "kafka").mkdir()
+            with kafka_bootstrap() as bootstrap:
+                rate_k, by_stage = per_stage_cpu(work / "kafka", bundles, kafka=bootstrap)
+            lines.append(f"Kafka, one process per stage + one extra validator, {bundles} Bundles: {rate_k:.1f} "
+                         f"Bundles/s; ratio to the floor {rate_k / base:.2f} (goal >= 0.7); CPU s per Bundle: "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in by_stage.items()))
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.cores", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundles", type=int, default=400, help="Bundles for the end-to-end run")
+    parser.add_argument("--rate", type=int, default=50, help="Bundles/s offered by vegeta")
+    parser.add_argument("--seconds", type=int, default=15, help="duration of the vegeta attack")
+    parser.add_argument("--kafka", action="store_true", help="also Kafka mode (RELAIS_KAFKA_BOOTSTRAP or local jars)")
+    args = parser.parse_args()
+    lines = run(args.bundles, args.rate, args.seconds, args.kafka)
+    print("\n".join(["== Relais: every core (issue 16) ==", *lines]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""The embedded log shared by several members and processes: group commit, leases, fencing, faults, retention.
+
+Real SQLite files in a temporary directory; "another process" is another EmbeddedBus on the same
+file (its own connections and threads), and in tests/e2e/test_supervised.py a real OS process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.core.bus import Partition
+from services.core.embedded import STORAGE_UNWRITABLE, EmbeddedBus, EmbeddedSubscription, Fenced
+from services.core.envelope import Emit, Envelope, Record
+from services.core.errors import BusUnavailable
+from services.core.settings import Settings
+from services.core.topics import RECEIVED, VALIDATED
+from services.devkafka.local import free_port
+from services.ingress.app import create_app
+from services.launcher import _server
+from services.tracker.ledger import Ledger
+
+Factory = Callable[..., Settings]
+
+
+def emit(n: int, topic: str = RECEIVED) -> Emit:
+    env = Envelope(type="fr.relais.transfer.received", source="/test", transfer_id=f"t{n}", data=b'{"n": %d}' % n)
+    return Emit(topic, f"t{n}".encode(), env)
+
+
+@pytest.fixture
+def embedded(make_settings: Factory, tmp_path: Path) -> Callable[..., Settings]:
+    return lambda **kw: make_settings(kafka_bootstrap=None, embedded_log_path=tmp_path / "log.db", **kw)
+
+
+@contextlib.asynccontextmanager
+async def started(settings: Settings) -> AsyncIterator[EmbeddedBus]:
+    bus = EmbeddedBus(settings)
+    await bus.start()
+    try:
+        yield bus
+    finally:
+        await bus.stop()
+
+
+async def drain(sub: EmbeddedSubscription, sink: list[Record], *, until: Callable[[], bool], timeout_s: float = 20,
+                out_topic: str = VALIDATED) -> None:
+    """Consume like a stage: poll, copy each record to `out_topic`, complete; until `until()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not until() and time.monotonic() < deadline:
+        records = await sub.poll(50, 0.2)
+        if records:
+            offsets = {Partition(r.topic, r.partition): r.offset + 1 for r in records}
+            await sub.complete([Emit(out_topic, r.key, r.envelope) for r in records], offsets)
+            sink += records
+
+
+async def all_records(bus: EmbeddedBus, topic: str) -> list[Record]:
+    reader = bus.subscribe(f"reader-{time.monotonic_ns()}", [topic])
+    await reader.start()
+    out: list[Record] = []
+    try:
+        for _ in range(20):
+            got = await reader.poll(1000, 0.1)
+            if not got and out:
+                break
+            out += got
+    finally:
+        await reader.stop()
+    return out
+
+
+async def test_concurrent_publishes_share_one_fsync(embedded: Factory) -> None:
+    async with started(embedded()) as bus:
+        before = bus.log.commits
+        await asyncio.gather(*(bus.publish([emit(n)]) for n in range(200)))
+        commits = bus.log.commits - before
+        assert len(await all_records(bus, RECEIVED)) == 200
+    assert commits < 50, f"200 concurrent publishes took {commits} commits: no group commit"
+
+
+async def test_two_members_share_the_partitions_and_handle_each_record_once(embedded: Factory) -> None:
+    async with started(embedded()) as one, started(embedded()) as two:  # two files' owners = two processes
+        await one.publish([emit(n) for n in range(300)])
+        a, b = one.subscribe("stage", [RECEIVED]), two.subscribe("stage", [RECEIVED])
+        await a.start()
+        await b.start()
+        await asyncio.sleep(1.5)  # a's heartbeat learns that b joined: a holds more than its share
+        [first] = await a.poll(1, 0.1)  # between two batches, a gives the surplus back ...
+        a.pause_until(Partition(first.topic, first.partition), first.offset, 0)  # (polled again below)
+        await asyncio.sleep(1.5)  # ... and b's heartbeat takes it
+        assert a.assignment() and b.assignment() and not (a.assignment() & b.assignment())
+        seen_a: list[Record] = []
+        seen_b: list[Record] = []
+        done = lambda: len(seen_a) + len(seen_b) >= 300  # noqa: E731
+        await asyncio.gather(drain(a, seen_a, until=done), drain(b, seen_b, until=done))
+        ids = [r.envelope.transfer_id for r in seen_a + seen_b]
+        assert sorted(ids) == sorted(f"t{n}" for n in range(300))
+        assert seen_a and seen_b
+        out = [r.envelope.transfer_id for r in await all_records(one, VALIDATED)]
+        assert sorted(out) == sorted(ids)
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_member_that_lost_its_partitions_cannot_commit(embedded: Factory) -> None:
+    async with started(embedded()) as one, started(embedded()) as two:
+        await one.publish([emit(n) for n in range(10)])
+        stale = one.subscribe("stage", [RECEIVED])
+        await stale.start()
+        records = await stale.poll(100, 1)
+        assert len(records) == 10
+        # The stale member freezes (no heartbeat) past its lease: the group declares it dead.
+        assert stale._heartbeat is not None
+        stale._heartbeat.cancel()
+        one.log.unregister(stale.group, stale.member)
+        await two.write(lambda conn: conn.execute("UPDATE members SET expires=0 WHERE member=?", (stale.member,)))
+        fresh = two.subscribe("stage", [RECEIVED])
+        await fresh.start()
+        assert fresh.assignment() == {Partition(RECEIVED, p) for p in range(3)}
+        offsets = {Partition(r.topic, r.partition): r.offset + 1 for r in records}
+        with pytest.raises(Fenced):
+            await stale.complete([Emit(VALIDATED, r.key, r.envelope) for r in records], offsets)
+        assert await all_records(two, VALIDATED) == []  # nothing of the fenced batch was written
+        again: list[Record] = []
+        await drain(fresh, again, until=lambda: len(again) >= 10)
+        assert sorted(r.envelope.transfer_id for r in again) == sorted(f"t{n}" for n in range(10))
+        await fresh.stop()
+
+
+@contextlib.contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """Make files unwritable even for root (chattr +i), as a read-only remount would."""
+    present = [str(p) for p in paths if p.exists()]
+    subprocess.run(["chattr", "+i", *present], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *present], check=True)
+
+
+async def test_an_unwritable_log_is_transient_and_recovers_without_restart(embedded: Factory, tmp_path: Path) -> None:
+    async with started(embedded()) as bus:
+        await bus.publish([emit(0)])
+        db = tmp_path / "log.db"
+        with immutable(db, db.with_name("log.db-wal")):  # not -shm: it is mmapped (SIGBUS)
+            for n in (1, 2):  # twice: the second must not trip on what the first left open
+                with pytest.raises(BusUnavailable):
+                    await bus.publish([emit(n)])
+            problem = await bus.storage_problem()
+            assert problem is not None
+            gauge = STORAGE_UNWRITABLE.labels("embedded-log", bus.log.problem_reason)._value.get()
+            assert gauge == 1
+        await bus.publish([emit(3)])  # same bus, same process: writable again
+        assert await bus.storage_problem() is None
+        assert sorted(r.envelope.transfer_id for r in await all_records(bus, RECEIVED)) == ["t0", "t3"]
+
+
+async def test_retention_prunes_old_records_every_group_has_committed(embedded: Factory) -> None:
+    settings = embedded(topic_retention_days=1 / 86400)  # one second
+    async with started(settings) as bus:
+        await bus.publish([emit(n) for n in range(20)])
+        consumer = bus.subscribe("validator", [RECEIVED])
+        await consumer.start()
+        seen: list[Record] = []
+        await drain(consumer, seen, until=lambda: len(seen) >= 20)
+        await consumer.stop()
+        lagging = bus.subscribe("router", [VALIDATED])  # a stage's group that has committed nothing of validated
+        await lagging.start()
+        await lagging.stop()  # even while it is down, its records are kept for it
+        gone = bus.subscribe("reader-gone", [RECEIVED])  # a throwaway group, left: holds nothing back
+        await gone.start()
+        await gone.stop()
+        await asyncio.sleep(1.2)
+        pruned = await bus.prune()
+        assert pruned == 20  # received: old and committed by its stage; validated: the router has not committed
+        count = await bus.log.read(lambda conn: dict(conn.execute(
+            "SELECT topic, COUNT(*) FROM records GROUP BY topic").fetchall()))
+        assert count == {settings.topic(VALIDATED): 20}
+        await bus.publish([emit(99)])  # offsets go on after pruning: never reused
+        [fresh] = await all_records(bus, RECEIVED)
+        assert fresh.offset == sum(1 for r in seen if r.partition == fresh.partition)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "3m") -> Iterator[Path]:
+    """A small tmpfs mounted at `path` (root, as CI runs): a disk that really fills up."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+async def test_a_full_disk_is_transient_and_recovers_when_space_returns(
+        make_settings: Factory, tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        settings = make_settings(kafka_bootstrap=None, embedded_log_path=disk / "log.db")
+        async with started(settings) as bus:
+            await bus.publish([emit(0)])
+            ballast = disk / "ballast"
+            with ballast.open("wb") as out:  # fill the disk to the last byte
+                with contextlib.suppress(OSError):
+                    while True:
+                        out.write(b"\0" * 65536)
+                        out.flush()
+            with pytest.raises(BusUnavailable):
+                for n in range(1, 200):  # the WAL may have a little room left: write until it has none
+                    await bus.publish([emit(n)])
+            assert bus.log.problem_reason == "disk-full", bus.log.problem
+            assert await bus.storage_problem() is not None
+            accepted = await stored_keys(bus)  # read-only: a consumer group would need to write
+            ballast.unlink()  # space returns
+            await bus.publish([emit(999)])
+            assert await bus.storage_problem() is None
+            # What was acknowledged is there; the refused writes left nothing behind.
+            assert await stored_keys(bus) == accepted | {b"t999"}
+
+
+async def stored_keys(bus: EmbeddedBus) -> set[bytes]:
+    return {k for (k,) in await bus.log.read(lambda conn: conn.execute("SELECT key FROM records").fetchall())}
+
+
+async def test_ingress_on_an_unwritable_log_serves_health_saying_why_and_recovers(
+        make_settings: Factory, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the log's directory should be")
+    settings = make_settings(kafka_bootstrap=None, embedded_log_path=blocker / "log.db", http_port=free_port())
+    base = f"http://127.0.0.1:{settings.http_port}"
+    app_task = asyncio.create_task(_serve_until_cancelled(settings, base))
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await _eventually(client, f"{base}/readyz", lambda r: r.status_code == 503)
+            assert "not-a-dir" in answer.json()["status"], answer.text  # says what is wrong
+            assert (await client.get(f"{base}/healthz")).status_code == 200
+            blocker.unlink()  # the operator fixes the path: no restart
+            await _eventually(client, f"{base}/readyz", lambda r: r.status_code == 200, timeout_s=15)
+    finally:
+        app_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app_task
+
+
+async def _serve_until_cancelled(settings: Settings, base: str) -> None:
+    server = _server(create_app(settings, EmbeddedBus(settings), Ledger(settings.database_url)), "127.0.0.1",
+                     settings.http_port, settings)
+    try:
+        await server.serve()
+    finally:
+        server.should_exit = True
+
+
+async def _eventually(client: Any, url: str, ok: Callable[[Any], bool], timeout_s: float = 20) -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            last = await client.get(url)
+            if ok(last):
+                return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{url} never answered as expected; last: {last and last.text}")

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Requests one producer may have in flight at once (429 above). 0: no limit. "
         "Production: e.g. 16.",
     )
+    idempotency_window_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="How long a producer's Idempotency-Key (or Bundle.identifier) "
+        "names its transfer: a resend within the window answers the same transfer and delivers nothing twice. "
+        "Default: the pipeline topics' retention.",
+    )
     auth_reload_s: float = Field(
         default=5.0, gt=0, description="How often the producers and operators files (and TLS files) are checked "
         "for changes; a changed file is re-read without restart.",

@@ -18,7 +18,6 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from services.core.envelope import FHIR_JSON
-from services.core.metrics import INGRESS_REQUESTS
 from services.core.outcome import Issue, operation_outcome
 from services.ingress import checks, limits
 from services.ingress.checks import Refusal
@@ -57,7 +56,6 @@ async def validate(request: Request) -> Response:
 
 
 def _answer(status: int, issues: list[Issue] | tuple[Issue, ...], headers: dict[str, str] | None = None) -> Response:
-    INGRESS_REQUESTS.labels(str(status)).inc()
     return Response(orjson.dumps(operation_outcome(issues)), status_code=status, media_type=FHIR_JSON,
                     headers=headers)
 

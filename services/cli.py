@@ -78,10 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ignore this rule id (repeatable; a trailing '/' ignores every rule under it)")
     validate.add_argument("--lang", choices=("en", "fr"), default="en", help="language of the diagnostics")
     send = sub.add_parser(
-        "send", help="post Bundle files to a Relais ingress (bulk, resumable)",
+        "send", help="post Bundle files to a Relais ingress (bulk, resumable, idempotent)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_send_exit_codes(),
         description="Post one Bundle or whole directories of them to a Relais ingress, with bounded "
-                    "concurrency, a progress bar, a journal that makes re-runs skip what was already "
-                    "accepted, and a final report. Exit 0 when all were accepted, 1 otherwise, 2 on usage errors.")
+                    "concurrency, a progress bar and a final report (one line per file). Each request carries an "
+                    "Idempotency-Key made of the ingress URL, the targets and the file's content, so a resend "
+                    "after a crash creates nothing twice; the journal makes re-runs skip requests already "
+                    "accepted with the same key. --wait follows each transfer to delivered, rejected or "
+                    "dead-lettered.")
     send.add_argument("paths", nargs="+", help="Bundle files or directories (*.json)")
     send.add_argument("--to", required=True, metavar="TARGET", help="target id(s) for X-Relais-Target")
     send.add_argument("--url", default="http://127.0.0.1:8080", help="Relais base URL (default: %(default)s)")
@@ -90,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--journal", default=None,
                       help="journal file of accepted files (default: .relais-send.journal)")
     send.add_argument("--report", default=None, help="also write the report as JSON to this file")
+    send.add_argument("--wait", action="store_true",
+                      help="poll each transfer to its final state and report delivered / rejected / dead-lettered")
+    send.add_argument("--wait-timeout", type=float, default=900.0, metavar="SECONDS",
+                      help="with --wait, stop waiting after this long; unfinished transfers are 'pending' "
+                           "(default: %(default)s)")
 
     status = sub.add_parser("status", help="show a transfer's status",
                             description="GET /transfers/ID from a Relais ingress and print the answer.")
@@ -97,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8080", help="Relais base URL (default: %(default)s)")
     status.add_argument("--token", default=None, help="producer token (default: $RELAIS_TOKEN)")
     return parser
+
+
+def _send_exit_codes() -> str:
+    from services.send import EXIT_CODES
+
+    return EXIT_CODES
 
 
 def _all_stages() -> Sequence[str]:
@@ -136,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("relais send: --concurrency must be at least 1", file=sys.stderr)
             return 2
         return send_main(args.paths, url=args.url, target=args.to, token=args.token or os.environ.get("RELAIS_TOKEN"),
-                         concurrency=args.concurrency, journal_path=args.journal, report_path=args.report)
+                         concurrency=args.concurrency, journal_path=args.journal, report_path=args.report,
+                         wait=args.wait, wait_timeout_s=args.wait_timeout)
     if args.command == "status":
         return _status(args)
     if args.command == "validate":

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from services.core.logguard import RepeatFilter, RepeatLimiter, SafeStream
 from services.core.settings import Settings
 
 # Keys that could carry health data. A record's log line names transfers, FINESS numbers, sizes and
@@ -72,20 +73,24 @@ def configure_logging(settings: Settings) -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )
+    stream: Any = SafeStream(sys.stderr)  # a log line that cannot be written must never fail a request
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            RepeatLimiter(),  # a flood of one warning or error is summarised, not written a million times
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             _mask_sensitive,  # after format_exc_info: exception texts are masked too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, force=True)
+    logging.basicConfig(level=max(level, logging.WARNING), stream=stream, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatFilter())
     # aiokafka logs every coordinator hiccup at WARNING/ERROR; keep them, but not its INFO chatter.
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -284,8 +284,9 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
     record_key = transfer_id.encode()
     try:
         await state.bus.publish([Emit(RECEIVED, record_key, received), Emit(EVENTS, record_key, accepted)])
-    except BusUnavailable as exc:
-        log.error("transfer refused: Kafka did not acknowledge", error=str(exc), producer=producer.id)
+    except (BusUnavailable, OSError) as exc:  # OSError: the embedded log's disk is full or read-only
+        with contextlib.suppress(Exception):
+            log.error("transfer refused: the bus did not acknowledge", error=str(exc), producer=producer.id)
         with contextlib.suppress(TransientError):  # a retry with the key may take it over at once
             await submissions.settle(state.ledger, transfer_id, submissions.FAILED)
         raise _unavailable(settings, "Relais could not store the transfer durably") from exc

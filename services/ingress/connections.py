@@ -8,8 +8,9 @@ each time). This protocol (uvicorn's h11 protocol plus two rules) keeps a good c
 * **Header deadline.** A connection must deliver a complete request head within
   `RELAIS_HTTP_HEADER_TIMEOUT_S` of connecting (or of its previous response); otherwise it is closed.
 * **Connection cap.** At most `RELAIS_HTTP_MAX_CONNECTIONS` (and never more than the file-descriptor
-  limit allows, with room for one accept burst: see `accept_backlog`) are open. A new connection over the cap evicts the oldest one still waiting for its
-  headers; only when every connection is busy with a request is the newcomer closed.
+  limit allows, with room for one accept burst: see `accept_backlog`) are open. A new connection over
+  the cap evicts the oldest one still waiting for its headers; only when every connection is busy
+  with a request is the newcomer closed.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from services.core.metrics import DELIVERIES as DELIVERY_COUNT
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, retry_topic
+from services.delivery.capability import conditional_payload
 from services.delivery.client import Attempt, TargetClient
 from services.delivery.logic import (
     Breaker,
@@ -149,6 +150,7 @@ class DeliveryStage:
                                            Decision(Fate.DEAD_LETTER, f"claim check failed: {exc}"), inline=False)
         attempt_no = env.attempt + 1
         payload, repair_emits, full_urls = self._repair(env, target, payload, attempt_no)
+        payload = await conditional_payload(rt.client, payload)  # conditional create (dui-contract)
         sent_at = datetime.now(UTC)
         probing = env.extra.get(X_PROBE) == "1" and target.ambiguous == "probe"
         if probing:

@@ -28,7 +28,7 @@ examples:
 """
 
 STAGE_HELP = {
-    "ingress": "HTTP ingress: POST /fhir, GET /transfers/{id}, /metadata, /healthz, /readyz, /metrics",
+    "ingress": "HTTP ingress: POST /fhir, GET /fhir/_transfer/{id}, /metadata, /healthz, /readyz, /metrics",
     "validator": "validator worker: transfers.received -> transfers.validated | transfers.rejected",
     "router": "router worker: transfers.validated -> deliveries (one record per target)",
     "delivery": "delivery worker: deliveries (+ retry tiers) -> target FHIR base | deliveries.dlq",
@@ -250,7 +250,7 @@ def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> 
 
 def _print_banner(settings: Settings, args: argparse.Namespace) -> None:
     base = f"http://{settings.http_host}:{settings.http_port}"
-    lines = [f"relais: ingress on {base}/fhir  (status: {base}/transfers/<id>, metrics: {base}/metrics)"]
+    lines = [f"relais: ingress on {base}/fhir  (status: {base}/fhir/_transfer/<id>, metrics: {base}/metrics)"]
     if args.demo_target:
         lines.append(f"relais: demo target on http://127.0.0.1:{args.demo_target_port}/fhir (target id 'demo')")
     lines.append("relais: send a Bundle with:  curl -i -X POST " + base + "/fhir -H 'Content-Type: "

@@ -118,3 +118,26 @@ async def test_a_transfer_is_not_shown_to_another_producer(make_settings: Callab
                                  headers={"Authorization": f"Bearer {token}"})
     assert other.status_code == 404
     assert other.json()["resourceType"] == "OperationOutcome"
+
+
+def _count(metrics: str, route: str, status: str) -> float:
+    prefix = f'relais_ingress_requests_total{{route="{route}",status="{status}"}} '
+    return sum(float(line[len(prefix):]) for line in metrics.splitlines() if line.startswith(prefix))
+
+
+async def test_requests_are_counted_by_route_template_and_status(make_settings: Callable[..., Settings],
+                                                                 tmp_path: Path) -> None:
+    settings = make_settings(embedded_log_path=tmp_path / "log.db",
+                             targets_file=write_targets(tmp_path / "t.yaml", {"essms-a": "http://127.0.0.1:9/fhir"}))
+    headers = {"Content-Type": "application/fhir+json", "X-Relais-Target": "essms-a"}
+    async with started_bus(settings) as bus, replica(settings, "relais", bus) as client:
+        before = (await client.get("/metrics")).text
+        posted = await client.post("/fhir", content=orjson.dumps(make_bundle(3, seed=2)), headers=headers)
+        for _ in range(3):
+            await client.get(httpx.URL(posted.headers["Content-Location"]).path)
+        await client.post("/fhir", content=b"{", headers=headers)
+        after = (await client.get("/metrics")).text
+    assert _count(after, "/fhir", "202") - _count(before, "/fhir", "202") == 1
+    assert _count(after, "/fhir", "400") - _count(before, "/fhir", "400") == 1
+    assert _count(after, "/fhir/_transfer/{transfer_id}", "202") - \
+        _count(before, "/fhir/_transfer/{transfer_id}", "202") == 3

@@ -53,6 +53,7 @@ class IngressState:
     bus_ready: asyncio.Event = field(default_factory=asyncio.Event)
     limiter: limits.ProducerLimiter = field(default_factory=limits.ProducerLimiter)
     cert_policy: ClientCertPolicy | None = None  # mutual TLS: client certificates checked against the CA
+    background: submissions.Background = field(default_factory=lambda: submissions.Background())
 
 
 def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -102,6 +103,7 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await state.background.drain()
             if manage_bus:
                 connector.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -290,16 +292,23 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
         with contextlib.suppress(TransientError):  # a retry with the key may take it over at once
             await submissions.settle(state.ledger, transfer_id, submissions.FAILED)
         raise _unavailable(settings, "Relais could not store the transfer durably") from exc
-    try:
-        await submissions.settle(state.ledger, transfer_id, submissions.PUBLISHED)
-    except TransientError as exc:
-        # Published and recorded as `publishing`: the status URL answers 202 and a retry finds the
-        # tracker's events; the 202 is still true.
-        log.warning("transfer published but not marked so in the ledger", transfer_id=transfer_id, error=str(exc))
+    # Marked published off the answer's path (one database commit less per POST). If that write is lost
+    # (crash, database down) the row stays `publishing`: the status URL still answers 202, and a retry
+    # with the key finds the tracker's events (submissions.claim): the 202 stays true either way.
+    state.background.spawn(_mark_published(state, transfer_id))
 
     log.info("transfer accepted", transfer_id=transfer_id, producer=producer.id, targets=targets,
              size=len(body), entries=len(entries), takeover=claim.verdict == "takeover")
     return _accepted(base, transfer_id)
+
+
+async def _mark_published(state: IngressState, transfer_id: str) -> None:
+    try:
+        await submissions.settle(state.ledger, transfer_id, submissions.PUBLISHED)
+    except Exception as exc:  # noqa: BLE001 - best effort, see above
+        with contextlib.suppress(Exception):
+            log.warning("transfer published but not marked so in the ledger", transfer_id=transfer_id,
+                        error=str(exc))
 
 
 def _accepted(base: str, transfer_id: str) -> Response:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -176,6 +176,24 @@ async def purge(ledger: Ledger, window_s: float) -> int:
     async with ledger.engine.begin() as conn:
         result = await conn.execute(submissions.delete().where(submissions.c.created_at < before))
     return int(result.rowcount or 0)
+
+
+class Background:
+    """Ledger writes made after the answer (marking a submission published): kept referenced, drained at stop."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` without making the request wait for it."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Let pending writes finish (at shutdown), within `timeout_s`."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
 
 def key_conflict(transfer_id: str) -> Refusal:

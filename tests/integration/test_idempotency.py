@@ -1,7 +1,7 @@
 """Idempotent submission: one key, one transfer — across retries, restarts, concurrent requests and crashes.
 
-Ingress on the embedded log (a real SQLite log and ledger); what was published is counted in the
-log itself. The end-to-end promise (one delivery at a real target) is in tests/e2e/test_send.py.
+Ingress on the embedded log, its ledger on SQLite and on PostgreSQL; what was published is counted
+in the log itself. The end-to-end promise (one delivery at a real target) is in tests/e2e/test_send.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import base64
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,20 @@ from services.core.topics import RECEIVED
 from services.ingress.app import create_app
 from services.tracker.ledger import Ledger, submissions
 from tests.fixtures.tddui import make_bundle
+from tests.support.postgres import PostgresCluster, start_cluster
 from tests.support.producers import TOKEN_A, TOKEN_B, write_producers, write_targets
 
 
-@pytest.fixture
-def settings(make_settings: Callable[..., Settings], tmp_path: Path) -> Settings:
-    return make_settings(embedded_log_path=tmp_path / "log.db", auth_disabled=False,
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    yield from start_cluster()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, make_settings: Callable[..., Settings], tmp_path: Path) -> Settings:
+    """Ingress on the embedded log; the ledger database (and so the keys' unique constraint) on each dialect."""
+    database = {} if request.param == "sqlite" else {"database_url": request.getfixturevalue("postgres").new_database()}
+    return make_settings(**database, embedded_log_path=tmp_path / "log.db", auth_disabled=False,
                          producers_file=write_producers(tmp_path / "p.yaml", b_targets=["essms-a", "sidoba"]),
                          targets_file=write_targets(tmp_path / "t.yaml", {"essms-a": "http://127.0.0.1:9/fhir",
                                                                          "sidoba": "http://127.0.0.1:9/fhir"}))

@@ -71,6 +71,9 @@ def test_duplicate_keys_are_refused_with_the_keys_path(client: httpx.Client) -> 
     issue = answer.json()["issue"][0]
     assert issue["expression"] == ["Bundle.type"] and "'type'" in issue["diagnostics"]
 
+    validated = post(client, b'{"resourceType":"Bundle","type":"transaction","type":"batch"}', "/fhir/Bundle/$validate")
+    assert validated.status_code == 400 and validated.json()["issue"][0]["expression"] == ["Bundle.type"]
+
     body = orjson.dumps(BASE).replace(b'"resourceType":"Patient"', b'"resourceType":"Patient","gender":"male"', 1)
     body = body.replace(b'"gender":"male"', b'"gender":"male","gender":"female"', 1)
     nested = post(client, body)

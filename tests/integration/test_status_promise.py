@@ -43,8 +43,11 @@ async def started_bus(settings: Settings) -> AsyncIterator[Bus]:
 
 @contextlib.asynccontextmanager
 async def replica(settings: Settings, name: str, bus: Bus) -> AsyncIterator[httpx.AsyncClient]:
-    """An ingress app with its own Ledger object on the shared ledger database."""
-    app: FastAPI = create_app(settings, bus, Ledger(settings.database_url), manage_bus=False)
+    """An ingress app with its own Ledger object on the shared ledger database; on Kafka, its own
+    producer too (the embedded log has one owner per process, so replicas share it there)."""
+    own_bus = settings.kafka_bootstrap is not None
+    app: FastAPI = create_app(settings, make_bus(settings) if own_bus else bus, Ledger(settings.database_url),
+                              manage_bus=own_bus)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{name}") as client:
             for _ in range(300):

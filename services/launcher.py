@@ -47,6 +47,12 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        from services.ingress.connections import widen_listen_queue  # slow-loris: see its docstring
+
+        widen_listen_queue(self.servers)
+
 
 def make_bus(settings: Settings) -> Bus:
     """Kafka when RELAIS_KAFKA_BOOTSTRAP is set, else the embedded SQLite log."""

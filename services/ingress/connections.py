@@ -16,8 +16,11 @@ each time). This protocol (uvicorn's h11 protocol plus two rules) keeps a good c
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
+import socket
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import h11
@@ -25,29 +28,58 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.core.settings import Settings
 
-FD_RESERVE = 64  # descriptors kept for the ledger, the log, the bus and outgoing connections
+FD_RESERVE = 64  # descriptors kept, beyond those open at start, for the ledger, the bus and outgoing connections
 
 
 UVICORN_BACKLOG = 2048
 
 
 def _usable_fds() -> int | None:
+    """Descriptors left for connections: the limit, minus those already open, minus a reserve."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return None if soft == resource.RLIM_INFINITY else max(soft - FD_RESERVE, 16)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 0  # no /proc: the reserve alone
+    return max(soft - open_now - FD_RESERVE, 16)
+
+
+LISTEN_QUEUE = 4096  # the kernel's queue of connections not yet accepted (Linux caps it at somaxconn)
+
+
+def widen_listen_queue(servers: Sequence[asyncio.base_events.Server]) -> None:
+    """Give the listening sockets a long kernel queue, after asyncio sized its accept bursts on `backlog`.
+
+    asyncio uses one number for both; a short queue overflows while attackers reconnect faster than a
+    busy loop accepts, and a good client's SYN is then dropped and retried a second later.
+    """
+    for server in servers:
+        for wrapped in server.sockets:  # asyncio's TransportSocket hides listen(): borrow the descriptor
+            sock = socket.socket(fileno=wrapped.fileno())
+            try:
+                sock.listen(LISTEN_QUEUE)
+            finally:
+                sock.detach()  # the descriptor stays asyncio's
 
 
 def max_connections(wanted: int) -> int:
     """`wanted`, lowered so that the open connections plus one accept burst fit the descriptor limit."""
     usable = _usable_fds()
-    return wanted if usable is None else max(1, min(wanted, usable - accept_backlog()))
+    return wanted if usable is None else max(1, min(wanted, usable - ACCEPT_BURSTS * accept_backlog()))
+
+
+ACCEPT_BURSTS = 3  # accept bursts that may overlap before the evictions they cause have closed sockets
 
 
 def accept_backlog() -> int:
-    """The listen backlog, which asyncio also uses as the most connections it accepts in one go (before
-    any of them reaches `connection_made` and the cap): 2/5 of the usable descriptors at most, so a burst
-    of reconnecting attackers cannot push the process past its limit (then `accept()` fails for everyone)."""
+    """The most connections asyncio accepts in one go (its `backlog`), before any of them reaches
+    `connection_made` and the cap: an eighth of the usable descriptors, so that a few overlapping bursts
+    of reconnecting attackers cannot push the process past its limit (then `accept()` fails for everyone
+    and asyncio stops accepting for a second). The kernel's queue is widened apart: `widen_listen_queue`."""
     usable = _usable_fds()
-    return UVICORN_BACKLOG if usable is None else max(8, min(UVICORN_BACKLOG, usable * 2 // 5))
+    return UVICORN_BACKLOG if usable is None else max(8, min(UVICORN_BACKLOG, usable // 8))
 
 
 class HeaderDeadline(H11Protocol):

@@ -34,7 +34,7 @@ operator commands (dlq, targets, ledger transfers|show, status) exit with:
 """
 
 STAGE_HELP = {
-    "ingress": "HTTP ingress: POST /fhir, GET /transfers/{id}, /metadata, /healthz, /readyz, /metrics",
+    "ingress": "HTTP ingress: POST /fhir, GET /fhir/_transfer/{id}, /metadata, /healthz, /readyz, /metrics",
     "validator": "validator worker: transfers.received -> transfers.validated | transfers.rejected",
     "router": "router worker: transfers.validated -> deliveries (one record per target)",
     "delivery": "delivery worker: deliveries (+ retry tiers) -> target FHIR base | deliveries.dlq",
@@ -97,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ignore this rule id (repeatable; a trailing '/' ignores every rule under it)")
     validate.add_argument("--lang", choices=("en", "fr"), default="en", help="language of the diagnostics")
     send = sub.add_parser(
-        "send", help="post Bundle files to a Relais ingress (bulk, resumable)",
+        "send", help="post Bundle files to a Relais ingress (bulk, resumable, idempotent)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_send_exit_codes(),
         description="Post one Bundle or whole directories of them to a Relais ingress, with bounded "
-                    "concurrency, a progress bar, a journal that makes re-runs skip what was already "
-                    "accepted, and a final report. Exit 0 when all were accepted, 1 otherwise, 2 on usage errors.")
+                    "concurrency, a progress bar and a final report (one line per file). Each request carries an "
+                    "Idempotency-Key made of the ingress URL, the targets and the file's content, so a resend "
+                    "after a crash creates nothing twice; the journal makes re-runs skip requests already "
+                    "accepted with the same key. --wait follows each transfer to delivered, rejected or "
+                    "dead-lettered.")
     send.add_argument("paths", nargs="+", help="Bundle files or directories (*.json)")
     send.add_argument("--to", required=True, metavar="TARGET", help="target id(s) for X-Relais-Target")
     send.add_argument("--url", default="http://127.0.0.1:8080", help="Relais base URL (default: %(default)s)")
@@ -109,10 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--journal", default=None,
                       help="journal file of accepted files (default: .relais-send.journal)")
     send.add_argument("--report", default=None, help="also write the report as JSON to this file")
+    send.add_argument("--wait", action="store_true",
+                      help="poll each transfer to its final state and report delivered / rejected / dead-lettered")
+    send.add_argument("--wait-timeout", type=float, default=900.0, metavar="SECONDS",
+                      help="with --wait, stop waiting after this long; unfinished transfers are 'pending' "
+                           "(default: %(default)s)")
 
     sub.add_parser("status", help="a transfer's state per target, through /ops (relais status --help)",
                    add_help=False)
     return parser
+
+
+def _send_exit_codes() -> str:
+    from services.send import EXIT_CODES
+
+    return EXIT_CODES
 
 
 def _all_stages() -> Sequence[str]:
@@ -156,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("relais send: --concurrency must be at least 1", file=sys.stderr)
             return 2
         return send_main(args.paths, url=args.url, target=args.to, token=args.token or os.environ.get("RELAIS_TOKEN"),
-                         concurrency=args.concurrency, journal_path=args.journal, report_path=args.report)
+                         concurrency=args.concurrency, journal_path=args.journal, report_path=args.report,
+                         wait=args.wait, wait_timeout_s=args.wait_timeout)
     if args.command == "validate":
         from services.validator.options import ValidationOptions
         from services.validator.report import main as validate
@@ -248,7 +264,7 @@ def _supervise(names: list[str], settings: Settings, args: argparse.Namespace) -
 
 def _print_banner(settings: Settings, args: argparse.Namespace) -> None:
     base = f"http://{settings.http_host}:{settings.http_port}"
-    lines = [f"relais: ingress on {base}/fhir  (status: {base}/transfers/<id>, metrics: {base}/metrics)"]
+    lines = [f"relais: ingress on {base}/fhir  (status: {base}/fhir/_transfer/<id>, metrics: {base}/metrics)"]
     if args.demo_target:
         lines.append(f"relais: demo target on http://127.0.0.1:{args.demo_target_port}/fhir (target id 'demo')")
     lines.append("relais: send a Bundle with:  curl -i -X POST " + base + "/fhir -H 'Content-Type: "

@@ -49,6 +49,12 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        from services.ingress.connections import widen_listen_queue  # slow-loris: see its docstring
+
+        widen_listen_queue(self.servers)
+
 
 def make_bus(settings: Settings) -> Bus:
     """Kafka when RELAIS_KAFKA_BOOTSTRAP is set, else the embedded SQLite log."""
@@ -166,15 +172,20 @@ async def _start_bus(bus: Bus, stop: asyncio.Event) -> None:
 
 def _server(app: Any, host: str, port: int, settings: Settings | None = None) -> uvicorn.Server:
     """A uvicorn server; HTTPS (and mutual TLS with a client CA) when `settings` name TLS files."""
-    if settings is None or settings.tls_certfile is None:
+    if settings is None:
         return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
                                       timeout_graceful_shutdown=5))
+    from services.ingress.connections import accept_backlog, guarded  # header deadline + connection cap
+
+    if settings.tls_certfile is None:
+        return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
+                                      timeout_graceful_shutdown=5, http=guarded(settings), backlog=accept_backlog()))
     from services.ingress.mtls import PeerCertH11Protocol, ServerTls
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
                             timeout_graceful_shutdown=5,
                             ssl_certfile=str(settings.tls_certfile), ssl_keyfile=str(settings.tls_keyfile),
-                            http=PeerCertH11Protocol)
+                            http=guarded(settings, PeerCertH11Protocol), backlog=accept_backlog())
     config.load()
     config.ssl = ServerTls(settings).context  # ours: CERT_OPTIONAL client CA, files reloaded on change
     return _Server(config)

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from services.core.logguard import RepeatFilter, RepeatLimiter, SafeStream
 from services.core.settings import Settings
 
 # Keys that could carry health data. A record's log line names transfers, FINESS numbers, sizes and
@@ -90,13 +91,17 @@ def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper())
     as_json = settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty())
     chain, renderer = _processors(as_json)
+    stream: Any = SafeStream(sys.stderr)  # a log line that cannot be written must never fail a request
     structlog.configure(
-        processors=[*chain, renderer],
+        # A flood of one warning or error is summarised, not written a million times (ours; RepeatFilter
+        # does the same for the stdlib lines, where structlog's DropEvent is not available).
+        processors=[RepeatLimiter(), *chain, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RepeatFilter())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(), *chain],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

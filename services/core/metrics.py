@@ -12,7 +12,8 @@ HANDLE_SECONDS = Histogram(
 BATCH_COMMIT_SECONDS = Histogram(
     "relais_commit_seconds", "Time to publish a batch's outputs and commit its offsets", ["stage"],
 )
-INGRESS_REQUESTS = Counter("relais_ingress_requests_total", "Ingress HTTP answers by status", ["status"])
+INGRESS_REQUESTS = Counter("relais_ingress_requests_total", "Ingress HTTP answers by route template and status",
+                           ["route", "status"])
 BUNDLES_REJECTED = Counter("relais_bundles_rejected_total", "Bundles the validator rejected (errors against TDDUI)",
                            ["producer"])
 DELIVERIES = Counter("relais_deliveries_total", "Delivery attempts by target and result", ["target", "result"])

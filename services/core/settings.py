@@ -97,6 +97,19 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Requests one producer may have in flight at once (429 above). 0: no limit. "
         "Production: e.g. 16.",
     )
+    http_header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest time a client may take to send a request's headers (from "
+        "connecting, or from its previous response); slower connections are closed (slow-loris).",
+    )
+    http_max_connections: int = Field(
+        default=1000, ge=1, description="Most HTTP connections ingress keeps open (also capped by the file-"
+        "descriptor limit); over it, the oldest connection still waiting for its headers is closed.",
+    )
+    idempotency_window_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="How long a producer's Idempotency-Key (or Bundle.identifier) "
+        "names its transfer: a resend within the window answers the same transfer and delivers nothing twice. "
+        "Default: the pipeline topics' retention.",
+    )
     auth_reload_s: float = Field(
         default=5.0, gt=0, description="How often the producers and operators files (and TLS files) are checked "
         "for changes; a changed file is re-read without restart.",

@@ -22,6 +22,7 @@ targets:
     retry: {delays_s: [10, 60, 600], max_attempts: 8, max_age_s: 172800, jitter: 0.1}
     breaker: {failures: 5, probe_every_s: 30}
     ambiguous: probe                    # probe | retry | dead-letter (request sent, no answer)
+    conditional_create: auto            # auto | on | off: request.ifNoneExist on identified entries
     enabled: true                       # false: refused at routing
     paused: false                       # true: records wait (no attempts) until unpaused
 
@@ -153,6 +154,9 @@ class Target(_Model):
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     ambiguous: Literal["probe", "retry", "dead-letter"] = "probe"
     repair: RepairPolicy = Field(default_factory=RepairPolicy)
+    # Conditional create (request.ifNoneExist on identified entries): auto = when the target's
+    # CapabilityStatement declares it (services/delivery/conditional.py).
+    conditional_create: Literal["auto", "on", "off"] = "auto"
     enabled: bool = True
     paused: bool = False
 
@@ -160,6 +164,12 @@ class Target(_Model):
     @classmethod
     def _http_url(cls, v: str) -> str:
         return _check_url(v, "base_url").rstrip("/")
+
+    @field_validator("conditional_create", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: object) -> object:
+        # YAML reads a bare on/off as a boolean; both spellings mean the same here.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _one_auth(self) -> Target:

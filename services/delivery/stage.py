@@ -38,6 +38,8 @@ from services.core.outcome import error, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, RETRY_PREFIX, retry_topic
+from services.delivery import conditional
+from services.delivery.capability import conditional_types_for
 from services.delivery.client import Attempt, TargetClient
 from services.delivery.journal import DELIVERED, IN_DOUBT, NOT_APPLIED, AttemptJournal, AttemptKey, Prior
 from services.delivery.logic import (
@@ -196,7 +198,7 @@ class DeliveryStage:
                                            Decision(Fate.DEAD_LETTER, f"claim check failed: {exc}"), inline=False)
         key = AttemptKey.next_of(env)
         attempt_no = key.attempt
-        out = self._outgoing(env, target, payload, attempt_no)
+        out = self._outgoing(env, target, payload, attempt_no, await conditional_types_for(rt.client))
         prior = await self.journal.prior(key)
         if prior is not None and prior.state != NOT_APPLIED:
             self._open[_position(record)] = key
@@ -288,8 +290,10 @@ class DeliveryStage:
                                              Failure.TRANSIENT if failure is not Failure.PERMANENT else failure,
                                              out.payload, probe=True)
 
-    def _outgoing(self, env: Envelope, target: Target, payload: bytes, attempt_no: int) -> Outgoing:
-        """The payload this target gets: repaired per its policy and marked with the transfer.
+    def _outgoing(self, env: Envelope, target: Target, payload: bytes, attempt_no: int,
+                  conditional_types: frozenset[str] | None = frozenset()) -> Outgoing:
+        """The payload this target gets: repaired per its policy, made conditional where the target creates
+        conditionally (`conditional_types`: None every type, empty none), and marked with the transfer.
 
         The first attempt records what the repair changed (the marker is not a repair: it is always there).
         """
@@ -310,6 +314,8 @@ class DeliveryStage:
                 "examples": [{"expression": c.expression, "before": c.before, "after": c.after}
                              for c in repaired.changes[:20]],
             }))
+        if conditional_types is None or conditional_types:
+            conditional.make_conditional(repaired.bundle, conditional_types)  # a resend then creates nothing twice
         marked = mark_transfer(repaired.bundle, self.settings.transfer_tag_system, env.transfer_id)
         return Outgoing(orjson.dumps(marked), emits, originals, probe_plan(marked))
 

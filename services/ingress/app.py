@@ -15,28 +15,30 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import __version__
 from services.core.bus import Bus
-from services.core.envelope import FHIR_JSON, JSON, Emit, Envelope, join_csv, new_id
+from services.core.envelope import FHIR_JSON, JSON, Emit, Envelope, join_csv
 from services.core.errors import BusUnavailable, ConfigurationError, TransientError
 from services.core.logging import get_logger
-from services.core.metrics import INGRESS_REQUESTS
 from services.core.outcome import Issue, error, information, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
 from services.core.topics import EVENTS, RECEIVED
-from services.ingress import checks, limits, security
+from services.ingress import checks, limits, security, submissions
 from services.ingress.checks import Refusal
+from services.ingress.metrics import RequestCounter
 from services.ingress.mtls import ClientCertPolicy
 from services.ingress.producers import ANONYMOUS, Producer, ProducerDirectory, load_producers
-from services.ingress.status import status_answer
+from services.ingress.status import STATUS_PATH, STATUS_URL_EXTENSION, StatusAnswer, accepted_answer, status_answer
 from services.tracker.ledger import Ledger
 
 log = get_logger(__name__)
 
 BUS_RETRY_S = 2.0
+LARGE_BODY_BYTES = 256 * 1024
 
 
 @dataclass
@@ -51,11 +53,11 @@ class IngressState:
     bus_ready: asyncio.Event = field(default_factory=asyncio.Event)
     limiter: limits.ProducerLimiter = field(default_factory=limits.ProducerLimiter)
     cert_policy: ClientCertPolicy | None = None  # mutual TLS: client certificates checked against the CA
+    background: submissions.Background = field(default_factory=lambda: submissions.Background())
 
 
 def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    """A FHIR JSON response; every answer of ingress goes through here so it is counted."""
-    INGRESS_REQUESTS.labels(str(status)).inc()
+    """A FHIR JSON response (counted, with every other answer, by `count_requests`)."""
     return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
@@ -89,6 +91,7 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await ledger.create_schema()
         watcher = asyncio.create_task(app.state.reloader.run())  # producers/operators files, no restart
+        purger = asyncio.create_task(_purge_submissions(state))
         if manage_bus:
             connector = asyncio.create_task(_connect_bus(state))
         else:
@@ -96,9 +99,11 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in (watcher, purger):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await state.background.drain()
             if manage_bus:
                 connector.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -110,7 +115,8 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
                   description="Accepts TDDUI transaction Bundles and reports each transfer's fate.")
     app.state.ingress = state
     app.state.reloader = security.Reloader(app, settings)
-    _install_error_handlers(app)
+    _install_error_handlers(app, settings)
+    app.add_middleware(RequestCounter)
 
     @app.post("/fhir", status_code=202, summary="Accept a TDDUI transaction Bundle (FHIR POST [base])")
     @app.post("/fhir/", include_in_schema=False)
@@ -120,22 +126,22 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
         except Refusal as refusal:
             return outcome_response(refusal.status, refusal.issues, dict(refusal.headers))
 
-    @app.get("/transfers/{transfer_id}", summary="A transfer's status (FHIR asynchronous pattern)")
+    # The status URL lives under the FHIR base, so FHIR clients follow it as one of the server's own URLs.
+    @app.get(STATUS_PATH + "/{transfer_id}", summary="A transfer's status (FHIR asynchronous pattern)")
+    @app.get("/transfers/{transfer_id}", summary="A transfer's status (alias of /fhir/_transfer/{transfer_id})")
     async def transfer_status(transfer_id: str, request: Request) -> Response:
         try:
             producer = _authenticate(state, request)
         except Refusal as refusal:
             return outcome_response(refusal.status, refusal.issues, dict(refusal.headers))
         try:
-            view = await state.ledger.get(transfer_id)
+            answer = await _status_of(state, transfer_id, producer)
         except TransientError:
             return outcome_response(503, [error("transient", "the ledger is unavailable; retry shortly")],
                                     {"Retry-After": str(settings.retry_after_s)})
-        if view is None or (state.producers is not None and view.producer != producer.id):
+        if answer is None:
             return outcome_response(404, [error(
-                "not-found", f"no transfer {transfer_id} for this producer (a transfer accepted a moment ago "
-                "may take a second to appear)", rule="relais-status-unknown")])
-        answer = status_answer(view)
+                "not-found", f"no transfer {transfer_id} for this producer", rule="relais-status-unknown")])
         return fhir_response(answer.status, answer.body, answer.headers)
 
     @app.get("/metadata", summary="CapabilityStatement of this Relais")
@@ -179,6 +185,31 @@ async def _connect_bus(state: IngressState) -> None:
             await asyncio.sleep(BUS_RETRY_S)
 
 
+async def _status_of(state: IngressState, transfer_id: str, producer: Producer) -> StatusAnswer | None:
+    """The tracker's view when it has one, else what ingress recorded before its 202; None: unknown here."""
+    view = await state.ledger.get(transfer_id)
+    if view is not None:
+        if state.producers is not None and view.producer != producer.id:
+            return None
+        return status_answer(view, await state.ledger.warnings(transfer_id))
+    row = await submissions.lookup(state.ledger, transfer_id)
+    if row is None or row["state"] == submissions.FAILED or (
+            state.producers is not None and row["producer"] != producer.id):
+        return None
+    return accepted_answer(transfer_id)
+
+
+async def _purge_submissions(state: IngressState) -> None:
+    """Forget idempotency keys past their window, now and then (every replica may; it is idempotent)."""
+    window = state.settings.idempotency_window_s
+    while True:
+        await asyncio.sleep(min(window / 10, 600.0))
+        try:
+            await submissions.purge(state.ledger, window)
+        except Exception as exc:  # noqa: BLE001 - a ledger hiccup: try again next round
+            log.warning("could not purge expired idempotency keys", error=str(exc))
+
+
 def _authenticate(state: IngressState, request: Request) -> Producer:
     return _identify(state, request).producer
 
@@ -208,39 +239,86 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
     if isinstance(targets, Refusal):
         raise targets
     body = await limits.read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
-    parsed = checks.parse_bundle(body)
+    # Large bodies are parsed off the event loop (the duplicate-key check walks every object).
+    parsed = (checks.parse_bundle(body) if len(body) < LARGE_BODY_BYTES
+              else await run_in_threadpool(checks.parse_bundle, body))
     if isinstance(parsed, Refusal):
         raise parsed
-    finess = security.source_finess(parsed)
-    for refusal in (limits.check_shape(parsed, settings), security.check_structure(producer, finess)):
+    for refusal in (checks.check_entries(parsed), limits.check_shape(parsed, settings)):
         if refusal:
             raise refusal
+    finess = security.source_finess(parsed)
+    refusal = security.check_structure(producer, finess)
+    if refusal:
+        raise refusal
     if not state.bus_ready.is_set():
         raise _unavailable(settings, "Relais is not connected to Kafka yet")
 
-    transfer_id = new_id()
+    # Recorded in the ledger database before anything is published (services/ingress/submissions.py).
+    key = submissions.idempotency_key(request.headers.get(submissions.IDEMPOTENCY_HEADER), parsed, targets)
+    print_ = submissions.fingerprint(targets, body)
+    try:
+        claim = await submissions.claim(state.ledger, producer.id, key, print_, settings.idempotency_window_s)
+        while claim.verdict == "busy":  # the same request, at once: wait for the first one's outcome
+            settled = await submissions.wait_for(state.ledger, claim.transfer_id, settings.kafka_timeout_s + 2)
+            if settled == submissions.PUBLISHING:
+                raise submissions.key_busy(settings.retry_after_s)
+            claim = await submissions.claim(state.ledger, producer.id, key, print_, settings.idempotency_window_s)
+    except TransientError as exc:
+        log.error("transfer refused: the ledger database did not record it", error=str(exc), producer=producer.id)
+        raise _unavailable(settings, "Relais could not record the transfer") from exc
+    if claim.verdict == "conflict":
+        raise submissions.key_conflict(claim.transfer_id)
+    transfer_id = claim.transfer_id
+    entries = parsed.get("entry") or []
+    base = (settings.public_base_url or str(request.base_url)).rstrip("/")
+    if claim.verdict == "replay":
+        log.info("transfer resubmitted with its idempotency key; not published again", transfer_id=transfer_id,
+                 producer=producer.id)
+        return _accepted(base, transfer_id)
+
     received = Envelope(type="fr.relais.transfer.received", source="/relais/ingress", transfer_id=transfer_id,
                         data=body, producer=producer.id, extra={"targets": join_csv(targets)})
     accepted = Envelope(type="fr.relais.event.accepted", source="/relais/ingress", transfer_id=transfer_id,
                         data=orjson.dumps({"kind": "accepted", "stage": "ingress", "targets": targets,
-                                           "size": len(body), "entries": len(parsed.get("entry") or []),
+                                           "size": len(body), "entries": len(entries),
                                            "sha256": hashlib.sha256(body).hexdigest(), "finess": finess,
                                            "auth": identity.method, "cert": identity.cert_fingerprint}),
                         producer=producer.id, content_type=JSON)
-    key = transfer_id.encode()
+    record_key = transfer_id.encode()
     try:
-        await state.bus.publish([Emit(RECEIVED, key, received), Emit(EVENTS, key, accepted)])
-    except BusUnavailable as exc:
-        log.error("transfer refused: Kafka did not acknowledge", error=str(exc), producer=producer.id)
+        await state.bus.publish([Emit(RECEIVED, record_key, received), Emit(EVENTS, record_key, accepted)])
+    except (BusUnavailable, OSError) as exc:  # OSError: the embedded log's disk is full or read-only
+        with contextlib.suppress(Exception):
+            log.error("transfer refused: the bus did not acknowledge", error=str(exc), producer=producer.id)
+        with contextlib.suppress(TransientError):  # a retry with the key may take it over at once
+            await submissions.settle(state.ledger, transfer_id, submissions.FAILED)
         raise _unavailable(settings, "Relais could not store the transfer durably") from exc
+    # Marked published off the answer's path (one database commit less per POST). If that write is lost
+    # (crash, database down) the row stays `publishing`: the status URL still answers 202, and a retry
+    # with the key finds the tracker's events (submissions.claim): the 202 stays true either way.
+    state.background.spawn(_mark_published(state, transfer_id))
 
-    base = (settings.public_base_url or str(request.base_url)).rstrip("/")
     log.info("transfer accepted", transfer_id=transfer_id, producer=producer.id, targets=targets,
-             size=len(body), entries=len(parsed.get("entry") or []))
-    return outcome_response(
-        202, [information(f"transfer {transfer_id} accepted; poll {base}/transfers/{transfer_id} for its outcome")],
-        {"Content-Location": f"{base}/transfers/{transfer_id}", "X-Relais-Transfer-Id": transfer_id},
-    )
+             size=len(body), entries=len(entries), takeover=claim.verdict == "takeover")
+    return _accepted(base, transfer_id)
+
+
+async def _mark_published(state: IngressState, transfer_id: str) -> None:
+    try:
+        await submissions.settle(state.ledger, transfer_id, submissions.PUBLISHED)
+    except Exception as exc:  # noqa: BLE001 - best effort, see above
+        with contextlib.suppress(Exception):
+            log.warning("transfer published but not marked so in the ledger", transfer_id=transfer_id,
+                        error=str(exc))
+
+
+def _accepted(base: str, transfer_id: str) -> Response:
+    """The 202: the status URL in Content-Location, and in the body for clients that do not show headers."""
+    location = f"{base}{STATUS_PATH}/{transfer_id}"
+    body = operation_outcome([information(f"transfer {transfer_id} accepted; poll {location} for its outcome")])
+    body["extension"] = [{"url": STATUS_URL_EXTENSION, "valueUrl": location}]
+    return fhir_response(202, body, {"Content-Location": location, "X-Relais-Transfer-Id": transfer_id})
 
 
 def _unavailable(settings: Settings, why: str) -> Refusal:
@@ -248,7 +326,7 @@ def _unavailable(settings: Settings, why: str) -> Refusal:
                          rule="relais-ingress-unavailable", headers={"Retry-After": str(settings.retry_after_s)})
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     """Every error, even the framework's own, answers an OperationOutcome, and never a 500 page."""
 
     @app.exception_handler(StarletteHTTPException)
@@ -264,7 +342,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unexpected ingress error", error_type=type(exc).__name__)
+        with contextlib.suppress(Exception):  # a log line that cannot be written must not fail the answer
+            log.exception("unexpected ingress error", error_type=type(exc).__name__)
+        if isinstance(exc, OSError | TransientError):  # disk full, database locked...: retrying can help
+            return outcome_response(503, [error("transient", "Relais cannot store anything right now; nothing was "
+                                                "accepted. Retry later")], {"Retry-After": str(settings.retry_after_s)})
         return outcome_response(500, [error("exception", "internal error in Relais; nothing was accepted. "
                                             "Retry later and tell the operator if it persists")])
 

@@ -7,6 +7,7 @@ validator, so that ingress answers in milliseconds.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,6 +76,11 @@ def parse_bundle(body: bytes) -> dict[str, Any] | Refusal:
     if not isinstance(data, dict):
         return refuse(400, "structure", "the body is JSON but not an object; send a FHIR Bundle",
                       rule="relais-ingress-bundle")
+    duplicate = duplicate_key(body)
+    if duplicate is not None:
+        # Two values for one key: which one a target keeps is anyone's guess, so neither is forwarded.
+        return refuse(400, "structure", f"the JSON repeats the key {duplicate.rsplit('.', 1)[-1]!r} in one object; "
+                      "each key may appear once", duplicate, rule="relais-ingress-duplicate-key")
     if data.get("resourceType") != "Bundle":
         found = data.get("resourceType")
         return refuse(400, "structure",
@@ -85,6 +91,71 @@ def parse_bundle(body: bytes) -> dict[str, Any] | Refusal:
                       f"Bundle.type is {data.get('type')!r}; TDDUI exports are Bundles of type 'transaction'",
                       "Bundle.type", rule="relais-ingress-transaction")
     return data
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its (key, value) pairs, duplicates kept."""
+
+
+def duplicate_key(body: bytes) -> str | None:
+    """The FHIRPath of the first key repeated within one JSON object, or None.
+
+    orjson keeps the last of two equal keys silently; the standard parser's pairs hook sees them all.
+    Called on bodies orjson accepted; a nesting too deep for the standard parser is left to the depth check.
+    """
+    seen_any = False
+
+    def pairs(items: list[tuple[str, Any]]) -> Any:
+        nonlocal seen_any
+        if len({k for k, _ in items}) != len(items):
+            seen_any = True
+            return _Pairs(items)
+        return _Pairs(items) if seen_any else dict(items)
+
+    try:
+        tree = json.loads(body, object_pairs_hook=pairs)
+    except (RecursionError, ValueError):
+        return None
+    if not seen_any:
+        return None
+    stack: list[tuple[Any, str]] = [(tree, "Bundle")]
+    while stack:  # the first duplicate in document order, with its path
+        node, path = stack.pop()
+        if isinstance(node, _Pairs):
+            keys: set[str] = set()
+            for key, _ in node:
+                if key in keys:
+                    return f"{path}.{key}"
+                keys.add(key)
+            stack.extend((value, f"{path}.{key}") for key, value in reversed(node))
+        elif isinstance(node, list):
+            stack.extend((value, f"{path}[{i}]") for i, value in reversed(list(enumerate(node))))
+    return None
+
+
+def check_entries(bundle: Mapping[str, Any]) -> Refusal | None:
+    """400 unless `Bundle.entry` (when present) is an array of objects: what every later step relies on."""
+    entries = bundle.get("entry")
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        return refuse(400, "structure", f"Bundle.entry is a JSON {_json_kind(entries)}; it must be an array of "
+                      "entries", "Bundle.entry", rule="relais-ingress-entry-shape")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            return refuse(400, "structure", f"Bundle.entry[{i}] is a JSON {_json_kind(entry)}; each entry must be "
+                          "an object", f"Bundle.entry[{i}]", rule="relais-ingress-entry-shape")
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object" if isinstance(value, dict) else "null"
 
 
 def check_targets(header: str | None, producer: Producer, directory: TargetDirectory) -> list[str] | Refusal:

@@ -18,7 +18,6 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from services.core.envelope import FHIR_JSON
-from services.core.metrics import INGRESS_REQUESTS
 from services.core.outcome import Issue, operation_outcome
 from services.ingress import checks, limits
 from services.ingress.checks import Refusal
@@ -57,7 +56,6 @@ async def validate(request: Request) -> Response:
 
 
 def _answer(status: int, issues: list[Issue] | tuple[Issue, ...], headers: dict[str, str] | None = None) -> Response:
-    INGRESS_REQUESTS.labels(str(status)).inc()
     return Response(orjson.dumps(operation_outcome(issues)), status_code=status, media_type=FHIR_JSON,
                     headers=headers)
 
@@ -82,6 +80,10 @@ def _decode(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise checks.refuse(400, "structure", "the body is JSON but not an object; send a FHIR Bundle",
                             rule=RULE_INPUT)
+    duplicate = checks.duplicate_key(body)
+    if duplicate is not None:  # as POST /fhir refuses it: the vendor learns it here first
+        raise checks.refuse(400, "structure", f"the JSON repeats the key {duplicate.rsplit('.', 1)[-1]!r} in one "
+                            "object; each key may appear once", duplicate, rule="relais-ingress-duplicate-key")
     return data
 
 

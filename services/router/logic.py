@@ -94,9 +94,9 @@ def transfer_info(bundle: Any, named: Sequence[str], producer: str | None) -> Tr
         if not isinstance(resource, dict):
             continue
         meta = resource.get("meta")
-        for p in (meta.get("profile") if isinstance(meta, dict) else None) or []:
-            if isinstance(p, str):
-                profiles.add(p)
+        profile = meta.get("profile") if isinstance(meta, dict) else None
+        # Hostile or broken input (a number, a boolean, a string where a list belongs) routes as "no profile".
+        profiles.update(p for p in _as_list(profile) if isinstance(p, str))
         if resource.get("resourceType") == "Organization":
             finess |= _organization_finess(resource)
     return TransferInfo(tuple(named), producer, frozenset(finess), frozenset(profiles))
@@ -104,7 +104,7 @@ def transfer_info(bundle: Any, named: Sequence[str], producer: str | None) -> Tr
 
 def _organization_finess(org: dict[str, Any]) -> set[str]:
     found: set[str] = set()
-    for ident in org.get("identifier") or []:
+    for ident in _as_list(org.get("identifier")):
         if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
             continue
         value = ident["value"]
@@ -113,6 +113,11 @@ def _organization_finess(org: dict[str, Any]) -> set[str]:
         elif ident.get("system") == ID_NAT_ST and value.startswith("1"):  # idNatSt prefix 1 = FINESS
             found.add(value[1:])
     return found
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A JSON array as a list; anything else (absent, number, boolean, string, object) as nothing."""
+    return value if isinstance(value, list) else []
 
 
 def delivery_key(target: str, subject: str | None, transfer_id: str) -> bytes:

@@ -165,6 +165,23 @@ access_log = sa.Table(
 )
 
 
+# What ingress accepted, written by ingress itself before it answers 202 (services/ingress/submissions.py):
+# the status URL answers from here until the tracker has projected the transfer, on every replica, and
+# a producer's Idempotency-Key (or Bundle.identifier) maps to one transfer. Not projected from events.
+submissions = sa.Table(
+    "submissions", metadata,
+    sa.Column("transfer_id", sa.String(64), primary_key=True),
+    sa.Column("producer", sa.String(128), nullable=False),
+    sa.Column("idem_key", sa.String(320), nullable=True),  # None: the producer gave no key
+    sa.Column("fingerprint", sa.String(64), nullable=False),  # SHA-256 of the targets and the body
+    sa.Column("state", sa.String(16), nullable=False),  # publishing | published | failed
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # Two requests with one key, at once, on two replicas: the database lets exactly one insert win.
+    sa.UniqueConstraint("producer", "idem_key", name="uq_submissions_producer_key"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerEvent:
     """One fact from `transfers.events`, as the ledger records it."""
@@ -396,6 +413,19 @@ class Ledger:
             deliveries=[DeliveryView(r["target"], r["status"], r["attempts"], r["response"], r["outcome"],
                                      r["last_http_status"], r["assigned"]) for r in rows],
         )
+
+    async def warnings(self, transfer_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
+        """(kind, target, detail) of the events that carry warnings for the producer: the validator's
+        findings (`validated`) and the envelope repairs made for a target (`repaired`), oldest first."""
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(
+                    sa.select(events.c.kind, events.c.target, events.c.detail)
+                    .where(events.c.transfer_id == transfer_id, events.c.kind.in_(("validated", "repaired")))
+                    .order_by(events.c.time))).all()
+        except (OperationalError, OSError) as exc:
+            raise TransientError(f"ledger database unavailable: {exc}") from exc
+        return [(kind, target, dict(detail or {})) for kind, target, detail in rows]
 
     async def count_by_status(self) -> dict[str, int]:
         """How many transfers are in each status."""

@@ -9,8 +9,10 @@ reaches the dead-letter queue with its OperationOutcome.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import Response
 
 from services.core.envelope import FHIR_JSON
 from services.core.settings import Settings
@@ -33,7 +38,7 @@ from services.ingress.status import (
 from tests.fixtures.tddui import make_bundle
 from tests.support.embedded import EmbeddedRelais
 from tests.support.medplum import MedplumServer, medplum_server  # noqa: F401 - the fixture
-from tests.support.processes import REPO
+from tests.support.processes import REPO, free_port
 from tests.support.producers import write_targets
 
 pytestmark = pytest.mark.e2e
@@ -48,6 +53,9 @@ def relais_for(tmp_path: Path, medplum_server: MedplumServer) -> Iterator[Any]: 
 
     def start(repair: dict[str, bool] | None) -> EmbeddedRelais:
         targets = write_targets(tmp_path / "targets.yaml", {TARGET: medplum_server.base_url}, repair=repair)
+        # Medplum refuses conditional creates in a transaction of more than 8 entries ("Transaction
+        # requires strict isolation but has too many entries"); these tests send 12.
+        targets.write_text(targets.read_text(encoding="utf-8") + "    conditional_create: off\n", encoding="utf-8")
         relais = EmbeddedRelais(tmp_path, targets_file=targets)
         started.append(relais)
         relais.start()
@@ -58,9 +66,10 @@ def relais_for(tmp_path: Path, medplum_server: MedplumServer) -> Iterator[Any]: 
         assert relais.stop() in (0, None), relais.log_tail()
 
 
-def send(relais: EmbeddedRelais, bundle: dict[str, Any]) -> str:
+def send(relais: EmbeddedRelais, bundle: dict[str, Any], key: str | None = None) -> str:
+    keyed = {"Idempotency-Key": f'"{key}"'} if key else {}
     answer = httpx.post(f"{relais.url}/fhir", content=orjson.dumps(bundle), timeout=30,
-                        headers={**AUTH, "Content-Type": FHIR_JSON, "X-Relais-Target": TARGET})
+                        headers={**AUTH, **keyed, "Content-Type": FHIR_JSON, "X-Relais-Target": TARGET})
     assert answer.status_code == 202, answer.text
     return answer.headers["X-Relais-Transfer-Id"]
 
@@ -68,10 +77,10 @@ def send(relais: EmbeddedRelais, bundle: dict[str, Any]) -> str:
 def final_status(relais: EmbeddedRelais, transfer_id: str, timeout_s: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        answer = httpx.get(f"{relais.url}/transfers/{transfer_id}", headers=AUTH, timeout=10)
+        answer = httpx.get(f"{relais.url}/fhir/_transfer/{transfer_id}", headers=AUTH, timeout=10)
         if answer.status_code == 200:
             return answer.json()  # type: ignore[no-any-return]
-        assert answer.status_code in (202, 404), answer.text  # 404: accepted, not yet in the ledger
+        assert answer.status_code == 202, answer.text  # a 202 is a promise: never 404
         time.sleep(0.2)
     raise AssertionError(f"transfer {transfer_id} never completed\n{relais.log_tail()}")
 
@@ -236,3 +245,121 @@ async def test_the_probe_finds_exactly_this_transfer_on_medplum_by_its_marker(
     assert len(applied.found) == 8
     assert set(applied.found) == {type_and_id(loc) for loc in assigned(entry).values()}
     assert absent.verdict is Verdict.ABSENT, absent
+
+
+def references_resolve(server: MedplumServer, resource: dict[str, Any]) -> int:
+    """Every `Type/id` reference of a stored resource names a resource the server holds; returns how many."""
+    count = 0
+    for ref in references(resource):
+        if ref.count("/") == 1 and not ref.startswith(("urn:", "http")):
+            assert server.read(ref) is not None, f"{resource['resourceType']}/{resource['id']}: {ref} dangles"
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize(("mode", "copies"), [("auto", 1), ("off", 2)])
+def test_conditional_create_makes_a_second_delivery_create_nothing_twice(
+        tmp_path: Path, medplum_server: MedplumServer, mode: str, copies: int) -> None:  # noqa: F811
+    """auto: Medplum's CapabilityStatement declares conditionalCreate, so Relais sends request.ifNoneExist
+    on every identified entry; the same Bundle delivered twice creates each resource once. off: twice."""
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(f"targets:\n  - id: {TARGET}\n    base_url: {medplum_server.base_url}\n"
+                       f"    conditional_create: {mode}\n", encoding="utf-8")
+    relais = EmbeddedRelais(tmp_path, targets_file=targets)
+    relais.start()
+    try:
+        bundle = make_bundle(5, seed=811, published_style=True)  # every entry has a business identifier
+        first = final_status(relais, send(relais, bundle, key="first-delivery"))
+        second = final_status(relais, send(relais, bundle, key="second-delivery"))  # the same export, replayed
+    finally:
+        assert relais.stop() in (0, None), relais.log_tail()
+    for status in (first, second):
+        assert {"url": STATUS_EXTENSION_URL, "valueCode": "delivered"} in target_entry(status)["extension"], status
+
+    for rtype in {e["resource"]["resourceType"] for e in bundle["entry"]}:
+        stored = [e["resource"] for e in medplum_server.get(rtype).json().get("entry", [])]
+        expected = sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] == rtype)
+        assert len(stored) == expected * copies, (rtype, len(stored))
+        for resource in stored:
+            references_resolve(medplum_server, resource)
+    if mode == "auto":
+        # The replay's answer names the resources the first delivery created: the same ids.
+        assert assigned(target_entry(first)) == assigned(target_entry(second))
+        sent = target_entry(second)["resource"]
+        assert [e["response"]["status"].split()[0] for e in sent["entry"]] == ["200"] * 5, sent
+
+
+class LossyProxy:
+    """A pass-through to Medplum that loses the answer of the first transaction: Medplum applies it,
+    Relais hears nothing back (the failure is ambiguous) — the case conditional create exists for."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rsplit("/fhir", 1)[0]
+        self.port = free_port()
+        self.lost = 0
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    interface="asgi3", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        request = Request(scope, receive)
+        url = f"{self.upstream}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await client.request(request.method, url, content=await request.body(), headers={
+                "Content-Type": request.headers.get("content-type", FHIR_JSON), "Accept": FHIR_JSON})
+        if request.method == "POST" and request.url.path.rstrip("/") == "/fhir" and not self.lost:
+            self.lost += 1
+            await asyncio.sleep(8)  # applied upstream; Relais times out waiting for the answer
+        await Response(answer.content, answer.status_code, media_type=FHIR_JSON)(scope, receive, send)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the proxy never started"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}/fhir"
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+@pytest.mark.parametrize(("mode", "copies"), [("auto", 1), ("off", 2)])
+def test_a_dead_letter_replayed_after_its_answer_was_lost_creates_nothing_twice(
+        tmp_path: Path, medplum_server: MedplumServer, mode: str, copies: int) -> None:  # noqa: F811
+    """Medplum applies the transaction, its answer is lost, the ambiguous failure is dead-lettered
+    (policy `dead-letter`), and the operator replays it from the DLQ (/ops): with conditional create
+    each resource exists once and references resolve; without it, twice."""
+    with LossyProxy(medplum_server.base_url) as proxied:
+        targets = tmp_path / "targets.yaml"
+        targets.write_text(f"targets:\n  - id: {TARGET}\n    base_url: {proxied}\n"
+                           f"    timeouts: {{connect_s: 2, total_s: 2}}\n    ambiguous: dead-letter\n"
+                           f"    conditional_create: {mode}\n", encoding="utf-8")
+        relais = EmbeddedRelais(tmp_path, targets_file=targets)
+        relais.env["RELAIS_OPS_TOKEN"] = "ops-token-for-replay"
+        relais.start()
+        try:
+            bundle = make_bundle(5, seed=812, published_style=True)  # every entry has a business identifier
+            transfer_id = send(relais, bundle)
+            lost = final_status(relais, transfer_id)
+            assert {"url": STATUS_EXTENSION_URL, "valueCode": "dead-lettered"} in target_entry(lost)["extension"]
+            assert medplum_server.get("Patient").json().get("entry"), "Medplum applied the lost transaction"
+            replay = httpx.post(f"{relais.url}/ops/dead-letters/{transfer_id}/{TARGET}/replay", timeout=30,
+                                headers={"Authorization": "Bearer ops-token-for-replay"})
+            assert replay.status_code in (200, 202), replay.text
+            deadline = time.monotonic() + 60
+            status = final_status(relais, transfer_id)
+            while {"url": STATUS_EXTENSION_URL, "valueCode": "delivered"} not in target_entry(status)["extension"]:
+                assert time.monotonic() < deadline, status
+                time.sleep(0.3)
+                status = final_status(relais, transfer_id)
+        finally:
+            assert relais.stop() in (0, None), relais.log_tail()
+    for rtype in {e["resource"]["resourceType"] for e in bundle["entry"]}:
+        stored = [e["resource"] for e in medplum_server.get(rtype).json().get("entry", [])]
+        expected = sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] == rtype)
+        assert len(stored) == expected * copies, (rtype, len(stored))
+        for resource in stored:
+            references_resolve(medplum_server, resource)

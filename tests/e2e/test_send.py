@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ import pytest
 from tests.fixtures.tddui import make_bundle
 from tests.support.embedded import EmbeddedRelais
 from tests.support.processes import REPO
+from tests.support.producers import write_targets
 from tests.support.schemas import check_embedded_log
 
 pytestmark = pytest.mark.e2e
@@ -98,5 +100,77 @@ def test_send_1000_files_interrupted_then_resumed(tmp_path: Path) -> None:
         topics = check_embedded_log(tmp_path / "log.db")
         assert {"transfers.received", "transfers.validated", "transfers.rejected", "deliveries",
                 "deliveries.retry.1", "transfers.events"} <= set(topics), topics
+    finally:
+        relais.stop()
+
+
+def applied_at_target(relais: EmbeddedRelais) -> Counter[tuple[str, str]]:
+    """(target id, Bundle.identifier) of every transaction the demo target applied: counted by content."""
+    received = httpx.get(f"http://127.0.0.1:{relais.target_port}/_received", timeout=30).json()
+    return Counter((r["request_id"].rsplit("/", 1)[-1], r["body"]["identifier"]["value"])
+                   for r in received if r["applied"])
+
+
+def test_send_identical_files_to_two_targets_then_after_kill_9_reports_each_file_once(tmp_path: Path) -> None:
+    relais = EmbeddedRelais(tmp_path)
+    url = f"http://127.0.0.1:{relais.target_port}/fhir"
+    relais.env["RELAIS_TARGETS_FILE"] = str(write_targets(tmp_path / "abc.yaml", {"a": url, "b": url, "c": url}))
+    relais.start_target()
+    relais.start()
+    folder = tmp_path / "export"
+    folder.mkdir()
+    same = orjson.dumps(make_bundle(4, seed=50_000))
+    for i in range(12):  # twelve copies of one export: one request per target, each file reported with it
+        (folder / f"copy-{i:02d}.json").write_bytes(same)
+    distinct = [make_bundle(4, seed=50_001), make_bundle(4, seed=50_002)]
+    for i, bundle in enumerate(distinct):
+        (folder / f"other-{i}.json").write_bytes(orjson.dumps(bundle))
+    invalid = make_bundle(3, seed=50_003)
+    invalid["entry"][1]["request"]["method"] = "PUT"  # the validator rejects it
+    (folder / "invalid.json").write_bytes(orjson.dumps(invalid))
+    identifiers = {orjson.loads(same)["identifier"]["value"], *(b["identifier"]["value"] for b in distinct)}
+    journal = tmp_path / "journal"
+
+    def send(target: str, report: Path) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "send", str(folder), "--to", target, "--url", relais.url,
+             "--token", "demo-token", "--journal", str(journal), "--report", str(report), "--wait",
+             "--wait-timeout", "120"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def check(report_file: Path) -> None:
+        report = json.loads(report_file.read_text())
+        files = report["files"]
+        assert sorted(f["path"] for f in files) == sorted(str(p) for p in folder.iterdir())  # each file once
+        results = Counter(f["result"] for f in files)
+        assert results == {"delivered": 14, "rejected": 1}, files
+        assert len({f["transfer_id"] for f in files if "copy-" in f["path"]}) == 1  # one request, one transfer
+        [bad] = [f for f in files if f["result"] == "rejected"]
+        assert bad["path"].endswith("invalid.json") and bad["status"] == 422 and "PUT" in bad["reason"]
+
+    try:
+        for target in ("a", "b"):
+            run = send(target, tmp_path / f"{target}.json")
+            out, err = run.communicate(timeout=180)
+            assert run.returncode == 1, err  # one file rejected: exit 1
+            assert "delivered: 14" in out and "rejected: 1" in out and "skipped" not in out, out
+            check(tmp_path / f"{target}.json")
+        # kill -9 while transfers to c are in flight (the target holds its answers a while), then again.
+        faults = f"http://127.0.0.1:{relais.target_port}/_faults"
+        httpx.post(faults, json={"delay_s": 1.5, "count": 2}).raise_for_status()
+        before = len(journal.read_text().splitlines())
+        killed = send("c", tmp_path / "c-killed.json")
+        deadline = time.monotonic() + 60
+        while len(journal.read_text().splitlines()) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        killed.send_signal(signal.SIGKILL)
+        killed.communicate(timeout=30)
+        assert not (tmp_path / "c-killed.json").exists()  # it died before its report
+        again = send("c", tmp_path / "c.json")
+        out, err = again.communicate(timeout=180)
+        assert again.returncode == 1, err
+        check(tmp_path / "c.json")
+
+        applied = applied_at_target(relais)
+        assert applied == Counter({(t, i): 1 for t in "abc" for i in identifiers}), applied
     finally:
         relais.stop()

@@ -75,7 +75,7 @@ async def test_accepted_bundle_is_in_kafka_before_202(
         response = await client.post("/fhir", content=body, headers=headers(target="essms-a, sidoba"))
     assert response.status_code == 202, response.text
     transfer_id = response.headers["X-Relais-Transfer-Id"]
-    assert response.headers["Content-Location"] == f"http://relais.test/transfers/{transfer_id}"
+    assert response.headers["Content-Location"] == f"http://relais.test/fhir/_transfer/{transfer_id}"
     outcome = response.json()
     assert outcome["resourceType"] == "OperationOutcome"
     assert outcome["issue"][0]["severity"] == "information"

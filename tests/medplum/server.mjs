@@ -42,6 +42,12 @@ const repo = new MemoryRepository();
 // `transactions: true` makes a `transaction` Bundle all-or-nothing (without it Medplum runs it as a batch).
 const config = { transactions: true };
 
+const CONDITIONAL_TYPES = [
+  'Basic', 'CarePlan', 'Consent', 'DocumentReference', 'Encounter', 'Goal', 'Observation', 'Organization', 'Patient',
+  'Practitioner', 'PractitionerRole', 'QuestionnaireResponse', 'RelatedPerson', 'Schedule', 'ServiceRequest', 'Slot',
+  'Task',
+];
+
 function capabilityStatement() {
   return {
     resourceType: 'CapabilityStatement',
@@ -51,7 +57,15 @@ function capabilityStatement() {
     software: { name: 'Medplum FHIR router (in-memory, Relais tests)', version: '4.5.2' },
     fhirVersion: '4.0.1',
     format: ['json'],
-    rest: [{ mode: 'server', interaction: [{ code: 'transaction' }, { code: 'batch' }] }],
+    // Medplum's router honours request.ifNoneExist in transactions (conditional create): say so, per
+    // type, as a real server's CapabilityStatement does — Relais turns conditional create on from it.
+    rest: [{
+      mode: 'server',
+      interaction: [{ code: 'transaction' }, { code: 'batch' }],
+      resource: CONDITIONAL_TYPES.map((type) => ({
+        type, conditionalCreate: true, interaction: [{ code: 'create' }, { code: 'read' }, { code: 'search-type' }],
+      })),
+    }],
   };
 }
 

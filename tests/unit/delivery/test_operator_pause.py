@@ -26,7 +26,8 @@ async def test_operator_pause_holds_records_and_resume_lets_them_go(tmp_path: Pa
     calls: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
+        if request.method == "POST":  # transactions; GET /metadata is the capability read (conditional create)
+            calls.append(request)
         return httpx.Response(200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": []})
 
     target = Target(id="t", base_url="http://fhir.test/fhir")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from services.core.outcome import error, operation_outcome
-from services.ingress.status import STATUS_EXTENSION_URL, TARGET_EXTENSION_URL, status_answer
+from services.core.outcome import error, operation_outcome, warning
+from services.ingress.status import STATUS_EXTENSION_URL, TARGET_EXTENSION_URL, accepted_answer, status_answer
 from services.tracker.ledger import DeliveryView, TransferView
 
 T0 = datetime(2025, 5, 1, 8, 0, tzinfo=UTC)
@@ -58,15 +58,17 @@ def test_in_flight_is_202_with_progress(transfer: TransferView, progress: str) -
     assert "tr-1" in issue["diagnostics"] and progress in issue["diagnostics"]
 
 
-def test_rejected_is_200_with_the_outcome() -> None:
+def test_rejected_is_422_with_the_outcome_of_every_error() -> None:
+    """FHIR asynchronous pattern: a request that failed ends in a 4xx with its OperationOutcome."""
     answer = status_answer(view("rejected", "rejected", outcome=REJECTION))
-    assert answer.status == 200
+    assert answer.status == 422
     assert answer.body == REJECTION
+    assert answer.headers["X-Relais-Status"] == "rejected"
 
 
 def test_rejected_without_outcome_still_answers_an_operation_outcome() -> None:
     answer = status_answer(view("rejected", "rejected"))
-    assert answer.status == 200
+    assert answer.status == 422
     assert answer.body["resourceType"] == "OperationOutcome" and answer.body["issue"]
 
 
@@ -118,3 +120,33 @@ def test_dead_lettered_per_target_has_an_entry_with_its_outcome(dead: DeliveryVi
     outcome = bad["response"]["outcome"]
     assert outcome["resourceType"] == "OperationOutcome"
     assert diagnostics in outcome["issue"][0]["diagnostics"]
+
+
+def test_accepted_but_not_yet_tracked_is_202_in_progress() -> None:
+    answer = accepted_answer("tr-9")
+    assert answer.status == 202
+    assert answer.headers["X-Relais-Status"] == "accepted" and answer.headers["X-Progress"] == "accepted"
+    assert "tr-9" in answer.body["issue"][0]["diagnostics"]
+
+
+def test_delivered_answer_carries_validation_warnings_and_the_targets_repairs() -> None:
+    notes = [
+        ("validated", None, {"warnings": 1, "outcome": operation_outcome([
+            warning("invalid", "reference outside the Bundle", "Bundle.entry[2].resource.subject",
+                    rule="relais-ref-outside")])}),
+        ("repaired", "essms-a", {"changes": {"request-url": 1}, "examples": [
+            {"expression": "Bundle.entry[0].request.url", "before": "TDDUIPatient", "after": "Patient"}]}),
+        ("repaired", "sidoba", {"changes": {"request-url": 1}, "examples": [
+            {"expression": "Bundle.entry[5].request.url", "before": "X", "after": "Encounter"}]}),
+    ]
+    answer = status_answer(view("delivered", "routed",
+                                delivery("essms-a", "delivered", response=tx_response("Patient/1"), http=200),
+                                delivery("sidoba", "delivered", response=tx_response("Patient/2"), http=200)), notes)
+    assert answer.status == 200 and answer.headers["X-Relais-Status"] == "delivered"
+    first, second = answer.body["entry"]
+    issues = first["response"]["outcome"]["issue"]
+    assert [(i["severity"], i["expression"]) for i in issues] == [
+        ("warning", ["Bundle.entry[2].resource.subject"]), ("warning", ["Bundle.entry[0].request.url"])]
+    assert "TDDUIPatient" in issues[1]["diagnostics"]
+    assert [i["expression"] for i in second["response"]["outcome"]["issue"]] == [
+        ["Bundle.entry[2].resource.subject"], ["Bundle.entry[5].request.url"]]

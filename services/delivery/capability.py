@@ -1,0 +1,60 @@
+"""What each target says it supports (its CapabilityStatement), fetched once an hour, and the
+conditional-create step of the payload built for a target (services/delivery/conditional.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from services.core.envelope import FHIR_JSON
+from services.core.logging import get_logger
+from services.delivery import conditional
+from services.delivery.client import TargetClient
+
+log = get_logger(__name__)
+
+FRESH_S = 3600.0  # a target's capabilities rarely change; re-read hourly
+RETRY_S = 60.0  # after a failed read: conditional create stays off meanwhile, ask again soon
+
+
+@dataclass
+class Capabilities:
+    """Per target: the resource types it creates conditionally, and when that was learnt."""
+
+    _known: dict[str, tuple[float, frozenset[str]]] = field(default_factory=dict)
+
+    async def conditional_types(self, client: TargetClient) -> frozenset[str]:
+        """The types the target's CapabilityStatement declares `conditionalCreate` for (empty: none, or unknown)."""
+        target = client.target.id
+        now = time.monotonic()
+        cached = self._known.get(target)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        # The client's authenticated GET, as its own health check makes it (a target may guard /metadata).
+        attempt = await client._request(
+            "GET", f"{client.target.base_url}/metadata", headers={"Accept": FHIR_JSON, **client.target.headers})
+        if attempt.status == 200:
+            types = conditional.conditional_types(attempt.json())
+            self._known[target] = (now + FRESH_S, types)
+            log.info("target capabilities read", target=target, conditional_create_types=len(types))
+            return types
+        self._known[target] = (now + RETRY_S, frozenset())
+        log.warning("cannot read the target's CapabilityStatement; conditional create off for now", target=target,
+                    answer=attempt.describe())
+        return frozenset()
+
+    async def types_for(self, client: TargetClient) -> frozenset[str] | None:
+        """The resource types to create conditionally at this target, per its `conditional_create` option:
+        None means every type (`on`); an empty set means none (`off`, or `auto` and not declared)."""
+        mode = client.target.conditional_create
+        if mode == "off":
+            return frozenset()
+        return conditional.ALL_TYPES if mode == "on" else await self.conditional_types(client)
+
+
+_PROCESS_CAPABILITIES = Capabilities()  # one per process, as the delivery stage is
+
+
+async def conditional_types_for(client: TargetClient) -> frozenset[str] | None:
+    """The delivery stage's one call: which entries to make conditional for this target (see `types_for`)."""
+    return await _PROCESS_CAPABILITIES.types_for(client)

@@ -285,7 +285,7 @@ class Invariant(Check):
                 continue
             result: bool | str | None = self.twin(value) if self.twin is not None else None
             if result is None:
-                result = holds(self.function, value)
+                result = holds(self.function, value, node)
             if result is False:
                 ctx.add(self.severity, "invariant", self.rule, loc, "invariant", at=loc, key=self.key,
                         human=self.human)

@@ -57,6 +57,41 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "{at} could not be read as FHIR R4; check its nested resources.",
         "{at} n'a pas pu être lu comme du FHIR R4 ; vérifiez ses ressources imbriquées.",
     ),
+    # --- strict JSON and base R4 rules of the typed walk (r4.py) ----------------------------------
+    "json-type": (
+        "{at}: {value} is not a FHIR {ftype}: FHIR's JSON format needs {json} here, never a conversion "
+        "(a string 'false' reads as true to many consumers); send {json}.",
+        "{at} : {value} n'est pas un {ftype} FHIR : le format JSON de FHIR exige ici {json}, sans "
+        "conversion (la chaîne 'false' vaut vrai pour bien des lecteurs) ; envoyez {json}.",
+    ),
+    "json-null": (
+        "{at} is null; FHIR's JSON format never uses null (except to align a primitive array with its "
+        "'_' extensions): leave the element out.",
+        "{at} vaut null ; le format JSON de FHIR n'utilise jamais null (sauf pour aligner un tableau de "
+        "primitives avec ses extensions '_') : omettez l'élément.",
+    ),
+    "ele-1": (
+        "{at} is an empty object; every FHIR element must have a value or children (ele-1): fill it or "
+        "leave it out.",
+        "{at} est un objet vide ; tout élément FHIR doit avoir une valeur ou des enfants (ele-1) : "
+        "remplissez-le ou omettez-le.",
+    ),
+    "ele-1-array": (
+        "{at} is an empty array; FHIR's JSON format never sends [] (ele-1): leave the element out.",
+        "{at} est un tableau vide ; le format JSON de FHIR n'envoie jamais [] (ele-1) : omettez l'élément.",
+    ),
+    "ele-1-empty": (
+        "{at} is an empty string; a FHIR primitive has a value or extensions (ele-1): send the value or "
+        "leave the element out.",
+        "{at} est une chaîne vide ; une primitive FHIR a une valeur ou des extensions (ele-1) : envoyez la "
+        "valeur ou omettez l'élément.",
+    ),
+    "code-unknown": (
+        "{at}: {code} is not a code of {what} ({system}), a closed code system FHIR R4 binds here; use a "
+        "code of that system.",
+        "{at} : {code} n'est pas un code de {what} ({system}), système de codes fermé que FHIR R4 impose "
+        "ici ; utilisez un code de ce système.",
+    ),
     # --- Bundle transaction rules -----------------------------------------------------------------
     "bundle-type": (
         "Bundle.type is {value}; a TDDUI transfer must be a Bundle of type 'transaction': set type to "

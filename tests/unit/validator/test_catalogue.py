@@ -26,7 +26,7 @@ def test_full_instance_is_valid(pid: str) -> None:
 MINIMAL_ELEMENTS: dict[str, set[str]] = {
     "tddui-basic-decision": {"code", "extension", "identifier"},
     "tddui-careplan-projet-personnalise": {"identifier", "intent", "status", "subject", "supportingInfo", "title"},
-    "tddui-consent-accord": {"category", "dateTime", "performer", "scope", "status"},
+    "tddui-consent-accord": {"category", "dateTime", "performer", "policy", "scope", "status"},  # policy: ppc-1 (R4)
     "tddui-document-reference": {"author", "content", "status"},
     "tddui-encounter-evenement": {"class", "identifier", "period", "status", "subject"},
     "tddui-encounter-sejour": {"class", "identifier", "serviceProvider", "status", "subject"},

@@ -113,7 +113,7 @@ RULE_CASES = [
         lambda b: res(1)(b)["identifier"][0].update(system=1234),
         "error",
         "structure",
-        "fhir-structure",
+        "fhir-r4/json-type",
         "Bundle.entry[1].resource.identifier[0].system",
         id="wrong-json-type",
     ),
@@ -420,9 +420,10 @@ def test_several_errors_in_one_resource_are_each_located() -> None:
     "mutation",
     [
         pytest.param(
-            setter(res(5), "contained", [{"resourceType": "Location", "id": "l1"}]), id="contained-ok"
+            lambda b: res(5)(b).update(contained=[{"resourceType": "Location", "id": "l1", "name": "Salle TEST"}],
+                                       location=[{"reference": "#l1"}]),
+            id="contained-referenced",
         ),
-        pytest.param(setter(res(5), "location", [{"reference": "#l1"}]), id="contained-ref-skipped"),
         pytest.param(lambda b: b["entry"][1]["resource"].update(id="p1"), id="resource-id-is-harmless"),
     ],
 )

@@ -176,6 +176,15 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "{at} : {profile} exige {min} {element} de la tranche '{slice}' ({what}) mais en trouve "
         "{count} ; ajoutez-le.",
     ),
+    "slice-min-unresolved": (
+        "{at}: {profile} requires {min} {element} of slice '{slice}' ({what}); {count} found, and {unknown} "
+        "more point(s) to resources that are not in the Bundle, so the slice cannot be checked (a warning, "
+        "like the unresolved reference itself). Send the referenced resource in the Bundle.",
+        "{at} : {profile} exige {min} {element} de la tranche '{slice}' ({what}) ; {count} trouvé(s), et "
+        "{unknown} autre(s) pointe(nt) vers des ressources absentes du Bundle : la tranche ne peut être "
+        "vérifiée (un avertissement, comme la référence non résolue elle-même). Envoyez la ressource "
+        "référencée dans le Bundle.",
+    ),
     "slice-max": (
         "{at}: {profile} allows at most {max} {element} of slice '{slice}' ({what}) but found {count}; "
         "keep only {max}.",
@@ -261,10 +270,25 @@ _T: Final[dict[str, tuple[str, str]]] = {
     ),
     # --- slices of the Bundle ---------------------------------------------------------------------
     "profile-unknown": (
-        "{at} claims {url}, which is not a profile the TDDUI Bundle slices (IG {version}); use one of the "
-        "{count} entry profiles.",
-        "{at} déclare {url}, qui n'est pas un profil des tranches du Bundle TDDUI (guide {version}) ; "
-        "utilisez l'un des {count} profils d'entrée.",
+        "{at} claims {url}, a TDDUI profile Relais does not know (IG {version}); the Bundle's slicing is open, "
+        "so the entry is checked against base FHIR R4 only and fills no Bundle slice. Claim one of the "
+        "{count} entry profiles if one was meant.",
+        "{at} déclare {url}, un profil TDDUI que Relais ne connaît pas (guide {version}) ; le découpage du "
+        "Bundle est ouvert, l'entrée n'est donc vérifiée que contre FHIR R4 et ne remplit aucune tranche. "
+        "Déclarez l'un des {count} profils d'entrée si c'était l'intention.",
+    ),
+    "slice-not-filled": (
+        "{at} claims {url}, a TDDUI profile that is no Bundle slice: the entry is checked against it but "
+        "fills no Bundle slice (open slicing accepts it). Claim a slice profile if one was meant.",
+        "{at} déclare {url}, un profil TDDUI qui n'est pas une tranche du Bundle : l'entrée est vérifiée "
+        "contre lui mais ne remplit aucune tranche (le découpage ouvert l'accepte). Déclarez un profil de "
+        "tranche si c'était l'intention.",
+    ),
+    "contained-patient": (
+        "{at} is a contained Patient; TDDUI carries the usager as a Bundle entry of its own, under the "
+        "identity rules of tddui-patient / tddui-patient-ins: make it an entry and reference it.",
+        "{at} est un Patient contenu ; TDDUI porte l'usager dans une entrée du Bundle à part entière, soumise "
+        "aux règles d'identité de tddui-patient / tddui-patient-ins : faites-en une entrée et référencez-la.",
     ),
     "profile-type": (
         "{at} claims {url}, a profile of {expected}, but the resource is a {rtype}; claim a profile of its "
@@ -278,12 +302,14 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "version.",
     ),
     "slice-none": (
-        "{at}: this {rtype} matches none of the Bundle slices for its type ({slices}); the closest, {best}, "
-        "fails on the {count} issue(s) reported with it. Fix them or claim the intended profile in "
-        "meta.profile.",
-        "{at} : ce {rtype} ne correspond à aucune tranche du Bundle pour son type ({slices}) ; la plus "
-        "proche, {best}, échoue sur le(s) {count} problème(s) signalé(s) avec elle. Corrigez-les ou "
-        "déclarez le profil voulu dans meta.profile.",
+        "{at}: this {rtype} matches none of the Bundle slices for its type ({slices}), so it fills no slice; "
+        "the slicing is open, so it is accepted and checked against base FHIR R4 only. The closest, {best}, "
+        "fails on {count} rule(s), first: {first} Fix them or claim the intended profile in meta.profile "
+        "if a slice was meant.",
+        "{at} : ce {rtype} ne correspond à aucune tranche du Bundle pour son type ({slices}) et n'en remplit "
+        "donc aucune ; le découpage est ouvert, il est accepté et vérifié contre FHIR R4 seulement. La plus "
+        "proche, {best}, échoue sur {count} règle(s), la première : {first} Corrigez-les ou déclarez le "
+        "profil voulu dans meta.profile si une tranche était visée.",
     ),
     "slice-unprofiled": (
         "{at}: the TDDUI Bundle has no slice for {rtype}; open slicing tolerates it, but it is not checked "

@@ -39,7 +39,7 @@ MINIMAL_ELEMENTS: dict[str, set[str]] = {
     "tddui-observation-repas": {"category", "code", "effectiveDateTime", "extension", "identifier", "status",
                                 "subject"},
     "tddui-organization": {"identifier"},
-    "tddui-patient": {"_birthDate", "birthDate", "name"},
+    "tddui-patient": {"_birthDate", "name"},  # the birth-order extension alone makes birthDate present
     "tddui-patient-ins": {"birthDate", "extension", "gender", "identifier", "name"},
     "tddui-practitioner": {"identifier"},
     "tddui-practitioner-role": set(),

@@ -23,6 +23,7 @@ from services.core.outcome import Issue, error
 from services.validator.base import RULE_RESOURCE_TYPE, RULE_STRUCTURE, check_structure, resource_class
 from services.validator.bundle import (
     all_references,
+    check_bundle_r4,
     check_portable_references,
     check_references,
     check_transaction,
@@ -65,6 +66,7 @@ def validate_bundle(
         structure = _deduplicated(check_structure(bundle, lang), strict) + strict
         issues.extend(structure)
         issues.extend(check_transaction(bundle, lang))
+        issues.extend(check_bundle_r4(bundle, lang))
         targets = reference_targets(bundle)
         references = all_references(bundle)
         issues.extend(check_references(bundle, targets, lang, references))

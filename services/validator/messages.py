@@ -124,6 +124,24 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "fullUrl {url} est aussi le fullUrl de Bundle.entry[{other}] ; donnez à chaque entrée son propre "
         "fullUrl (par ex. un nouvel urn:uuid).",
     ),
+    "fullurl-format": (
+        "{at}: {url} is not a well-formed urn; a fullUrl urn is {kind}: correct it (and the references "
+        "that use it).",
+        "{at} : {url} n'est pas une urn bien formée ; une urn de fullUrl est {kind} : corrigez-la (et les "
+        "références qui l'utilisent).",
+    ),
+    "fullurl-absolute": (
+        "{at}: {url} is relative; FHIR R4 needs an absolute fullUrl (urn:uuid:, or the RESTful URL of the "
+        "resource): send 'urn:uuid:' and a UUID.",
+        "{at} : {url} est relative ; FHIR R4 exige une fullUrl absolue (urn:uuid:, ou l'URL RESTful de la "
+        "ressource) : envoyez 'urn:uuid:' et un UUID.",
+    ),
+    "fullurl-resource": (
+        "{at}: the RESTful fullUrl {url} does not name this resource ({rtype}, id {rid}); FHIR R4 requires "
+        "it to end with the resource's type and id: correct the fullUrl or the resource id.",
+        "{at} : la fullUrl RESTful {url} ne désigne pas cette ressource ({rtype}, id {rid}) ; FHIR R4 exige "
+        "qu'elle finisse par le type et l'id de la ressource : corrigez la fullUrl ou l'id.",
+    ),
     "ref-urn": (
         "{at} is {ref}, the fullUrl of no entry in this Bundle; add the referenced resource to the Bundle "
         "or correct the reference.",

@@ -98,8 +98,8 @@ class Walk:
         self.lang, self.base = lang, base  # base: the FHIRPath of the walk's root
         self.out: list[Issue] = []
 
-    def add(self, rule: str, code: str, where: str, template: str, **values: object) -> None:
-        self.out.append(Issue("error", code, say(self.lang, template, **values), (where,), rule))  # type: ignore[arg-type]
+    def add(self, rule: str, kind: str, where: str, template: str, **values: object) -> None:
+        self.out.append(Issue("error", kind, say(self.lang, template, **values), (where,), rule))
 
     def invariant(self, ftype: str, key: str, at: str) -> None:
         human, _ = invariants()[key]
@@ -232,7 +232,7 @@ def _value(w: Walk, spec: Kid, value: Any, chain: Chain, root: Any, push: Callab
 
 def _is_contained(chain: Chain) -> bool:
     """True when the location is `....contained[i]` (its %rootResource is the container)."""
-    return chain is not None and chain[0] is not None and chain[0][1] == "contained"  # type: ignore[index]
+    return chain is not None and chain[0] is not None and chain[0][1] == "contained"
 
 
 def _primitive_twin(w: Walk, node: dict[str, Any], key: str, value: Any, chain: Chain, root: Any,
@@ -322,7 +322,7 @@ def _age(w: Walk, node: dict[str, Any], chain: Chain, root: Any) -> None:
     value = node.get("value")
     system = node.get("system")
     if ((_has(node, "value") and not _has(node, "code")) or (system is not None and system != UCUM)
-            or (type(value) in (int, float) and value <= 0)):
+            or (isinstance(value, int | float) and not isinstance(value, bool) and value <= 0)):
         w.invariant("Age", "age-1", spell(w.base, chain))
 
 
@@ -337,7 +337,7 @@ def _range(w: Walk, node: dict[str, Any], chain: Chain, _root: Any) -> None:
     low, high = node.get("low"), node.get("high")
     if type(low) is dict and type(high) is dict:
         a, b = low.get("value"), high.get("value")
-        if (type(a) in (int, float) and type(b) in (int, float) and a > b
+        if (isinstance(a, int | float) and isinstance(b, int | float) and a > b
                 and low.get("code") == high.get("code") and low.get("system") == high.get("system")):
             w.invariant("Range", "rng-2", spell(w.base, chain))
 

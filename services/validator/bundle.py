@@ -190,7 +190,7 @@ def _full_url(full_url: str, resource: object, at: str, lang: str) -> list[Issue
     rtype, rid = resource.get("resourceType"), resource.get("id")
     if not isinstance(rtype, str) or not resource_class(restful["type"]):
         return []
-    if restful["type"] != rtype or (isinstance(rid, str) and restful["id"] != rid):
+    if restful["type"] != rtype or restful["id"] != rid:  # no id at all cannot match either
         return [error("value", say(lang, "fullurl-resource", at=at, url=shown, rtype=rtype,
                                    rid=quote(rid) if isinstance(rid, str) else "none"), at,
                       rule=RULE_FULL_URL_RESOURCE)]

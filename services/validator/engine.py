@@ -71,13 +71,24 @@ def check_profiles(rs: RuleSet, entries: list[Entry], targets: Mapping[str, int]
     for i, resource in entries:
         at = f"Bundle.entry[{i}].resource"
         ctx = Context(lang, resolve, out=out)
+        start = len(out)
         _base(rs, resource, at, ctx)
+        middle = len(out)
         for profile in claimed.get(i) or matched.get(i) or ():
             profile.run(resource, at, ctx)
+        if middle > start:
+            _said_once(out, start, middle)
         contained = resource.get("contained")
         if isinstance(contained, list):
             _check_contained(rs, contained, at, ctx, lang)
     return out
+
+
+def _said_once(out: list[Issue], start: int, middle: int) -> None:
+    """A reference to the wrong resource type breaks the base R4 target rule and the profile's: say it once."""
+    said = {i.expression for i in out[start:middle] if "/targets/" in (i.rule or "")}
+    if said:
+        out[middle:] = [i for i in out[middle:] if not ("/targets/" in (i.rule or "") and i.expression in said)]
 
 
 def _base(rs: RuleSet, resource: dict[str, Any], at: str, ctx: Context) -> None:

@@ -93,7 +93,13 @@ def build(docs: dict[str, Any]) -> RuleSet:
             raise RuleError(f"tddui-bundle: otherProfiles names unknown profile {pid}")
         prof = compiler.profile(profile_docs[pid])
         rs.others[prof.url] = prof
-    for rtype, doc in (docs["fhir-r4-base.yaml"]["resources"] or {}).items():
-        doc = {"profile": f"fhir-r4/{rtype}", "resourceType": rtype, **doc}
+    base = docs["fhir-r4-base.yaml"]
+    targets = base.get("referenceTargets") or {}
+    for rtype in sorted(set(base["resources"] or {}) | set(targets)):
+        doc = dict((base["resources"] or {}).get(rtype) or {})
+        elements = dict(doc.get("elements") or {})
+        for path, types in (targets.get(rtype) or {}).items():
+            elements[path] = {**(elements.get(path) or {}), "targets": types}
+        doc = {"profile": f"fhir-r4/{rtype}", "resourceType": rtype, **doc, "elements": elements}
         rs.base[rtype] = compiler.profile(doc).checks
     return rs

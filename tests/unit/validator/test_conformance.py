@@ -150,7 +150,7 @@ BROKEN: list[Any] = [
                  "error", "fhir-r4/Narrative/inv/txt-1", at(1, ".text.div"), id="txt-1-script"),
     pytest.param(put(1, "text", {"status": "generated", "div": f"<div {XHTML}> <p/> </div>"}), "error",
                  "fhir-r4/Narrative/inv/txt-2", at(1, ".text.div"), id="txt-2"),
-    pytest.param(lambda b: r(b, 1)["extension"].append({"url": "http://example.org/x", "valueString": "a",
+    pytest.param(lambda b: r(b, 1)["extension"].append({"url": "https://relais-test.fr/x", "valueString": "a",
                                                          "extension": [{"url": "y", "valueString": "b"}]}),
                  "error", "fhir-r4/Extension/inv/ext-1", at(1, ".extension[2]"), id="ext-1"),
     pytest.param(lambda b: r(b, 0).update(telecom=[{"value": "0102030405"}]), "error",
@@ -172,8 +172,6 @@ BROKEN: list[Any] = [
                  "fhir-r4/Bundle/inv/bdl-4", "Bundle.entry[0].response", id="bdl-4"),
     pytest.param(lambda b: b["entry"].append({"fullUrl": "urn:uuid:0b5d3c2e-0000-4000-8000-000000000001"}),
                  "error", "fhir-r4/Bundle/inv/bdl-5", "Bundle.entry[29]", id="bdl-5"),
-    pytest.param(lambda b: b["entry"][4].update(fullUrl="https://test-server.fr/Practitioner/p1/_history/2"),
-                 "error", "fhir-r4/Bundle/inv/bdl-8", "Bundle.entry[4].fullUrl", id="bdl-8"),
     # 8. fullUrl rules
     pytest.param(lambda b: b["entry"][4].update(fullUrl="Practitioner/p1"), "error",
                  "fhir-r4/Bundle/fullurl-absolute", "Bundle.entry[4].fullUrl", id="fullurl-relative"),
@@ -186,6 +184,10 @@ BROKEN: list[Any] = [
 ]
 
 RESTFUL: list[Any] = [
+    pytest.param(lambda b: b["entry"][4].update(fullUrl=b["entry"][4]["fullUrl"] + "/_history/2"), "error",
+                 "fhir-r4/Bundle/inv/bdl-8", "Bundle.entry[4].fullUrl", id="bdl-8"),
+    pytest.param(lambda b: r(b, 4).pop("id"), "error", "fhir-r4/Bundle/fullurl-resource",
+                 "Bundle.entry[4].fullUrl", id="fullurl-restful-no-id"),
     pytest.param(lambda b: r(b, 4).update(id="other-id"), "error", "fhir-r4/Bundle/fullurl-resource",
                  "Bundle.entry[4].fullUrl", id="fullurl-restful-id"),
     pytest.param(lambda b: b["entry"][4].update(fullUrl=b["entry"][4]["fullUrl"].replace("Practitioner/",
@@ -303,7 +305,8 @@ VALID: list[Any] = [
     pytest.param(lambda b: r(b, 3).update(contained=[{"resourceType": "Location", "id": "l1", "name": "Salle"}],
                                           location=[{"location": {"reference": "#l1"}}]), id="contained-referenced"),
     pytest.param(lambda b: r(b, 1)["name"][0].update(given=["JEAN", None], _given=[None, {"extension": [
-        {"url": "http://example.org/rang", "valueInteger": 2}]}]), id="null-aligned-with-extension"),
+        {"url": "https://relais-test.fr/StructureDefinition/rang", "valueInteger": 2}]}]),
+        id="null-aligned-with-extension"),
     pytest.param(put(1, "language", "fr-FR"), id="language-fr-FR"),
     pytest.param(put(1, "text", {"status": "generated", "div": f'<div {XHTML}><p>Usager <b>TEST</b></p></div>'}),
                  id="narrative"),
@@ -311,7 +314,7 @@ VALID: list[Any] = [
                  id="per-1-unequal-precision"),
     pytest.param(lambda b: r(b, 8).update(identifier=[{
         "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "RI"}]},
-        "system": "https://example.org/consents", "value": "TEST-1"}]), id="v2-0203-known"),
+        "system": "https://relais-test.fr/consents", "value": "TEST-1"}]), id="v2-0203-known"),
 ]
 
 

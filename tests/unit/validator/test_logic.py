@@ -444,6 +444,7 @@ def test_relative_reference_resolves_by_type_and_id() -> None:
 def test_relative_reference_resolves_by_full_url_tail() -> None:
     def point_relative(b: dict[str, Any]) -> None:
         b["entry"][4]["fullUrl"] = "https://dui.example/fhir/Practitioner/pract-1"
+        b["entry"][4]["resource"]["id"] = "pract-1"  # a RESTful fullUrl names its resource's id (R4)
         b["entry"][5]["resource"]["practitioner"] = {"reference": "Practitioner/pract-1"}
 
     assert [(i.rule, i.expression) for i in run(point_relative)] == [
@@ -453,6 +454,7 @@ def test_relative_reference_resolves_by_full_url_tail() -> None:
 def test_absolute_reference_resolves_by_full_url() -> None:
     def point_absolute(b: dict[str, Any]) -> None:
         b["entry"][4]["fullUrl"] = "https://dui.example/fhir/Practitioner/pract-1"
+        b["entry"][4]["resource"]["id"] = "pract-1"
         b["entry"][5]["resource"]["practitioner"] = {
             "reference": "https://dui.example/fhir/Practitioner/pract-1"
         }

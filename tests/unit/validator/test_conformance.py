@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.core.outcome import Issue
 from services.validator.logic import validate_bundle
@@ -321,3 +323,54 @@ VALID: list[Any] = [
 @pytest.mark.parametrize("mutate", VALID)
 def test_valid_instance_draws_no_error(mutate: Mutation) -> None:
     assert errors(run(mutate)) == []
+
+
+# --- the R4 invariants' texts and their Python twins ------------------------------------------------
+
+
+def test_every_r4_invariant_of_the_rule_file_is_evaluated_somewhere() -> None:
+    """Each key of `dataTypeInvariants` (fhir-r4-base.yaml) has its twin in r4.py or bundle.py."""
+    from pathlib import Path
+
+    from services.validator import bundle, r4
+
+    code = Path(r4.__file__).read_text() + Path(bundle.__file__).read_text()
+    elsewhere = {"bdl-7": "tddui-bundle-fullurl-unique"}  # unique fullUrls: checked under the Bundle rule's name
+    assert [k for k in r4.invariants() if f'"{k}"' not in code and k not in elsewhere] == []
+
+
+BASE_TWINS = ["fhir-r4/Organization/inv/org-1", "fhir-r4/Consent/inv/ppc-1", "fhir-r4/Consent/inv/ppc-2",
+              "fhir-r4/Consent/inv/ppc-5", "fhir-r4/Task/inv/inv-1", "fhir-r4/Observation/inv/obs-7"]
+
+
+def _base_invariant(rule: str) -> Any:
+    from services.validator.checks import Invariant
+    from services.validator.ruleset import ruleset
+
+    rtype = rule.split("/")[1]
+    (inv,) = [c for c in ruleset().base[rtype] if isinstance(c, Invariant) and c.rule == rule]
+    return inv
+
+
+_WORDS = st.sampled_from(["x", "", "patient-privacy", "something", "research", "2025-05-01", "2025-05-02",
+                          "2025-05-01T10:00:00Z", "2025-05-01T09:00:00Z", "http://loinc.org", "1-8"])
+_CODING = st.fixed_dictionaries({}, optional={"system": _WORDS, "code": _WORDS})
+_CC = st.fixed_dictionaries({}, optional={"coding": st.lists(_CODING, max_size=2), "text": _WORDS})
+_SAMPLE = st.fixed_dictionaries({}, optional={
+    "identifier": st.lists(st.fixed_dictionaries({"value": _WORDS}), max_size=2), "name": _WORDS,
+    "policy": st.lists(st.fixed_dictionaries({"uri": _WORDS}), max_size=1), "policyRule": _CC,
+    "patient": st.fixed_dictionaries({"reference": _WORDS}), "scope": _CC,
+    "lastModified": _WORDS, "authoredOn": _WORDS, "code": _CC, "valueString": _WORDS,
+    "component": st.lists(st.fixed_dictionaries({"code": _CC}), max_size=2)})
+
+
+@pytest.mark.parametrize("rule", BASE_TWINS)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(node=_SAMPLE)
+def test_base_twin_agrees_with_fhirpathpy(rule: str, node: dict[str, Any]) -> None:
+    from services.validator.invariants import holds
+
+    inv = _base_invariant(rule)
+    fast = inv.twin(node)
+    if fast is not None:  # None: the twin defers to fhirpathpy on this shape
+        assert fast == holds(inv.function, node), node

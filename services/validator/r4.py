@@ -144,6 +144,13 @@ def check_r4_resource(resource: dict[str, Any], at: str, lang: str = "en") -> li
             elif kind == TWIN:
                 _primitive_twin(w, node, key, value, chain, root, push)
                 continue
+            elif (kind == COMPLEX or kind == BACKBONE) and type(value) is dict:
+                if value:
+                    push((value, spec[1], (chain, key), root))
+                else:  # {}: ele-1, said here without a frame
+                    where = spell(w.base, (chain, key))
+                    w.add(RULE_ELE_1, "structure", where, "ele-1", at=where)
+                continue
             kchain = (chain, key)
             if type(value) is list:
                 if not value:

@@ -1,6 +1,7 @@
 """The test corpus the differential test and the benchmark hand to both validators: name → Bundle.
 
-* valid instances: the factory Bundles (both patient profiles, RESTful and urn fullUrls, minimal);
+* valid instances: the factory Bundles (both patient profiles, RESTful and urn fullUrls, minimal) and the
+  README's examples/*.json;
 * broken instances: every base-FHIR case of `tests/unit/validator/test_conformance.py`, and a sample of
   the TDDUI broken instances of `tests/fixtures/tddui_cases.py` (which base FHIR must find clean);
 * mutations: drawn by hypothesis in the test (`mutate` applies one).
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path as FilePath
 from typing import Any
 
 import orjson
@@ -26,6 +28,9 @@ def copy(bundle: dict[str, Any]) -> dict[str, Any]:
     return orjson.loads(orjson.dumps(bundle))  # type: ignore[no-any-return]
 
 
+EXAMPLES = FilePath(__file__).resolve().parents[3] / "examples"
+
+
 def valid() -> dict[str, dict[str, Any]]:
     return {
         "valid/29-ins": make_bundle(29),
@@ -33,6 +38,7 @@ def valid() -> dict[str, dict[str, Any]]:
         "valid/8-restful": make_bundle(8, published_style=True),
         "valid/12-seed-7": make_bundle(12, seed=7),
         "valid/minimal": make_minimal_bundle(),
+        **{f"example/{p.name}": orjson.loads(p.read_bytes()) for p in sorted(EXAMPLES.glob("*.json"))},
     }
 
 

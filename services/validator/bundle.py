@@ -1,4 +1,5 @@
-"""TDDUIBundle transaction rules (type, request, POST, unique fullUrl) and intra-Bundle references."""
+"""TDDUIBundle transaction rules (type, request, POST, unique fullUrl), the Bundle's own FHIR R4 rules
+(the invariants bdl-1…bdl-12, the fullUrl formats), and intra-Bundle references."""
 
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ _RELATIVE = re.compile(r"(?P<type>[A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_hi
 _TYPE_ID_TAIL = re.compile(r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})\Z")
 _HISTORY_TAIL = re.compile(r"/_history/[^/]*\Z")
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_UUID = re.compile(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_OID = re.compile(r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+")
+_RESTFUL = re.compile(r"(?P<base>https?://.+/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})"
+                      r"(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+
+RULE_FULL_URL_ABSOLUTE: Final = "fhir-r4/Bundle/fullurl-absolute"
+RULE_FULL_URL_FORMAT: Final = "fhir-r4/Bundle/fullurl-format"
+RULE_FULL_URL_RESOURCE: Final = "fhir-r4/Bundle/fullurl-resource"
+_REQUEST_TYPES: Final = frozenset({"batch", "transaction", "history"})
+_RESPONSE_TYPES: Final = frozenset({"batch-response", "transaction-response", "history"})
 
 
 def reference_targets(bundle: Mapping[str, Any]) -> dict[str, int]:
@@ -110,6 +121,80 @@ def _check_full_urls(bundle: dict[str, Any], lang: str) -> list[Issue]:
             issues.append(error("invalid", say(lang, "fullurl-unique", url=quote(full_url), other=j),
                                 f"Bundle.entry[{i}].fullUrl", rule=RULE_FULL_URL))
     return issues
+
+
+def check_bundle_r4(bundle: dict[str, Any], lang: str = "en") -> list[Issue]:
+    """The Bundle invariants of FHIR R4 (bdl-1…bdl-12, texts in fhir-r4-base.yaml) and the fullUrl rules.
+
+    bdl-7 (unique fullUrl) is `tddui-bundle-fullurl-unique` above; bdl-3's "request required in a
+    transaction" is `tddui-bundle-entry-request`; what is left of them is checked here.
+    """
+    from services.validator.r4 import invariants  # the R4 texts (r4.py imports nothing from here)
+
+    out: list[Issue] = []
+    texts = invariants()
+
+    def broken(key: str, at: str) -> None:
+        out.append(error("invariant", say(lang, "invariant", at=at, key=key, human=texts[key][0],
+                                          profile="FHIR R4 Bundle"), at, rule=f"fhir-r4/Bundle/inv/{key}"))
+
+    btype = bundle.get("type")
+    btype = btype if isinstance(btype, str) else None  # another JSON type: a structure error already
+    if bundle.get("total") is not None and btype not in ("searchset", "history"):
+        broken("bdl-1", "Bundle.total")
+    if btype == "document":
+        ident = bundle.get("identifier")
+        if not (isinstance(ident, dict) and ident.get("system") and ident.get("value")):
+            broken("bdl-9", "Bundle")
+        if not isinstance(bundle.get("timestamp"), str):
+            broken("bdl-10", "Bundle")
+    first = True
+    for i, entry in entries(bundle):
+        at = f"Bundle.entry[{i}]"
+        resource = entry.get("resource")
+        if first and btype in ("document", "message"):
+            wanted = "Composition" if btype == "document" else "MessageHeader"
+            if not (isinstance(resource, dict) and resource.get("resourceType") == wanted):
+                broken("bdl-11" if btype == "document" else "bdl-12", "Bundle")
+        first = False
+        if entry.get("search") is not None and btype != "searchset":
+            broken("bdl-2", f"{at}.search")
+        if entry.get("request") is not None and btype not in _REQUEST_TYPES:
+            broken("bdl-3", f"{at}.request")
+        if entry.get("response") is not None and btype not in _RESPONSE_TYPES:
+            broken("bdl-4", f"{at}.response")
+        if resource is None and entry.get("request") is None and entry.get("response") is None:
+            broken("bdl-5", at)
+        full_url = entry.get("fullUrl")
+        if isinstance(full_url, str):
+            if "/_history/" in full_url:
+                broken("bdl-8", f"{at}.fullUrl")
+            out.extend(_full_url(full_url, resource, f"{at}.fullUrl", lang))
+    return out
+
+
+def _full_url(full_url: str, resource: object, at: str, lang: str) -> list[Issue]:
+    """A fullUrl is absolute; a urn is well formed; a RESTful URL names the resource's type and id."""
+    shown = quote(full_url)
+    if full_url.startswith("urn:uuid:") or full_url.startswith("urn:oid:"):
+        if _UUID.fullmatch(full_url) or _OID.fullmatch(full_url):
+            return []
+        kind = "urn:uuid: + a lower-case UUID" if full_url.startswith("urn:uuid:") else "urn:oid: + an OID"
+        return [error("value", say(lang, "fullurl-format", at=at, url=shown, kind=kind), at,
+                      rule=RULE_FULL_URL_FORMAT)]
+    if not _URI_SCHEME.match(full_url):
+        return [error("value", say(lang, "fullurl-absolute", at=at, url=shown), at, rule=RULE_FULL_URL_ABSOLUTE)]
+    restful = _RESTFUL.fullmatch(full_url)
+    if restful is None or not restful["base"] or not isinstance(resource, dict):
+        return []
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    if not isinstance(rtype, str) or not resource_class(restful["type"]):
+        return []
+    if restful["type"] != rtype or restful["id"] != rid:  # no id at all cannot match either
+        return [error("value", say(lang, "fullurl-resource", at=at, url=shown, rtype=rtype,
+                                   rid=quote(rid) if isinstance(rid, str) else "none"), at,
+                      rule=RULE_FULL_URL_RESOURCE)]
+    return []
 
 
 def check_references(bundle: dict[str, Any], targets: Mapping[str, int], lang: str = "en",

@@ -66,6 +66,8 @@ class Card(Check):
         for ploc, pnode in walk(node, at, self.parents):
             kids = self.last.select(pnode)
             n = len(kids)
+            if n < self.min and not self.last.choice:
+                n = _present(pnode, self.last.name, n)
             if n < self.min:
                 ctx.add(self.severity, "required", self.rule, f"{ploc}.{self.last.name}", "card-min",
                         at=ploc, element=self.element, min=self.min, count=n)
@@ -73,6 +75,24 @@ class Card(Check):
                 key, index, _ = kids[self.max]
                 ctx.add(self.severity, "structure", self.rule, locate(ploc, key, index), "card-max",
                         at=ploc, element=self.element, max=self.max, count=n)
+
+
+def _present(node: Any, name: str, n: int) -> int:
+    """How many `name` a node has when a primitive with only extensions (`_name`) counts as present.
+
+    FHIR: a primitive element is present if it has a value *or* extensions (the official tddui-patient
+    example sends `_birthDate` with the birth-order extension and no date, and birthDate 1..1 holds).
+    """
+    if not isinstance(node, dict):
+        return n
+    twin = node.get("_" + name)
+    if twin is None:
+        return n
+    if isinstance(twin, list):
+        values = node.get(name)
+        values = values if isinstance(values, list) else []
+        return sum(1 for i, t in enumerate(twin) if t is not None or (i < len(values) and values[i] is not None))
+    return max(n, 1)
 
 
 class Pattern(Check):
@@ -195,13 +215,16 @@ Matcher = Callable[[Any, Context], bool]
 
 
 class Slice(Check):
-    __slots__ = ("element", "last", "match", "max", "min", "name", "parents", "sub", "what")
+    __slots__ = ("element", "last", "match", "max", "min", "name", "parents", "sub", "undecided", "what")
 
     def __init__(self, rule: str, parents: tuple[Segment, ...], last: Segment, name: str, match: Matcher,
-                 lo: int, hi: int | None, sub: Sequence[Check], what: str, element: str) -> None:
+                 lo: int, hi: int | None, sub: Sequence[Check], what: str, element: str,
+                 undecided: Matcher | None = None) -> None:
         super().__init__(rule)
         self.parents, self.last, self.name, self.match = parents, last, name, match
         self.min, self.max, self.sub, self.what, self.element = lo, hi, tuple(sub), what, element
+        # Items whose membership cannot be decided (a reference to a resource not in the Bundle).
+        self.undecided = undecided
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for ploc, pnode in walk(node, at, self.parents):
@@ -212,8 +235,14 @@ class Slice(Check):
         items = [(locate(ploc, key, i), item) for key, i, item in selected if self.match(item, ctx)]
         n = len(items)
         if n < self.min:
-            ctx.add("error", "required", self.rule, f"{ploc}.{self.last.name}", "slice-min", at=ploc,
-                    min=self.min, count=n, element=self.element, slice=self.name, what=self.what)
+            unknown = 0 if self.undecided is None else sum(1 for _, _, item in selected if self.undecided(item, ctx))
+            if n + unknown >= self.min:  # consistent with the unresolved reference: a warning, not an error
+                ctx.add("warning", "incomplete", self.rule, f"{ploc}.{self.last.name}", "slice-min-unresolved",
+                        at=ploc, min=self.min, count=n, unknown=unknown, element=self.element, slice=self.name,
+                        what=self.what)
+            else:
+                ctx.add("error", "required", self.rule, f"{ploc}.{self.last.name}", "slice-min", at=ploc,
+                        min=self.min, count=n, element=self.element, slice=self.name, what=self.what)
         elif self.max is not None and n > self.max:
             ctx.add("error", "structure", self.rule, items[self.max][0], "slice-max", at=ploc,
                     max=self.max, count=n, element=self.element, slice=self.name, what=self.what)
@@ -285,7 +314,7 @@ class Invariant(Check):
                 continue
             result: bool | str | None = self.twin(value) if self.twin is not None else None
             if result is None:
-                result = holds(self.function, value)
+                result = holds(self.function, value, node)
             if result is False:
                 ctx.add(self.severity, "invariant", self.rule, loc, "invariant", at=loc, key=self.key,
                         human=self.human)

@@ -132,6 +132,7 @@ class Compiler:
         full = f"{scope}.{key}" if scope else key
         lo, hi = parse_card(spec.get("card", "0..*"))
         sub: list[Check] = []
+        undecided: Matcher | None = None
         if "url" in spec:  # an extension slice: discriminated by url
             url = spec["url"]
             match: Matcher = _url_matcher(url)
@@ -139,6 +140,7 @@ class Compiler:
             sub.append(Extension(self.extension_for(url, spec, f"{prefix}/ext/{full}")))
         elif "resolve" in spec:
             match = self._resolve_matcher(spec["resolve"])
+            undecided = _unresolved
             what = "→ " + " | ".join(spec["resolve"])
         elif "match" in spec:
             pattern = spec["match"]
@@ -153,7 +155,7 @@ class Compiler:
         if "targets" in spec and "url" not in spec:  # the slice item is itself a Reference
             sub.append(self.targets(f"{prefix}/targets/{full}", (), spec["targets"]))
         sub.extend(self.scope(spec, prefix, full))
-        return Slice(f"{prefix}/slice/{full}", segs[:-1], segs[-1], name, match, lo, hi, sub, what, path)
+        return Slice(f"{prefix}/slice/{full}", segs[:-1], segs[-1], name, match, lo, hi, sub, what, path, undecided)
 
     def _resolve_matcher(self, names: list[str]) -> Matcher:
         types = {n if n[:1].isupper() else self.profile_types[n][0] for n in names}
@@ -208,6 +210,12 @@ class Compiler:
         for inv in doc.get("invariants") or ():
             d.invariants.append(self.invariant(inv, rule))
         return d
+
+
+def _unresolved(item: Any, ctx: Context) -> bool:
+    """A Reference to a resource that is not in the Bundle: which slice it fills cannot be known."""
+    ref = item.get("reference") if isinstance(item, dict) else None
+    return isinstance(ref, str) and bool(ref) and not ref.startswith("#") and ctx.resolve(ref) is None
 
 
 def parse_card(text: object) -> tuple[int, int | None]:

@@ -1,9 +1,18 @@
 """The profile pass: which TDDUI profile each entry claims or matches, then every rule of that profile.
 
-Entries that claim a TDDUI profile in `meta.profile` are checked against it. Entries that claim
-none are tried against every Bundle slice of their resource type (the slicing is by profile, so
-an entry "counts" for a slice only if it passes it): no match is an error that carries the closest
-candidate's findings; several matches is a warning asking for `meta.profile`.
+TDDUI's Bundle slicing is *open* (tddui-profiles.md §4 notes, §11.10): an entry that fills no slice
+is not rejected by the profile. So:
+* an entry that claims a TDDUI profile in `meta.profile` is checked against it; when that profile is
+  no Bundle slice (the official Task example claims `tddui-task-transport`, the transport profiles'
+  parent) it is still checked against it if Relais knows it, and a warning says it fills no slice;
+  an unknown TDDUI profile is a warning and the entry is checked against base FHIR R4 only;
+* an entry that claims none is tried against every slice of its resource type (the slicing is by
+  profile, so it "counts" for a slice only if it passes it); matching none is a warning naming the
+  closest slice and its first finding, and no rule of a profile the entry never claimed is reported
+  as its error; several matches is a warning asking for `meta.profile`.
+Every entry is also checked against the base R4 rules of its type (`fhir-r4-base.yaml`), and so are
+its contained resources, with any TDDUI profile they claim. TDDUI allows no contained Patient: the
+usager is an entry of its own, under the identity rules of tddui-patient / tddui-patient-ins.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ RULE_PROFILE_VERSION = "tddui-bundle/profile-version"
 RULE_SLICE_NONE = "tddui-bundle/slice-none"
 RULE_SLICE_SEVERAL = "tddui-bundle/slice-several"
 RULE_SLICE_UNPROFILED = "tddui-bundle/slice-unprofiled"
+RULE_CONTAINED_PATIENT = "tddui-bundle/contained-patient"
 
 Entry = tuple[int, dict[str, Any]]  # (index in Bundle.entry, resource)
 
@@ -61,13 +71,51 @@ def check_profiles(rs: RuleSet, entries: list[Entry], targets: Mapping[str, int]
     for i, resource in entries:
         at = f"Bundle.entry[{i}].resource"
         ctx = Context(lang, resolve, out=out)
-        rtype = resource.get("resourceType")
-        for check in rs.base.get(rtype, ()) if isinstance(rtype, str) else ():
-            ctx.profile_id, ctx.profile_url = f"FHIR R4 {rtype}", None
-            check.run(resource, at, ctx)
+        start = len(out)
+        _base(rs, resource, at, ctx)
+        middle = len(out)
         for profile in claimed.get(i) or matched.get(i) or ():
             profile.run(resource, at, ctx)
+        if middle > start:
+            _said_once(out, start, middle)
+        contained = resource.get("contained")
+        if isinstance(contained, list):
+            _check_contained(rs, contained, at, ctx, lang)
     return out
+
+
+def _said_once(out: list[Issue], start: int, middle: int) -> None:
+    """A reference to the wrong resource type breaks the base R4 target rule and the profile's: say it once."""
+    said = {i.expression for i in out[start:middle] if "/targets/" in (i.rule or "")}
+    if said:
+        out[middle:] = [i for i in out[middle:] if not ("/targets/" in (i.rule or "") and i.expression in said)]
+
+
+def _base(rs: RuleSet, resource: dict[str, Any], at: str, ctx: Context) -> None:
+    rtype = resource.get("resourceType")
+    for check in rs.base.get(rtype, ()) if isinstance(rtype, str) else ():
+        ctx.profile_id, ctx.profile_url = f"FHIR R4 {rtype}", None
+        check.run(resource, at, ctx)
+
+
+def _check_contained(rs: RuleSet, contained: list[Any], at: str, ctx: Context, lang: str) -> None:
+    """Contained resources: base R4 rules of their type, any TDDUI profile they claim; no Patient."""
+    for k, inner in enumerate(contained):
+        if not isinstance(inner, dict):
+            continue
+        where = f"{at}.contained[{k}]"
+        if inner.get("resourceType") == "Patient":
+            ctx.out.append(Issue("error", "business-rule", say(lang, "contained-patient", at=where), (where,),
+                                 RULE_CONTAINED_PATIENT, rs.bundle_url))
+            continue
+        _base(rs, inner, where, ctx)
+        meta = inner.get("meta")
+        urls = meta.get("profile") if isinstance(meta, dict) else None
+        for raw in urls if isinstance(urls, list) else ():
+            url = raw.partition("|")[0] if isinstance(raw, str) else None
+            profile = (rs.profiles.get(url) or rs.others.get(url)) if url else None
+            if profile is not None and profile.resource_type == inner.get("resourceType"):
+                profile.run(inner, where, ctx)
 
 
 def _claims(rs: RuleSet, i: int, resource: dict[str, Any], lang: str, out: list[Issue]) -> list[Profile] | None:
@@ -88,10 +136,17 @@ def _claims(rs: RuleSet, i: int, resource: dict[str, Any], lang: str, out: list[
         any_tddui = True
         profile = rs.profiles.get(url)
         if profile is None:
-            out.append(Issue("error", "not-supported",
-                             say(lang, "profile-unknown", at=at, url=quote(raw), version=rs.ig_version,
-                                 count=len(rs.profiles)), (at,), RULE_PROFILE_UNKNOWN, rs.bundle_url))
-            continue
+            other = rs.others.get(url)
+            if other is None:
+                out.append(Issue("warning", "not-supported",
+                                 say(lang, "profile-unknown", at=at, url=quote(raw), version=rs.ig_version,
+                                     count=len(rs.profiles)), (at,), RULE_PROFILE_UNKNOWN, rs.bundle_url))
+                continue
+            if other.resource_type == resource.get("resourceType"):
+                out.append(Issue("warning", "informational",
+                                 say(lang, "slice-not-filled", at=at, url=quote(raw)), (at,), RULE_SLICE_NONE,
+                                 rs.bundle_url))
+            profile = other
         if profile.resource_type != resource.get("resourceType"):
             out.append(Issue("error", "invalid",
                              say(lang, "profile-type", at=at, url=quote(raw), expected=profile.resource_type,
@@ -125,11 +180,14 @@ def _match(rs: RuleSet, i: int, resource: dict[str, Any], lang: str, resolve: An
     passing = [p for p, errors in results if not errors]
     names = ", ".join(f"{p.slice_name} ({p.id})" for p in candidates)
     if not passing:
+        # Open slicing: not an error, and the entry is held to no profile it never claimed. The warning
+        # names the closest slice and its first finding, for a vendor who meant to fill it.
         best, errors = min(results, key=lambda r: len(r[1]))
-        out.append(Issue("error", "invalid",
+        out.append(Issue("warning", "informational",
                          say(lang, "slice-none", at=at, rtype=rtype, slices=names, best=best.id,
-                             count=len(errors)), (at,), RULE_SLICE_NONE, rs.bundle_url))
-        return [best]  # its findings are reported by the main pass, so the vendor sees what to fix
+                             count=len(errors), first=errors[0].diagnostics), (at,), RULE_SLICE_NONE,
+                         rs.bundle_url))
+        return []
     if len(passing) > 1:
         shown = ", ".join(f"{p.slice_name} ({p.id})" for p in passing)
         out.append(Issue("warning", "business-rule", say(lang, "slice-several", at=at, rtype=rtype, slices=shown),

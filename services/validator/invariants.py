@@ -26,10 +26,15 @@ def compiled(expression: str) -> Compiled:
     return fhirpathpy.compile(expression, _MODEL)
 
 
-def holds(function: Compiled, node: Any) -> bool | str:
-    """True (holds or does not apply), False (broken), or a short reason it could not be evaluated."""
+def holds(function: Compiled, node: Any, resource: Any = None) -> bool | str:
+    """True (holds or does not apply), False (broken), or a short reason it could not be evaluated.
+
+    `resource` is what `%resource` and `%rootResource` name (the R4 invariants use them): the resource
+    the node belongs to, the node itself when not given.
+    """
+    root = node if resource is None else resource
     try:
-        result = function(node)
+        result = function(node, {"resource": root, "rootResource": root, "ucum": "http://unitsofmeasure.org"})
     except RecursionError:
         return "nesting too deep"
     except Exception as exc:  # noqa: BLE001 - fhirpathpy raises many types on odd content; never escape

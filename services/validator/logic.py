@@ -4,9 +4,13 @@ Pure: no I/O, no awaits. `validate_bundle()` returns every finding as an `Issue`
 id, a FHIRPath expression and (for profile rules) the profile that fired; errors reject the
 transfer, warnings travel with it. Three passes over the decoded Bundle:
 
-1. base FHIR R4 structure, by the fhir.resources R4B models (`base.py`);
-2. TDDUIBundle transaction rules and intra-Bundle references (`bundle.py`);
-3. the TDDUI profile rules of `schemas/tddui/` (`engine.py`), compiled once per process.
+1. base FHIR R4: the structure by the fhir.resources R4B models (`base.py`), then what their lax mode
+   lets through, in one typed walk: strict JSON types, the data-type invariants, closed code systems
+   and contained resources (`r4.py`);
+2. TDDUIBundle transaction rules, the Bundle's own R4 invariants and fullUrl rules, and intra-Bundle
+   references (`bundle.py`);
+3. the base R4 resource rules and TDDUI profile rules of `schemas/tddui/` (`engine.py`), compiled once
+   per process.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from services.core.outcome import Issue, error
 from services.validator.base import RULE_RESOURCE_TYPE, RULE_STRUCTURE, check_structure, resource_class
 from services.validator.bundle import (
     all_references,
+    check_bundle_r4,
     check_portable_references,
     check_references,
     check_transaction,
@@ -28,6 +33,7 @@ from services.validator.bundle import (
 from services.validator.engine import check_profiles, profiled_entries
 from services.validator.messages import json_kind, quote, say
 from services.validator.options import ValidationOptions
+from services.validator.r4 import check_r4
 from services.validator.ruleset import ruleset
 
 RULE_JSON = "fhir-json"
@@ -56,9 +62,11 @@ def validate_bundle(
     lang = options.language
     bundle, issues = _load(data, lang)
     if bundle is not None:
-        structure = check_structure(bundle, lang)
+        strict = check_r4(bundle, lang)
+        structure = _deduplicated(check_structure(bundle, lang), strict) + strict
         issues.extend(structure)
         issues.extend(check_transaction(bundle, lang))
+        issues.extend(check_bundle_r4(bundle, lang))
         targets = reference_targets(bundle)
         references = all_references(bundle)
         issues.extend(check_references(bundle, targets, lang, references))
@@ -68,6 +76,14 @@ def validate_bundle(
         profile_issues = check_profiles(ruleset(), known, targets, lang)
         issues.extend(_not_under(profile_issues, structure))
     return options.apply(issues)
+
+
+def _deduplicated(structure: list[Issue], strict: list[Issue]) -> list[Issue]:
+    """The models' findings, minus those the strict walk reports at the same place in plainer words."""
+    if not strict:
+        return structure
+    said = {i.expression for i in strict}
+    return [i for i in structure if i.expression not in said]
 
 
 def _not_under(issues: list[Issue], structure: list[Issue]) -> list[Issue]:

@@ -57,6 +57,41 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "{at} could not be read as FHIR R4; check its nested resources.",
         "{at} n'a pas pu être lu comme du FHIR R4 ; vérifiez ses ressources imbriquées.",
     ),
+    # --- strict JSON and base R4 rules of the typed walk (r4.py) ----------------------------------
+    "json-type": (
+        "{at}: {value} is not a FHIR {ftype}: FHIR's JSON format needs {json} here, never a conversion "
+        "(a string 'false' reads as true to many consumers); send {json}.",
+        "{at} : {value} n'est pas un {ftype} FHIR : le format JSON de FHIR exige ici {json}, sans "
+        "conversion (la chaîne 'false' vaut vrai pour bien des lecteurs) ; envoyez {json}.",
+    ),
+    "json-null": (
+        "{at} is null; FHIR's JSON format never uses null (except to align a primitive array with its "
+        "'_' extensions): leave the element out.",
+        "{at} vaut null ; le format JSON de FHIR n'utilise jamais null (sauf pour aligner un tableau de "
+        "primitives avec ses extensions '_') : omettez l'élément.",
+    ),
+    "ele-1": (
+        "{at} is an empty object; every FHIR element must have a value or children (ele-1): fill it or "
+        "leave it out.",
+        "{at} est un objet vide ; tout élément FHIR doit avoir une valeur ou des enfants (ele-1) : "
+        "remplissez-le ou omettez-le.",
+    ),
+    "ele-1-array": (
+        "{at} is an empty array; FHIR's JSON format never sends [] (ele-1): leave the element out.",
+        "{at} est un tableau vide ; le format JSON de FHIR n'envoie jamais [] (ele-1) : omettez l'élément.",
+    ),
+    "ele-1-empty": (
+        "{at} is an empty string; a FHIR primitive has a value or extensions (ele-1): send the value or "
+        "leave the element out.",
+        "{at} est une chaîne vide ; une primitive FHIR a une valeur ou des extensions (ele-1) : envoyez la "
+        "valeur ou omettez l'élément.",
+    ),
+    "code-unknown": (
+        "{at}: {code} is not a code of {what} ({system}), a closed code system FHIR R4 binds here; use a "
+        "code of that system.",
+        "{at} : {code} n'est pas un code de {what} ({system}), système de codes fermé que FHIR R4 impose "
+        "ici ; utilisez un code de ce système.",
+    ),
     # --- Bundle transaction rules -----------------------------------------------------------------
     "bundle-type": (
         "Bundle.type is {value}; a TDDUI transfer must be a Bundle of type 'transaction': set type to "
@@ -88,6 +123,24 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "(e.g. a fresh urn:uuid).",
         "fullUrl {url} est aussi le fullUrl de Bundle.entry[{other}] ; donnez à chaque entrée son propre "
         "fullUrl (par ex. un nouvel urn:uuid).",
+    ),
+    "fullurl-format": (
+        "{at}: {url} is not a well-formed urn; a fullUrl urn is {kind}: correct it (and the references "
+        "that use it).",
+        "{at} : {url} n'est pas une urn bien formée ; une urn de fullUrl est {kind} : corrigez-la (et les "
+        "références qui l'utilisent).",
+    ),
+    "fullurl-absolute": (
+        "{at}: {url} is relative; FHIR R4 needs an absolute fullUrl (urn:uuid:, or the RESTful URL of the "
+        "resource): send 'urn:uuid:' and a UUID.",
+        "{at} : {url} est relative ; FHIR R4 exige une fullUrl absolue (urn:uuid:, ou l'URL RESTful de la "
+        "ressource) : envoyez 'urn:uuid:' et un UUID.",
+    ),
+    "fullurl-resource": (
+        "{at}: the RESTful fullUrl {url} does not name this resource ({rtype}, id {rid}); FHIR R4 requires "
+        "it to end with the resource's type and id: correct the fullUrl or the resource id.",
+        "{at} : la fullUrl RESTful {url} ne désigne pas cette ressource ({rtype}, id {rid}) ; FHIR R4 exige "
+        "qu'elle finisse par le type et l'id de la ressource : corrigez la fullUrl ou l'id.",
     ),
     "ref-urn": (
         "{at} is {ref}, the fullUrl of no entry in this Bundle; add the referenced resource to the Bundle "
@@ -140,6 +193,15 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "{at}: {profile} requires {min} {element} of slice '{slice}' ({what}) but found {count}; add it.",
         "{at} : {profile} exige {min} {element} de la tranche '{slice}' ({what}) mais en trouve "
         "{count} ; ajoutez-le.",
+    ),
+    "slice-min-unresolved": (
+        "{at}: {profile} requires {min} {element} of slice '{slice}' ({what}); {count} found, and {unknown} "
+        "more point(s) to resources that are not in the Bundle, so the slice cannot be checked (a warning, "
+        "like the unresolved reference itself). Send the referenced resource in the Bundle.",
+        "{at} : {profile} exige {min} {element} de la tranche '{slice}' ({what}) ; {count} trouvé(s), et "
+        "{unknown} autre(s) pointe(nt) vers des ressources absentes du Bundle : la tranche ne peut être "
+        "vérifiée (un avertissement, comme la référence non résolue elle-même). Envoyez la ressource "
+        "référencée dans le Bundle.",
     ),
     "slice-max": (
         "{at}: {profile} allows at most {max} {element} of slice '{slice}' ({what}) but found {count}; "
@@ -226,10 +288,25 @@ _T: Final[dict[str, tuple[str, str]]] = {
     ),
     # --- slices of the Bundle ---------------------------------------------------------------------
     "profile-unknown": (
-        "{at} claims {url}, which is not a profile the TDDUI Bundle slices (IG {version}); use one of the "
-        "{count} entry profiles.",
-        "{at} déclare {url}, qui n'est pas un profil des tranches du Bundle TDDUI (guide {version}) ; "
-        "utilisez l'un des {count} profils d'entrée.",
+        "{at} claims {url}, a TDDUI profile Relais does not know (IG {version}); the Bundle's slicing is open, "
+        "so the entry is checked against base FHIR R4 only and fills no Bundle slice. Claim one of the "
+        "{count} entry profiles if one was meant.",
+        "{at} déclare {url}, un profil TDDUI que Relais ne connaît pas (guide {version}) ; le découpage du "
+        "Bundle est ouvert, l'entrée n'est donc vérifiée que contre FHIR R4 et ne remplit aucune tranche. "
+        "Déclarez l'un des {count} profils d'entrée si c'était l'intention.",
+    ),
+    "slice-not-filled": (
+        "{at} claims {url}, a TDDUI profile that is no Bundle slice: the entry is checked against it but "
+        "fills no Bundle slice (open slicing accepts it). Claim a slice profile if one was meant.",
+        "{at} déclare {url}, un profil TDDUI qui n'est pas une tranche du Bundle : l'entrée est vérifiée "
+        "contre lui mais ne remplit aucune tranche (le découpage ouvert l'accepte). Déclarez un profil de "
+        "tranche si c'était l'intention.",
+    ),
+    "contained-patient": (
+        "{at} is a contained Patient; TDDUI carries the usager as a Bundle entry of its own, under the "
+        "identity rules of tddui-patient / tddui-patient-ins: make it an entry and reference it.",
+        "{at} est un Patient contenu ; TDDUI porte l'usager dans une entrée du Bundle à part entière, soumise "
+        "aux règles d'identité de tddui-patient / tddui-patient-ins : faites-en une entrée et référencez-la.",
     ),
     "profile-type": (
         "{at} claims {url}, a profile of {expected}, but the resource is a {rtype}; claim a profile of its "
@@ -243,12 +320,14 @@ _T: Final[dict[str, tuple[str, str]]] = {
         "version.",
     ),
     "slice-none": (
-        "{at}: this {rtype} matches none of the Bundle slices for its type ({slices}); the closest, {best}, "
-        "fails on the {count} issue(s) reported with it. Fix them or claim the intended profile in "
-        "meta.profile.",
-        "{at} : ce {rtype} ne correspond à aucune tranche du Bundle pour son type ({slices}) ; la plus "
-        "proche, {best}, échoue sur le(s) {count} problème(s) signalé(s) avec elle. Corrigez-les ou "
-        "déclarez le profil voulu dans meta.profile.",
+        "{at}: this {rtype} matches none of the Bundle slices for its type ({slices}), so it fills no slice; "
+        "the slicing is open, so it is accepted and checked against base FHIR R4 only. The closest, {best}, "
+        "fails on {count} rule(s), first: {first} Fix them or claim the intended profile in meta.profile "
+        "if a slice was meant.",
+        "{at} : ce {rtype} ne correspond à aucune tranche du Bundle pour son type ({slices}) et n'en remplit "
+        "donc aucune ; le découpage est ouvert, il est accepté et vérifié contre FHIR R4 seulement. La plus "
+        "proche, {best}, échoue sur {count} règle(s), la première : {first} Corrigez-les ou déclarez le "
+        "profil voulu dans meta.profile si une tranche était visée.",
     ),
     "slice-unprofiled": (
         "{at}: the TDDUI Bundle has no slice for {rtype}; open slicing tolerates it, but it is not checked "

@@ -186,6 +186,84 @@ def value_matches(regex: str) -> Predicate:
     return matches
 
 
+# --- base R4 resource invariants (fhir-r4-base.yaml), which run on every resource of their type --------
+
+
+def _exists(node: dict[str, Any], key: str) -> bool:
+    """`key.exists()`: a value (or a primitive's `_key`) other than null, [] ... ({} defers: FHIRPath
+    sees an empty object as nothing, and ele-1 reports it anyway)."""
+    value = node.get(key)
+    if value is None or value == []:
+        if node.get("_" + key) is not None:
+            raise _Defer
+        return False
+    if value == {} or (isinstance(value, list) and any(v is None or v == {} for v in value)):
+        raise _Defer
+    return True
+
+
+def _exists_any(node: dict[str, Any], prefix: str) -> bool:
+    """`value.exists()` for a choice element `value[x]`."""
+    n = len(prefix)
+    found = [k for k in node if len(k) > n and k.startswith(prefix) and k[n].isupper()]
+    return any(_exists(node, k) for k in found)
+
+
+@_twin
+def org_1(org: dict[str, Any]) -> bool:
+    """org-1: an Organization has a name or an identifier."""
+    return _exists(org, "identifier") or _exists(org, "name")
+
+
+@_twin
+def ppc_1(consent: dict[str, Any]) -> bool:
+    """ppc-1: a Consent names a policy or a policy rule."""
+    return _exists(consent, "policy") or _exists(consent, "policyRule")
+
+
+def ppc_scope(code: str) -> Predicate:
+    """ppc-2…ppc-5: a Consent whose scope has a coding (system 'something', code `code`) names the patient.
+    ('something' is the R4 text verbatim: the published invariants can never fire on real codes.)"""
+
+    @_twin
+    def ppc(consent: dict[str, Any]) -> bool:
+        if _exists(consent, "patient"):
+            return True
+        scope = _object(consent, "scope")
+        codings = _objects(scope, "coding") if scope is not None else []
+        return not any(_text(c, "system") == "something" and _text(c, "code") == code for c in codings)
+
+    return ppc
+
+
+@_twin
+def inv_1(task: dict[str, Any]) -> bool:
+    """inv-1: a Task's lastModified is not before its authoredOn (compared when of equal precision)."""
+    modified, authored = _text(task, "lastModified"), _text(task, "authoredOn")
+    if modified is None or authored is None:
+        return True
+    if len(modified) != len(authored) or modified[-1:] != authored[-1:] or len(modified) not in (10, 20):
+        raise _Defer  # other precisions or time zones: fhirpathpy compares them
+    return modified >= authored
+
+
+@_twin
+def obs_7(obs: dict[str, Any]) -> bool:
+    """obs-7: no component has the Observation's own code when the Observation has a value."""
+    if not _exists_any(obs, "value"):
+        return True
+    code = _object(obs, "code")
+    own = {(_text(c, "system"), _text(c, "code")) for c in (_objects(code, "coding") if code else [])}
+    for component in _objects(obs, "component"):
+        ccode = _object(component, "code")
+        for c in _objects(ccode, "coding") if ccode else []:
+            if set(c) - {"system", "code", "display"}:
+                raise _Defer  # intersect() compares whole codings: other keys, fhirpathpy decides
+            if (_text(c, "system"), _text(c, "code")) in own:
+                raise _Defer
+    return True
+
+
 _BY_EXPRESSION: Final[dict[str, Predicate]] = {
     "(extension('https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability').extension("
     "'identityStatus').value.exists(code = 'VALI')) implies (identifier.where(system = "
@@ -202,6 +280,12 @@ _BY_EXPRESSION: Final[dict[str, Predicate]] = {
     "source.reference.contains('Patient/').not() implies (source.reference.contains('Practitioner/') or "
     "author.exists() or extension.where(url='https://interop.esante.gouv.fr/ig/fhir/tddui/StructureDefinition/"
     "tddui-qr-participant').extension.where(url='TDDUIResponsible').exists())": professionnel_requis,
+    "(identifier.count() + name.count()) > 0": org_1,
+    "policy.exists() or policyRule.exists()": ppc_1,
+    **{f"patient.exists() or scope.coding.where(system='something' and code='{code}').exists().not()": ppc_scope(code)
+       for code in ("patient-privacy", "research", "adr", "treatment")},
+    "lastModified.exists().not() or authoredOn.exists().not() or lastModified >= authoredOn": inv_1,
+    "value.empty() or component.code.where(coding.intersect(%resource.code.coding).exists()).empty()": obs_7,
 }
 
 

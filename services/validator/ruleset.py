@@ -27,7 +27,8 @@ class RuleSet:
     ig_version: str
     bundle_url: str
     accepted_versions: frozenset[str]
-    profiles: dict[str, Profile] = field(default_factory=dict)  # canonical URL → profile
+    profiles: dict[str, Profile] = field(default_factory=dict)  # canonical URL → profile of a Bundle slice
+    others: dict[str, Profile] = field(default_factory=dict)  # canonical URL → TDDUI profile that is no slice
     by_type: dict[str, list[Profile]] = field(default_factory=dict)  # resource type → slice profiles
     base: dict[str, list[Check]] = field(default_factory=dict)  # resource type → base FHIR R4 checks
     extensions: dict[str, ExtensionDef] = field(default_factory=dict)
@@ -87,7 +88,18 @@ def build(docs: dict[str, Any]) -> RuleSet:
         prof.slice_name = slice_name
         rs.profiles[prof.url] = prof
         rs.by_type.setdefault(prof.resource_type, []).append(prof)
-    for rtype, doc in (docs["fhir-r4-base.yaml"]["resources"] or {}).items():
-        doc = {"profile": f"fhir-r4/{rtype}", "resourceType": rtype, **doc}
+    for pid in bundle.get("otherProfiles") or ():
+        if pid not in profile_docs:
+            raise RuleError(f"tddui-bundle: otherProfiles names unknown profile {pid}")
+        prof = compiler.profile(profile_docs[pid])
+        rs.others[prof.url] = prof
+    base = docs["fhir-r4-base.yaml"]
+    targets = base.get("referenceTargets") or {}
+    for rtype in sorted(set(base["resources"] or {}) | set(targets)):
+        doc = dict((base["resources"] or {}).get(rtype) or {})
+        elements = dict(doc.get("elements") or {})
+        for path, types in (targets.get(rtype) or {}).items():
+            elements[path] = {**(elements.get(path) or {}), "targets": types}
+        doc = {"profile": f"fhir-r4/{rtype}", "resourceType": rtype, **doc, "elements": elements}
         rs.base[rtype] = compiler.profile(doc).checks
     return rs

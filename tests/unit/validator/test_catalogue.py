@@ -26,7 +26,7 @@ def test_full_instance_is_valid(pid: str) -> None:
 MINIMAL_ELEMENTS: dict[str, set[str]] = {
     "tddui-basic-decision": {"code", "extension", "identifier"},
     "tddui-careplan-projet-personnalise": {"identifier", "intent", "status", "subject", "supportingInfo", "title"},
-    "tddui-consent-accord": {"category", "dateTime", "performer", "scope", "status"},
+    "tddui-consent-accord": {"category", "dateTime", "performer", "policy", "scope", "status"},  # policy: ppc-1 (R4)
     "tddui-document-reference": {"author", "content", "status"},
     "tddui-encounter-evenement": {"class", "identifier", "period", "status", "subject"},
     "tddui-encounter-sejour": {"class", "identifier", "serviceProvider", "status", "subject"},
@@ -39,7 +39,7 @@ MINIMAL_ELEMENTS: dict[str, set[str]] = {
     "tddui-observation-repas": {"category", "code", "effectiveDateTime", "extension", "identifier", "status",
                                 "subject"},
     "tddui-organization": {"identifier"},
-    "tddui-patient": {"_birthDate", "birthDate", "name"},
+    "tddui-patient": {"_birthDate", "name"},  # the birth-order extension alone makes birthDate present
     "tddui-patient-ins": {"birthDate", "extension", "gender", "identifier", "name"},
     "tddui-practitioner": {"identifier"},
     "tddui-practitioner-role": set(),

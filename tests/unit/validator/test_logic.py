@@ -113,7 +113,7 @@ RULE_CASES = [
         lambda b: res(1)(b)["identifier"][0].update(system=1234),
         "error",
         "structure",
-        "fhir-structure",
+        "fhir-r4/json-type",
         "Bundle.entry[1].resource.identifier[0].system",
         id="wrong-json-type",
     ),
@@ -420,9 +420,10 @@ def test_several_errors_in_one_resource_are_each_located() -> None:
     "mutation",
     [
         pytest.param(
-            setter(res(5), "contained", [{"resourceType": "Location", "id": "l1"}]), id="contained-ok"
+            lambda b: res(5)(b).update(contained=[{"resourceType": "Location", "id": "l1", "name": "Salle TEST"}],
+                                       location=[{"reference": "#l1"}]),
+            id="contained-referenced",
         ),
-        pytest.param(setter(res(5), "location", [{"reference": "#l1"}]), id="contained-ref-skipped"),
         pytest.param(lambda b: b["entry"][1]["resource"].update(id="p1"), id="resource-id-is-harmless"),
     ],
 )
@@ -443,6 +444,7 @@ def test_relative_reference_resolves_by_type_and_id() -> None:
 def test_relative_reference_resolves_by_full_url_tail() -> None:
     def point_relative(b: dict[str, Any]) -> None:
         b["entry"][4]["fullUrl"] = "https://dui.example/fhir/Practitioner/pract-1"
+        b["entry"][4]["resource"]["id"] = "pract-1"  # a RESTful fullUrl names its resource's id (R4)
         b["entry"][5]["resource"]["practitioner"] = {"reference": "Practitioner/pract-1"}
 
     assert [(i.rule, i.expression) for i in run(point_relative)] == [
@@ -452,6 +454,7 @@ def test_relative_reference_resolves_by_full_url_tail() -> None:
 def test_absolute_reference_resolves_by_full_url() -> None:
     def point_absolute(b: dict[str, Any]) -> None:
         b["entry"][4]["fullUrl"] = "https://dui.example/fhir/Practitioner/pract-1"
+        b["entry"][4]["resource"]["id"] = "pract-1"
         b["entry"][5]["resource"]["practitioner"] = {
             "reference": "https://dui.example/fhir/Practitioner/pract-1"
         }

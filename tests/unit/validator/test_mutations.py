@@ -73,7 +73,7 @@ def test_a_dangling_reference_is_reported_there(where: tuple[str, str], new: uui
 def test_a_reference_to_the_wrong_kind_of_entry_is_reported_there(case: Broken) -> None:
     bundle, _ = full_bundle(case.profile)
     case.mutate(bundle)
-    assert (case.rule, case.expression) in _reported(bundle)
+    assert (case.fires or case.rule, case.expression) in _reported(bundle)  # base R4 says it first if it can
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -309,25 +309,26 @@ async def _handle_record(stage: Stage, record: Record) -> Sequence[Emit]:
         offset=record.offset, attempt=env.attempt, target=env.target,
     )
     started = time.perf_counter()
-    outcome = "ok"
+    outcome = Fate.FORWARD
     try:
         if X_DECRYPT_ERROR in env.extra:  # tampered or unknown key: never handed to the stage
             raise DecryptionError(env.extra[X_DECRYPT_ERROR])
         return await stage.handle(record)
     except TransientError as exc:
-        outcome = "transient"
+        outcome = Fate.RETRY
         # The infrastructure the stage needs is down: keep the record, retry it (in order) shortly.
         log.warning("record deferred: dependency unavailable", error=str(exc))
         raise _Deferred(time.monotonic() + TRANSIENT_BACKOFF_S[1]) from exc
     except Exception as exc:
-        outcome = "poison"
+        outcome = Fate.DEAD_LETTER
         log.exception("record could not be handled; sent to the poison topic", error_type=type(exc).__name__)
         return poison(stage.name, record, exc)
     finally:
         elapsed = time.perf_counter() - started
         HANDLE_SECONDS.labels(stage.name).observe(elapsed)
-        RECORDS.labels(stage.name, record.topic, outcome).inc()
-        log.debug("record handled", outcome=outcome, duration_ms=round(elapsed * 1000, 2))
+        RECORDS.labels(stage.name, record.topic, outcome.value).inc()
+        # The one canonical line per record (bound context: stage, transfer, topic, partition, offset ...).
+        log.info("record handled", outcome=outcome.value, duration_ms=round(elapsed * 1000, 2))
 
 
 FAILED_EVENT_TYPE = "fr.relais.event.failed"

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
+from services.core.fate import Fate
+
 RETRY_AFTER_CAP_S = 3600.0
 # Statuses that mean "try again later" even though they are 4xx.
 TRANSIENT_4XX = frozenset({408, 425, 429})
@@ -22,14 +24,6 @@ TRANSIENT_4XX = frozenset({408, 425, 429})
 AMBIGUOUS_5XX = frozenset({502, 504})
 
 AmbiguousPolicy = Literal["probe", "retry", "dead-letter"]
-
-
-class Fate(enum.Enum):
-    """What becomes of a delivery record after one attempt."""
-
-    DELIVERED = "delivered"
-    RETRY = "retry"
-    DEAD_LETTER = "dead-letter"
 
 
 class Failure(enum.Enum):

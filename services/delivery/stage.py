@@ -30,6 +30,7 @@ from services.core.blobstore import (
     resolve_payload,
 )
 from services.core.envelope import Emit, Envelope, Record, event
+from services.core.fate import Fate
 from services.core.logging import get_logger
 from services.core.metrics import DELIVERIES as DELIVERY_COUNT
 from services.core.metrics import DELIVERIES_IN_DOUBT as DELIVERY_IN_DOUBT
@@ -47,7 +48,6 @@ from services.delivery.logic import (
     BreakerEvent,
     Decision,
     Failure,
-    Fate,
     breaker_after,
     breaker_allows,
     classify,

@@ -124,6 +124,8 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
         try:
             return await _accept(state, request)
         except Refusal as refusal:
+            if refusal.status == 403:  # authenticated, but not for this target or ESSMS: audited like a 401
+                security.note_refusal(request, "ingress", 403, "; ".join(i.diagnostics for i in refusal.issues))
             return outcome_response(refusal.status, refusal.issues, dict(refusal.headers))
 
     # The status URL lives under the FHIR base, so FHIR clients follow it as one of the server's own URLs.

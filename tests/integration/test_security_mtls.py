@@ -237,3 +237,25 @@ def _served_certificate_sha256(port: int, pki: Pki) -> str:
         der = tls.getpeercert(binary_form=True)
         assert der is not None
         return hashlib.sha256(der).hexdigest()
+
+
+async def test_a_forbidden_finess_is_refused_and_audited(pki: Pki, make: Callable[..., Settings]) -> None:
+    """403 (an authenticated producer sending for an ESSMS it may not speak for) is in the trail too."""
+    other = make_bundle(4, seed=12)
+    assert organization_finess(other) != FINESS
+    settings = make()
+    ledger = Ledger(settings.database_url)
+    try:
+        async with serving(settings) as url:
+            answer = await post(pki, url, pki.good, bundle=other)
+            assert answer.status_code == 403, answer.text
+            audit.bind(ledger, settings)
+
+            async def refused() -> list[audit.AuditEntry]:
+                return (await audit.entries(ledger, audit.AuditFilter(kind="auth.refused")))[0]
+
+            rows = await wait_for(refused, timeout_s=10)
+        assert [(r.detail["surface"], r.detail["http_status"]) for r in rows] == [("ingress", 403)]
+        assert (await auditchain.verify_chain(ledger)).valid
+    finally:
+        await ledger.close()

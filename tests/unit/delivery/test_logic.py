@@ -8,13 +8,13 @@ from email.utils import format_datetime
 
 import pytest
 
+from services.core.fate import Fate
 from services.delivery.logic import (
     RETRY_AFTER_CAP_S,
     Breaker,
     BreakerEvent,
     Circuit,
     Failure,
-    Fate,
     breaker_after,
     breaker_allows,
     classify,

@@ -92,7 +92,6 @@ class TargetClient:
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()
-        self.tokens_fetched = 0
         auth = target.effective_auth
         if isinstance(auth, BearerAuth) and not os.environ.get(auth.token_env):
             raise ConfigurationError(f"target '{target.id}': environment variable {auth.token_env} (its bearer "
@@ -137,7 +136,6 @@ class TargetClient:
             lifetime = float(expires_in) if isinstance(expires_in, int | float) else 300.0
             self._token = token
             self._token_expires = time.monotonic() + max(lifetime - TOKEN_EXPIRY_MARGIN_S, lifetime / 2)
-            self.tokens_fetched += 1
             log.info("oauth2 token fetched", target=self.target.id, expires_in_s=lifetime)
             return token
 

@@ -24,7 +24,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.core.errors import ConfigurationError
@@ -206,8 +205,3 @@ class ServerTls:
         if ssl_object.context is not self.current:
             ssl_object.context = self.current
 
-
-def certificate_fingerprint(pem: bytes) -> str:
-    """SHA-256 fingerprint (hex) of a PEM certificate, as producers files list them."""
-    cert = x509.load_pem_x509_certificate(pem)
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()

@@ -257,7 +257,8 @@ def _supervise(names: list[str], settings: Settings, args: argparse.Namespace) -
 
     workers = worker_count(args.workers if args.workers is not None else settings.workers, os.cpu_count())
     children = plan(names, workers, instance_id=settings.instance_id or socket.gethostname(),
-                    demo_target_port=args.demo_target_port if args.demo_target else None)
+                    demo_target_port=args.demo_target_port if args.demo_target else None,
+                    metrics_port=settings.metrics_port)
     print(f"relais: {len(children)} processes: {', '.join(c.name for c in children)}", file=sys.stderr)
     return Supervisor(children, grace_s=settings.shutdown_grace_s + 10).run()
 

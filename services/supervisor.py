@@ -47,12 +47,12 @@ class ChildSpec:
 
 
 def worker_count(setting: int, cores: int | None) -> int:
-    """How many worker processes: the setting, or one per core when it is 0."""
-    return setting if setting > 0 else max(1, cores or 1)
+    """How many worker processes: the setting, or when it is 0 one per core beside the ingress's (at least one)."""
+    return setting if setting > 0 else max(1, (cores or 1) - 1)
 
 
 def plan(stages: Sequence[str], workers: int, *, instance_id: str, demo_target_port: int | None = None,
-         python: str = sys.executable) -> list[ChildSpec]:
+         metrics_port: int | None = None, python: str = sys.executable) -> list[ChildSpec]:
     """The children of `relais run` for these stages: ingress (+ alerts), N workers, the demo target."""
     run = (python, "-m", "services.cli", "run", "--in-process", "--stages")
     children = []
@@ -61,8 +61,11 @@ def plan(stages: Sequence[str], workers: int, *, instance_id: str, demo_target_p
         children.append(ChildSpec("ingress", (*run, ",".join(front)), {"RELAIS_INSTANCE_ID": f"{instance_id}-ingress"}))
     back = [s for s in WORKER_STAGES if s in stages]
     if back:
+        # Each worker serves its own /metrics (RELAIS_METRICS_PORT + n - 1) for Prometheus to scrape.
         children += [ChildSpec(f"worker-{n}", (*run, ",".join(back)),
-                               {"RELAIS_INSTANCE_ID": f"{instance_id}-worker-{n}"}, WORKER_NICE)
+                               {"RELAIS_INSTANCE_ID": f"{instance_id}-worker-{n}",
+                                **({"RELAIS_METRICS_PORT": str(metrics_port + n - 1)} if metrics_port else {})},
+                               WORKER_NICE)
                      for n in range(1, workers + 1)]
     if demo_target_port is not None:
         children.append(ChildSpec("demo-target",

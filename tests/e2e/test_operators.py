@@ -187,12 +187,13 @@ def test_search_by_business_identifier_finds_the_transfer(broker: Broker) -> Non
 
 
 def metric(broker: Broker, name: str, **labels: str) -> float:
-    text = httpx.get(f"{broker.base}/metrics", timeout=10).text
+    """The sum over every process, as Prometheus would scrape them: the ingress and each worker."""
     total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
+    for url in (f"{broker.base}/metrics", *broker.worker_metrics):
+        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
     return total
 
 

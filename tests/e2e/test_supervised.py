@@ -124,7 +124,7 @@ def test_kill_9_of_each_child_during_500_bundles_loses_nothing(tmp_path: Path) -
         }, deadline_s=80))
         assert killed == ["ingress", "validator", "delivery"]
         applied = wait_delivered(relais, accepted, timeout_s=60)
-        restarts = relais.log_tail(200_000).count("child died; restarting")
+        restarts = relais.log_tail(10**9).count("child died; restarting")
         assert restarts >= 3, relais.log_tail()
         assert len(accepted) == 500
         # The killed delivery process's in-flight POSTs are in doubt (journaled before each POST) and resolved

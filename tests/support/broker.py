@@ -35,6 +35,7 @@ class Broker:
     log: Path
     tmp: Path
     fault_file: Path
+    worker_metrics: tuple[str, ...] = ()  # each worker process's /metrics (RELAIS_METRICS_PORT + n - 1)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
@@ -93,7 +94,7 @@ class Broker:
 @contextlib.contextmanager
 def running_broker(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[Broker]:
     """Start `relais run --demo-target` in `tmp` (its own log, ledger, blobs), stop it with SIGTERM after."""
-    http_port, target_port = free_port(), free_port()
+    http_port, target_port, metrics_port = free_port(), free_port(), free_port()
     ops = tmp / "operators.yaml"
     olga, victor = (hashlib.sha256(t.encode()).hexdigest() for t in (OPERATOR_TOKEN, VIEWER_TOKEN))
     ops.write_text(f"operators:\n  - {{id: olga, role: operator, token_sha256: {olga}}}\n"
@@ -104,7 +105,8 @@ def running_broker(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterat
            "RELAIS_PRODUCERS_FILE": str(write_producers(tmp / "producers.yaml")), "RELAIS_OPERATORS_FILE": str(ops),
            "RELAIS_TARGETS_FILE": str(write_targets(tmp / "t.yaml", {"demo": f"http://127.0.0.1:{target_port}/fhir"})),
            "RELAIS_RETRY_DELAYS_S": "[0.2, 0.4]", "RELAIS_MAX_ATTEMPTS": "2", "RELAIS_LOG_FORMAT": "json",
-           "RELAIS_TOPIC_PARTITIONS": "2", "RELAIS_ALERT_INTERVAL_S": "1",
+           "RELAIS_TOPIC_PARTITIONS": "2", "RELAIS_ALERT_INTERVAL_S": "1", "RELAIS_WORKERS": "1",
+           "RELAIS_METRICS_PORT": str(metrics_port),
            "RELAIS_TEST_VALIDATOR_FAULT_FILE": str(fault_file),
            "PYTHONPATH": os.pathsep.join(p for p in (str(SITEFAULTS), str(REPO), os.environ.get("PYTHONPATH")) if p),
            **(extra_env or {})}
@@ -114,7 +116,8 @@ def running_broker(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterat
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "--demo-target", "--demo-target-port",
                                  str(target_port)], env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
-    broker = Broker(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{target_port}", proc, log, tmp, fault_file)
+    broker = Broker(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{target_port}", proc, log, tmp, fault_file,
+                    (f"http://127.0.0.1:{metrics_port}/metrics",))
     try:
         broker.wait(lambda: httpx.get(f"{broker.base}/readyz", timeout=2).status_code == 200, 90, "readyz")
         broker.wait(lambda: httpx.get(f"{broker.target}/fhir/metadata", timeout=2).status_code == 200, 30, "target")

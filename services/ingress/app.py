@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services import __version__
 from services.core import diskspace
 from services.core.bus import Bus
+from services.core.embedded import STORAGE_UNWRITABLE
 from services.core.envelope import FHIR_JSON, JSON, Emit, Envelope, join_csv
 from services.core.errors import BusUnavailable, ConfigurationError, TransientError
 from services.core.logging import get_logger
@@ -59,8 +60,10 @@ class IngressState:
     data_paths: list[Path] = field(default_factory=list)  # local disks to keep room on (services/core/diskspace.py)
 
     def storage_full(self) -> str | None:
-        """Why the local disks are too full to take new work, or None."""
-        return diskspace.disk_problem(self.data_paths)
+        """Why the local disks are too full to take new work, or None (and relais_storage_unwritable says so)."""
+        problem = diskspace.disk_problem(self.data_paths)
+        STORAGE_UNWRITABLE.labels("data-disk", "disk-full").set(0 if problem is None else 1)
+        return problem
 
 
 def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:

@@ -209,6 +209,7 @@ async def _flow_with_a_full_disk(relais: EmbeddedRelais, disk: Path) -> None:
     bundles = [make_bundle(12, seed=41_000 + i) for i in range(160)]
     pending = list(bundles)
     accepted: set[str] = set()
+    transfers: dict[str, list[str]] = {}  # each Bundle's transfer ids, from its 202s
     bad_refusals: list[str] = []
     refused_while_full = 0
     full = asyncio.Event()
@@ -224,6 +225,7 @@ async def _flow_with_a_full_disk(relais: EmbeddedRelais, disk: Path) -> None:
             answer = await post(client_, relais.url, bundle)
             if answer is not None and answer.status_code == 202:
                 accepted.add(identifier(bundle))
+                transfers.setdefault(identifier(bundle), []).append(answer.headers["X-Relais-Transfer-Id"])
                 continue
             pending.append(bundle)  # refused: the DUI sends it again later
             if answer is not None:
@@ -281,7 +283,12 @@ async def _flow_with_a_full_disk(relais: EmbeddedRelais, disk: Path) -> None:
     await asyncio.to_thread(wait_until, delivered, alive=relais.alive, timeout_s=40, interval_s=1,
                             explain=lambda: f"{len(accepted - set(applied))} never delivered\n{relais.log_tail()}",
                             what="every accepted Bundle at the target")
-    assert {k: n for k, n in applied.items() if n > 1} == {}, "a transfer applied more than once"
+    duplicates = {k: n for k, n in applied.items() if n > 1}
+    assert duplicates == {}, f"applied more than once: {duplicates}; their 202s: " + str(
+        {k: transfers.get(k) for k in duplicates}) + "; POSTs: " + str(
+        [(r["time"], r["headers"].get("x-request-id"), r["status"]) for r in httpx.get(
+            f"http://127.0.0.1:{relais.target_port}/_received", timeout=30).json()
+         if identifier(r["body"]) in duplicates])
     assert set(applied) == accepted == {identifier(b) for b in bundles}
     assert poison_records(disk / "log.db") == 0
     print(f"/readyz not ready {not_ready_after:.1f}s after the disk filled, ready {ready_after:.1f}s after space "

@@ -89,19 +89,30 @@ class AttemptJournal:
         return Prior(row["state"], started if started.tzinfo else started.replace(tzinfo=UTC), row["process"],
                      row["http_status"], row["response"], row["assigned"])
 
-    async def start(self, key: AttemptKey) -> None:
-        """Record that the attempt is starting; raises TransientError (and the POST must not be made) if it cannot."""
+    async def start(self, key: AttemptKey, seen: Prior | None = None) -> None:
+        """Record that the attempt is starting; raises TransientError (and the POST must not be made) if it cannot.
+
+        `seen` is what `prior` answered (None, or a not-applied attempt): the row is claimed only if it is still
+        so. Two processes can hold the same record for a moment (a partition handed over while the old holder
+        is mid-record); without this check both would POST it. The loser waits, and next time finds the
+        attempt started: in doubt, resolved by probe, never sent blindly.
+        """
         values = {"state": STARTED, "process": self.process, "started_at": datetime.now(UTC), "finished_at": None,
                   "closed_at": None, "http_status": None, "response": None, "assigned": None}
         try:
             async with self.engine.begin() as conn:
-                updated = await conn.execute(table.update().where(_where(key)).values(**values))
-                if not updated.rowcount:
+                if seen is None:  # a concurrent claim of the same attempt fails on the primary key
                     await conn.execute(table.insert().values(
                         transfer_id=key.transfer_id, target=key.target, round=key.round, attempt=key.attempt,
                         **values))
+                    return
+                updated = await conn.execute(table.update().where(_where(key) & (table.c.state == seen.state))
+                                             .values(**values))
         except (SQLAlchemyError, OSError) as exc:
             raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
+        if not updated.rowcount:
+            raise TransientError(f"attempt {key.attempt} of {key.transfer_id} to {key.target} was started by another "
+                                 "delivery process meanwhile; it is not made twice (resolved as in doubt next time)")
 
     async def finish(self, key: AttemptKey, state: str, http_status: int | None = None,
                      response: dict[str, Any] | None = None, assigned: dict[str, str] | None = None) -> None:

@@ -207,7 +207,7 @@ class DeliveryStage:
             probed = await self._probe(record, env, rt, attempt_no, out)
             if probed is not None:
                 return probed
-        await self.journal.start(key)  # no record of the attempt, no attempt (TransientError: it waits)
+        await self.journal.start(key, prior)  # no record of the attempt, no attempt (TransientError: it waits)
         self._open[_position(record)] = key
         attempt = await rt.client.post_transaction(out.payload, request_id(env))
         DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)

@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,7 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import __version__
+from services.core import diskspace
 from services.core.bus import Bus
+from services.core.embedded import STORAGE_UNWRITABLE
 from services.core.envelope import FHIR_JSON, JSON, Emit, Envelope, join_csv
 from services.core.errors import BusUnavailable, ConfigurationError, TransientError
 from services.core.logging import get_logger
@@ -54,6 +57,13 @@ class IngressState:
     limiter: limits.ProducerLimiter = field(default_factory=limits.ProducerLimiter)
     cert_policy: ClientCertPolicy | None = None  # mutual TLS: client certificates checked against the CA
     background: submissions.Background = field(default_factory=lambda: submissions.Background())
+    data_paths: list[Path] = field(default_factory=list)  # local disks to keep room on (services/core/diskspace.py)
+
+    def storage_full(self) -> str | None:
+        """Why the local disks are too full to take new work, or None (and relais_storage_unwritable says so)."""
+        problem = diskspace.disk_problem(self.data_paths)
+        STORAGE_UNWRITABLE.labels("data-disk", "disk-full").set(0 if problem is None else 1)
+        return problem
 
 
 def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -85,7 +95,8 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
     False (the process already runs the bus for its worker stages)."""
     state = IngressState(settings, load_producer_directory(settings), load_targets(settings.targets_file),
                          bus, ledger, limiter=limits.ProducerLimiter.from_settings(settings),
-                         cert_policy=ClientCertPolicy(settings) if settings.tls_client_ca_file else None)
+                         cert_policy=ClientCertPolicy(settings) if settings.tls_client_ca_file else None,
+                         data_paths=diskspace.local_data_paths(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -157,7 +168,8 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, manage_bus: bool
 
     @app.get("/readyz", summary="Readiness: the bus is connected and its storage takes writes")
     async def readyz() -> Response:
-        storage = await state.bus.storage_problem()  # e.g. the embedded log's disk is full or read-only
+        # e.g. the embedded log cannot be written (read-only), or a data disk is full though a probe row still fits
+        storage = await state.bus.storage_problem() or state.storage_full()
         ready = state.bus_ready.is_set() and storage is None
         body = {"status": "ready" if ready else storage or "waiting for Kafka", "kafka": state.bus_ready.is_set(),
                 "storage": storage or "ok"}
@@ -255,6 +267,9 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
         raise refusal
     if not state.bus_ready.is_set():
         raise _unavailable(settings, "Relais is not connected to Kafka yet")
+    full = state.storage_full()  # what is left is kept for the transfers already accepted, so they can move
+    if full is not None:
+        raise _unavailable(settings, f"Relais's storage is full ({full})")
 
     # Recorded in the ledger database before anything is published (services/ingress/submissions.py).
     key = submissions.idempotency_key(request.headers.get(submissions.IDEMPOTENCY_HEADER), parsed, targets)

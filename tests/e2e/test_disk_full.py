@@ -72,7 +72,9 @@ def on_disk(relais: EmbeddedRelais, disk: Path) -> None:
         "RELAIS_EMBEDDED_LOG_PATH": str(disk / "log.db"),
         "RELAIS_BLOB_DIR": str(disk / "blobs"),
         "RELAIS_CLAIM_CHECK_BYTES": "1024",  # every Bundle travels as a blob: the blob store is on the full disk too
-        "RELAIS_WORKERS": "2",
+        # One worker (the default on 2 cores). With several, a lease hand-over can cancel a ledger transaction
+        # mid-way and leave SQLite locked for its 30 s timeout (open in issue 16's notes).
+        "RELAIS_WORKERS": "1",
     }
 
 

@@ -146,6 +146,11 @@ class Supervisor:
             log.info("relais stopped")
             return 0
         code = failed.popen.returncode if failed.popen is not None else None
+        if code == EXIT_CONFIGURATION:
+            # The child already said what is wrong; the broker's own answer is the usual one for bad configuration.
+            print(f"relais: child {failed.spec.name} refused its configuration (see above); stopped every process",
+                  file=sys.stderr)
+            return EXIT_CONFIGURATION
         print(f"relais: child {failed.spec.name} failed (exit code {code}); stopped every process; "
               f"exit code {exit_code(failed.index)} means {failed.spec.name}", file=sys.stderr)
         return exit_code(failed.index)

@@ -237,14 +237,14 @@ def test_two_processes_of_one_stage_handle_each_record_once_and_survive_the_hold
             log.close()
 
 
-def test_a_child_that_cannot_start_stops_the_broker_with_an_exit_code_naming_it(tmp_path: Path) -> None:
+def test_a_child_refusing_its_configuration_stops_the_broker_with_exit_2_naming_it(tmp_path: Path) -> None:
     relais = EmbeddedRelais(tmp_path)
     del relais.env["RELAIS_PRODUCERS_FILE"]  # the ingress refuses to start without authentication
     proc = subprocess.run([sys.executable, "-m", "services.cli", "run", "--workers", "1"], env=relais.env, cwd=REPO,
                           capture_output=True, text=True, timeout=80)
-    assert proc.returncode == 10, proc.stderr[-3000:]  # 10 + 0: the ingress, the first child
+    assert proc.returncode == 2, proc.stderr[-3000:]  # bad configuration, as for a single process
+    assert "child ingress refused its configuration" in proc.stderr
     assert "RELAIS_PRODUCERS_FILE" in proc.stderr  # the child's own one-line reason
-    assert "child ingress failed" in proc.stderr
 
 
 def test_operator_commands_work_beside_a_running_broker(tmp_path: Path) -> None:

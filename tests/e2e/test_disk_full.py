@@ -267,8 +267,13 @@ async def _flow_with_a_full_disk(relais: EmbeddedRelais, disk: Path) -> None:
             await asyncio.sleep(0.2)
         ready_after = time.monotonic() - freed
         try:
-            async with asyncio.timeout(40):
+            # Generous: after the disk frees, a ledger write can wait out SQLite's 30 s lock timeout once (the
+            # lock left by a transaction cut short by the fault; open in issue 16's notes). Nothing may be lost.
+            async with asyncio.timeout(120):
                 await asyncio.gather(*clients)
+        except TimeoutError:
+            raise AssertionError(f"{len(pending)} Bundles still not accepted 120 s after space returned\n"
+                                 f"{relais.log_tail()}") from None
         finally:
             stop.set()
         assert not pending, f"{len(pending)} Bundles never accepted"

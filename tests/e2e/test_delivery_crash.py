@@ -32,6 +32,7 @@ from tests.fixtures.tddui import make_bundle, patient_identifier
 from tests.support.embedded import EmbeddedRelais
 from tests.support.processes import REPO, Broker
 from tests.support.producers import TOKEN_A, write_producers, write_targets
+from tests.support.statuses import final_statuses
 
 pytestmark = pytest.mark.e2e
 COUNT, KILLS = 300, 3
@@ -87,22 +88,6 @@ async def kill_while_delivering(target: Target, kill: Callable[[], None], restar
         await asyncio.to_thread(restart)
 
 
-async def final_statuses(client: httpx.AsyncClient, url: str, headers: dict[str, str], ids: list[str],
-                         timeout_s: float = 240) -> dict[str, dict[str, Any]]:
-    """Each transfer's delivery entry once its status is final (200)."""
-    done: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    while len(done) < len(ids) and time.monotonic() < deadline:
-        pending = [t for t in ids if t not in done]
-        for t, answer in zip(pending, await asyncio.gather(
-                *(client.get(f"{url}/transfers/{t}", headers=headers) for t in pending)), strict=True):
-            if answer.status_code == 200:
-                done[t] = answer.json()["entry"][0]
-        await asyncio.sleep(0.5)
-    assert len(done) == len(ids), f"{len(ids) - len(done)} transfer(s) never reached a final status"
-    return done
-
-
 def status_of(entry: dict[str, Any]) -> str:
     return next(e["valueCode"] for e in entry["extension"] if e.get("valueCode"))
 
@@ -145,7 +130,8 @@ async def run_embedded(relais: EmbeddedRelais, target: Target, items: list[dict[
     ids = await post_all_embedded(relais, items)
     await kill_while_delivering(target, relais.kill9, relais.start)
     async with httpx.AsyncClient(timeout=30) as client:
-        return await final_statuses(client, relais.url, {"Authorization": "Bearer demo-token"}, ids)
+        return {t: s["entry"][0] for t, s in (await final_statuses(
+            client, relais.url, {"Authorization": "Bearer demo-token"}, ids)).items()}
 
 
 async def test_kill_9_three_times_on_the_embedded_bus_delivers_each_bundle_exactly_once(
@@ -219,7 +205,8 @@ async def test_kill_9_of_the_delivery_process_three_times_on_kafka_delivers_each
             sending = asyncio.gather(*(one(b) for b in items))
             await kill_while_delivering(target, lambda: broker.kill("delivery"), lambda: broker.restart("delivery"))
             ids = list(await sending)
-            statuses = await final_statuses(client, broker.url, {"Authorization": f"Bearer {TOKEN_A}"}, ids)
+            statuses = {t: s["entry"][0] for t, s in (await final_statuses(
+                client, broker.url, {"Authorization": f"Bearer {TOKEN_A}"}, ids)).items()}
         applied = target.applied_per_person()
         counts = Counter(status_of(e) for e in statuses.values())
         with capsys.disabled():

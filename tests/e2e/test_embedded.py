@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 
 from tests.fixtures.tddui import make_bundle
 from tests.support.embedded import EmbeddedRelais
+from tests.support.statuses import final_statuses
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": "Bearer demo-token"}
@@ -28,16 +28,8 @@ async def test_kill_9_during_500_bundles_on_the_embedded_bus_loses_nothing(tmp_p
             bundles = [make_bundle(30, seed=5000 + i) for i in range(500)]
             await post_all(client, relais, bundles[:250], accepted, kill_after=120)  # restarts it, too
             await post_all(client, relais, bundles[250:], accepted)
-            deadline = time.monotonic() + 300
-            pending = list(accepted)
-            while pending and time.monotonic() < deadline:
-                answers = await asyncio.gather(*(client.get(f"{relais.url}/transfers/{t}", headers=AUTH)
-                                                 for t in pending))
-                pending = [t for t, a in zip(pending, answers, strict=True) if a.status_code != 200]
-                await asyncio.sleep(0.5)
-            assert not pending, f"{len(pending)} accepted transfer(s) never completed\n{relais.log_tail()}"
-            final = await asyncio.gather(*(client.get(f"{relais.url}/transfers/{t}", headers=AUTH) for t in accepted))
-            assert all(f.json().get("type") == "batch-response" for f in final)
+            final = await final_statuses(client, relais.url, AUTH, accepted, timeout_s=300)
+            assert all(f.get("type") == "batch-response" for f in final.values()), relais.log_tail()
         received = httpx.get(f"http://127.0.0.1:{relais.target_port}/_received", params={"summary": 1}).json()
         ids = {rid.split("/")[0] for rid in received["by_request_id"]}
         assert set(accepted) <= ids
@@ -81,3 +73,4 @@ async def post_all(client: httpx.AsyncClient, relais: EmbeddedRelais, bundles: l
         relais.start()  # restart on the same files, as an operator (or systemd) would
     if leftovers:
         await post_all(client, relais, leftovers, accepted)
+

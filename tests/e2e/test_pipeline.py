@@ -21,6 +21,7 @@ from services.delivery.marker import mark_transfer
 from tests.fixtures.tddui import make_bundle
 from tests.support.processes import Broker, DemoTarget
 from tests.support.producers import TOKEN_A, write_producers, write_targets
+from tests.support.statuses import final_statuses
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
 AUTH = {"Authorization": f"Bearer {TOKEN_A}", "Content-Type": "application/fhir+json"}
@@ -116,11 +117,13 @@ async def test_kill_9_of_each_worker_during_200_bundles_loses_nothing(
                 broker.restart(stage)
             transfer_ids += await sending
 
-        statuses = await asyncio.gather(*(final_status(client, broker, t, timeout_s=180) for t in transfer_ids))
+        final = await final_statuses(client, broker.url, AUTH, transfer_ids, timeout_s=180)
+
+    statuses = [final[t] for t in transfer_ids]
 
     assert len(set(transfer_ids)) == count
-    not_delivered = [t for t, r in zip(transfer_ids, statuses, strict=True) if r.json().get("type") != "batch-response"
-                     or r.json()["entry"][0]["extension"][1]["valueCode"] != "delivered"]
+    not_delivered = [t for t, r in zip(transfer_ids, statuses, strict=True) if r.get("type") != "batch-response"
+                     or r["entry"][0]["extension"][1]["valueCode"] != "delivered"]
     assert not not_delivered, f"{len(not_delivered)} transfer(s) not delivered\n{broker.tails()}"
 
     by_request: dict[str, int] = target.summary()["by_request_id"]  # type: ignore[assignment]

@@ -6,6 +6,11 @@ back from the poison topic, where the runner keeps the whole record. Replays and
 state changes: a conditional UPDATE of the dead letter's row (`WHERE status = 'dead-lettered'`, checked
 by its row count) claims it before anything is published, so of two concurrent replays one wins and
 the other is refused (AlreadyHandled, HTTP 409) — the target never gets the Bundle twice from that.
+
+A process killed between the claim and the publish leaves the row `replaying` with no `replayed`
+event. Publishing is atomic with that event, so once the tracker has projected every event (no lag on
+its topic) and the claim is older than `stale_claim_s`, nothing was published: a new replay may take
+the claim over. While either is not so, the claim stands and the replay is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,6 +26,7 @@ import sqlalchemy as sa
 from services.core.blobstore import BlobIntegrityError, BlobStore, resolve_payload
 from services.core.bus import Bus
 from services.core.errors import PermanentError
+from services.core.topics import EVENTS
 from services.dlq.logic import DeadLetter, DlqFilter, blob_of, discard_emit, replay_emits, stage_replay_emits
 from services.dlq.poison import read_poison
 from services.tracker import logic as status
@@ -46,6 +52,7 @@ class DlqService:
     ledger: Ledger
     bus: Bus
     blobs: BlobStore
+    stale_claim_s: float = 300.0  # far beyond a replay's claim-to-publish time (milliseconds)
 
     async def list(self, flt: DlqFilter | None = None, *, include_closed: bool = False,
                    limit: int = 500) -> builtins.list[DeadLetter]:
@@ -141,7 +148,10 @@ class DlqService:
                 raise NotDeadLettered(f"dead letter {dl.id}: its record is no longer on the poison topic "
                                       "(past RELAIS_DLQ_RETENTION_DAYS?); it cannot be replayed")
             emits = stage_replay_emits(dl, found.envelope, found.key, operator, note)
-        before = await self._claim(dl, REPLAYABLE, status.REPLAYING)
+        try:
+            before = await self._claim(dl, REPLAYABLE, status.REPLAYING)
+        except AlreadyHandled:
+            before = await self._take_over_stale_claim(dl)
         try:
             await self.bus.publish(emits)
         except BaseException:
@@ -193,10 +203,31 @@ class DlqService:
                                            .values(status=to, updated_at=datetime.now(UTC)))
             if moved.rowcount == 1:
                 return before
+        raise await self._refusal(dl)
+
+    async def _take_over_stale_claim(self, dl: DeadLetter) -> str:
+        """Claim a dead letter left `replaying` by a replay that died before publishing; else AlreadyHandled."""
+        table, where = self._where(dl)
+        stale = (where & (table.c.status == status.REPLAYING)
+                 & (table.c.updated_at < datetime.now(UTC) - timedelta(seconds=self.stale_claim_s)))
+        async with self.ledger.engine.connect() as conn:
+            if (await conn.execute(sa.select(table.c.status).where(stale))).first() is None:
+                raise await self._refusal(dl)
+        if any((await self.bus.lag("tracker", [EVENTS])).values()):
+            raise AlreadyHandled(f"{dl.id} was claimed by a replay that may not have finished; the tracker is "
+                                 "still catching up with events — try again in a minute")
+        async with self.ledger.engine.begin() as conn:
+            moved = await conn.execute(table.update().where(stale).values(updated_at=datetime.now(UTC)))
+        if moved.rowcount != 1:
+            raise await self._refusal(dl)
+        return status.DEAD_LETTERED
+
+    async def _refusal(self, dl: DeadLetter) -> AlreadyHandled:
+        table, where = self._where(dl)
         async with self.ledger.engine.connect() as conn:
             current = (await conn.execute(sa.select(table.c.status).where(where))).scalar_one_or_none()
-        raise AlreadyHandled(f"{dl.id} is {current or 'gone'}, not dead-lettered: another replay or discard "
-                             "got there first (see its timeline)")
+        return AlreadyHandled(f"{dl.id} is {current or 'gone'}, not dead-lettered: another replay or discard "
+                              "got there first (see its timeline)")
 
     async def _release(self, dl: DeadLetter, claimed: str, before: str) -> None:
         table, where = self._where(dl)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -237,3 +238,28 @@ def test_alerts_stay_firing_until_the_target_is_back_and_the_dlq_replayed(broker
     broker.wait(lambda: receiver.seen("target_down", "demo") == ["firing", "resolved"], what="target_down resolved")
     broker.wait(lambda: receiver.seen("dlq_not_empty", "dlq")[-1:] == ["resolved"], what="dlq_not_empty resolved")
     assert sum(broker.received(marker) for _, marker in sent) == 2
+
+
+def test_a_replay_claim_left_by_a_crash_is_taken_over_once_stale_and_a_live_one_is_not(broker: Broker) -> None:
+    """A broker killed between claiming a replay and publishing it leaves the dead letter `replaying`
+    with no `replayed` event: once that claim is stale (and the tracker has projected every event, so a
+    published replay would show), a new replay takes it over; a fresh claim is still refused."""
+    broker.fault({"status": 422, "count": 1})
+    transfer_id, marker = broker.send()
+    dlq_id = f"{transfer_id}/demo"
+    broker.wait(lambda: dead_letter(broker, dlq_id), what="the dead letter")
+
+    def claimed(minutes_ago: float) -> None:  # the state a kill -9 right after the claim leaves behind
+        with sqlite3.connect(broker.tmp / "ledger.db", timeout=30) as db:
+            moved = db.execute("UPDATE deliveries SET status='replaying', updated_at=datetime('now', ?) "
+                               "WHERE transfer_id=? AND target='demo'", (f"-{minutes_ago} minutes", transfer_id))
+            assert moved.rowcount == 1
+
+    claimed(0)
+    fresh = broker.ops("POST", f"/ops/dead-letters/{dlq_id}/replay")
+    assert fresh.status_code == 409 and "replaying" in fresh.text, fresh.text
+    claimed(10)
+    taken_over = broker.ops("POST", f"/ops/dead-letters/{dlq_id}/replay")
+    assert taken_over.status_code == 202, taken_over.text
+    broker.wait(lambda: transfer_status(broker, transfer_id) == "delivered", what="delivery after the take-over")
+    assert broker.received(marker) == 1

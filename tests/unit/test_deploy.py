@@ -174,3 +174,42 @@ def test_grafana_dashboard_plots_only_metrics_relais_exports() -> None:
     for expr in exprs:
         used = _metrics_in(expr)
         assert used and used <= exported, (expr, used - exported)
+
+
+def _compose_value(text: str, given: dict[str, str]) -> str:
+    """What compose makes of `${VAR:?message}` / `${VAR:-default}` given the shell's variables."""
+    def sub(match: re.Match[str]) -> str:
+        name, op, rest = match.group(1), match.group(2), match.group(3)
+        if name in given:
+            return given[name]
+        assert op == ":-", f"compose would stop: {rest}"
+        return rest
+    return re.sub(r"\$\{(\w+)(:\?|:-)([^}]*)\}", sub, text)
+
+
+def test_every_compose_process_gets_the_audit_key_a_postgresql_ledger_requires() -> None:
+    from services.core.errors import ConfigurationError
+    from services.tracker.auditkey import load_audit_key, new_audit_key
+
+    key = new_audit_key()
+    services = compose()["services"]
+    for name in ("ingress", "validator", "router", "delivery", "tracker", "alerts"):
+        env = services[name]["environment"]
+        assert env["RELAIS_DATABASE_URL"].startswith("postgresql"), name
+        with pytest.raises(ConfigurationError):  # what the process would do without the key
+            load_audit_key(Settings(database_url=env["RELAIS_DATABASE_URL"], audit_key=None, audit_key_file=None))
+        given = _compose_value(env["RELAIS_AUDIT_KEY"], {"RELAIS_AUDIT_KEY": key})
+        assert load_audit_key(Settings(database_url=env["RELAIS_DATABASE_URL"], audit_key=given)).secret
+    with pytest.raises(AssertionError, match="32 random bytes"):  # unset: compose stops and says what to do
+        _compose_value(services["tracker"]["environment"]["RELAIS_AUDIT_KEY"], {})
+
+
+def test_every_kubernetes_pod_gets_the_audit_key_from_the_secret() -> None:
+    docs = k8s_docs()
+    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    assert "audit-key" in secret["stringData"]
+    for d in (d for d in docs if d["kind"] == "Deployment"):
+        [container] = d["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        ref = env["RELAIS_AUDIT_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "relais-secrets", "key": "audit-key"}, d["metadata"]["name"]

@@ -1,8 +1,14 @@
-"""The `relais` command: run the broker (whole or one stage), a local Kafka, a demo target, and tools."""
+"""The `relais` command: run the broker (whole or one stage), a local Kafka, a demo target, and tools.
+
+Each sub-command imports what it needs when it runs (the imports inside functions below): `relais status`
+must not load the HTTP, database and Kafka stacks, and the development tools (`devtools`, installed from the
+repository only) must not be needed by an installed product.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -141,16 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `relais` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     # These two own their whole command line (and their --help).
+    if args_list and args_list[0] in ("dev-kafka", "demo-target") and not has_devtools():
+        return _no_devtools(args_list[0])
     if args_list and args_list[0] == "dev-kafka":
-        from services.devkafka import main as dev_kafka
+        from devtools.devkafka import main as dev_kafka
 
         return dev_kafka(args_list[1:])
     if args_list and args_list[0] == "demo-target":
-        from services.demotarget.__main__ import main as demo_target
+        from devtools.demotarget.__main__ import main as demo_target
 
         return demo_target(args_list[1:])
     if args_list and args_list[0] == "dlq":
-        from services.dlq.cli import main as dlq
+        from services.ops.dlq_cli import main as dlq
 
         return dlq(args_list[1:])
     if args_list and args_list[0] == "keys":
@@ -185,6 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.close()
             return 0
     return _run_stages(args)
+
+
+def has_devtools() -> bool:
+    """True when the development tools (`devtools`: local Kafka, demo target) are installed beside Relais."""
+    return importlib.util.find_spec("devtools") is not None
+
+
+def _no_devtools(what: str) -> int:
+    print(f"relais: {what} is a development tool, not part of the Relais package; install Relais from its "
+          "repository to use it (make install, or: pip install -e . -e ./devtools)", file=sys.stderr)
+    return 2
 
 
 def _run_stages(args: argparse.Namespace) -> int:
@@ -222,12 +241,16 @@ def _stage_names(args: argparse.Namespace) -> list[str]:
 
 
 def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> int:
+    if args.demo_target and not has_devtools():
+        return _no_devtools("--demo-target")
+    if args.local_kafka and not settings.kafka_bootstrap and not has_devtools():
+        return _no_devtools("--local-kafka")
     if args.in_process:
         from services.launcher import run
 
         extra = []
         if args.demo_target:
-            from services.demotarget.app import create_app as demo_app
+            from devtools.demotarget.app import create_app as demo_app
 
             extra.append((demo_app(), "127.0.0.1", args.demo_target_port))
         return run(names, settings, extra_servers=extra)
@@ -239,7 +262,7 @@ def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> 
 
     import os
 
-    from services.devkafka.local import LocalKafka
+    from devtools.devkafka.local import LocalKafka
 
     print("relais: starting a local Kafka (the first run downloads its jars) ...", file=sys.stderr)
     with LocalKafka() as kafka:

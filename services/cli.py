@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from services import __version__
-
-if TYPE_CHECKING:
-    from services.core.settings import Settings
+from services.core.errors import ConfigurationError
+from services.core.logging import configure_logging
+from services.core.settings import Settings
 
 DESCRIPTION = """\
 Relais — asynchronous transfer broker for TDDUI (Transfert de données DUI) FHIR exports.
@@ -172,8 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(args_list)
     if args.command == "send":
-        import os
-
         from services.send import main as send_main
 
         if args.concurrency < 1:
@@ -207,10 +206,6 @@ def _no_devtools(what: str) -> int:
 
 
 def _run_stages(args: argparse.Namespace) -> int:
-    from services.core.errors import ConfigurationError
-    from services.core.logging import configure_logging
-    from services.core.settings import Settings
-
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -260,8 +255,6 @@ def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> 
         _print_banner(settings, args)
         return _supervise(names, settings, args)
 
-    import os
-
     from devtools.devkafka.local import LocalKafka
 
     print("relais: starting a local Kafka (the first run downloads its jars) ...", file=sys.stderr)
@@ -274,9 +267,6 @@ def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> 
 
 
 def _supervise(names: list[str], settings: Settings, args: argparse.Namespace) -> int:
-    import os
-    import socket
-
     from services.supervisor import Supervisor, plan, worker_count
 
     workers = worker_count(args.workers if args.workers is not None else settings.workers, os.cpu_count())

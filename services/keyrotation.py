@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic import ValidationError
+
 from services.core.blobstore import LocalBlobStore
 from services.core.bus import Bus
-from services.core.crypto import X_DECRYPT_ERROR, X_ENC_KID, Keyring, open_envelope, seal_envelope
+from services.core.crypto import X_DECRYPT_ERROR, X_ENC_KID, Keyring, new_key, open_envelope, seal_envelope
 from services.core.embedded import EmbeddedBus, _decode_headers, _encode_headers
 from services.core.envelope import EXTRA_PREFIX, Envelope, EnvelopeError
 from services.core.errors import BusUnavailable, ConfigurationError
@@ -45,6 +47,7 @@ from services.core.logging import get_logger
 from services.core.settings import Settings
 from services.core.topics import POISON, stage_inputs
 from services.tracker import sealed
+from services.tracker.auditkey import new_audit_key
 from services.tracker.ledger import Ledger, metadata
 
 log = get_logger(__name__)
@@ -279,13 +282,6 @@ USAGE = """usage: relais keys rotate | status | new KID | new-audit-key
 
 def main(argv: list[str]) -> int:
     """`relais keys ...`: 0 done, 1 live data under a retired key (status), 2 usage or configuration error."""
-    import asyncio
-
-    from pydantic import ValidationError
-
-    from services.core.crypto import new_key
-    from services.tracker.auditkey import new_audit_key
-
     if argv[:1] == ["new"] and len(argv) == 2:
         print(new_key(argv[1]))
         return 0

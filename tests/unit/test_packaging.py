@@ -8,6 +8,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+from services import cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,3 +34,16 @@ def test_built_wheel_holds_services_and_no_development_tool(tmp_path: Path) -> N
     tools = [n for n in names if "devkafka" in n or "demotarget" in n or n.startswith(("devtools/", "tests/"))]
     assert tools == []
     assert {n.split("/")[0] for n in names} == {"services", wheel.name.split("-py3")[0] + ".dist-info"}
+
+
+@pytest.mark.parametrize("argv", [["dev-kafka"], ["demo-target"], ["run", "--demo-target"]])
+def test_without_the_development_tools_the_cli_says_how_to_get_them(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "has_devtools", lambda: False)  # as in an installed wheel: no devtools package
+    monkeypatch.setenv("RELAIS_AUTH_DISABLED", "true")
+    assert cli.main(argv) == 2
+    assert "install Relais from its repository" in capsys.readouterr().err
+
+
+def test_from_the_repository_the_development_tools_are_there() -> None:
+    assert cli.has_devtools()

@@ -223,8 +223,9 @@ async def _drain(tasks: list[asyncio.Task[Any]], grace_s: float) -> None:
             raise task.exception()  # type: ignore[misc]
 
 
-def run(names: Sequence[str], settings: Settings, **kwargs: Any) -> int:
+def run(names: Sequence[str], settings: Settings, *,
+        extra_servers: Sequence[tuple[ASGIApp, str, int]] = ()) -> int:
     """Blocking entry point for the CLI; returns the process exit code."""
-    asyncio.run(serve(names, settings, **kwargs))
+    asyncio.run(serve(names, settings, extra_servers=extra_servers))
     return 0
 

@@ -7,7 +7,8 @@ acts. Nothing here returns a Bundle or a target's full answer unless asked expli
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
@@ -58,7 +59,7 @@ def ctx(request: Request) -> OpsContext:
     return request.app.state.ops  # type: ignore[no-any-return]
 
 
-def _time(text: str | None, name: str) -> Any:
+def _time(text: str | None, name: str) -> datetime | None:
     try:
         return parse_time(text)
     except ValueError as exc:

@@ -25,11 +25,11 @@ from services.core.logging import get_logger
 from services.core.outcome import error
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
+from services.http.metrics import RequestCounter
 from services.http.reload import Reloader, Watched
 from services.http.responses import outcome_response
 from services.ingress import api as ingress_api
 from services.ingress import validate_api
-from services.ingress.metrics import RequestCounter
 from services.ingress.state import IngressState
 from services.ops import api as ops_api
 from services.ops import audit_api, dashboard

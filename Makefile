@@ -7,14 +7,14 @@ DEMO_PORT ?= 8090
 
 .PHONY: install run test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml devtools/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --upgrade pip
-	@echo "installing Relais and its test tools into $(VENV) ..."
-	@$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "installing Relais, its development tools (devtools/: local Kafka, demo target) and test tools into $(VENV) ..."
+	@$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./devtools
 	@touch $@
 
-install: $(STAMP)  ## create .venv with Relais and its development tools
+install: $(STAMP)  ## create .venv with Relais, its development tools (devtools/) and test tools
 
 run: $(STAMP)  ## every stage in one process (embedded bus), a demo target, demo credentials
 	RELAIS_PRODUCERS_FILE=$${RELAIS_PRODUCERS_FILE:-deploy/dev/producers.yaml} \
@@ -37,7 +37,7 @@ test-fast: $(STAMP)  ## unit tests only: no network, seconds
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check services tests
+	$(BIN)/ruff check services devtools tests
 	$(BIN)/mypy
 
 bench: $(STAMP)  ## benchmarks (not tests): prints throughput and latency figures

@@ -1,18 +1,25 @@
-"""The `relais` command: run the broker (whole or one stage), a local Kafka, a demo target, and tools."""
+"""The `relais` command: run the broker (whole or one stage), a local Kafka, a demo target, and tools.
+
+Each sub-command imports what it needs when it runs (the imports inside functions below): `relais status`
+must not load the HTTP, database and Kafka stacks, and the development tools (`devtools`, installed from the
+repository only) must not be needed by an installed product.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from services import __version__
-
-if TYPE_CHECKING:
-    from services.core.settings import Settings
+from services.core.errors import ConfigurationError
+from services.core.logging import configure_logging
+from services.core.settings import Settings
 
 DESCRIPTION = """\
 Relais — asynchronous transfer broker for TDDUI (Transfert de données DUI) FHIR exports.
@@ -141,16 +148,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `relais` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     # These two own their whole command line (and their --help).
+    if args_list and args_list[0] in ("dev-kafka", "demo-target") and not has_devtools():
+        return _no_devtools(args_list[0])
     if args_list and args_list[0] == "dev-kafka":
-        from services.devkafka import main as dev_kafka
+        from devtools.devkafka import main as dev_kafka
 
         return dev_kafka(args_list[1:])
     if args_list and args_list[0] == "demo-target":
-        from services.demotarget.__main__ import main as demo_target
+        from devtools.demotarget.__main__ import main as demo_target
 
         return demo_target(args_list[1:])
     if args_list and args_list[0] == "dlq":
-        from services.dlq.cli import main as dlq
+        from services.ops.dlq_cli import main as dlq
 
         return dlq(args_list[1:])
     if args_list and args_list[0] == "keys":
@@ -164,8 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(args_list)
     if args.command == "send":
-        import os
-
         from services.send import main as send_main
 
         if args.concurrency < 1:
@@ -187,11 +194,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run_stages(args)
 
 
-def _run_stages(args: argparse.Namespace) -> int:
-    from services.core.errors import ConfigurationError
-    from services.core.logging import configure_logging
-    from services.core.settings import Settings
+def has_devtools() -> bool:
+    """True when the development tools (`devtools`: local Kafka, demo target) are installed beside Relais."""
+    return importlib.util.find_spec("devtools") is not None
 
+
+def _no_devtools(what: str) -> int:
+    print(f"relais: {what} is a development tool, not part of the Relais package; install Relais from its "
+          "repository to use it (make install, or: pip install -e . -e ./devtools)", file=sys.stderr)
+    return 2
+
+
+def _run_stages(args: argparse.Namespace) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -222,12 +236,16 @@ def _stage_names(args: argparse.Namespace) -> list[str]:
 
 
 def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> int:
+    if args.demo_target and not has_devtools():
+        return _no_devtools("--demo-target")
+    if args.local_kafka and not settings.kafka_bootstrap and not has_devtools():
+        return _no_devtools("--local-kafka")
     if args.in_process:
         from services.launcher import run
 
         extra = []
         if args.demo_target:
-            from services.demotarget.app import create_app as demo_app
+            from devtools.demotarget.app import create_app as demo_app
 
             extra.append((demo_app(), "127.0.0.1", args.demo_target_port))
         return run(names, settings, extra_servers=extra)
@@ -237,9 +255,7 @@ def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> 
         _print_banner(settings, args)
         return _supervise(names, settings, args)
 
-    import os
-
-    from services.devkafka.local import LocalKafka
+    from devtools.devkafka.local import LocalKafka
 
     print("relais: starting a local Kafka (the first run downloads its jars) ...", file=sys.stderr)
     with LocalKafka() as kafka:
@@ -251,9 +267,6 @@ def _run_all(names: list[str], settings: Settings, args: argparse.Namespace) -> 
 
 
 def _supervise(names: list[str], settings: Settings, args: argparse.Namespace) -> int:
-    import os
-    import socket
-
     from services.supervisor import Supervisor, plan, worker_count
 
     workers = worker_count(args.workers if args.workers is not None else settings.workers, os.cpu_count())

@@ -34,17 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic import ValidationError
+
 from services.core.blobstore import LocalBlobStore
 from services.core.bus import Bus
-from services.core.crypto import X_DECRYPT_ERROR, X_ENC_KID, Keyring, open_envelope, seal_envelope
+from services.core.crypto import X_DECRYPT_ERROR, X_ENC_KID, Keyring, new_key, open_envelope, seal_envelope
 from services.core.embedded import EmbeddedBus, _decode_headers, _encode_headers
 from services.core.envelope import EXTRA_PREFIX, Envelope, EnvelopeError
 from services.core.errors import BusUnavailable, ConfigurationError
 from services.core.kafka import KafkaBus
 from services.core.logging import get_logger
 from services.core.settings import Settings
-from services.core.topics import DELIVERIES, EVENTS, POISON, RECEIVED, VALIDATED, retry_topic
+from services.core.topics import POISON, stage_inputs
 from services.tracker import sealed
+from services.tracker.auditkey import new_audit_key
 from services.tracker.ledger import Ledger, metadata
 
 log = get_logger(__name__)
@@ -86,8 +89,9 @@ def _record_kids(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-async def live_keys(bus: Bus, settings: Settings, *, at_start: bool = False) -> LiveKeys:
-    """Key ids sealing records of the embedded log (when that is the bus) and blobs of the local store."""
+async def live_keys(bus: Bus, settings: Settings, *, at_start: bool = False, ledger: Ledger | None = None) -> LiveKeys:
+    """Key ids sealing records of the embedded log (when that is the bus), Kafka, blobs of the local store and
+    the ledger (`ledger`: the process's, else one opened for the check)."""
     found = LiveKeys()
     if isinstance(bus, EmbeddedBus):
         found.records = await bus.log.read(_record_kids)
@@ -103,14 +107,8 @@ async def live_keys(bus: Bus, settings: Settings, *, at_start: bool = False) -> 
             log.warning("could not check which keys seal the records waiting on Kafka", error=str(exc))
     if not settings.blob_s3_endpoint:
         found.blobs = LocalBlobStore(settings.blob_dir).key_ids()
-    found.ledger = await _ledger_kids(settings)
+    found.ledger = await _ledger_kids(ledger or Ledger(settings.database_url), owned=ledger is None)
     return found
-
-
-def stage_inputs(settings: Settings) -> dict[str, list[str]]:
-    """Each worker stage and the topics it consumes: where live records wait on Kafka."""
-    return {"validator": [RECEIVED], "router": [VALIDATED], "tracker": [EVENTS],
-            "delivery": [DELIVERIES, *(retry_topic(n) for n in range(1, len(settings.retry_delays_s) + 1))]}
 
 
 async def _kafka_kids(bus: KafkaBus, settings: Settings) -> dict[str, int]:
@@ -128,26 +126,27 @@ async def _kafka_kids(bus: KafkaBus, settings: Settings) -> dict[str, int]:
     return counts
 
 
-async def _ledger_kids(settings: Settings) -> dict[str, int]:
-    ledger = Ledger(settings.database_url)
+async def _ledger_kids(ledger: Ledger, *, owned: bool) -> dict[str, int]:
     try:
         await ledger.create_schema()
         async with ledger.engine.connect() as conn:
             return await sealed.kids_in_use(conn, metadata)
     finally:
-        await ledger.close()
+        if owned:
+            await ledger.close()
 
 
-async def check_keys_at_start(bus: Bus | None, settings: Settings) -> None:
+async def check_keys_at_start(bus: Bus | None, settings: Settings, ledger: Ledger | None = None) -> None:
     """Warn when encryption at rest is off; refuse to start when live data is sealed with a key that is no
-    longer configured (`bus`: the process's bus once started, None for an ingress-only process)."""
+    longer configured (`bus`: the process's bus once started, None for an ingress-only process; `ledger`: the
+    process's)."""
     keyring = Keyring.from_settings(settings)
     if keyring is None:
         log.warning("encryption at rest is OFF: Bundles are stored in clear in the log and the blob store; set "
                     "RELAIS_ENCRYPTION_KEYS_FILE (or RELAIS_ENCRYPTION_KEYS) to encrypt them")
     if bus is None:
         return
-    retired = (await live_keys(bus, settings, at_start=True)).retired(keyring)
+    retired = (await live_keys(bus, settings, at_start=True, ledger=ledger)).retired(keyring)
     if retired:
         detail = "; ".join(f"key {kid!r}: {where}" for kid, where in sorted(retired.items()))
         raise ConfigurationError(
@@ -283,13 +282,6 @@ USAGE = """usage: relais keys rotate | status | new KID | new-audit-key
 
 def main(argv: list[str]) -> int:
     """`relais keys ...`: 0 done, 1 live data under a retired key (status), 2 usage or configuration error."""
-    import asyncio
-
-    from pydantic import ValidationError
-
-    from services.core.crypto import new_key
-    from services.tracker.auditkey import new_audit_key
-
     if argv[:1] == ["new"] and len(argv) == 2:
         print(new_key(argv[1]))
         return 0

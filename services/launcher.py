@@ -13,21 +13,28 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from prometheus_client import start_http_server
+from starlette.types import ASGIApp
 
+from services.app import create_app
 from services.core.blobstore import make_blob_store, prune_blobs_periodically
 from services.core.bus import Bus
-from services.core.embedded import EmbeddedBus
-from services.core.kafka import KafkaBus
+from services.core.buses import make_bus
 from services.core.logging import get_logger
 from services.core.runner import Stage, run_stage
 from services.core.settings import Settings
-from services.core.targets import load_targets
+from services.core.targets import TargetDirectory, load_targets
 from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
+from services.ingress.connections import accept_backlog, guarded, widen_listen_queue
+from services.ingress.mtls import PeerCertH11Protocol, ServerTls
 from services.keyrotation import check_keys_at_start
+from services.ops.alert_stage import run_alerts_stage
+from services.ops.context import OpsContext
 from services.router.stage import RouterStage
 from services.tracker import audit, auditchain, sealed
 from services.tracker.ledger import Ledger
@@ -51,46 +58,54 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        from services.ingress.connections import widen_listen_queue  # slow-loris: see its docstring
-
-        widen_listen_queue(self.servers)
+        widen_listen_queue(self.servers)  # slow-loris: see its docstring
 
 
-def make_bus(settings: Settings) -> Bus:
-    """Kafka when RELAIS_KAFKA_BOOTSTRAP is set, else the embedded SQLite log."""
-    if settings.kafka_bootstrap:
-        return KafkaBus(settings)
-    return EmbeddedBus(settings)
+@dataclass(frozen=True)
+class Shared:
+    """What every stage of one process shares, built once: the bus, the targets directory and the ledger."""
+
+    settings: Settings
+    bus: Bus
+    targets: TargetDirectory
+    ledger: Ledger
 
 
 @contextlib.asynccontextmanager
-async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterator[list[Stage]]:
-    """Build the named worker stages with the resources they need, and release those afterwards."""
+async def shared_resources(settings: Settings) -> AsyncIterator[Shared]:
+    """The process's bus (not started), targets directory and ledger (schema created); the ledger is
+    closed afterwards. A stage that needs none of them costs one unused engine, no connection."""
+    ledger = Ledger(settings.database_url)
+    try:
+        yield Shared(settings, make_bus(settings), load_targets(settings.targets_file), ledger)
+    finally:
+        await ledger.close()
+
+
+@contextlib.asynccontextmanager
+async def worker_stages(names: Sequence[str], shared: Shared) -> AsyncIterator[list[Stage]]:
+    """Build the named worker stages on the shared resources, and release what they hold afterwards."""
+    settings, ledger = shared.settings, shared.ledger
     stages: list[Stage] = []
     async with contextlib.AsyncExitStack() as resources:
-        directory = load_targets(settings.targets_file)
+        if set(names) & {"delivery", "tracker"}:
+            await ledger.create_schema()
         for name in names:
             if name == "validator":
                 stages.append(ValidatorStage(validation_options(settings)))
             elif name == "router":
-                stages.append(RouterStage(directory, make_blob_store(settings), settings.claim_check_bytes))
+                stages.append(RouterStage(shared.targets, make_blob_store(settings), settings.claim_check_bytes))
             elif name == "delivery":
-                pause_ledger = Ledger(settings.database_url)
-                await pause_ledger.create_schema()
-                resources.push_async_callback(pause_ledger.close)
                 process = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
-                delivery = DeliveryStage(settings, directory, make_blob_store(settings),
-                                         AttemptJournal(pause_ledger.engine, process))
+                delivery = DeliveryStage(settings, shared.targets, make_blob_store(settings),
+                                         AttemptJournal(ledger.engine, process))
                 resources.push_async_callback(delivery.aclose)
-                watcher = asyncio.create_task(delivery.watch_pauses(functools.partial(paused_targets, pause_ledger)))
-                delivery.report_circuit = functools.partial(record_circuit, pause_ledger, process=process)
+                watcher = asyncio.create_task(delivery.watch_pauses(functools.partial(paused_targets, ledger)))
+                delivery.report_circuit = functools.partial(record_circuit, ledger, process=process)
                 resources.push_async_callback(_cancel, watcher)
                 stages.append(delivery)
             elif name == "tracker":
-                ledger = Ledger(settings.database_url)
-                await ledger.create_schema()
                 await audit.open_trail(ledger, settings)  # key, genesis row (or migration); refuses a wrong key
-                resources.push_async_callback(ledger.close)
                 stages.append(auditchain.AuditingTracker(TrackerStage(ledger), ledger,  # ledger + audit trail
                                                          settings.audit_anchor_s))
             else:
@@ -99,7 +114,7 @@ async def worker_stages(names: Sequence[str], settings: Settings) -> AsyncIterat
 
 
 async def serve(names: Sequence[str], settings: Settings, *,
-                extra_servers: Sequence[tuple[Any, str, int]] = ()) -> None:
+                extra_servers: Sequence[tuple[ASGIApp, str, int]] = ()) -> None:
     """Run the named stages until SIGTERM/SIGINT, then stop fetching and let in-flight work finish."""
     sealed.install(settings)  # ledger values that may quote health data are sealed at rest
     stop = asyncio.Event()
@@ -109,43 +124,41 @@ async def serve(names: Sequence[str], settings: Settings, *,
 
     workers = [n for n in names if n not in ("ingress", "alerts")]
     if "ingress" not in names and settings.metrics_port is not None:
-        from prometheus_client import start_http_server  # worker processes: /metrics on their own port
+        start_http_server(settings.metrics_port, addr=settings.http_host)  # worker processes: their own /metrics
+    async with shared_resources(settings) as shared:
+        bus = shared.bus
+        servers: list[uvicorn.Server] = []
+        if "ingress" in names:
+            # One bus per process: the embedded log has one owner, and Kafka needs one producer, not two.
+            # An ingress-only process connects in the background and answers 503 until Kafka is there.
+            app = create_app(settings, bus, shared.ledger, targets=shared.targets, manage_bus=not workers,
+                             manage_ledger=False)
+            servers.append(_server(app, settings.http_host, settings.http_port, settings))
+        servers += [_server(app, host, port) for app, host, port in extra_servers]
 
-        start_http_server(settings.metrics_port, addr=settings.http_host)
-    bus = make_bus(settings)
-    servers: list[uvicorn.Server] = []
-    if "ingress" in names:
-        from services.ingress.app import create_app  # the HTTP stack only where it is served
-
-        # One bus per process: the embedded log has one owner, and Kafka needs one producer, not two.
-        # An ingress-only process connects in the background and answers 503 until Kafka is there.
-        app = create_app(settings, bus, Ledger(settings.database_url), manage_bus=not workers)
-        servers.append(_server(app, settings.http_host, settings.http_port, settings))
-    servers += [_server(app, host, port) for app, host, port in extra_servers]
-
-    try:
-        if workers:
-            await _start_bus(bus, stop)  # creates missing topics before any consumer subscribes
-        await check_keys_at_start(bus if workers else None, settings)  # no live data under a removed key
-        async with worker_stages(workers, settings) as stages:
-            tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
-            tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]
+        try:
             if workers:
-                tasks.append(asyncio.create_task(prune_blobs_periodically(settings, stop), name="blob-retention"))
-            if "alerts" in names:
-                from services.ops import run_alerts_stage
-
-                tasks.append(asyncio.create_task(run_alerts_stage(settings, bus, stop), name="alerts"))
-            log.info("relais started", stages=list(names))
-            await _until_stopped(stop, tasks)
-            log.info("stopping: finishing in-flight records", grace_s=settings.shutdown_grace_s)
-            for s in servers:
-                s.should_exit = True
-            await _drain(tasks, settings.shutdown_grace_s)
-    finally:
-        await bus.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+                await _start_bus(bus, stop)  # creates missing topics before any consumer subscribes
+            await check_keys_at_start(bus if workers else None, settings, shared.ledger)  # no data under a removed key
+            async with worker_stages(workers, shared) as stages:
+                tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
+                tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]
+                if workers:
+                    tasks.append(asyncio.create_task(prune_blobs_periodically(settings, stop), name="blob-retention"))
+                if "alerts" in names:
+                    await shared.ledger.create_schema()
+                    context = OpsContext(settings, shared.ledger, bus, shared.targets)
+                    tasks.append(asyncio.create_task(run_alerts_stage(context, stop), name="alerts"))
+                log.info("relais started", stages=list(names))
+                await _until_stopped(stop, tasks)
+                log.info("stopping: finishing in-flight records", grace_s=settings.shutdown_grace_s)
+                for s in servers:
+                    s.should_exit = True
+                await _drain(tasks, settings.shutdown_grace_s)
+        finally:
+            await bus.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     log.info("relais stopped")
 
 
@@ -170,18 +183,14 @@ async def _start_bus(bus: Bus, stop: asyncio.Event) -> None:
                 delay = min(delay * 2, 30.0)
 
 
-def _server(app: Any, host: str, port: int, settings: Settings | None = None) -> uvicorn.Server:
+def _server(app: ASGIApp, host: str, port: int, settings: Settings | None = None) -> uvicorn.Server:
     """A uvicorn server; HTTPS (and mutual TLS with a client CA) when `settings` name TLS files."""
     if settings is None:
         return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
                                       timeout_graceful_shutdown=5))
-    from services.ingress.connections import accept_backlog, guarded  # header deadline + connection cap
-
     if settings.tls_certfile is None:
         return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
                                       timeout_graceful_shutdown=5, http=guarded(settings), backlog=accept_backlog()))
-    from services.ingress.mtls import PeerCertH11Protocol, ServerTls
-
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
                             timeout_graceful_shutdown=5,
                             ssl_certfile=str(settings.tls_certfile), ssl_keyfile=str(settings.tls_keyfile),
@@ -214,8 +223,9 @@ async def _drain(tasks: list[asyncio.Task[Any]], grace_s: float) -> None:
             raise task.exception()  # type: ignore[misc]
 
 
-def run(names: Sequence[str], settings: Settings, **kwargs: Any) -> int:
+def run(names: Sequence[str], settings: Settings, *,
+        extra_servers: Sequence[tuple[ASGIApp, str, int]] = ()) -> int:
     """Blocking entry point for the CLI; returns the process exit code."""
-    asyncio.run(serve(names, settings, **kwargs))
+    asyncio.run(serve(names, settings, extra_servers=extra_servers))
     return 0
 

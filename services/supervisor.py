@@ -69,7 +69,7 @@ def plan(stages: Sequence[str], workers: int, *, instance_id: str, demo_target_p
                      for n in range(1, workers + 1)]
     if demo_target_port is not None:
         children.append(ChildSpec("demo-target",
-                                  (python, "-m", "services.demotarget", "--port", str(demo_target_port))))
+                                  (python, "-m", "devtools.demotarget", "--port", str(demo_target_port))))
     return children
 
 

@@ -1,7 +1,7 @@
 """Shared fixtures: a real Kafka for the session, isolated settings per test.
 
 Kafka comes from, in order: RELAIS_KAFKA_BOOTSTRAP (an external broker), testcontainers when a
-Docker engine answers, else a local broker assembled from Maven Central jars (services.devkafka).
+Docker engine answers, else a local broker assembled from Maven Central jars (devtools.devkafka).
 Locally, Kafka tests skip when none of these works. In CI (CI=true or RELAIS_REQUIRE_KAFKA=1) a
 missing broker is an error, and a skipped Kafka test fails the run.
 """
@@ -50,7 +50,7 @@ def kafka_bootstrap() -> Iterator[str]:
     if docker_kafka is not None:
         yield from docker_kafka
         return
-    from services.devkafka import DevKafkaError, LocalKafka
+    from devtools.devkafka import DevKafkaError, LocalKafka
 
     kafka = LocalKafka()
     try:

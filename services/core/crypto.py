@@ -36,10 +36,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from services.core.errors import ConfigurationError, PermanentError
+from services.core.logging import get_logger
 
 if TYPE_CHECKING:
     from services.core.envelope import Envelope
     from services.core.settings import Settings
+
+log = get_logger(__name__)
 
 # Envelope extension attributes (headers `ce_enckid`, `ce_encdek`) of an encrypted record.
 X_ENC_KID = "enckid"
@@ -138,9 +141,7 @@ class Keyring:
             self._install(self._read(self._path))
             self._mtime = mtime
         except ConfigurationError:
-            from services.core.logging import get_logger  # late: logging imports settings, not crypto
-
-            get_logger(__name__).error("encryption keys file changed but is invalid; keeping the previous keys",
+            log.error("encryption keys file changed but is invalid; keeping the previous keys",
                                        path=str(self._path))
 
     # --- primitives --------------------------------------------------------------------------

@@ -111,18 +111,22 @@ class KafkaBus:
         """Kafka's storage is the brokers': what is wrong there shows as unacknowledged publishes (503)."""
         return None
 
-    async def lag(self, stage: str, topics: Sequence[str]) -> dict[Partition, int]:
-        """End offset minus committed offset, per partition, for the stage's group."""
-        group = self.settings.group(stage)
-        # A fresh consumer knows no topic metadata until it subscribes; ask the cluster instead.
+    async def _partitions(self, topics: Sequence[str]) -> list[TopicPartition]:
+        """Every partition of the logical `topics` that exist. A fresh consumer knows no topic metadata until
+        it subscribes, and these readers never subscribe (they must not join the group): ask the cluster."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
             described = await admin.describe_topics([self.settings.topic(t) for t in topics])
         finally:
             await admin.close()
-        tps = [TopicPartition(d["topic"], p["partition"]) for d in described if not d.get("error_code")
-               for p in d["partitions"]]
+        return [TopicPartition(d["topic"], p["partition"]) for d in described if not d.get("error_code")
+                for p in d["partitions"]]
+
+    async def lag(self, stage: str, topics: Sequence[str]) -> dict[Partition, int]:
+        """End offset minus committed offset, per partition, for the stage's group."""
+        group = self.settings.group(stage)
+        tps = await self._partitions(topics)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False,
                                     isolation_level="read_committed")
         await consumer.start()
@@ -143,14 +147,7 @@ class KafkaBus:
         committed reads from the start). Records carrying the header `unless` are not counted. `relais keys`
         uses it to tell whether records sealed with an old key still wait."""
         group = self.settings.group(stage)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            described = await admin.describe_topics([self.settings.topic(t) for t in topics])
-        finally:
-            await admin.close()
-        tps = [TopicPartition(d["topic"], p["partition"]) for d in described if not d.get("error_code")
-               for p in d["partitions"]]
+        tps = await self._partitions(topics)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False,
                                     isolation_level="read_committed",
                                     max_partition_fetch_bytes=max_record_bytes(self.settings))

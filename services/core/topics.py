@@ -34,6 +34,17 @@ def retry_topic(tier: int) -> str:
     return f"{RETRY_PREFIX}{tier}"
 
 
+def delivery_topics(settings: Settings) -> tuple[str, ...]:
+    """What the delivery stage consumes: `deliveries` and one retry topic per RELAIS_RETRY_DELAYS_S tier."""
+    return (DELIVERIES, *(retry_topic(n) for n in range(1, len(settings.retry_delays_s) + 1)))
+
+
+def stage_inputs(settings: Settings) -> dict[str, list[str]]:
+    """Each worker stage and the logical topics its consumer group reads (where its records wait)."""
+    return {"validator": [RECEIVED], "router": [VALIDATED], "delivery": list(delivery_topics(settings)),
+            "tracker": [EVENTS]}
+
+
 def declared_topics(settings: Settings) -> list[TopicSpec]:
     """Every topic, with retention suited to health data: long enough to recover, no longer.
 

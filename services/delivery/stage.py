@@ -38,7 +38,7 @@ from services.core.metrics import DELIVERY_SECONDS
 from services.core.outcome import error, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
-from services.core.topics import DELIVERIES, DELIVERIES_DLQ, RETRY_PREFIX, retry_topic
+from services.core.topics import DELIVERIES_DLQ, RETRY_PREFIX, delivery_topics, retry_topic
 from services.delivery import conditional
 from services.delivery.capability import conditional_types_for
 from services.delivery.client import Attempt, TargetClient
@@ -108,7 +108,7 @@ class DeliveryStage:
         self.blobs = blobs
         self.clock = clock
         self.tiers = tuple(settings.retry_delays_s)
-        self.topics: Sequence[str] = (DELIVERIES, *(retry_topic(n) for n in range(1, len(self.tiers) + 1)))
+        self.topics: Sequence[str] = delivery_topics(settings)
         self.runtimes = {
             t.id: TargetRuntime(t, TargetClient(t), asyncio.Semaphore(t.max_concurrency))
             for t in directory.targets if t.enabled

@@ -178,14 +178,6 @@ def check_targets(header: str | None, producer: Producer, directory: TargetDirec
     return named
 
 
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, or None."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
-
-
 def unauthenticated(reason: str) -> Refusal:
     """The 401 refusal, with the challenge header HTTP requires."""
     return refuse(401, "login", reason, rule="relais-ingress-auth",

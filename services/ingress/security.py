@@ -1,32 +1,23 @@
 """Who is calling, for which structure: producer identity (token, client certificate or both) and
-authorization by FINESS; producers and operators files re-read when they change, without restart.
+authorization by FINESS.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import anyio.from_thread
-from fastapi import FastAPI, Request
+from fastapi import Request
 
-from services.core.errors import ConfigurationError
-from services.core.logging import get_logger
-from services.core.settings import Settings
+from services.http.auth import bearer_token, note_refusal
+from services.http.reload import Reloader
 from services.ingress import checks
 from services.ingress.checks import Refusal
 from services.ingress.mtls import PEER_CERT, ClientCertificate, ClientCertPolicy, parse_certificate
-from services.ingress.producers import Producer, ProducerDirectory, load_producers
+from services.ingress.producers import ANONYMOUS, Producer, ProducerDirectory
+from services.ingress.state import IngressState
 from services.router.logic import transfer_info
-from services.tracker import audit
-
-log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +27,17 @@ class Identity:
     producer: Producer
     method: str  # "token", "mtls", "both" or "none" (authentication disabled)
     cert_fingerprint: str | None = None
+
+
+def caller(state: IngressState, request: Request) -> Identity:
+    """Who is calling the ingress (POST /fhir, the status URL, $validate): the producers file is re-read
+    first when it changed; with authentication disabled, everyone is the anonymous producer."""
+    reloader: Reloader | None = getattr(request.app.state, "reloader", None)
+    if reloader is not None:
+        reloader.maybe()
+    if state.producers is None:
+        return Identity(ANONYMOUS, "none")
+    return identify(state.producers, state.cert_policy, request)
 
 
 def peer_certificate(request: Request) -> ClientCertificate | None:
@@ -70,7 +72,7 @@ def identify(directory: ProducerDirectory, policy: ClientCertPolicy | None, requ
 
 
 def _identify(directory: ProducerDirectory, policy: ClientCertPolicy | None, request: Request) -> Identity:
-    token = checks.bearer_token(request.headers.get("Authorization"))
+    token = bearer_token(request.headers.get("Authorization"))
     cert = peer_certificate(request) if policy is not None and policy.enabled else None
     cert_problem = policy.refusal(cert) if cert is not None and policy is not None else None
     if cert_problem:
@@ -98,26 +100,6 @@ def _identify(directory: ProducerDirectory, policy: ClientCertPolicy | None, req
 
 def _text(refusal: Refusal) -> str:
     return "; ".join(str(i.diagnostics) for i in refusal.issues)[:300]
-
-
-def note_refusal(request: Request, surface: str, status: int, reason: str) -> None:
-    """Record a failed authentication (401/403) in the audit trail, at most once per client, surface and
-    reason per RELAIS_AUDIT_REFUSAL_EVERY_S; never delays or fails the refusal itself."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # a sync FastAPI dependency runs in a worker thread: note it on the event loop
-        anyio.from_thread.run_sync(functools.partial(note_refusal, request, surface, status, reason))
-        return
-    state = request.app.state
-    refusals = getattr(state, "auth_refusals", None)
-    if refusals is None:
-        ops = getattr(state, "ops", None)
-        if ops is None:
-            return  # an app without the operator side has no audit trail to write to
-        refusals = audit.Refusals(ops.ledger, ops.settings.audit_refusal_every_s)
-        state.auth_refusals = refusals
-    refusals.note(surface, status, reason, client=request.client.host if request.client else None,
-                  path=request.url.path)
 
 
 def _require_cert(producer: Producer, cert: ClientCertificate | None) -> None:
@@ -148,68 +130,3 @@ def check_structure(producer: Producer, finess: Sequence[str]) -> Refusal | None
                              "Bundle.entry.resource.ofType(Organization).identifier",
                              rule="relais-ingress-structure")
     return None
-
-
-class FileWatch:
-    """A file's modification time, checked on demand: `changed()` is True once per change."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.stamp = self._stat()
-
-    def _stat(self) -> float | None:
-        if self.path is None:
-            return None
-        try:
-            return os.stat(self.path).st_mtime_ns
-        except OSError:
-            return None
-
-    def changed(self) -> bool:
-        """True when the file's mtime moved since the last call (or construction)."""
-        stamp = self._stat()
-        if stamp is None or stamp == self.stamp:
-            return False
-        self.stamp = stamp
-        return True
-
-
-class Reloader:
-    """Re-reads the producers and operators files of a running ingress when they change."""
-
-    def __init__(self, app: FastAPI, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-        self.producers = FileWatch(settings.producers_file)
-        self.operators = FileWatch(settings.operators_file)
-        self._next = time.monotonic() + settings.auth_reload_s
-
-    def maybe(self) -> None:
-        """Check at most every RELAIS_AUTH_RELOAD_S (cheap enough to call on every request)."""
-        if time.monotonic() >= self._next:
-            self._next = time.monotonic() + self.settings.auth_reload_s
-            self.now()
-
-    def now(self) -> None:
-        """Check both files at once; a file that became invalid is logged and the old content kept."""
-        state = self.app.state.ingress
-        if self.settings.producers_file is not None and self.producers.changed():
-            try:
-                state.producers = load_producers(self.settings.producers_file)
-                log.info("producers file reloaded", producers=len(state.producers.producers))
-            except ConfigurationError as exc:
-                log.error("producers file changed but is invalid; keeping the previous producers", error=str(exc))
-        if self.settings.operators_file is not None and self.operators.changed():
-            from services.ops.auth import load_operators
-
-            try:
-                self.app.state.operators = load_operators(self.settings)
-                log.info("operators file reloaded")
-            except ConfigurationError as exc:
-                log.error("operators file changed but is invalid; keeping the previous operators", error=str(exc))
-
-    async def run(self) -> None:
-        """Background loop for the app's lifespan (so /ops sees changes even without producer traffic)."""
-        while True:
-            await asyncio.sleep(self.settings.auth_reload_s)
-            self.maybe()

@@ -17,13 +17,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from services.core.envelope import FHIR_JSON
-from services.core.outcome import Issue, operation_outcome
-from services.ingress import checks, limits
+from services.core.outcome import Issue
+from services.http.responses import outcome_response
+from services.ingress import checks, limits, security
 from services.ingress.checks import Refusal
-from services.ingress.producers import Producer
+from services.ingress.state import ingress_state
 from services.validator.logic import validate_bundle
-from services.validator.options import validation_options
+from services.validator.options import ValidationOptions, validation_options
 
 router = APIRouter(tags=["validation"])
 
@@ -34,10 +34,10 @@ RULE_INPUT = "relais-validate-input"
              responses={200: {"description": "OperationOutcome: the findings (valid or not)"}})
 async def validate(request: Request) -> Response:
     """Validate the Bundle in the body (or in a Parameters `resource`) and answer its OperationOutcome."""
-    state = request.app.state.ingress
+    state = ingress_state(request)
     settings = state.settings
     try:
-        producer = _authenticate(state, request)
+        producer = security.caller(state, request).producer  # exactly as POST /fhir
         # Validation costs CPU: the producer's rate and concurrency limits apply as to POST /fhir.
         async with state.limiter.slot(producer.id):
             for refusal in (checks.check_content_type(request.headers.get("Content-Type")),
@@ -46,26 +46,18 @@ async def validate(request: Request) -> Response:
                 if refusal:
                     raise refusal
             body = await limits.read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
-            bundle = _bundle_of(_decode(body))
             options = validation_options(settings, request.headers.get("Accept-Language"))
-            # CPU-bound (milliseconds for a typical Bundle, more for a large one): keep the event loop free.
-            issues = await run_in_threadpool(validate_bundle, bundle, options)
+            # CPU-bound, parsing included (the duplicate-key walk reads every object; milliseconds for a typical
+            # Bundle, seconds for a large one): in a worker thread, so the loop answering POST /fhir never waits.
+            issues = await run_in_threadpool(_validate_body, body, options)
     except Refusal as refusal:
-        return _answer(refusal.status, refusal.issues, dict(refusal.headers))
-    return _answer(200, issues, {"Content-Language": options.language})
+        return outcome_response(refusal.status, refusal.issues, dict(refusal.headers))
+    return outcome_response(200, issues, {"Content-Language": options.language})
 
 
-def _answer(status: int, issues: list[Issue] | tuple[Issue, ...], headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(operation_outcome(issues)), status_code=status, media_type=FHIR_JSON,
-                    headers=headers)
-
-
-def _authenticate(state: Any, request: Request) -> Producer:
-    """Exactly as POST /fhir (bearer token, client certificate, ...): its own function, imported when
-    called because the app module imports this one while it builds the app."""
-    from services.ingress.app import _authenticate as authenticate_producer
-
-    return authenticate_producer(state, request)
+def _validate_body(body: bytes, options: ValidationOptions) -> list[Issue]:
+    """The findings on the Bundle in `body` (raises a Refusal when there is no Bundle to validate)."""
+    return validate_bundle(_bundle_of(_decode(body)), options)
 
 
 def _decode(body: bytes) -> dict[str, Any]:

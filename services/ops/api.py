@@ -7,19 +7,19 @@ acts. Nothing here returns a Bundle or a target's full answer unless asked expli
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
 from services.core.blobstore import BlobIntegrityError
-from services.core.envelope import JSON
 from services.core.errors import TransientError
 from services.core.identifiers import digest
 from services.dlq.logic import DlqFilter
 from services.dlq.store import NotDeadLettered, parse_time
+from services.http.responses import json_response
 from services.ops import auth
 from services.ops.auth import Operator
 from services.ops.context import OpsContext
@@ -59,11 +59,7 @@ def ctx(request: Request) -> OpsContext:
     return request.app.state.ops  # type: ignore[no-any-return]
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type=JSON)
-
-
-def _time(text: str | None, name: str) -> Any:
+def _time(text: str | None, name: str) -> datetime | None:
     try:
         return parse_time(text)
     except ValueError as exc:
@@ -80,7 +76,7 @@ def transfer_filter(context: OpsContext, status: str | None, producer: str | Non
 
 @router.get("/whoami", summary="The operator this token belongs to, and their role")
 async def whoami(who: Viewer) -> Response:
-    return _json({"id": who.id, "role": who.role})
+    return json_response({"id": who.id, "role": who.role})
 
 
 @router.get("/overview", summary="Throughput, transfers per status, lag per stage, DLQ size, targets by health")
@@ -89,7 +85,7 @@ async def overview(request: Request, _: Viewer) -> Response:
     over = await queries.overview(context.ledger)
     lags = await context.lag.read()
     targets = await context.targets_view()
-    return _json({**over.as_dict(), "lag": [s.as_dict() for s in lags],
+    return json_response({**over.as_dict(), "lag": [s.as_dict() for s in lags],
                   "targets": [{k: t[k] for k in ("target", "health", "paused", "waiting", "dead_letters",
                                                  "success_rate")} for t in targets]})
 
@@ -104,7 +100,7 @@ async def list_transfers(request: Request, _: Viewer, status: str | None = None,
         page = await queries.list_transfers(context.ledger, flt, cursor=cursor, limit=max(1, min(limit, 500)))
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
-    return _json({"count": len(page.items), "items": [t.as_dict() for t in page.items],
+    return json_response({"count": len(page.items), "items": [t.as_dict() for t in page.items],
                   "next_cursor": page.next_cursor})
 
 
@@ -113,7 +109,7 @@ async def list_transfers(request: Request, _: Viewer, status: str | None = None,
 async def search(request: Request, who: Viewer, identifier: str) -> Response:
     context = ctx(request)
     items = await search_identifier(context, who, identifier)
-    return _json({"count": len(items), "items": [t.as_dict() for t in items]})
+    return json_response({"count": len(items), "items": [t.as_dict() for t in items]})
 
 
 async def search_identifier(context: OpsContext, who: Operator, identifier: str) -> list[queries.TransferRow]:
@@ -135,7 +131,7 @@ async def transfer_timeline(request: Request, transfer_id: str, who: Viewer, ful
     found = await queries.timeline(context.ledger, transfer_id, full=full)
     if found is None:
         raise HTTPException(404, f"no transfer {transfer_id}")
-    return _json(found.as_dict())
+    return json_response(found.as_dict())
 
 
 @router.get("/transfers/{transfer_id}/bundle", summary="The Bundle of a dead letter (recorded in the access log)")
@@ -156,18 +152,18 @@ async def transfer_bundle(request: Request, transfer_id: str, target: str, who: 
 
 @router.get("/access-log", summary="Who read Bundles or full answers, newest first")
 async def access_log(request: Request, _: Actor, transfer_id: str | None = None) -> Response:
-    return _json({"items": await opstate.access_entries(ctx(request).ledger, transfer_id=transfer_id)})
+    return json_response({"items": await opstate.access_entries(ctx(request).ledger, transfer_id=transfer_id)})
 
 
 @router.get("/lag", summary="Consumer lag and queue depth per stage, read from Kafka")
 async def lag(request: Request, _: Viewer) -> Response:
     lags = await ctx(request).lag.read()
-    return _json({"stages": [s.as_dict() for s in lags]})
+    return json_response({"stages": [s.as_dict() for s in lags]})
 
 
 @router.get("/targets", summary="Every target: health, success rate, p50/p99 latency, waiting, paused")
 async def targets(request: Request, _: Viewer) -> Response:
-    return _json({"items": await ctx(request).targets_view()})
+    return json_response({"items": await ctx(request).targets_view()})
 
 
 @router.get("/targets/{target}", summary="One target: health, and its policy (no secret)")
@@ -176,7 +172,7 @@ async def target(request: Request, target: str, _: Viewer) -> Response:
     found = [t for t in await context.targets_view() if t["target"] == target]
     if not found:
         raise HTTPException(404, f"no target {target}")
-    return _json({**found[0], "policy": context.target_policy(target)})
+    return json_response({**found[0], "policy": context.target_policy(target)})
 
 
 async def set_paused(context: OpsContext, target: str, paused: bool, who: Operator,
@@ -193,13 +189,13 @@ async def set_paused(context: OpsContext, target: str, paused: bool, who: Operat
 @router.post("/targets/{target}/pause", summary="Pause a target: its records wait, no attempts")
 async def pause(request: Request, target: str, who: Actor, body: PauseBody | None = None) -> Response:
     state = await set_paused(ctx(request), target, True, who, body.reason if body else None)
-    return _json(state.as_dict())
+    return json_response(state.as_dict())
 
 
 @router.post("/targets/{target}/resume", summary="Resume a paused target")
 async def resume(request: Request, target: str, who: Actor) -> Response:
     state = await set_paused(ctx(request), target, False, who, None)
-    return _json(state.as_dict())
+    return json_response(state.as_dict())
 
 
 @router.get("/dead-letters/{transfer_id}/{slot}", summary="One dead letter: reason, stage, attempts, original "
@@ -208,7 +204,7 @@ async def dead_letter(request: Request, transfer_id: str, slot: str, _: Viewer) 
     dl = await ctx(request).dlq.get(f"{transfer_id}/{slot}")
     if dl is None:
         raise HTTPException(404, f"no dead letter {transfer_id}/{slot}")
-    return _json(dl.summary())
+    return json_response(dl.summary())
 
 
 @router.get("/dead-letters", summary="Open dead letters of every stage (filters: target, stage, producer, reason, "
@@ -219,7 +215,7 @@ async def dead_letters(request: Request, _: Viewer, target: str | None = None, p
     flt = DlqFilter(target or None, producer or None, reason or None, _time(since, "since"), _time(until, "until"),
                     stage or None)
     items = await ctx(request).dlq.list(flt, include_closed=closed)
-    return _json({"count": len(items), "items": [d.summary() for d in items]})
+    return json_response({"count": len(items), "items": [d.summary() for d in items]})
 
 
 @router.post("/dead-letters/replay", summary="Replay every open dead letter matching a filter")
@@ -232,7 +228,7 @@ async def replay_matching(request: Request, body: ReplayFilter, who: Actor) -> R
         replayed, skipped = await ctx(request).dlq.replay_all(flt, who.id, body.note)
     except TransientError as exc:
         raise HTTPException(503, str(exc)) from exc
-    return _json({"replayed": replayed, "count": len(replayed),
+    return json_response({"replayed": replayed, "count": len(replayed),
                   "skipped": [{"id": k, "reason": v} for k, v in skipped.items()]}, 202)
 
 
@@ -249,7 +245,7 @@ async def replay_one(request: Request, transfer_id: str, slot: str, who: Actor) 
         raise HTTPException(409, str(exc)) from exc
     except TransientError as exc:
         raise HTTPException(503, str(exc)) from exc
-    return _json({"replayed": [dl.id]}, 202)
+    return json_response({"replayed": [dl.id]}, 202)
 
 
 @router.post("/dead-letters/{transfer_id}/{slot}/discard", summary="Discard one dead letter, with a reason")
@@ -266,9 +262,4 @@ async def discard(request: Request, transfer_id: str, slot: str, body: DiscardBo
         raise HTTPException(400, str(exc)) from exc
     except TransientError as exc:
         raise HTTPException(503, str(exc)) from exc
-    return _json({"discarded": [dl.id]})
-
-
-from services.ops.audit_api import router as _audit_router  # noqa: E402 - after the routes it sits beside
-
-router.include_router(_audit_router)  # GET /ops/audit, /ops/audit/$export, /ops/audit/verify
+    return json_response({"discarded": [dl.id]})

@@ -27,8 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.core.configfile import load_yaml_model, repeated
 from services.core.settings import Settings
-from services.ingress.checks import bearer_token
-from services.ingress.security import note_refusal
+from services.http.auth import note_refusal, request_token
 from services.ops.sessions import session_operator
 
 Role = Literal["viewer", "operator"]
@@ -109,14 +108,6 @@ def load_operators(settings: Settings) -> OperatorDirectory:
         operators.append(Operator(id="ops-token", role="operator",
                                   token_sha256=hashlib.sha256(settings.ops_token.encode()).hexdigest()))
     return OperatorDirectory(tuple(operators), open_access=settings.auth_disabled and not operators)
-
-
-def request_token(request: Request) -> str | None:
-    """The bearer token of the request, if any."""
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return bearer_token(header)
-    return None
 
 
 async def identify(request: Request) -> Operator | None:

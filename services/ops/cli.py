@@ -108,9 +108,11 @@ def _remote(args: argparse.Namespace, client: OpsClient) -> int:
 
 async def _direct(args: argparse.Namespace) -> int:
     """`ledger rebuild|purge`: the ledger database itself, with this shell's RELAIS_* configuration."""
+    # Imported here, not above: the database and bus stacks load only for these two direct commands, so the
+    # operator commands that merely talk to /ops (dlq, targets, status) start at once.
     from services.core.blobstore import prune_local_blobs
+    from services.core.buses import make_bus
     from services.core.settings import Settings
-    from services.launcher import make_bus
     from services.tracker import audit, sealed
     from services.tracker.ledger import Ledger
     from services.tracker.rebuild import rebuild

@@ -10,7 +10,7 @@ from typing import Any
 from services.core.blobstore import make_blob_store
 from services.core.bus import Bus
 from services.core.settings import Settings
-from services.core.targets import TargetDirectory, load_targets
+from services.core.targets import TargetDirectory
 from services.dlq.store import DlqService
 from services.ops.alerts import Observation, TargetObservation
 from services.ops.lag import LagReader
@@ -23,7 +23,7 @@ CIRCUIT_DEFAULT = "closed"
 
 @dataclass
 class OpsContext:
-    """One per process: built from the ingress state (or on its own for `relais alerts`)."""
+    """One per process, on the resources the launcher built once (ledger, bus, targets directory)."""
 
     settings: Settings
     ledger: Ledger
@@ -34,11 +34,6 @@ class OpsContext:
 
     def __post_init__(self) -> None:
         self.lag = LagReader(self.bus, self.settings)
-
-    @classmethod
-    def build(cls, settings: Settings, ledger: Ledger, bus: Bus) -> OpsContext:
-        """A context reading the targets file of `settings`."""
-        return cls(settings, ledger, bus, load_targets(settings.targets_file))
 
     @property
     def dlq(self) -> DlqService:

@@ -10,19 +10,9 @@ from typing import Any
 from services.core.bus import Bus
 from services.core.metrics import CONSUMER_LAG
 from services.core.settings import Settings
-from services.core.topics import DELIVERIES, EVENTS, RECEIVED, VALIDATED, retry_topic
+from services.core.topics import stage_inputs
 
 CACHE_S = 5.0
-
-
-def stage_topics(settings: Settings) -> dict[str, list[str]]:
-    """Which logical topics each worker stage's consumer group reads."""
-    return {
-        "validator": [RECEIVED],
-        "router": [VALIDATED],
-        "delivery": [DELIVERIES, *(retry_topic(n) for n in range(1, len(settings.retry_delays_s) + 1))],
-        "tracker": [EVENTS],
-    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +42,7 @@ class LagReader:
         """Every stage's lag (cached unless `fresh`)."""
         if not fresh and self._last and time.monotonic() - self._at < self.cache_s:
             return self._last
-        out = [await self._stage(stage, topics) for stage, topics in stage_topics(self.settings).items()]
+        out = [await self._stage(stage, topics) for stage, topics in stage_inputs(self.settings).items()]
         self._last, self._at = out, time.monotonic()
         return out
 

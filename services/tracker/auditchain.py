@@ -36,6 +36,7 @@ from services.tracker.audit import (
 )
 from services.tracker.auditkey import AuditKey
 from services.tracker.ledger import Ledger
+from services.tracker.stage import to_ledger_event
 
 log = get_logger(__name__)
 
@@ -149,8 +150,6 @@ class AuditingTracker:
 
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Project the event into the ledger, then into the audit trail (both idempotent)."""
-        from services.tracker.stage import to_ledger_event
-
         emits: Sequence[Emit] = await self.inner.handle(record)
         await record_event(self.ledger, to_ledger_event(record))
         anchor = await self.anchors.due()

@@ -15,7 +15,7 @@ def kafka_bootstrap() -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    from services.devkafka import LocalKafka
+    from devtools.devkafka import LocalKafka
 
     print("bench: starting a local Kafka ...", file=sys.stderr)
     with LocalKafka() as kafka:

@@ -19,10 +19,10 @@ from pathlib import Path
 import orjson
 
 from services.core.bus import Bus, Partition
+from services.core.buses import make_bus
 from services.core.envelope import Emit
 from services.core.settings import Settings
 from services.core.topics import RECEIVED, VALIDATED
-from services.launcher import make_bus
 from tests.bench.pipeline import percentile, post_many
 from tests.fixtures.tddui import make_bundle
 from tests.support.kafka import received

@@ -93,7 +93,7 @@ class Broker:
 
     def start(self) -> Broker:
         log = (self.work / "broker.log").open("ab")
-        self.procs["target"] = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port",
+        self.procs["target"] = subprocess.Popen([sys.executable, "-m", "devtools.demotarget", "--port",
                                                  str(self.target_port)], cwd=REPO, stderr=subprocess.DEVNULL)
         names = [*STAGES, *(["validator-2"] if self.kafka else [])] if self.per_stage else ["run"]
         for name in names:

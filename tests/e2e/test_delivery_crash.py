@@ -43,7 +43,7 @@ class Target:
     """The demo target as a process on a known port; `search=False` refuses every search."""
 
     def __init__(self, port: int, log: Path, *, search: bool = True) -> None:
-        args = [sys.executable, "-m", "services.demotarget", "--port", str(port), *([] if search else ["--no-search"])]
+        args = [sys.executable, "-m", "devtools.demotarget", "--port", str(port), *([] if search else ["--no-search"])]
         self.base = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
         deadline = time.monotonic() + 30

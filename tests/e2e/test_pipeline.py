@@ -1,6 +1,6 @@
 """End to end, as separate OS processes: DUI → ingress → validator → router → delivery → target ESSMS.
 
-A real Kafka, a real HTTP target (services.demotarget), `relais <stage>` processes and a SQLite
+A real Kafka, a real HTTP target (devtools.demotarget), `relais <stage>` processes and a SQLite
 ledger shared by tracker and ingress. The crash test SIGKILLs stages mid-run and restarts them.
 """
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core.embedded import EmbeddedBus
+from services.core.targets import load_targets
 from services.ops.alerts import AlertEvaluator, Condition, Notification, Thresholds, WebhookNotifier, run_alerts
 from services.ops.context import OpsContext
 from services.tracker.ledger import Ledger, LedgerEvent
@@ -91,7 +92,7 @@ async def test_three_quick_down_up_cycles_give_one_firing_and_one_resolved(tmp_p
     await bus.start()
     notifier = WebhookNotifier(receiver.url, timeout_s=2, backoff_first_s=0.1, backoff_max_s=0.2)
     stop = asyncio.Event()
-    context = OpsContext.build(settings, ledger, bus)
+    context = OpsContext(settings, ledger, bus, load_targets(settings.targets_file))
     loop = asyncio.create_task(run_alerts(AlertEvaluator(Thresholds.from_settings(settings)), context.observe,
                                           notifier, settings.alert_interval_s, stop))
     counter = iter(range(10_000))

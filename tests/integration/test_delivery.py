@@ -1,6 +1,6 @@
 """Delivery on a real Kafka against a real HTTP target process with scripted faults.
 
-The delivery stage runs in-process under the real stage runner; the target is `services.demotarget`
+The delivery stage runs in-process under the real stage runner; the target is `devtools.demotarget`
 as its own process (HTTP, HTTPS with client certificates, OAuth2). Retry tiers are short.
 """
 
@@ -57,7 +57,7 @@ class Target:
         self.scheme = "https" if "--tls-cert" in args else "http"
 
     def start(self) -> Target:
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "devtools.demotarget", "--port", str(self.port),
                                       *self.args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline().decode()

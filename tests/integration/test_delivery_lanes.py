@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from services.core.blobstore import LocalBlobStore
+from services.core.buses import make_bus
 from services.core.envelope import Emit, Envelope
 from services.core.runner import run_stage
 from services.core.settings import Settings
@@ -24,7 +25,6 @@ from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES
 from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
-from services.launcher import make_bus
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, patient_identifier
 from tests.support.kafka import wait_for

@@ -1,4 +1,4 @@
-"""A real Kafka from services.devkafka, and proof that aiokafka's idempotence and transactions work on it."""
+"""A real Kafka from devtools.devkafka, and proof that aiokafka's idempotence and transactions work on it."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from services.devkafka import BOOTSTRAP_ENV, CACHE_ENV, KAFKA_VERSION, DevKafkaUnavailable, LocalKafka
-from services.devkafka.local import default_cache_root
+from devtools.devkafka import BOOTSTRAP_ENV, CACHE_ENV, KAFKA_VERSION, DevKafkaUnavailable, LocalKafka
+from devtools.devkafka.local import default_cache_root
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 30.0  # upper bound for any single condition; generous for a loaded 2-core CI machine
@@ -245,7 +245,7 @@ async def test_cli_prints_bootstrap_first_and_cleans_up_on_sigterm(kafka_bootstr
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.devkafka",
+        "devtools.devkafka",
         cwd=REPO_ROOT,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
@@ -291,7 +291,7 @@ async def test_cli_help_names_the_pinned_version() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.devkafka",
+        "devtools.devkafka",
         "--help",
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
@@ -305,7 +305,7 @@ async def test_cli_help_names_the_pinned_version() -> None:
 
 def test_cluster_id_starting_with_a_dash_formats(monkeypatch: pytest.MonkeyPatch) -> None:
     """1 in 64 random ids starts with "-"; the storage tool must not read it as an option."""
-    import services.devkafka.local as local
+    import devtools.devkafka.local as local
 
     monkeypatch.setattr(local, "new_cluster_id", lambda: "-" + local.base64.urlsafe_b64encode(
         uuid.uuid4().bytes).rstrip(b"=").decode()[1:])

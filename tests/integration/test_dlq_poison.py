@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from services.core.buses import make_bus
 from services.core.envelope import Emit, Envelope
 from services.core.settings import Settings
 from services.core.topics import POISON
 from services.dlq.poison import read_poison
-from services.launcher import make_bus
 
 
 async def test_read_poison_finds_one_record_among_many(bus_settings: Callable[..., Settings]) -> None:

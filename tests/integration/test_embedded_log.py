@@ -17,14 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
+from devtools.devkafka.local import free_port
+from services.app import create_app
 from services.core.bus import Partition
 from services.core.embedded import STORAGE_UNWRITABLE, EmbeddedBus, EmbeddedSubscription, Fenced
 from services.core.envelope import Emit, Envelope, Record
 from services.core.errors import BusUnavailable
 from services.core.settings import Settings
 from services.core.topics import RECEIVED, VALIDATED
-from services.devkafka.local import free_port
-from services.ingress.app import create_app
 from services.launcher import _server
 from services.tracker.ledger import Ledger
 

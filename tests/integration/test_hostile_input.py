@@ -19,9 +19,9 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.app import create_app
 from services.core.embedded import EmbeddedBus
 from services.core.settings import Settings
-from services.ingress.app import create_app
 from services.router.logic import transfer_info
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle

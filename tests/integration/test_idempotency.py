@@ -20,10 +20,10 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
+from services.app import create_app
 from services.core.embedded import EmbeddedBus
 from services.core.settings import Settings
 from services.core.topics import RECEIVED
-from services.ingress.app import create_app
 from services.tracker.ledger import Ledger, submissions
 from tests.fixtures.tddui import make_bundle
 from tests.support.postgres import PostgresCluster, start_cluster

@@ -12,11 +12,11 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
+from services.app import create_app
 from services.core.errors import ConfigurationError
 from services.core.kafka import KafkaBus
 from services.core.settings import Settings
 from services.core.topics import EVENTS, RECEIVED
-from services.ingress.app import create_app
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
 from tests.support.kafka import read_topic

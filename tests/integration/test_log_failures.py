@@ -14,11 +14,11 @@ import httpx
 import orjson
 import pytest
 
+from services.app import create_app
 from services.core.embedded import EmbeddedBus
 from services.core.envelope import Emit
 from services.core.logging import configure_logging
 from services.core.settings import Settings
-from services.ingress.app import create_app
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
 

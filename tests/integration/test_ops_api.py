@@ -15,11 +15,11 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
+from services.app import create_app
 from services.core.blobstore import make_blob_store
 from services.core.embedded import EmbeddedBus
 from services.core.settings import Settings
 from services.core.topics import DELIVERIES, EVENTS
-from services.ingress.app import create_app
 from services.tracker.ledger import Ledger
 from tests.support.kafka import wait_for
 from tests.support.producers import TOKEN_A, write_producers, write_targets

@@ -11,11 +11,11 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
+from services.core.buses import make_bus
 from services.core.envelope import JSON, Emit, Envelope
 from services.core.errors import ConfigurationError
 from services.core.settings import Settings
 from services.core.topics import EVENTS, RECEIVED
-from services.launcher import make_bus
 from services.ops.lag import LagReader
 from services.tracker.ledger import Ledger, LedgerEvent, deliveries, events, transfers
 from services.tracker.rebuild import rebuild

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from services.core.buses import make_bus
 from services.core.settings import Settings
-from services.launcher import make_bus
 from services.tracker import audit, auditchain
 from services.tracker.auditkey import new_audit_key
 from services.tracker.ledger import Ledger

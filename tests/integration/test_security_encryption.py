@@ -9,13 +9,13 @@ from aiokafka import AIOKafkaConsumer
 
 from services.core import crypto
 from services.core.bus import Bus
+from services.core.buses import make_bus
 from services.core.embedded import EmbeddedBus, _encode_headers
 from services.core.envelope import Emit, Record
 from services.core.kafka import KafkaBus
 from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.topics import EVENTS, POISON, RECEIVED, VALIDATED
-from services.launcher import make_bus
 from tests.integration.test_stage_buses import read_all
 from tests.support.kafka import received, wait_for
 

@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from services.core.bus import Bus
+from services.core.buses import make_bus
 from services.core.envelope import Emit, Record
 from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.topics import POISON, RECEIVED, VALIDATED
-from services.launcher import make_bus
 from tests.support.kafka import received, wait_for
 
 Factory = Callable[..., Settings]

@@ -17,11 +17,11 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
+from services.app import create_app
 from services.core.bus import Bus
+from services.core.buses import make_bus
 from services.core.runner import run_stage
 from services.core.settings import Settings
-from services.ingress.app import create_app
-from services.launcher import make_bus
 from services.tracker.ledger import Ledger
 from services.tracker.stage import TrackerStage
 from tests.fixtures.tddui import make_bundle

@@ -37,7 +37,7 @@ class EmbeddedRelais:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start_target(self) -> None:
-        self.target = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port", str(self.target_port)],
+        self.target = subprocess.Popen([sys.executable, "-m", "devtools.demotarget", "--port", str(self.target_port)],
                                        cwd=REPO, stderr=subprocess.DEVNULL)
 
     def start(self) -> None:

@@ -7,9 +7,9 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from services.app import create_app
 from services.core.embedded import EmbeddedBus
 from services.core.settings import Settings
-from services.ingress.app import create_app
 from services.launcher import _server
 from services.tracker.ledger import Ledger
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from services.devkafka.local import free_port
+from devtools.devkafka.local import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = ("validator", "router", "delivery", "tracker")
@@ -71,14 +71,14 @@ class Proc:
 
 @dataclass
 class DemoTarget:
-    """services.demotarget as a real HTTP server process."""
+    """devtools.demotarget as a real HTTP server process."""
 
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     base_url: str = ""
 
     def start(self) -> DemoTarget:
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.demotarget", "--port", "0"], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "devtools.demotarget", "--port", "0"], cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline().decode()

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.demotarget.app import ConnectionDropped, TargetState, create_app
+from devtools.demotarget.app import ConnectionDropped, TargetState, create_app
 
 REPO = Path(__file__).resolve().parents[2]
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -335,7 +335,7 @@ def _read_line(stream: Any, timeout_s: float) -> str:
 
 def test_real_process_serves_transactions_and_drops_connections() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.demotarget", "--port", "0"],
+        [sys.executable, "-m", "devtools.demotarget", "--port", "0"],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

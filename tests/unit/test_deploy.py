@@ -28,7 +28,7 @@ def check_command(argv: list[str]) -> None:
         commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
         assert argv[0] in commands
         if argv[0] == "demo-target":
-            from services.demotarget.__main__ import _parser as demo_parser
+            from devtools.demotarget.__main__ import _parser as demo_parser
 
             demo_parser().parse_args(argv[1:])
         return

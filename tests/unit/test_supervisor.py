@@ -31,7 +31,7 @@ def test_only_the_stages_asked_for_and_the_demo_target() -> None:
     children = plan(("validator", "router"), 2, instance_id="i", demo_target_port=8090, python="py")
     assert [c.name for c in children] == ["worker-1", "worker-2", "demo-target"]
     assert children[0].argv[-1] == "validator,router"
-    assert children[-1].argv == ("py", "-m", "services.demotarget", "--port", "8090")
+    assert children[-1].argv == ("py", "-m", "devtools.demotarget", "--port", "8090")
 
 
 @pytest.mark.parametrize(("restarts", "delay"), [(1, 0.5), (2, 1.0), (3, 2.0), (6, 16.0), (7, 30.0), (50, 30.0)])

@@ -12,19 +12,18 @@ tests and benchmarks only.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import os
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+
+from devtools import maven
 
 HERE = Path(__file__).resolve().parent
 CACHE_ENV = "RELAIS_HL7_CACHE"
@@ -56,39 +55,21 @@ class Result:
 
 
 def cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV, "").strip()
-    root = Path(env).expanduser() if env else Path.cwd() / ".cache"
-    return root.resolve() / "hl7-validator"
+    return maven.cache_root(CACHE_ENV) / "hl7-validator"
 
 
 def _tool(name: str) -> str:
-    home = os.environ.get("JAVA_HOME", "").strip()
-    if name != "mvn" and home and (Path(home) / "bin" / name).is_file():
-        return str(Path(home) / "bin" / name)
-    found = shutil.which(name)
-    if found is None:
-        raise ReferenceUnavailable(f"{name} is not on PATH; {INSTALL_HINT}")
-    return found
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        return maven.tool(name, INSTALL_HINT)
+    except maven.ToolMissing as exc:
+        raise ReferenceUnavailable(str(exc)) from None
 
 
 def _run(cmd: list[str], what: str) -> None:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise ReferenceUnavailable(f"{what} did not finish within {_BUILD_TIMEOUT_S:.0f} s") from exc
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-        raise ReferenceUnavailable(f"{what} failed (exit {done.returncode}); check access to Maven Central:\n{tail}")
+        maven.run(cmd, what, _BUILD_TIMEOUT_S)
+    except maven.MavenFailed as exc:
+        raise ReferenceUnavailable(str(exc)) from exc
 
 
 def ensure_built() -> Path:
@@ -97,7 +78,7 @@ def ensure_built() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     sources = (HERE / "pom.xml").read_bytes() + (HERE / "java" / "RelaisReference.java").read_bytes()
     stamp = hashlib.sha256(sources).hexdigest()  # a change to the pom or the main rebuilds the cache
-    with _locked(root / ".lock"):
+    with maven.locked(root / ".lock"):
         marker = root / _MARKER
         if marker.is_file() and marker.read_text() == stamp:
             return root

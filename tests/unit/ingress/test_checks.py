@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from services.core.targets import Target, TargetDirectory
+from services.http.auth import bearer_token
 from services.ingress.checks import (
     Refusal,
     all_issues,
-    bearer_token,
     check_content_type,
     check_declared_length,
     check_targets,

@@ -12,10 +12,10 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
+from services.app import create_app
 from services.core.kafka import KafkaBus
 from services.core.outcome import RULE_EXTENSION_URL
 from services.core.settings import Settings
-from services.ingress.app import create_app
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
 from tests.support.producers import TOKEN_A, write_producers

@@ -17,9 +17,9 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.app import create_app
 from services.core.embedded import EmbeddedBus
 from services.core.settings import Settings
-from services.ingress.app import create_app
 from services.tracker.ledger import Ledger
 from services.validator.logic import validate_bundle
 from services.validator.options import ValidationOptions

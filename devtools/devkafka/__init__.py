@@ -1,6 +1,6 @@
 """Local Apache Kafka for development and tests: `LocalKafka`, `ensure_jars` and `relais dev-kafka`."""
 
-from services.devkafka.local import (
+from devtools.devkafka.local import (
     BOOTSTRAP_ENV,
     CACHE_ENV,
     KAFKA_VERSION,

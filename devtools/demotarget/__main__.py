@@ -1,4 +1,4 @@
-"""Run the demo FHIR target: `python -m services.demotarget [--host H] [--port P]`."""
+"""Run the demo FHIR target: `python -m devtools.demotarget [--host H] [--port P]`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from services.demotarget.app import DropCapableH11Protocol, OAuthServer, create_app
+from devtools.demotarget.app import DropCapableH11Protocol, OAuthServer, create_app
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

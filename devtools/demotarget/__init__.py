@@ -1,6 +1,6 @@
 """Demo FHIR target: a small, real transaction receiver that plays the target ESSMS in demos and tests."""
 
-from services.demotarget.app import (
+from devtools.demotarget.app import (
     ConnectionDropped,
     DropCapableH11Protocol,
     Fault,

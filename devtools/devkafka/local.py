@@ -366,11 +366,15 @@ class LocalKafka:
                 raise
         return self
 
-    def stop(self) -> None:
-        """SIGTERM the broker, SIGKILL it after 15 s, then delete its data; safe to call twice."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM the broker, SIGKILL it after `grace_s` (15 s), then delete its data; safe to call twice.
+
+        A short grace suits a broker whose data is thrown away anyway (a test session's): a controlled
+        shutdown of hundreds of test topics' partitions takes longer than the whole point of it.
+        """
         self._cancel.set()  # ends a readiness wait running in another thread
         with self._lock:
-            self._stop_locked()
+            self._stop_locked(grace_s)
 
     def __enter__(self) -> LocalKafka:
         return self.start()
@@ -466,10 +470,10 @@ class LocalKafka:
                 raise DevKafkaError(f"{error}\n{banner}\n{log_tail(self.log_path)}")
             raise error
 
-    def _stop_locked(self) -> None:
+    def _stop_locked(self, grace_s: float | None = None) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            _terminate(proc)
+            _terminate(proc, _STOP_GRACE_S if grace_s is None else grace_s)
         _LIVE.discard(self)
         data_dir, self._data_dir = self._data_dir, None
         self._port = None
@@ -496,14 +500,14 @@ def _format_storage(jvm: list[str], props_path: Path, log_path: Path) -> None:
         )
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def _terminate(proc: subprocess.Popen[bytes], grace_s: float = _STOP_GRACE_S) -> None:
     """Stop exactly the process we started: SIGTERM, a grace period, then SIGKILL."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=_STOP_GRACE_S)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)

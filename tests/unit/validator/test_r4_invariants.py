@@ -27,7 +27,7 @@ from services.validator.invariants import compiled, holds
 from services.validator.logic import validate_bundle
 from tests.fixtures.tddui import make_bundle
 
-BASE = make_bundle(29)  # 1 Patient INS, 11 ServiceRequest besoin, 14 Task action
+BASE = make_bundle(29)  # 1 Patient INS, 11 ServiceRequest besoin, 23 Goal projet de vie
 X = "https://relais-test.fr/StructureDefinition/x"
 
 Mutation = Callable[[dict[str, Any]], Any]
@@ -120,6 +120,20 @@ VALID: list[Any] = [
 @pytest.mark.parametrize("mutate", VALID)
 def test_valid_instance_draws_no_error(mutate: Mutation) -> None:
     assert errors(run(mutate)) == []
+
+
+# --- gol-1, which fhirpathpy could not see (a choice element on an untyped object): now its twin's ------
+
+
+def test_goal_target_detail_without_measure_breaks_gol_1() -> None:
+    def detail_only(b: dict[str, Any]) -> None:
+        r(b, 23)["target"] = [{"detailQuantity": {"value": 1}}]
+
+    def both(b: dict[str, Any]) -> None:
+        r(b, 23)["target"] = [{"detailQuantity": {"value": 1}, "measure": {"text": "poids"}}]
+
+    assert ("fhir-r4/Goal/inv/gol-1", "Bundle.entry[23].resource.target[0]") in errors(run(detail_only))
+    assert [e for e in errors(run(both)) if e[0] == "fhir-r4/Goal/inv/gol-1"] == []
 
 
 # --- MoneyQuantity: no R4 element has that type (only profiles use it), so the twin is called directly ----

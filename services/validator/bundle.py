@@ -266,15 +266,20 @@ def all_references(bundle: dict[str, Any]) -> list[object]:
 def _all_references(bundle: dict[str, Any]) -> Iterator[object]:
     """Every `reference` value in the entries' resources, locations not kept (iterative: no recursion limit)."""
     stack: list[Any] = [e.get("resource") for _, e in entries(bundle)]
-    pop, extend = stack.pop, stack.extend
+    pop, push = stack.pop, stack.append
     while stack:
         current = pop()
         if isinstance(current, dict):
             if "reference" in current:
                 yield current["reference"]
-            extend([v for v in current.values() if isinstance(v, dict | list)])
+            values: Any = current.values()
         elif isinstance(current, list):
-            extend([v for v in current if isinstance(v, dict | list)])
+            values = current
+        else:
+            continue
+        for v in values:
+            if isinstance(v, dict | list):
+                push(v)
 
 
 def _resolves(reference: object, targets: Mapping[str, int]) -> bool:

@@ -15,6 +15,7 @@ So the findings are the models' findings, exactly; only a valid Bundle gets chea
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import importlib
 import math
@@ -29,10 +30,13 @@ from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from fhir_core.types import (
     Canonical,
     Code,
+    Date,
+    DateTime,
     Decimal,
     FhirBase,
     FhirElementOrResourceBase,
     Id,
+    Instant,
     Integer,
     Markdown,
     Oid,
@@ -246,6 +250,33 @@ def _oid(pattern: re.Pattern[str]) -> Check:
     return lambda v: type(v) is str and pattern.fullmatch(v) is not None
 
 
+_FRACTION: Final = re.compile(r"\.([0-9]+)")
+
+
+def _temporal(kind: type[Date]) -> Check:
+    """date, dateTime, instant: the type's own pattern, then a real calendar date (and time). What the
+    models treat apart (a leap second, more than microseconds, a year before 1000) is left to them."""
+    pattern, parse = kind.pattern, dt.date.fromisoformat if kind is Date else dt.datetime.fromisoformat
+
+    def check(v: Any) -> bool:
+        if type(v) is not str or pattern.fullmatch(v) is None or v[:1] == "0":
+            return False
+        if len(v) < 10:
+            return True  # YYYY or YYYY-MM, kept as text by the models once the pattern holds
+        if "T" in v:
+            if ":60" in v:
+                return False
+            fraction = _FRACTION.search(v)
+            if fraction is not None and len(fraction[1]) > 6:
+                return False
+        try:
+            parse(v)
+        except ValueError:
+            return False
+        return True
+    return check
+
+
 def _adapter(annotation: Any) -> Check:
     """Any other primitive (date, dateTime, instant, time, url, uuid, base64Binary, xhtml): its own validator."""
     adapter = TypeAdapter(annotation)
@@ -287,6 +318,8 @@ def _primitive(inner: Any) -> Check | None:
         return _uri
     if Decimal in meta or isinstance(first, Decimal):
         return _decimal
+    if isinstance(first, Date) and type(first) in (Date, DateTime, Instant):
+        return _temporal(type(first))
     try:
         return _adapter(inner)
     except Exception:  # noqa: BLE001 - a type pydantic cannot adapt alone: "not sure" for every value

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from services.core.outcome import Issue, error
 from services.validator.jsonwalk import entries, loc_path, spell, walk_objects
 from services.validator.messages import json_kind, quote, say
+from services.validator.prescreen import surely_valid
 
 RULE_STRUCTURE: Final = "fhir-structure"
 RULE_RESOURCE_TYPE: Final = "fhir-resource-type"
@@ -95,7 +96,13 @@ def check_resource(resource: object, at: str, lang: str = "en") -> list[Issue]:
 
 
 def parse(klass: type[FHIRAbstractModel], data: dict[str, Any], at: str, lang: str = "en") -> list[Issue]:
-    """One issue per pydantic error of validating `data` as `klass`, located under `at`."""
+    """One issue per pydantic error of validating `data` as `klass`, located under `at`.
+
+    The models run only when the prescreen cannot prove they would find nothing (prescreen.py): the
+    findings are theirs either way, and a valid resource costs a walk instead of a model build.
+    """
+    if surely_valid(klass, data):
+        return []
     try:
         klass.model_validate(data)
     except ValidationError as exc:

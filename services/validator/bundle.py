@@ -110,17 +110,28 @@ def _check_entry(entry: dict[str, Any], at: str, lang: str) -> list[Issue]:
 
 
 def _check_full_urls(bundle: dict[str, Any], lang: str) -> list[Issue]:
+    """bdl-7: a fullUrl is unique, unless the entries sharing it carry different meta.versionIds (two
+    versions of one resource); a history Bundle is exempt."""
     issues: list[Issue] = []
-    first: dict[str, int] = {}
+    if bundle.get("type") == "history":
+        return issues
+    first: dict[tuple[str, object], int] = {}
     for i, entry in entries(bundle):
         full_url = entry.get("fullUrl")
         if not isinstance(full_url, str):
             continue
-        j = first.setdefault(full_url, i)
+        j = first.setdefault((full_url, _version_id(entry.get("resource"))), i)
         if j != i:
             issues.append(error("invalid", say(lang, "fullurl-unique", url=quote(full_url), other=j),
                                 f"Bundle.entry[{i}].fullUrl", rule=RULE_FULL_URL))
     return issues
+
+
+def _version_id(resource: object) -> object:
+    """The resource's meta.versionId (None when absent; FHIRPath's `&` makes an empty one '')."""
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return None if version == "" else version
 
 
 def check_bundle_r4(bundle: dict[str, Any], lang: str = "en") -> list[Issue]:
@@ -255,15 +266,20 @@ def all_references(bundle: dict[str, Any]) -> list[object]:
 def _all_references(bundle: dict[str, Any]) -> Iterator[object]:
     """Every `reference` value in the entries' resources, locations not kept (iterative: no recursion limit)."""
     stack: list[Any] = [e.get("resource") for _, e in entries(bundle)]
-    pop, extend = stack.pop, stack.extend
+    pop, push = stack.pop, stack.append
     while stack:
         current = pop()
         if isinstance(current, dict):
             if "reference" in current:
                 yield current["reference"]
-            extend([v for v in current.values() if isinstance(v, dict | list)])
+            values: Any = current.values()
         elif isinstance(current, list):
-            extend([v for v in current if isinstance(v, dict | list)])
+            values = current
+        else:
+            continue
+        for v in values:
+            if isinstance(v, dict | list):
+                push(v)
 
 
 def _resolves(reference: object, targets: Mapping[str, int]) -> bool:

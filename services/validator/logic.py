@@ -4,7 +4,8 @@ Pure: no I/O, no awaits. `validate_bundle()` returns every finding as an `Issue`
 id, a FHIRPath expression and (for profile rules) the profile that fired; errors reject the
 transfer, warnings travel with it. Three passes over the decoded Bundle:
 
-1. base FHIR R4: the structure by the fhir.resources R4B models (`base.py`), then what their lax mode
+1. base FHIR R4: the structure by the fhir.resources R4B models (`base.py`; built only when the prescreen,
+   `prescreen.py`, cannot prove from their field table that they would accept), then what their lax mode
    lets through, in one typed walk: strict JSON types, the data-type invariants, closed code systems
    and contained resources (`r4.py`);
 2. TDDUIBundle transaction rules, the Bundle's own R4 invariants and fullUrl rules, and intra-Bundle

@@ -119,10 +119,10 @@ _T: Final[dict[str, tuple[str, str]]] = {
     "url-other-type": ("names another resource type", "nomme un autre type de ressource"),
     "url-not-type": ("is not a resource type", "n'est pas un type de ressource"),
     "fullurl-unique": (
-        "fullUrl {url} is also the fullUrl of Bundle.entry[{other}]; give every entry its own fullUrl "
-        "(e.g. a fresh urn:uuid).",
-        "fullUrl {url} est aussi le fullUrl de Bundle.entry[{other}] ; donnez à chaque entrée son propre "
-        "fullUrl (par ex. un nouvel urn:uuid).",
+        "fullUrl {url} is also the fullUrl of Bundle.entry[{other}], with the same meta.versionId; give every "
+        "entry its own fullUrl (e.g. a fresh urn:uuid).",
+        "fullUrl {url} est aussi le fullUrl de Bundle.entry[{other}], avec le même meta.versionId ; donnez à "
+        "chaque entrée son propre fullUrl (par ex. un nouvel urn:uuid).",
     ),
     "fullurl-format": (
         "{at}: {url} is not a well-formed urn; a fullUrl urn is {kind}: correct it (and the references "

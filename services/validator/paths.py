@@ -90,6 +90,18 @@ def walk(node: Any, at: str, segments: tuple[Segment, ...]) -> list[Node]:
     """Every value reached from `node` by `segments`, with its location."""
     if not segments:
         return [(at, node)]
+    if len(segments) == 1:  # the usual rule path, one plain element: no intermediate lists
+        segment = segments[0]
+        if not segment.choice and not segment.also_underscore:
+            if not isinstance(node, dict):
+                return []
+            name = segment.name
+            value = node.get(name)
+            if value is None:
+                return []
+            if isinstance(value, list):
+                return [(f"{at}.{name}[{i}]", v) for i, v in enumerate(value) if v is not None]
+            return [(f"{at}.{name}", value)]
     current: list[Node] = [(at, node)]
     for segment in segments:
         nxt: list[Node] = []

@@ -264,6 +264,28 @@ def obs_7(obs: dict[str, Any]) -> bool:
     return True
 
 
+def no_home(key: str) -> Predicate:
+    """org-2 / org-3: no address / telecom of an Organization has use 'home'."""
+
+    @_twin
+    def org(node: dict[str, Any]) -> bool:
+        return not any(_text(item, "use") == "home" for item in _objects(node, key))
+
+    return org
+
+
+@_twin
+def qrs_1(item: dict[str, Any]) -> bool:
+    """qrs-1: a QuestionnaireResponse item has nested items beneath it or beneath its answers, not both."""
+    return not (_exists(item, "answer") and _exists(item, "item"))
+
+
+@_twin
+def gol_1(target: dict[str, Any]) -> bool:
+    """gol-1: a Goal target with a detail[x] has a measure."""
+    return not _exists_any(target, "detail") or _exists(target, "measure")
+
+
 _BY_EXPRESSION: Final[dict[str, Predicate]] = {
     "(extension('https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability').extension("
     "'identityStatus').value.exists(code = 'VALI')) implies (identifier.where(system = "
@@ -286,6 +308,10 @@ _BY_EXPRESSION: Final[dict[str, Predicate]] = {
        for code in ("patient-privacy", "research", "adr", "treatment")},
     "lastModified.exists().not() or authoredOn.exists().not() or lastModified >= authoredOn": inv_1,
     "value.empty() or component.code.where(coding.intersect(%resource.code.coding).exists()).empty()": obs_7,
+    "telecom.where(use = 'home').empty()": no_home("telecom"),
+    "address.where(use = 'home').empty()": no_home("address"),
+    "(answer.exists() and item.exists()).not()": qrs_1,
+    "(detail.exists() and measure.exists()) or detail.exists().not()": gol_1,
 }
 
 

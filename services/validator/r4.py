@@ -195,8 +195,10 @@ def _spec(tpath: str, key: str) -> Kid:
         return SKIP, "", _NOTHING
     kind, ftype = found
     if kind != PRIMITIVE:
+        if ftype == "Quantity" and f"{tpath}.{key}" in _SIMPLE_QUANTITY:
+            ftype = "SimpleQuantity"  # the R4 definitions profile these Quantity elements (sqty-1)
         return kind, ftype, _NOTHING
-    if ftype == "code" and key in _PRIMITIVE_CODES:
+    if ftype == "code" and key in _PRIMITIVE_CODES and tpath != "Expression":  # Expression.language: text/fhirpath
         return CODED, ftype, (str,)
     if ftype == "boolean":
         return kind, ftype, (bool,)
@@ -338,6 +340,107 @@ def _count(w: Walk, node: dict[str, Any], chain: Chain, _root: Any) -> None:
     if ((_has(node, "value") and not _has(node, "code")) or (system is not None and system != UCUM)
             or (code is not None and code != "1") or (type(value) is float and not value.is_integer())):
         w.invariant("Count", "cnt-3", spell(w.base, chain))
+
+
+def _simple_quantity(w: Walk, node: dict[str, Any], chain: Chain, _root: Any) -> None:
+    if _has(node, "comparator"):
+        w.invariant("SimpleQuantity", "sqty-1", spell(w.base, chain))
+
+
+ISO_4217: Final = "urn:iso:std:iso:4217"
+
+
+def _money_quantity(w: Walk, node: dict[str, Any], chain: Chain, _root: Any) -> None:
+    system = node.get("system")
+    if (_has(node, "value") and not _has(node, "code")) or (system is not None and system != ISO_4217):
+        w.invariant("MoneyQuantity", "mqty-1", spell(w.base, chain))
+
+
+# Where the R4 definitions type an element SimpleQuantity (a Quantity profile: fhirpathpy's model says
+# Quantity), as type-or-backbone path + JSON key. No R4 element is typed MoneyQuantity: only profiles
+# use it, and none of TDDUI's does, so mqty-1 applies where a walk is started on that type.
+_SIMPLE_QUANTITY: Final = frozenset({
+    "ActivityDefinition.quantity", "CarePlan.activity.detail.dailyAmount", "CarePlan.activity.detail.quantity",
+    "Claim.item.detail.quantity", "Claim.item.detail.subDetail.quantity", "Claim.item.quantity",
+    "ClaimResponse.addItem.detail.quantity", "ClaimResponse.addItem.detail.subDetail.quantity",
+    "ClaimResponse.addItem.quantity", "Contract.term.asset.valuedItem.quantity",
+    "Coverage.costToBeneficiary.valueQuantity", "CoverageEligibilityRequest.item.quantity",
+    "Dosage.doseAndRate.doseQuantity", "Dosage.doseAndRate.rateQuantity", "Dosage.maxDosePerAdministration",
+    "Dosage.maxDosePerLifetime", "ExplanationOfBenefit.addItem.detail.quantity",
+    "ExplanationOfBenefit.addItem.detail.subDetail.quantity", "ExplanationOfBenefit.addItem.quantity",
+    "ExplanationOfBenefit.item.detail.quantity", "ExplanationOfBenefit.item.detail.subDetail.quantity",
+    "ExplanationOfBenefit.item.quantity", "Immunization.doseQuantity", "MedicationAdministration.dosage.dose",
+    "MedicationAdministration.dosage.rateQuantity", "MedicationDispense.daysSupply", "MedicationDispense.quantity",
+    "MedicationKnowledge.administrationGuidelines.patientCharacteristics.characteristicQuantity",
+    "MedicationKnowledge.amount", "MedicationKnowledge.drugCharacteristic.valueQuantity",
+    "MedicationKnowledge.kinetics.areaUnderCurve", "MedicationKnowledge.kinetics.lethalDose50",
+    "MedicationKnowledge.packaging.quantity", "MedicationKnowledge.regulatory.maxDispense.quantity",
+    "MedicationRequest.dispenseRequest.initialFill.quantity", "MedicationRequest.dispenseRequest.quantity",
+    "NutritionOrder.enteralFormula.administration.quantity",
+    "NutritionOrder.enteralFormula.administration.rateQuantity",
+    "NutritionOrder.enteralFormula.caloricDensity", "NutritionOrder.enteralFormula.maxVolumeToDeliver",
+    "NutritionOrder.oralDiet.nutrient.amount", "NutritionOrder.supplement.quantity",
+    "Observation.referenceRange.high", "Observation.referenceRange.low", "Range.high", "Range.low",
+    "SampledData.origin", "Specimen.collection.quantity", "Specimen.container.capacity",
+    "Specimen.container.specimenQuantity", "SpecimenDefinition.typeTested.container.capacity",
+    "SpecimenDefinition.typeTested.container.minimumVolumeQuantity", "Substance.instance.quantity",
+    "SupplyDelivery.suppliedItem.quantity", "VisionPrescription.lensSpecification.duration",
+})
+
+
+def _timing_repeat(w: Walk, node: dict[str, Any], chain: Chain, _root: Any) -> None:
+    """tim-1…tim-10 (no tim-3 in R4) on Timing.repeat."""
+    at = spell(w.base, chain)
+    if _has(node, "duration") and not _has(node, "durationUnit"):
+        w.invariant("Timing", "tim-1", at)
+    if _has(node, "period") and not _has(node, "periodUnit"):
+        w.invariant("Timing", "tim-2", at)
+    if _negative(node.get("duration")):
+        w.invariant("Timing", "tim-4", at)
+    if _negative(node.get("period")):
+        w.invariant("Timing", "tim-5", at)
+    if _has(node, "periodMax") and not _has(node, "period"):
+        w.invariant("Timing", "tim-6", at)
+    if _has(node, "durationMax") and not _has(node, "duration"):
+        w.invariant("Timing", "tim-7", at)
+    if _has(node, "countMax") and not _has(node, "count"):
+        w.invariant("Timing", "tim-8", at)
+    when = node.get("when")
+    if _has(node, "offset") and (not _has(node, "when") or (type(when) is list and any(
+            x in ("C", "CM", "CD", "CV") for x in when))):
+        w.invariant("Timing", "tim-9", at)
+    if _has(node, "timeOfDay") and _has(node, "when"):
+        w.invariant("Timing", "tim-10", at)
+
+
+def _negative(value: object) -> bool:
+    return type(value) in (int, float) and value < 0  # type: ignore[operator]
+
+
+def _path_xor_search(key: str) -> Callable[[Walk, dict[str, Any], Chain, Any], None]:
+    """drq-1 (codeFilter), drq-2 (dateFilter): a path or a searchParam, not both."""
+    def rule(w: Walk, node: dict[str, Any], chain: Chain, _root: Any) -> None:
+        if _has(node, "path") == _has(node, "searchParam"):
+            w.invariant("DataRequirement", key, spell(w.base, chain))
+    return rule
+
+
+_TIMING_KEYS: Final = ("timingTiming", "timingReference", "timingDate", "timingDateTime")
+
+
+def _trigger(w: Walk, node: dict[str, Any], chain: Chain, _root: Any) -> None:
+    at = spell(w.base, chain)
+    data = _has(node, "data")
+    timing = any(_has(node, k) for k in _TIMING_KEYS)
+    if data and timing:
+        w.invariant("TriggerDefinition", "trd-1", at)
+    if _has(node, "condition") and not data:
+        w.invariant("TriggerDefinition", "trd-2", at)
+    kind = node.get("type")
+    if type(kind) is str and ((kind == "named-event" and not _has(node, "name"))
+                              or (kind == "periodic" and not timing)
+                              or (kind.startswith("data-") and not data)):
+        w.invariant("TriggerDefinition", "trd-3", at)
 
 
 def _range(w: Walk, node: dict[str, Any], chain: Chain, _root: Any) -> None:
@@ -509,8 +612,12 @@ def _local_references(node: Any) -> set[str]:
 _TYPE_RULES: Final[dict[str, tuple[Callable[[Walk, dict[str, Any], Chain, Any], None], ...]]] = {
     "Period": (_period,),
     "Quantity": (_quantity,),
-    "SimpleQuantity": (_quantity,),
-    "MoneyQuantity": (_quantity,),
+    "SimpleQuantity": (_quantity, _simple_quantity),
+    "MoneyQuantity": (_quantity, _money_quantity),
+    "Timing.repeat": (_timing_repeat,),
+    "DataRequirement.codeFilter": (_path_xor_search("drq-1"),),
+    "DataRequirement.dateFilter": (_path_xor_search("drq-2"),),
+    "TriggerDefinition": (_trigger,),
     "Age": (_quantity, _age),
     "Distance": (_quantity, _ucum_only("Distance", "dis-1")),
     "Duration": (_quantity, _duration),

@@ -45,11 +45,17 @@ def valid() -> dict[str, dict[str, Any]]:
 def broken_base() -> dict[str, dict[str, Any]]:
     """The issue-17 cases (base FHIR R4 and open slicing), each applied to its base Bundle."""
     from tests.unit.validator import test_conformance as cases
+    from tests.unit.validator import test_r4_invariants as more
 
     out: dict[str, dict[str, Any]] = {}
     for group, base in ((cases.BROKEN, cases.BASE), (cases.RESTFUL, cases.PUBLISHED), (cases.VALID, cases.BASE)):
         for param in group:
             bundle = copy(base)
+            param.values[0](bundle)
+            out[f"issue17/{param.id}"] = bundle
+    for group in (more.BROKEN, more.VALID):  # the data-type invariants of the second pass (tim-*, sqty-1, ...)
+        for param in group:
+            bundle = copy(more.BASE)
             param.values[0](bundle)
             out[f"issue17/{param.id}"] = bundle
     return out

@@ -72,6 +72,14 @@ KNOWN: dict[tuple[str, str], str] = {
     ("issue17/mime-type", "Bundle.entry[6]"):
         "contentType 'pdf' is no MIME type; the offline engine cannot check urn:ietf:bcp:13 without a "
         "terminology server (its findings on MIME types are set aside), Relais checks the RFC 6838 grammar",
+    ("issue17/simple-quantity", "Bundle.entry[1]"):
+        "rng-2 on a Range whose low has a UCUM unit and whose high has none: FHIRPath's `low <= high` on "
+        "quantities it cannot compare is empty, so the invariant holds (Relais); the HL7 engine fails inside "
+        "the comparison (NullPointerException on Base.isPrimitive()) and reports the constraint as failed",
+    ("issue17/tim-4-duration-by-extension-only", "Bundle.entry[11]"):
+        "tim-4 on a Timing.repeat.duration carried by its extension alone: `duration >= 0` on a primitive "
+        "without a value is empty, so the invariant holds (Relais); the HL7 engine fails on the missing value "
+        "(NullPointerException on String.trim()) and reports the constraint as failed",
     **{(case, "Bundle.entry[5]"):
        "after a broken fullUrl (reported by both), a 'Practitioner/id' reference still finds the entry in "
        "Relais, which also keys entries by their resource's own type and id; the engine only by fullUrl"

@@ -340,7 +340,12 @@ def test_every_r4_invariant_of_the_rule_file_is_evaluated_somewhere() -> None:
 
 
 BASE_TWINS = ["fhir-r4/Organization/inv/org-1", "fhir-r4/Consent/inv/ppc-1", "fhir-r4/Consent/inv/ppc-2",
-              "fhir-r4/Consent/inv/ppc-5", "fhir-r4/Task/inv/inv-1", "fhir-r4/Observation/inv/obs-7"]
+              "fhir-r4/Consent/inv/ppc-5", "fhir-r4/Task/inv/inv-1", "fhir-r4/Observation/inv/obs-7",
+              "fhir-r4/Organization/inv/org-2", "fhir-r4/Organization/inv/org-3",
+              "fhir-r4/QuestionnaireResponse/inv/qrs-1"]
+# gol-1 (Goal.target: detail[x] needs a measure) is left out: fhirpathpy, handed the target object without
+# its type, cannot see a choice element (`detail` is not `detailQuantity`), so it never fires there. Its twin
+# does; test_r4_invariants.py holds its broken and valid instances.
 
 
 def _base_invariant(rule: str) -> Any:
@@ -361,7 +366,13 @@ _SAMPLE = st.fixed_dictionaries({}, optional={
     "policy": st.lists(st.fixed_dictionaries({"uri": _WORDS}), max_size=1), "policyRule": _CC,
     "patient": st.fixed_dictionaries({"reference": _WORDS}), "scope": _CC,
     "lastModified": _WORDS, "authoredOn": _WORDS, "code": _CC, "valueString": _WORDS,
-    "component": st.lists(st.fixed_dictionaries({"code": _CC}), max_size=2)})
+    "component": st.lists(st.fixed_dictionaries({"code": _CC}), max_size=2),
+    "telecom": st.lists(st.fixed_dictionaries({}, optional={"use": st.sampled_from(["home", "work"]),
+                                                            "value": _WORDS}), max_size=2),
+    "address": st.lists(st.fixed_dictionaries({}, optional={"use": st.sampled_from(["home", "work"]),
+                                                            "city": _WORDS}), max_size=2),
+    "answer": st.lists(st.fixed_dictionaries({"valueString": _WORDS}), max_size=1),
+    "item": st.lists(st.fixed_dictionaries({"linkId": _WORDS}), max_size=1)})
 
 
 @pytest.mark.parametrize("rule", BASE_TWINS)

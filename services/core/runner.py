@@ -51,7 +51,9 @@ class Stage(Protocol):
     `async def committed(records)`: called (best effort) once the records' outputs and offsets are
     committed, e.g. to close what it recorded about side effects outside the bus; and
     `async def prepare(records)`: called with a whole poll before its records are handled, to do the
-    stage's I/O for the poll at once (the tracker projects a poll's events in one transaction).
+    stage's I/O for the poll at once (the tracker projects a poll's events in one transaction); and
+    `def stopping()`: called when the runner stops polling, so records waiting inside `handle` (not
+    working) give up at once, e.g. by raising `TransientError` (they are read again later).
     """
 
     name: str
@@ -151,7 +153,11 @@ class _Pump:
             if self.failed.done():
                 self.failed.result()  # raises what broke a lane or the committer
             poller.result()
-            # Stopping: lanes finish the record in hand, the rest is left uncommitted (read again later).
+            # Stopping: lanes finish the record in hand, the rest is left uncommitted (read again later);
+            # a stage whose records may be waiting inside `handle` lets them go now (`stopping()`).
+            stopping = getattr(self.stage, "stopping", None)
+            if stopping is not None:
+                stopping()
             await asyncio.gather(*self._lane_tasks())
             self.closing = True
             self.has_done.set()

@@ -14,6 +14,10 @@ import asyncio
 from collections import deque
 
 
+class GateClosed(Exception):
+    """The delivery process is stopping: a record waiting for a slot leaves without output (read again later)."""
+
+
 class TargetGate:
     """`slots` requests at a time to one target; at most `records` waiting, each at most `wait_s` (FIFO)."""
 
@@ -23,6 +27,7 @@ class TargetGate:
         self.records = records
         self.wait_s = wait_s
         self._waiters: deque[asyncio.Future[bool]] = deque()
+        self.closed = False
 
     @property
     def waiting(self) -> int:
@@ -35,7 +40,12 @@ class TargetGate:
         return self.slots - self.free
 
     async def enter(self) -> bool:
-        """Take a slot (True), or False when the area is full or the wait exceeded `wait_s`: move the record out."""
+        """Take a slot (True), or False when the area is full or the wait exceeded `wait_s`: move the record out.
+
+        Raises GateClosed once the gate is closed (the process is stopping).
+        """
+        if self.closed:
+            raise GateClosed
         if self.free > 0 and not self._waiters:
             self.free -= 1
             return True
@@ -64,6 +74,14 @@ class TargetGate:
                 future.set_result(True)
                 return
         self.free += 1
+
+    def close(self) -> None:
+        """Stopping: every waiting record leaves now (GateClosed); records holding a slot finish."""
+        self.closed = True
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_exception(GateClosed())
 
     def _expire(self, future: asyncio.Future[bool]) -> None:
         if not future.done():

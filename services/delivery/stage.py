@@ -30,6 +30,7 @@ from services.core.blobstore import (
     resolve_payload,
 )
 from services.core.envelope import Emit, Envelope, Record, event
+from services.core.errors import TransientError
 from services.core.fate import Fate
 from services.core.logging import get_logger
 from services.core.metrics import DELIVERIES as DELIVERY_COUNT
@@ -42,7 +43,7 @@ from services.core.topics import DELIVERIES, DELIVERIES_DLQ, RETRY_PREFIX, retry
 from services.delivery import conditional
 from services.delivery.capability import conditional_types_for
 from services.delivery.client import Attempt, TargetClient
-from services.delivery.gate import TargetGate
+from services.delivery.gate import GateClosed, TargetGate
 from services.delivery.journal import DELIVERED, IN_DOUBT, NOT_APPLIED, AttemptJournal, AttemptKey, Prior
 from services.delivery.latency import LatencyWindow
 from services.delivery.logic import (
@@ -140,6 +141,11 @@ class DeliveryStage:
                 log.warning("cannot read paused targets; keeping the last known set", error=str(exc))
             await asyncio.sleep(every_s)
 
+    def stopping(self) -> None:
+        """The runner stops polling: records waiting for a target's slot leave now (read again later)."""
+        for rt in self.runtimes.values():
+            rt.gate.close()
+
     async def aclose(self) -> None:
         """Stop probes and close every target's connections; safe twice."""
         for rt in self.runtimes.values():
@@ -191,7 +197,12 @@ class DeliveryStage:
             return [self._park(record, env, (due - now).total_seconds())]
         if rt.target.paused or rt.target.id in self.paused_by_operator:
             return [self._park(record, env, rt.target.breaker.probe_every_s)]
-        if not await rt.gate.enter():
+        try:
+            entered = await rt.gate.enter()
+        except GateClosed:
+            raise TransientError("delivery is stopping: this record waited for its target's slot and is read "
+                                 "again when delivery restarts") from None
+        if not entered:
             return await self._overflow(record, env, rt)
         try:
             if not breaker_allows(rt.breaker):

@@ -177,3 +177,25 @@ async def test_past_its_bound_a_refusing_targets_records_are_dead_lettered_for_i
     assert all("backlog" in (d.envelope.extra.get("reason") or "") for d in dead)
     await asyncio.sleep(1)
     assert sum(1 for r in slow.received() if r["applied"]) == 2
+
+
+async def test_stopping_lets_records_waiting_for_a_slow_target_go_and_a_restart_delivers_each_once(
+        bus_settings: Factory, targets: list[DemoTarget], tmp_path: Path) -> None:
+    """Records waiting in a target's area are uncommitted: a stop neither waits for them nor loses them."""
+    slow = targets[1]
+    slow.fault(delay_s=1.5, count=-1)
+    s = bus_settings(topic_partitions=1, batch_size=20)
+    directory = {"targets": [{"id": "slow", "base_url": slow.fhir, "max_concurrency": 1,
+                              "timeouts": {"total_s": 10}, "backlog": {"wait_s": 60}}]}
+    emits = [_delivery("slow", f"s{n}", seed=n) for n in range(8)]
+    async with _Run(s, directory, tmp_path) as run:
+        await run.bus.publish(emits)
+        await wait_for(lambda: _count(slow, 1), timeout_s=20)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5, "stop waited for records queued for the slow target"
+    await asyncio.to_thread(_clear_faults, slow)
+    async with _Run(s, directory, tmp_path):
+        await wait_for(lambda: _count(slow, 8), timeout_s=30)
+        await asyncio.sleep(1)
+    applied = [patient_identifier(r["body"]) for r in slow.received() if r["applied"]]  # type: ignore[arg-type]
+    assert len(applied) == len(set(applied)) == 8

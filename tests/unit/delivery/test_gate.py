@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from services.delivery.gate import TargetGate
+import pytest
+
+from services.delivery.gate import GateClosed, TargetGate
 
 
 async def test_slots_then_a_bounded_fifo_waiting_area() -> None:
@@ -40,3 +42,16 @@ async def test_a_cancelled_waiter_gives_up_its_place_and_never_leaks_a_slot() ->
     waiter.cancel()  # ... which is cancelled before it runs: the slot must come back
     await asyncio.gather(waiter, return_exceptions=True)
     assert gate.free == 1 and gate.waiting == 0
+
+
+async def test_closing_lets_waiting_records_go_and_refuses_new_ones() -> None:
+    gate = TargetGate(slots=1, records=10, wait_s=60)
+    assert await gate.enter()
+    waiter = asyncio.create_task(gate.enter())
+    await asyncio.sleep(0)
+    gate.close()
+    with pytest.raises(GateClosed):
+        await waiter
+    with pytest.raises(GateClosed):
+        await gate.enter()
+    gate.leave()  # the record holding a slot finishes normally

@@ -253,6 +253,14 @@ class TargetDirectory(_Model):
         return {t.id for t in self.targets}
 
 
+LATENCY_MIN_CALLS = 5  # fewer calls say nothing about a target's pace
+
+
+def over_latency_budget(p99_s: float | None, calls: int, budget_s: float) -> bool:
+    """Slowness as a health signal: the target's p99 over its recent calls (at least 5) exceeds its budget."""
+    return p99_s is not None and calls >= LATENCY_MIN_CALLS and p99_s > budget_s
+
+
 def _check_url(v: str, name: str) -> str:
     if not v.startswith(("http://", "https://")):
         raise ValueError(f"{name} must start with http:// or https://")

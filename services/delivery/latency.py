@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from services.core.targets import LATENCY_MIN_CALLS as MIN_CALLS
+from services.core.targets import over_latency_budget
+
 WINDOW = 100  # calls
-MIN_CALLS = 5  # fewer say nothing about a target's health
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,4 +68,4 @@ class LatencyWindow:
         p99 = percentile(calls, 99)
         slow = sum(1 for c in calls if c > self.budget_s) / len(calls)
         return LatencySummary(len(calls), percentile(calls, 50), p99, self.budget_s,
-                              len(calls) >= MIN_CALLS and p99 > self.budget_s, slow)
+                              over_latency_budget(p99, len(calls), self.budget_s), slow)

@@ -57,6 +57,7 @@ from services.delivery.logic import (
     decide,
     park_tier,
     parse_retry_after,
+    too_slow,
 )
 from services.delivery.marker import ProbePlan, Verdict, mark_transfer, probe_plan
 from services.delivery.order import LaneOrder
@@ -262,6 +263,10 @@ class DeliveryStage:
             state = IN_DOUBT  # something may have been applied
         self._learn(rt, BreakerEvent.FAILURE if failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)
                     else BreakerEvent.SUCCESS)
+        slow_call_s = target.breaker.slow_call_s
+        if slow_call_s is not None and too_slow(rt.latency.slow_rate(slow_call_s), target.breaker.slow_call_rate):
+            self._learn(rt, BreakerEvent.SLOW)
+            rt.latency.clear()  # judged afresh once a probe has closed it
         if failure is Failure.NONE:
             response = attempt.json()
             await self.journal.finish(key, DELIVERED, attempt.status, response, assigned_ids(out.full_urls, response))

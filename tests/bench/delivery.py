@@ -48,9 +48,13 @@ async def _received(url: str) -> list[dict[str, Any]]:
 
 
 async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit], watch: dict[str, str],
-               work: Path, *, round_size: int = 0, pace_s: float = 0.0) -> tuple[float, list[float]]:
+               work: Path, *, round_size: int = 0, pace_s: float = 0.0,
+               warmup: Emit | None = None) -> tuple[float, list[float]]:
     """Publish `emits` (at once, or `round_size` at a time every `pace_s`), wait until every watched target
-    has its share; (elapsed, latencies in s: each Bundle's arrival at its target since it was published)."""
+    has its share; (elapsed, latencies in s: each Bundle's arrival at its target since it was published).
+
+    `warmup` (for a watched target) is delivered first and not measured: the group has joined, the
+    connections are open, so the figures are the steady state's, not the start-up's."""
     bus = make_bus(settings)
     await bus.start()
     ledger = Ledger(settings.database_url)
@@ -59,6 +63,13 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, settings, stop))
     expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}
+    if warmup is not None:
+        url = watch[warmup.envelope.target or ""]
+        await bus.publish([warmup])
+        while not await _received(url):
+            await asyncio.sleep(0.1)
+        async with httpx.AsyncClient() as client:
+            await client.delete(f"{url}/_received")
     began = time.perf_counter()
     published: dict[str, float] = {}
     rounds = [emits[i:i + round_size] for i in range(0, len(emits), round_size)] if round_size else [emits]
@@ -165,7 +176,8 @@ async def _beside_slow_targets(bootstrap: str | None, work: Path, body: bytes,
                 emits.append(_emit("fast", body, f"f{i}"))
                 emits += [_emit(f"slow{k}", body, f"s{k}-{i}") for k in range(n_slow)]
             _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": targets[0].base_url}, work,
-                                round_size=(1 + n_slow) if pace else 0, pace_s=pace)
+                                round_size=(1 + n_slow) if pace else 0, pace_s=pace,
+                                warmup=_emit("fast", body, "warmup"))
             p50 = statistics.median(lat)
             alone = alone or p50
             label = "alone" if not n_slow else f"beside {n_slow} target(s) answering in 5 s"

@@ -199,3 +199,21 @@ async def test_stopping_lets_records_waiting_for_a_slow_target_go_and_a_restart_
         await asyncio.sleep(1)
     applied = [patient_identifier(r["body"]) for r in slow.received() if r["applied"]]  # type: ignore[arg-type]
     assert len(applied) == len(set(applied)) == 8
+
+
+async def test_a_slow_call_rate_over_its_threshold_opens_the_targets_breaker(
+        bus_settings: Factory, targets: list[DemoTarget], tmp_path: Path) -> None:
+    """breaker.slow_call_s (resilience4j style): slow calls open the circuit though every call succeeds."""
+    slow = targets[1]
+    slow.fault(delay_s=0.4, count=-1)
+    s = bus_settings(topic_partitions=1, retry_delays_s=[1.0])
+    directory = {"targets": [{"id": "slow", "base_url": slow.fhir, "max_concurrency": 1,
+                              "breaker": {"slow_call_s": 0.2, "slow_call_rate": 0.8, "probe_every_s": 60}}]}
+    async with _Run(s, directory, tmp_path) as run:
+        await run.bus.publish([_delivery("slow", f"s{n}", seed=n) for n in range(8)])
+        await wait_for(lambda: _count(slow, 5), timeout_s=30)
+        await asyncio.sleep(1.0)
+        breaker = run.stage.breaker("slow")
+        assert breaker is not None and breaker.circuit.value == "open"
+    # Five calls (the window's minimum) were slow: the circuit opened, the rest wait for a probe.
+    assert sum(1 for r in slow.received() if r["applied"]) == 5

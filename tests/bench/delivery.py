@@ -66,7 +66,9 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     if warmup is not None:
         url = watch[warmup.envelope.target or ""]
         await bus.publish([warmup])
-        while not await _received(url):
+        for _ in range(600):  # at most a minute
+            if await _received(url):
+                break
             await asyncio.sleep(0.1)
         async with httpx.AsyncClient() as client:
             await client.delete(f"{url}/_received")

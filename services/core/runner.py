@@ -51,7 +51,9 @@ class Stage(Protocol):
     `async def committed(records)`: called (best effort) once the records' outputs and offsets are
     committed, e.g. to close what it recorded about side effects outside the bus; and
     `async def prepare(records)`: called with a whole poll before its records are handled, to do the
-    stage's I/O for the poll at once (the tracker projects a poll's events in one transaction).
+    stage's I/O for the poll at once (the tracker projects a poll's events in one transaction); and
+    `def stopping()`: called when the runner stops polling, so records waiting inside `handle` (not
+    working) give up at once, e.g. by raising `TransientError` (they are read again later).
     """
 
     name: str
@@ -96,6 +98,7 @@ class _Slot:
     record: Record
     generation: int
     emits: Sequence[Emit] | None = None
+    started: bool = False
 
 
 @dataclass
@@ -119,9 +122,11 @@ class _Pump:
     committed up to its first record not yet handled, so committed offsets are contiguous and a
     record's outputs are published with its offset. A committer takes whatever has become
     committable — a record, or a run of them gathered while the previous commit was in flight — in
-    one `complete`. At most `batch_size` records wait to be handled; records handled but waiting for
-    an earlier one of their partition to be committed count apart (up to HANDLED_FACTOR times more),
-    so a slow lane does not stop the others from fetching.
+    one `complete`. At most `batch_size` records wait for their lane; records being handled or handled
+    but waiting for an earlier one of their partition to be committed count apart (up to
+    HANDLED_FACTOR times more), so a slow lane does not stop the others from fetching. A stage whose
+    records may wait inside `handle` (delivery: for their target's concurrency slot) bounds that
+    waiting itself, per what they wait for, so one slow target never stops the poll for the others.
     """
 
     def __init__(self, stage: Stage, sub: Subscription, settings: Settings, stop: asyncio.Event) -> None:
@@ -130,7 +135,7 @@ class _Pump:
         self.prepare: Callable[[list[Record]], Awaitable[None]] | None = getattr(stage, "prepare", None)
         self.capacity = settings.batch_size
         self.in_hand = 0     # polled, not yet committed or dropped
-        self.unhandled = 0   # of those, not yet handled
+        self.unhandled = 0   # of those, not yet started by their lane
         self.room = asyncio.Event()
         self.partitions: dict[Partition, _PartitionState] = {}
         self.done: list[tuple[Record, Sequence[Emit]]] = []  # committable, in offset order per partition
@@ -148,7 +153,11 @@ class _Pump:
             if self.failed.done():
                 self.failed.result()  # raises what broke a lane or the committer
             poller.result()
-            # Stopping: lanes finish the record in hand, the rest is left uncommitted (read again later).
+            # Stopping: lanes finish the record in hand, the rest is left uncommitted (read again later);
+            # a stage whose records may be waiting inside `handle` lets them go now (`stopping()`).
+            stopping = getattr(self.stage, "stopping", None)
+            if stopping is not None:
+                stopping()
             await asyncio.gather(*self._lane_tasks())
             self.closing = True
             self.has_done.set()
@@ -231,6 +240,8 @@ class _Pump:
             generation, record = queue.popleft()
             if not self._current(state, record, generation):
                 continue  # its partition was rewound: it comes again
+            state.slots[record.offset].started = True
+            self._release(0, unhandled=1)
             try:
                 emits = await _handle_record(self.stage, record)
             except _Deferred as deferred:
@@ -239,7 +250,6 @@ class _Pump:
                 continue
             if self._current(state, record, generation):
                 state.slots[record.offset].emits = emits
-                self._release(0, unhandled=1)
                 self._advance(state)
         if state.lanes.get(key) is queue:
             del state.lanes[key]
@@ -252,7 +262,7 @@ class _Pump:
     def _rewind(self, partition: Partition, state: _PartitionState, offset: int, due: float) -> None:
         """Come back to the partition at `offset` at `due`; what is in hand from there on is dropped."""
         dropped = [state.slots.pop(o) for o in list(state.slots) if o >= offset]
-        self._release(len(dropped), unhandled=sum(1 for slot in dropped if slot.emits is None))
+        self._release(len(dropped), unhandled=sum(1 for slot in dropped if not slot.started))
         state.generation += 1
         state.rewound_to = offset if state.rewound_to is None else min(state.rewound_to, offset)
         self.pauses.append((partition, offset, due))

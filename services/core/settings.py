@@ -153,6 +153,24 @@ class Settings(BaseSettings):
         description="Delay of each retry tier (one topic per tier), JSON list.",
     )
     max_attempts: int = Field(default=8, ge=1, description="Attempts before a delivery is dead-lettered.")
+    # Per-target back-pressure and latency (issue 15); a target's own `backlog` / `latency_budget_s` override.
+    target_backlog_records: int = Field(
+        default=200, ge=0, description="Records a delivery process keeps waiting for a busy target's concurrency "
+        "slot, per target; past it they overflow (RELAIS_TARGET_BACKLOG_OVERFLOW), never holding other targets.",
+    )
+    target_backlog_wait_s: float = Field(
+        default=30.0, gt=0, description="How long a record may wait in memory for a busy target's slot before it "
+        "overflows (a waiting record holds its partition's commit).",
+    )
+    target_backlog_overflow: Literal["wait", "refuse"] = Field(
+        default="wait", description="What happens to a record past a target's backlog bound: wait (parked in a "
+        "retry tier, attempts unchanged, its person's later records behind it) or refuse (dead-lettered for "
+        "that target).",
+    )
+    target_latency_budget_s: float = Field(
+        default=10.0, gt=0, description="A target whose p99 latency over its last 100 calls exceeds this is "
+        "degraded (ops targets view, alert target_slow).",
+    )
     transfer_tag_system: str = Field(
         default="https://relais.esms.fr/fhir/CodeSystem/transfer", min_length=1,
         description="System of the meta.tag (code: the transfer id) Relais adds to every resource it delivers; "

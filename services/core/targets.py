@@ -20,7 +20,9 @@ targets:
     timeouts: {connect_s: 5, total_s: 30}
     max_concurrency: 4                  # requests in flight to this target, per delivery process
     retry: {delays_s: [10, 60, 600], max_attempts: 8, max_age_s: 172800, jitter: 0.1}
-    breaker: {failures: 5, probe_every_s: 30}
+    breaker: {failures: 5, probe_every_s: 30}   # optional slow_call_s + slow_call_rate: see BreakerPolicy
+    backlog: {records: 200, wait_s: 30, overflow: wait}  # optional; defaults RELAIS_TARGET_BACKLOG_*
+    latency_budget_s: 10                # optional; p99 above it: degraded (default RELAIS_TARGET_LATENCY_BUDGET_S)
     ambiguous: probe                    # probe | retry | dead-letter (request sent, no answer)
     conditional_create: auto            # auto | on | off: request.ifNoneExist on identified entries
     enabled: true                       # false: refused at routing
@@ -129,6 +131,22 @@ class BreakerPolicy(_Model):
 
     failures: int = Field(default=5, ge=1)
     probe_every_s: float = Field(default=30.0, gt=0)
+    # resilience4j's slow-call threshold: when at least `slow_call_rate` of the last calls (at least 5)
+    # took longer than `slow_call_s`, the circuit opens as for failures. None: slowness never opens it.
+    slow_call_s: float | None = Field(default=None, gt=0)
+    slow_call_rate: float = Field(default=0.5, gt=0, le=1)
+
+
+class BacklogPolicy(_Model):
+    """A busy target's own waiting area (per delivery process); None: the RELAIS_TARGET_BACKLOG_* default.
+
+    Past `records` waiting, or after `wait_s` waiting, a record is moved out: `wait` parks it in a
+    retry tier (its person's later records wait behind it), `refuse` dead-letters it for this target.
+    """
+
+    records: int | None = Field(default=None, ge=0)
+    wait_s: float | None = Field(default=None, gt=0)
+    overflow: Literal["wait", "refuse"] | None = None
 
 
 class RepairPolicy(_Model):
@@ -152,6 +170,8 @@ class Target(_Model):
     max_concurrency: int = Field(default=8, ge=1, le=256)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    backlog: BacklogPolicy = Field(default_factory=BacklogPolicy)
+    latency_budget_s: float | None = Field(default=None, gt=0)  # None: RELAIS_TARGET_LATENCY_BUDGET_S
     ambiguous: Literal["probe", "retry", "dead-letter"] = "probe"
     repair: RepairPolicy = Field(default_factory=RepairPolicy)
     # Conditional create (request.ifNoneExist on identified entries): auto = when the target's
@@ -231,6 +251,14 @@ class TargetDirectory(_Model):
     def ids(self) -> set[str]:
         """Every configured target id."""
         return {t.id for t in self.targets}
+
+
+LATENCY_MIN_CALLS = 5  # fewer calls say nothing about a target's pace
+
+
+def over_latency_budget(p99_s: float | None, calls: int, budget_s: float) -> bool:
+    """Slowness as a health signal: the target's p99 over its recent calls (at least 5) exceeds its budget."""
+    return p99_s is not None and calls >= LATENCY_MIN_CALLS and p99_s > budget_s
 
 
 def _check_url(v: str, name: str) -> str:

@@ -141,6 +141,7 @@ class BreakerEvent(enum.Enum):
     FAILURE = "failure"            # transient or ambiguous failure
     PROBE_OK = "probe-ok"          # a health probe got an answer
     PROBE_FAILED = "probe-failed"  # a health probe did not
+    SLOW = "slow"                  # the share of slow calls in the window reached the slow-call rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +163,19 @@ def breaker_after(state: Breaker, event: BreakerEvent, now: float, *, threshold:
         return Breaker(Circuit.CLOSED, failures=max(threshold - 1, 0))
     if event is BreakerEvent.PROBE_FAILED:
         return Breaker(Circuit.OPEN, state.failures, now + probe_every_s)
+    if event is BreakerEvent.SLOW:  # resilience4j's slow-call rate: open as for failures, probe to close
+        return state if state.circuit is Circuit.OPEN else Breaker(Circuit.OPEN, state.failures, now + probe_every_s)
     failures = state.failures + 1
     if state.circuit is Circuit.OPEN:
         return replace(state, failures=failures)
     if failures >= threshold:
         return Breaker(Circuit.OPEN, failures, now + probe_every_s)
     return Breaker(Circuit.CLOSED, failures)
+
+
+def too_slow(slow_rate: float | None, slow_call_rate: float) -> bool:
+    """Whether the share of slow calls (None: too few calls yet) should open the circuit."""
+    return slow_rate is not None and slow_rate >= slow_call_rate
 
 
 def breaker_allows(state: Breaker) -> bool:

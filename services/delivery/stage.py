@@ -30,6 +30,7 @@ from services.core.blobstore import (
     resolve_payload,
 )
 from services.core.envelope import Emit, Envelope, Record, event
+from services.core.errors import TransientError
 from services.core.fate import Fate
 from services.core.logging import get_logger
 from services.core.metrics import DELIVERIES as DELIVERY_COUNT
@@ -42,7 +43,9 @@ from services.core.topics import DELIVERIES_DLQ, RETRY_PREFIX, delivery_topics, 
 from services.delivery import conditional
 from services.delivery.capability import conditional_types_for
 from services.delivery.client import Attempt, TargetClient
+from services.delivery.gate import GateClosed, TargetGate
 from services.delivery.journal import DELIVERED, IN_DOUBT, NOT_APPLIED, AttemptJournal, AttemptKey, Prior
+from services.delivery.latency import LatencyWindow
 from services.delivery.logic import (
     Breaker,
     BreakerEvent,
@@ -54,6 +57,7 @@ from services.delivery.logic import (
     decide,
     park_tier,
     parse_retry_after,
+    too_slow,
 )
 from services.delivery.marker import ProbePlan, Verdict, mark_transfer, probe_plan
 from services.delivery.order import LaneOrder
@@ -87,7 +91,9 @@ class TargetRuntime:
 
     target: Target
     client: TargetClient
-    semaphore: asyncio.Semaphore
+    gate: TargetGate  # its concurrency slots and its own bounded waiting area
+    latency: LatencyWindow
+    overflow: str  # "wait" | "refuse": what happens past the gate's bounds
     breaker: Breaker = field(default_factory=Breaker)
     prober: asyncio.Task[None] | None = None
 
@@ -109,10 +115,7 @@ class DeliveryStage:
         self.clock = clock
         self.tiers = tuple(settings.retry_delays_s)
         self.topics: Sequence[str] = delivery_topics(settings)
-        self.runtimes = {
-            t.id: TargetRuntime(t, TargetClient(t), asyncio.Semaphore(t.max_concurrency))
-            for t in directory.targets if t.enabled
-        }
+        self.runtimes = {t.id: self._runtime(t, settings) for t in directory.targets if t.enabled}
         # Records waiting in retry tiers, per lane: a person's later Bundles wait behind them.
         longest = max([*self.tiers, *(d for rt in self.runtimes.values() for d in rt.target.retry.delays_s or ())])
         self.order = LaneOrder(stale_s=longest * 2)
@@ -122,6 +125,14 @@ class DeliveryStage:
         self.report_circuit: Callable[[str, str, int], Awaitable[None]] | None = None
         self._reports: set[asyncio.Task[None]] = set()
 
+    @staticmethod
+    def _runtime(t: Target, settings: Settings) -> TargetRuntime:
+        gate = TargetGate(t.max_concurrency, t.backlog.records if t.backlog.records is not None
+                          else settings.target_backlog_records, t.backlog.wait_s or settings.target_backlog_wait_s)
+        return TargetRuntime(t, TargetClient(t), gate,
+                             LatencyWindow(t.latency_budget_s or settings.target_latency_budget_s),
+                             t.backlog.overflow or settings.target_backlog_overflow)
+
     async def watch_pauses(self, read: Callable[[], Awaitable[frozenset[str]]], every_s: float = 5.0) -> None:
         """Keep `paused_by_operator` current; on a read error keep the last known value and try again."""
         while True:
@@ -130,6 +141,11 @@ class DeliveryStage:
             except Exception as exc:  # noqa: BLE001 - a ledger hiccup must not stop deliveries
                 log.warning("cannot read paused targets; keeping the last known set", error=str(exc))
             await asyncio.sleep(every_s)
+
+    def stopping(self) -> None:
+        """The runner stops polling: records waiting for a target's slot leave now (read again later)."""
+        for rt in self.runtimes.values():
+            rt.gate.close()
 
     async def aclose(self) -> None:
         """Stop probes and close every target's connections; safe twice."""
@@ -182,12 +198,37 @@ class DeliveryStage:
             return [self._park(record, env, (due - now).total_seconds())]
         if rt.target.paused or rt.target.id in self.paused_by_operator:
             return [self._park(record, env, rt.target.breaker.probe_every_s)]
-        async with rt.semaphore:
+        try:
+            entered = await rt.gate.enter()
+        except GateClosed:
+            raise TransientError("delivery is stopping: this record waited for its target's slot and is read "
+                                 "again when delivery restarts") from None
+        if not entered:
+            return await self._overflow(record, env, rt)
+        try:
             if not breaker_allows(rt.breaker):
                 self._ensure_prober(rt)
                 # Come back about when the next probe may have closed the circuit.
                 return [self._park(record, env, max(rt.breaker.next_probe_at - self.clock(), 0) + 0.05)]
             return await self._attempt(record, env, rt)
+        finally:
+            rt.gate.leave()
+
+    async def _overflow(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
+        """The target's waiting area is full, or the record waited there too long: move it out, durably."""
+        gate = rt.gate
+        DELIVERY_COUNT.labels(rt.target.id, "overflow").inc()
+        if rt.overflow == "refuse":
+            reason = (f"target '{rt.target.id}' is busy: its backlog is full ({gate.waiting} waiting for "
+                      f"{gate.slots} slot(s), at most {gate.records}, each at most {gate.wait_s:g}s) and its "
+                      "backlog.overflow is refuse; replay this dead letter once the target has caught up")
+            return await self._dead_letter(record, env, env.attempt, Attempt(None, error=reason, sent=False),
+                                           Decision(Fate.DEAD_LETTER, reason))
+        # Come back about when the records ahead of it should be done, at the target's recent pace.
+        ahead = gate.waiting + gate.busy
+        wait_s = max(ahead / gate.slots * rt.latency.p50(default=self.tiers[0]), self.tiers[0])
+        log.info("target backlog full; record parked in a retry tier", waiting=gate.waiting, wait_s=round(wait_s, 2))
+        return [self._park(record, env, wait_s)]
 
     async def _attempt(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
         target = rt.target
@@ -211,6 +252,8 @@ class DeliveryStage:
         self._open[_position(record)] = key
         attempt = await rt.client.post_transaction(out.payload, request_id(env))
         DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)
+        if attempt.sent:  # a call that never left says nothing of the target's pace
+            rt.latency.add(attempt.duration_s)
         failure = classify(attempt.status, sent=attempt.sent)
         state = NOT_APPLIED
         if failure is Failure.NONE and not _is_transaction_response(attempt.json()):
@@ -220,6 +263,10 @@ class DeliveryStage:
             state = IN_DOUBT  # something may have been applied
         self._learn(rt, BreakerEvent.FAILURE if failure in (Failure.TRANSIENT, Failure.AMBIGUOUS)
                     else BreakerEvent.SUCCESS)
+        slow_call_s = target.breaker.slow_call_s
+        if slow_call_s is not None and too_slow(rt.latency.slow_rate(slow_call_s), target.breaker.slow_call_rate):
+            self._learn(rt, BreakerEvent.SLOW)
+            rt.latency.clear()  # judged afresh once a probe has closed it
         if failure is Failure.NONE:
             response = attempt.json()
             await self.journal.finish(key, DELIVERED, attempt.status, response, assigned_ids(out.full_urls, response))

@@ -14,6 +14,7 @@ from services.core.envelope import JSON, Emit, Envelope, join_csv
 from services.core.errors import BusUnavailable, TransientError
 from services.core.logging import get_logger
 from services.core.outcome import information, operation_outcome
+from services.core.person import person_key
 from services.core.settings import Settings
 from services.core.topics import EVENTS, RECEIVED
 from services.http.responses import fhir_response
@@ -95,8 +96,10 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
                                            "auth": identity.method, "cert": identity.cert_fingerprint}),
                         producer=producer.id, content_type=JSON)
     record_key = transfer_id.encode()
+    person = person_key(parsed)  # the person's key orders its transfers from here on (services/core/person.py)
     try:
-        await state.bus.publish([Emit(RECEIVED, record_key, received), Emit(EVENTS, record_key, accepted)])
+        await state.bus.publish([Emit(RECEIVED, (person or transfer_id).encode(), received),
+                                 Emit(EVENTS, record_key, accepted)])
     except (BusUnavailable, OSError) as exc:  # OSError: the embedded log's disk is full or read-only
         with contextlib.suppress(Exception):
             log.error("transfer refused: the bus did not acknowledge", error=str(exc), producer=producer.id)

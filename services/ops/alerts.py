@@ -4,6 +4,8 @@ Rules (pure, `conditions`), each on a subject:
 
 * `dlq_not_empty` (dlq): dead letters of any stage wait for an operator (more than RELAIS_ALERT_DLQ_MAX);
 * `target_down` (a target): its circuit is open, or its latest attempts all failed (no success since);
+* `target_slow` (a target): it answers, but its p99 latency over the last hour is over its budget
+  (`latency_budget_s` in the targets file, default RELAIS_TARGET_LATENCY_BUDGET_S);
 * `oldest_waiting` (a target): its oldest pending or retrying record was accepted too long ago;
 * `target_waiting` (a target): too many records wait for it;
 * `stage_lag` (a stage): its consumer group is too far behind.
@@ -51,6 +53,10 @@ class TargetObservation:
     circuit: str = "closed"
     oldest_waiting_s: float | None = None
     last_error: str | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    budget_ms: float | None = None
+    slow: bool = False  # p99 over budget (services.core.targets.over_latency_budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,10 @@ def conditions(now: Observation, limits: Thresholds) -> list[Condition]:
                              f"target {target} is down ({why})" if t.down else f"target {target} is up"))
         out.append(Condition("target_waiting", target, t.waiting > limits.waiting_max, t.waiting, limits.waiting_max,
                              f"{t.waiting} record(s) waiting for target {target}"))
+        out.append(Condition("target_slow", target, t.slow, t.p99_ms or 0, t.budget_ms or 0,
+                             f"target {target} is slow: p50 {t.p50_ms or 0:.0f} ms, p99 {t.p99_ms or 0:.0f} ms "
+                             f"(budget {t.budget_ms or 0:.0f} ms)" if t.slow else f"target {target} is within "
+                             "its latency budget"))
         age = t.oldest_waiting_s or 0.0
         out.append(Condition("oldest_waiting", target, age > limits.waiting_age_s, round(age, 1),
                              limits.waiting_age_s, f"the oldest record waiting for target {target} was accepted "

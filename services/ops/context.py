@@ -10,7 +10,7 @@ from typing import Any
 from services.core.blobstore import make_blob_store
 from services.core.bus import Bus
 from services.core.settings import Settings
-from services.core.targets import TargetDirectory
+from services.core.targets import TargetDirectory, over_latency_budget
 from services.dlq.store import DlqService
 from services.ops.alerts import Observation, TargetObservation
 from services.ops.lag import LagReader
@@ -65,6 +65,11 @@ class OpsContext:
             "max_concurrency": t.max_concurrency, "paused_in_file": t.paused, "enabled": t.enabled,
         }
 
+    def latency_budget_s(self, target_id: str) -> float:
+        """The target's latency budget: its own `latency_budget_s`, else RELAIS_TARGET_LATENCY_BUDGET_S."""
+        t = self.targets.get(target_id)
+        return (t.latency_budget_s if t else None) or self.settings.target_latency_budget_s
+
     async def targets_view(self) -> list[dict[str, Any]]:
         """Every target: health from the ledger, paused state (file or operator), circuit as delivery reports it."""
         health = await queries.target_health(self.ledger, self.target_ids())
@@ -84,6 +89,11 @@ class OpsContext:
                 "pause": state.as_dict() if state else None,
                 "circuit": circuits.get(h.target, CIRCUIT_DEFAULT),
             }
+            budget_s = self.latency_budget_s(h.target)
+            slow = over_latency_budget(_s(h.p99_ms), h.attempts, budget_s)
+            item |= {"latency_budget_ms": budget_s * 1000, "slow": slow}
+            if slow and item["health"] == "ok":  # answering, but slower than its budget
+                item["health"] = "degraded"
             if item["circuit"] == "open":  # delivery stopped sending to it: down, whatever the ledger says
                 item |= {"health": "down", "down": True}
             out.append(item)
@@ -99,7 +109,13 @@ class OpsContext:
         for h in health:
             circuit = circuits.get(h.target, CIRCUIT_DEFAULT)
             oldest = (now - h.oldest_waiting_at).total_seconds() if h.oldest_waiting_at else None
-            targets[h.target] = TargetObservation(h.waiting, h.down or circuit == "open", circuit, oldest,
-                                                  h.last_error)
+            budget_s = self.latency_budget_s(h.target)
+            targets[h.target] = TargetObservation(
+                h.waiting, h.down or circuit == "open", circuit, oldest, h.last_error, h.p50_ms, h.p99_ms,
+                budget_s * 1000, over_latency_budget(_s(h.p99_ms), h.attempts, budget_s))
         return Observation(at=time.monotonic(), dlq_size=await queries.dlq_size(self.ledger),
                            lag={s.stage: s.lag for s in lags}, targets=targets)
+
+
+def _s(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000

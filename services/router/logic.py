@@ -121,5 +121,8 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def delivery_key(target: str, subject: str | None, transfer_id: str) -> bytes:
-    """The Kafka key of a delivery: one person's exports to one target stay in one partition, in order."""
+    """The Kafka key of a delivery: one person's exports to one target stay in one partition, in order.
+
+    `subject` is the person key the transfer was keyed by since ingress (services.core.person).
+    """
     return f"{target}|{subject or transfer_id}".encode()

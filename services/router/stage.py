@@ -52,7 +52,8 @@ class RouterStage:
             ref = await self.blobs.put(env.data)
             data, extra = b"", {**extra, **ref.to_extra()}
         emits = [
-            Emit(DELIVERIES, delivery_key(target, env.extra.get("subject"), env.transfer_id),
+            # The record's key is the person's (services.core.person), set at ingress and kept since.
+            Emit(DELIVERIES, delivery_key(target, (record.key or b"").decode() or None, env.transfer_id),
                  env.evolve(type="fr.relais.delivery.requested", source="/relais/router", target=target,
                             attempt=0, data=data, extra=extra))
             for target in routing.targets

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from services.app import create_app
 from services.core.errors import ConfigurationError
 from services.core.kafka import KafkaBus
+from services.core.person import person_key
 from services.core.settings import Settings
 from services.core.topics import EVENTS, RECEIVED
 from services.tracker.ledger import Ledger
@@ -85,7 +86,7 @@ async def test_accepted_bundle_is_in_kafka_before_202(
     assert record.envelope.transfer_id == transfer_id
     assert record.envelope.producer == "dui-a"
     assert record.envelope.extra["targets"] == "essms-a,sidoba"
-    assert record.key == transfer_id.encode()
+    assert record.key == person_key(orjson.loads(body)).encode()  # one person, one key, from ingress on
     [accepted] = await read_topic(s, EVENTS, expect=1)
     assert orjson.loads(accepted.envelope.data)["kind"] == "accepted"
 

@@ -1,0 +1,56 @@
+"""One person, one key, one order: the key that keeps one person's transfers in order, from ingress on.
+
+The rule (README "Lanes and ordering"): the Bundle's first Patient is the person;
+1. its INS when it carries one — INS-NIR (`urn:oid:1.2.250.1.213.1.4.8`), else the test or demo NIR
+   (`…4.10`, `…4.11`), else the temporary INS-NIA (`…4.9`);
+2. else the local usager identifier of the producing ESSMS
+   (`https://identifiant-medicosocial-localusager.esante.gouv.fr`, value `3+FINESS/local-id`: the
+   FINESS makes it unique across ESSMS);
+3. else no key: the transfer is keyed by its own id and ordered with nothing else.
+Other identifiers (driving licence, MDPH number, ...) never count: a person exported with or without
+them keeps one key. The identifier is personal data, so the key is a truncated SHA-256 of it. Pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+INS_SYSTEMS = (
+    "urn:oid:1.2.250.1.213.1.4.8",   # INS-NIR
+    "urn:oid:1.2.250.1.213.1.4.10",  # INS-NIR-TEST
+    "urn:oid:1.2.250.1.213.1.4.11",  # INS-NIR-DEMO
+    "urn:oid:1.2.250.1.213.1.4.9",   # INS-NIA (temporary)
+)
+LOCAL_USAGER_SYSTEM = "https://identifiant-medicosocial-localusager.esante.gouv.fr"
+_PREFERENCE = (*INS_SYSTEMS, LOCAL_USAGER_SYSTEM)
+
+
+def person_key(bundle: Any) -> str | None:
+    """The 16-hex-digit key of the Bundle's person (see the module's rule), or None when it names none."""
+    patient = _first_patient(bundle)
+    if patient is None:
+        return None
+    values: dict[str, str] = {}
+    identifiers = patient.get("identifier")
+    for ident in identifiers if isinstance(identifiers, list) else []:
+        if not isinstance(ident, dict):
+            continue
+        system, value = ident.get("system"), ident.get("value")
+        if isinstance(system, str) and isinstance(value, str) and value.strip():
+            values.setdefault(system.strip(), value.strip())
+    for system in _PREFERENCE:
+        if system in values:
+            # The INS systems share one key space: the same NIR under NIR or NSS use is the same person.
+            space = "ins" if system in INS_SYSTEMS else "local"
+            return hashlib.sha256(f"relais-person/1|{space}|{values[system]}".encode()).hexdigest()[:16]
+    return None
+
+
+def _first_patient(bundle: Any) -> dict[str, Any] | None:
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
+            return resource
+    return None

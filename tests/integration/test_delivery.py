@@ -170,6 +170,15 @@ async def events_of(settings: Settings, transfer_id: str, kind: str, expect: int
     return got
 
 
+async def all_delivered(settings: Settings, transfer_ids: set[str], timeout_s: float = 30) -> None:
+    """Wait until each of `transfer_ids` has its `delivered` event (one read of the topic per try)."""
+    async def done() -> bool:
+        recs = await read_topic(settings, EVENTS, expect=10**9, timeout_s=0.5)
+        delivered = {r.envelope.transfer_id for r in recs if orjson.loads(r.envelope.data)["kind"] == "delivered"}
+        return transfer_ids <= delivered
+    await wait_for(done, timeout_s=timeout_s)
+
+
 async def _at_least(fn: Callable[[], Any], n: int) -> Any:
     value = await fn()
     return value if len(value) >= n else None
@@ -305,8 +314,7 @@ async def test_breaker_holds_records_while_the_target_is_down_then_delivers(
         dead = [r for r in await read_topic(settings, DELIVERIES_DLQ, expect=10**9, timeout_s=1)]
         assert dead == [], "records were dead-lettered while the circuit was open"
         t = targets(port=port)  # the target comes back on the same address
-        for e in emits:
-            await events_of(settings, e.envelope.transfer_id, "delivered", timeout_s=30)
+        await all_delivered(settings, {e.envelope.transfer_id for e in emits})
     assert len(t.received()) == 5  # each delivered once; nothing was flooded at the target
 
 
@@ -329,8 +337,7 @@ async def test_a_dead_target_does_not_slow_a_healthy_one(
             emits += [delivery("dead", make_bundle(5, seed=90 + i), subject=f"p{i}") for i in range(20)]
         sent = time.time()
         await publish(settings, emits)
-        for e in emits[:20]:
-            await events_of(settings, e.envelope.transfer_id, "delivered")
+        await all_delivered(settings, {e.envelope.transfer_id for e in emits[:20]})
         rows = [r for r in healthy.received() if any(r["request_id"] == f"{e.envelope.transfer_id}/ok"
                                                      for e in emits[:20])]
         return [t - sent for t in times(rows)]
@@ -379,8 +386,7 @@ async def test_oauth2_token_fetched_once_and_refreshed_on_401(
     first = [delivery("a", make_bundle(3, seed=20 + i), subject=f"o{i}") for i in range(5)]
     async with running(settings, dirs, tmp_path):
         await publish(settings, first)
-        for e in first:
-            await events_of(settings, e.envelope.transfer_id, "delivered")
+        await all_delivered(settings, {e.envelope.transfer_id for e in first})
         assert t.tokens()["issued"] == 1
         t.revoke_tokens()
         later = delivery("a", make_bundle(3, seed=30), subject="o9")
@@ -439,8 +445,7 @@ async def test_replay_after_the_fault_is_cleared_delivers_and_is_tracked(
         t.clear_faults()
         replayed, skipped = await service.replay_all(service_filter("a"), "tests")
         assert len(replayed) == 3 and not skipped
-        for e in emits:
-            await events_of(settings, e.envelope.transfer_id, "delivered")
+        await all_delivered(settings, {e.envelope.transfer_id for e in emits})
         await wait_for(lambda: _all_delivered(ledger, emits), timeout_s=30)
         await bus.stop()
     await ledger.close()

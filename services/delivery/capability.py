@@ -3,6 +3,7 @@ conditional-create step of the payload built for a target (services/delivery/con
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -22,14 +23,25 @@ class Capabilities:
     """Per target: the resource types it creates conditionally, and when that was learnt."""
 
     _known: dict[str, tuple[float, frozenset[str]]] = field(default_factory=dict)
+    # The read under way per target: every lane that needs it meanwhile awaits that one read (a target
+    # that is down would otherwise get, and log, one GET per record in flight).
+    _reading: dict[str, asyncio.Future[frozenset[str]]] = field(default_factory=dict)
 
     async def conditional_types(self, client: TargetClient) -> frozenset[str]:
         """The types the target's CapabilityStatement declares `conditionalCreate` for (empty: none, or unknown)."""
         target = client.target.id
-        now = time.monotonic()
         cached = self._known.get(target)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        reading = self._reading.get(target)
+        if reading is None:
+            reading = self._reading[target] = asyncio.ensure_future(self._read(client))
+            reading.add_done_callback(lambda _: self._reading.pop(target, None))
+        return await asyncio.shield(reading)  # one lane cancelled (a stop) does not cancel the others' read
+
+    async def _read(self, client: TargetClient) -> frozenset[str]:
+        target = client.target.id
+        now = time.monotonic()
         # The client's authenticated GET, as its own health check makes it (a target may guard /metadata).
         attempt = await client._request(
             "GET", f"{client.target.base_url}/metadata", headers={"Accept": FHIR_JSON, **client.target.headers})

@@ -50,6 +50,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from services.core.errors import ConfigurationError, TransientError
 from services.core.logging import get_logger
 from services.core.settings import Settings
+from services.core.shielded import shielded
 from services.tracker.auditkey import AuditKey, load_audit_key
 from services.tracker.ledger import Ledger, LedgerEvent, metadata
 
@@ -220,6 +221,7 @@ class _Row:
     time: datetime
 
 
+@shielded
 async def _write(ledger: Ledger, row: _Row | None) -> int | None:
     """Append `row` at the end of the chain (None: only make sure the chain is ready); its seq."""
     trail = _trail(ledger)
@@ -352,6 +354,7 @@ async def append(ledger: Ledger, kind: str, *, actor_type: str, actor: str | Non
         raise TransientError(f"audit trail database unavailable: {exc}") from exc
 
 
+@shielded
 async def _has_event(ledger: Ledger, event_id: str) -> bool:
     async with ledger.engine.connect() as conn:
         return (await conn.execute(sa.select(audit_log.c.seq).where(audit_log.c.event_id == event_id))).first() \
@@ -515,6 +518,7 @@ def _entry(r: Any) -> AuditEntry:
                       dict(r["detail"] or {}), r["prev_hash"], r["hash"])
 
 
+@shielded
 async def purge(ledger: Ledger, older_than: timedelta, *, now: datetime | None = None) -> int:
     """Remove the oldest rows past `older_than` (retention), keeping the genesis row, and record it.
 

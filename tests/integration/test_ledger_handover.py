@@ -20,6 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from services.core.bus import Partition
 from services.core.embedded import EmbeddedBus
 from services.core.envelope import Emit, Envelope
 from services.core.runner import run_stage
@@ -172,3 +173,37 @@ async def test_a_stage_handing_partitions_over_and_back_loses_and_stalls_nothing
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+async def test_a_member_with_records_in_hand_hands_its_surplus_over_without_being_fenced(make_settings: Factory,
+                                                                                         tmp_path: Path) -> None:
+    settings = make_settings(kafka_bootstrap=None, embedded_log_path=tmp_path / "log.db")
+    one, two = EmbeddedBus(settings), EmbeddedBus(settings)  # two processes' buses on one log
+    await one.start()
+    await two.start()
+    try:
+        await one.publish([Emit(EVENTS, f"t{n}".encode(), Envelope(type="t", source="/test", transfer_id=f"t{n}",
+                                                                   data=b"{}")) for n in range(60)])
+        a = one.subscribe("stage", [EVENTS])
+        await a.start()
+        in_hand = await a.poll(100, 1)  # every partition has records in hand (a slow lane, say)
+        assert {r.partition for r in in_hand} == {0, 1, 2}
+        b = two.subscribe("stage", [EVENTS])
+        await b.start()
+        await asyncio.sleep(1.5)  # a's heartbeat learns it holds more than its share
+        assert await a.poll(100, 0.1) == []  # the surplus drains: not read, not given back under records in hand
+        assert not b.assignment()
+        offsets: dict[Partition, int] = {}
+        for r in in_hand:
+            offsets[Partition(r.topic, r.partition)] = max(offsets.get(Partition(r.topic, r.partition), 0),
+                                                           r.offset + 1)
+        await a.complete([], offsets)  # not fenced: a still holds every partition it commits
+        await a.poll(100, 0.1)  # between two polls, with nothing in hand, the surplus goes
+        await asyncio.sleep(1.5)  # b's heartbeat takes it
+        assert b.assignment() and not (a.assignment() & b.assignment())
+        assert a.assignment() | b.assignment() == {Partition(EVENTS, p) for p in range(3)}
+        await a.stop()
+        await b.stop()
+    finally:
+        await one.stop()
+        await two.stop()

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from prometheus_client import start_http_server
 from starlette.types import ASGIApp
 
 from services.app import create_app
+from services.core import diskspace
 from services.core.blobstore import make_blob_store, prune_blobs_periodically
 from services.core.bus import Bus
 from services.core.buses import make_bus
@@ -42,6 +42,7 @@ from services.tracker.opstate import paused_targets, record_circuit
 from services.tracker.stage import TrackerStage
 from services.validator.options import validation_options
 from services.validator.stage import ValidatorStage
+from services.workerhttp import worker_app
 
 log = get_logger(__name__)
 
@@ -123,11 +124,15 @@ async def serve(names: Sequence[str], settings: Settings, *,
         loop.add_signal_handler(sig, stop.set)
 
     workers = [n for n in names if n not in ("ingress", "alerts")]
-    if "ingress" not in names and settings.metrics_port is not None:
-        start_http_server(settings.metrics_port, addr=settings.http_host)  # worker processes: their own /metrics
     async with shared_resources(settings) as shared:
         bus = shared.bus
         servers: list[uvicorn.Server] = []
+        stage_tasks: dict[str, asyncio.Task[None]] = {}
+        if "ingress" not in names and workers and settings.metrics_port is not None:
+            # Worker processes: /metrics, /healthz and /readyz on their own port.
+            running = lambda: [name for name, task in stage_tasks.items() if not task.done()]  # noqa: E731
+            servers.append(_server(worker_app(bus, diskspace.local_data_paths(settings), running, workers),
+                                   settings.http_host, settings.metrics_port))
         if "ingress" in names:
             # One bus per process: the embedded log has one owner, and Kafka needs one producer, not two.
             # An ingress-only process connects in the background and answers 503 until Kafka is there.
@@ -141,7 +146,9 @@ async def serve(names: Sequence[str], settings: Settings, *,
                 await _start_bus(bus, stop)  # creates missing topics before any consumer subscribes
             await check_keys_at_start(bus if workers else None, settings, shared.ledger)  # no data under a removed key
             async with worker_stages(workers, shared) as stages:
-                tasks = [asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name) for s in stages]
+                stage_tasks.update({s.name: asyncio.create_task(run_stage(s, bus, settings, stop), name=s.name)
+                                    for s in stages})
+                tasks = list(stage_tasks.values())
                 tasks += [asyncio.create_task(s.serve(), name="http") for s in servers]
                 if workers:
                     tasks.append(asyncio.create_task(prune_blobs_periodically(settings, stop), name="blob-retention"))

@@ -185,6 +185,8 @@ class EmbeddedSubscription:
         self._epochs: dict[TopicPartition, int] = {}
         self._paused: dict[TopicPartition, float] = {}
         self._in_flight: dict[TopicPartition, int] = {}  # partitions of the last poll -> the epoch read under
+        self._committed: dict[TopicPartition, int] = {}  # what this member committed (or found) per partition
+        self._draining: set[TopicPartition] = set()  # surplus being handed over: not read, given back once idle
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_beat = 0.0
         self._surplus = 0
@@ -207,7 +209,8 @@ class EmbeddedSubscription:
             self._heartbeat = None
             with contextlib.suppress(BusUnavailable):
                 await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics, (), True)
-        self._positions, self._epochs, self._in_flight = {}, {}, {}
+        self._positions, self._epochs, self._in_flight, self._committed = {}, {}, {}, {}
+        self._draining = set()
 
     async def _beat(self, release: Sequence[TopicPartition] = ()) -> None:
         # One at a time: each answer is applied before the next heartbeat is written, so our view of
@@ -221,23 +224,43 @@ class EmbeddedSubscription:
                     self._drop(tp)  # released, or taken over by another member
             for tp, (epoch, committed) in held.items():
                 if tp not in self._positions:
-                    self._positions[tp], self._epochs[tp] = committed, epoch
+                    self._positions[tp], self._epochs[tp], self._committed[tp] = committed, epoch, committed
             self._surplus = surplus
+            if surplus <= 0:
+                self._draining.clear()
 
     async def _give_back_surplus(self) -> None:
-        """Between two batches (nothing in flight): hand partitions above our share to the other members."""
+        """Hand partitions above our share to the other members, each at a record boundary.
+
+        A partition with records in hand (handed out, not yet committed) is drained first: it is not read
+        any more, and it is given back once its last record is committed. Handing it over earlier would
+        fence this member's commit of those records and cut its other lanes short (issue 16).
+        """
         if self._surplus <= 0:
             return
-        spare = sorted(self._positions, key=lambda tp: (tp not in self._paused, tp))[:self._surplus]
+        if len(self._draining) < self._surplus:
+            others = sorted((tp for tp in self._positions if tp not in self._draining),
+                            key=lambda tp: (not self._idle(tp), tp not in self._paused, tp))
+            self._draining |= set(others[:self._surplus - len(self._draining)])
+        spare = sorted(tp for tp in self._draining if self._idle(tp))
+        if not spare:
+            return
         for tp in spare:
             self._drop(tp)
-        self._surplus = 0
+        self._surplus = max(0, self._surplus - len(spare))
         await self._beat(spare)
+
+    def _idle(self, tp: TopicPartition) -> bool:
+        """Nothing of the partition in hand: everything handed out is committed (or was rewound)."""
+        position = self._positions.get(tp)
+        return position is not None and self._committed.get(tp, -1) >= position
 
     def _drop(self, tp: TopicPartition) -> None:
         self._positions.pop(tp, None)
         self._epochs.pop(tp, None)
         self._paused.pop(tp, None)
+        self._committed.pop(tp, None)
+        self._draining.discard(tp)
 
     async def _beat_forever(self) -> None:
         while True:
@@ -265,7 +288,8 @@ class EmbeddedSubscription:
         while True:
             now = time.monotonic()
             self._paused = {tp: due for tp, due in self._paused.items() if due > now}
-            readable = {tp: pos for tp, pos in self._positions.items() if tp not in self._paused}
+            readable = {tp: pos for tp, pos in self._positions.items()
+                        if tp not in self._paused and tp not in self._draining}
             epochs = dict(self._epochs)
             self.bus.appended.clear()
             rows: list[tuple[str, int, int, bytes | None, bytes, str]] = []
@@ -303,6 +327,9 @@ class EmbeddedSubscription:
             group_offsets[(self.group, *tp)] = (o, epoch)
         try:
             await bus.write(bus.log.append, [bus._row(e) for e in emits], self.member, group_offsets)
+            for (_, topic, partition), (offset, _) in group_offsets.items():
+                if (topic, partition) in self._positions:
+                    self._committed[(topic, partition)] = offset
         finally:
             for _, topic, partition in group_offsets:  # a runner may complete a poll's partitions one by one
                 self._in_flight.pop((topic, partition), None)

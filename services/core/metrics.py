@@ -34,4 +34,7 @@ TARGET_DOWN = Gauge("relais_target_down", "1 while a target is down (circuit ope
                     "failures)", ["target"])
 OLDEST_WAITING_SECONDS = Gauge("relais_oldest_waiting_seconds", "Age of the oldest record waiting for a target "
                                "(pending or retrying), since it was accepted", ["target"])
+STORAGE_FREE_BYTES = Gauge("relais_storage_free_bytes", "Bytes free on the disk of each local data path (the "
+                           "embedded log, a SQLite ledger, the blob directory), as the alerts loop last saw it",
+                           ["path"])
 ALERTS_FIRING = Gauge("relais_alerts_firing", "Alert rules currently firing", ["rule", "subject"])

@@ -34,6 +34,7 @@ log = get_logger(__name__)
 
 POLL_TIMEOUT_S = 0.5
 TRANSIENT_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
+SETTLE_LANES_S = 30.0  # how long a failed pump waits for its lanes' records in hand before cancelling them
 HANDLED_FACTOR = 10  # handled records held for an earlier one of their partition, per record to handle
 
 
@@ -141,6 +142,7 @@ class _Pump:
         self.done: list[tuple[Record, Sequence[Emit]]] = []  # committable, in offset order per partition
         self.has_done = asyncio.Event()
         self.closing = False
+        self.halting = False  # the pump failed (e.g. fenced): lanes take no further record
         self.pauses: list[tuple[Partition, int, float]] = []  # applied by the poll loop, between polls
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.hooks: set[asyncio.Task[None]] = set()
@@ -151,6 +153,7 @@ class _Pump:
         try:
             await asyncio.wait([poller, self.failed], return_when=asyncio.FIRST_COMPLETED)
             if self.failed.done():
+                await self._settle_lanes()
                 self.failed.result()  # raises what broke a lane or the committer
             poller.result()
             # Stopping: lanes finish the record in hand, the rest is left uncommitted (read again later);
@@ -170,6 +173,17 @@ class _Pump:
             await asyncio.gather(*tasks, return_exceptions=True)
             if not self.failed.done():
                 self.failed.cancel()
+
+    async def _settle_lanes(self) -> None:
+        """Before rejoining: lanes stop at a record boundary (their outputs are not committed), never mid-record.
+
+        A record cut short could leave a side effect half-recorded (a POST without its journaled answer);
+        finished, its outputs are simply dropped and the partition's next holder handles it again, knowing.
+        """
+        self.halting = True
+        lanes = self._lane_tasks()
+        if lanes:
+            await asyncio.wait(lanes, timeout=SETTLE_LANES_S)
 
     def _lane_tasks(self) -> list[asyncio.Task[None]]:
         return [t for state in self.partitions.values() for t in state.tasks]
@@ -236,7 +250,7 @@ class _Pump:
     async def _lane_loop(self, partition: Partition, state: _PartitionState, key: Hashable,
                          queue: deque[tuple[int, Record]]) -> None:
         # The lane ends when it has nothing left; a later record for it starts a new one.
-        while queue and not self.stop.is_set():
+        while queue and not self.stop.is_set() and not self.halting:
             generation, record = queue.popleft()
             if not self._current(state, record, generation):
                 continue  # its partition was rewound: it comes again

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.core.envelope import Envelope
 from services.core.errors import TransientError
 from services.core.logging import get_logger
+from services.core.shielded import shielded
 from services.tracker.ledger import delivery_attempts as table
 
 log = get_logger(__name__)
@@ -76,6 +77,7 @@ class AttemptJournal:
         self.engine = engine
         self.process = process or f"{socket.gethostname()}-{os.getpid()}"
 
+    @shielded
     async def prior(self, key: AttemptKey) -> Prior | None:
         """The row of this very attempt, if one was started before."""
         try:
@@ -89,6 +91,7 @@ class AttemptJournal:
         return Prior(row["state"], started if started.tzinfo else started.replace(tzinfo=UTC), row["process"],
                      row["http_status"], row["response"], row["assigned"])
 
+    @shielded
     async def start(self, key: AttemptKey, seen: Prior | None = None) -> None:
         """Record that the attempt is starting; raises TransientError (and the POST must not be made) if it cannot.
 
@@ -133,6 +136,7 @@ class AttemptJournal:
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
         await self._best_effort("purge", table.delete().where(table.c.started_at < cutoff))
 
+    @shielded
     async def _best_effort(self, what: str, statement: Any) -> None:
         try:
             async with self.engine.begin() as conn:

@@ -8,7 +8,10 @@ Rules (pure, `conditions`), each on a subject:
   (`latency_budget_s` in the targets file, default RELAIS_TARGET_LATENCY_BUDGET_S);
 * `oldest_waiting` (a target): its oldest pending or retrying record was accepted too long ago;
 * `target_waiting` (a target): too many records wait for it;
-* `stage_lag` (a stage): its consumer group is too far behind.
+* `stage_lag` (a stage): its consumer group is too far behind;
+* `storage_not_ready` (a store: the embedded log, the data disk): it cannot be written (read-only, locked,
+  full), so records wait and POST /fhir answers 503;
+* `storage_free_low` (a data path): less than `free_min_bytes` left, before the disk is full.
 
 `advance` (pure) turns conditions into notifications: a rule fires once it has held for `for_s`, is
 re-sent every `repeat_s` while it fires, and resolves once it has been clear for `keep_firing_s` — so
@@ -34,6 +37,7 @@ from services.core.metrics import (
     ALERTS_FIRING,
     DLQ_SIZE,
     OLDEST_WAITING_SECONDS,
+    STORAGE_FREE_BYTES,
     TARGET_DOWN,
     TARGET_WAITING,
 )
@@ -67,6 +71,8 @@ class Observation:
     dlq_size: int
     lag: Mapping[str, int]  # stage -> lag
     targets: Mapping[str, TargetObservation]
+    storage: Mapping[str, str | None] = field(default_factory=dict)  # store -> why it cannot be written, or None
+    free_bytes: Mapping[str, int] = field(default_factory=dict)  # local data path -> bytes free
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,7 @@ class Thresholds:
     for_s: float = 0.0
     keep_firing_s: float = 120.0
     repeat_s: float = 3600.0
+    free_min_bytes: int = 512 * 1024 * 1024  # warn well before diskspace.MIN_FREE_BYTES makes a disk count as full
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Thresholds:
@@ -144,6 +151,13 @@ def conditions(now: Observation, limits: Thresholds) -> list[Condition]:
         out.append(Condition("oldest_waiting", target, age > limits.waiting_age_s, round(age, 1),
                              limits.waiting_age_s, f"the oldest record waiting for target {target} was accepted "
                              f"{age:.0f}s ago"))
+    for store, problem in sorted(now.storage.items()):
+        out.append(Condition("storage_not_ready", store, problem is not None, 1 if problem else 0, 0,
+                             f"{store} cannot be written: {problem}" if problem else f"{store} takes writes"))
+    for path, free in sorted(now.free_bytes.items()):
+        out.append(Condition("storage_free_low", path, free < limits.free_min_bytes, free, limits.free_min_bytes,
+                             f"{free // (1024 * 1024)} MiB free for {path}; free space there before it fills "
+                             "(records then wait and POST /fhir answers 503)"))
     return out
 
 
@@ -217,6 +231,8 @@ class AlertEvaluator:
             TARGET_WAITING.labels(target).set(t.waiting)
             TARGET_DOWN.labels(target).set(1 if t.down else 0)
             OLDEST_WAITING_SECONDS.labels(target).set(t.oldest_waiting_s or 0)
+        for path, free in obs.free_bytes.items():
+            STORAGE_FREE_BYTES.labels(path).set(free)
         firing = self.firing
         for c in current:
             ALERTS_FIRING.labels(c.rule, c.subject).set(1 if c.key in firing else 0)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from services.core import diskspace
 from services.core.blobstore import make_blob_store
 from services.core.bus import Bus
 from services.core.settings import Settings
@@ -113,8 +116,14 @@ class OpsContext:
             targets[h.target] = TargetObservation(
                 h.waiting, h.down or circuit == "open", circuit, oldest, h.last_error, h.p50_ms, h.p99_ms,
                 budget_s * 1000, over_latency_budget(_s(h.p99_ms), h.attempts, budget_s))
+        free = {}
+        for path in diskspace.local_data_paths(self.settings):
+            with contextlib.suppress(OSError):  # a filesystem that cannot be asked is left to the write probes
+                free[str(path)] = diskspace.free_bytes(path)
+        storage = {"bus": await self.bus.storage_problem(),  # the embedded log (read-only, locked, full ...)
+                   "data-disk": diskspace.full_disks({Path(p): n for p, n in free.items()})}
         return Observation(at=time.monotonic(), dlq_size=await queries.dlq_size(self.ledger),
-                           lag={s.stage: s.lag for s in lags}, targets=targets)
+                           lag={s.stage: s.lag for s in lags}, targets=targets, storage=storage, free_bytes=free)
 
 
 def _s(ms: float | None) -> float | None:

@@ -50,6 +50,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from services.core.errors import ConfigurationError, TransientError
 from services.core.logging import get_logger
 from services.core.settings import Settings
+from services.core.shielded import shielded
 from services.tracker.auditkey import AuditKey, load_audit_key
 from services.tracker.ledger import Ledger, LedgerEvent, metadata
 
@@ -222,6 +223,13 @@ class _Row:
 
 async def _write(ledger: Ledger, row: _Row | None) -> int | None:
     """Append `row` at the end of the chain (None: only make sure the chain is ready); its seq."""
+    return await _write_rows(ledger, [row] if row is not None else [])
+
+
+@shielded
+async def _write_rows(ledger: Ledger, rows: Sequence[_Row]) -> int | None:
+    """Append `rows`, in order, at the end of the chain in one transaction (none: make sure the chain is ready);
+    the last seq written."""
     trail = _trail(ledger)
     key = trail.key
     async with ledger.engine.begin() as conn:
@@ -233,17 +241,21 @@ async def _write(ledger: Ledger, row: _Row | None) -> int | None:
             await _check_genesis(conn, key)
         head_seq, prev = (await conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash)
                                              .where(audit_head.c.id == 1))).one()
-        if row is None:
+        if not rows:
             trail.checked = True
             return None
-        seq = int(head_seq) + 1
-        digest = row_mac(key, prev, seq, row.time, row.kind, row.actor_type, row.actor, row.transfer_id, row.target,
-                         row.finess, row.outcome, row.detail)
-        await conn.execute(audit_log.insert().values(
-            seq=seq, time=row.time, kind=row.kind, actor_type=row.actor_type, actor=row.actor,
-            transfer_id=row.transfer_id, target=row.target, finess=row.finess, outcome=row.outcome,
-            detail=row.detail, event_id=row.event_id, prev_hash=prev, hash=digest))
-        await conn.execute(audit_head.update().where(audit_head.c.id == 1).values(seq=seq, hash=digest))
+        seq, values = int(head_seq), []
+        for row in rows:
+            seq += 1
+            digest = row_mac(key, prev, seq, row.time, row.kind, row.actor_type, row.actor, row.transfer_id,
+                             row.target, row.finess, row.outcome, row.detail)
+            values.append({"seq": seq, "time": row.time, "kind": row.kind, "actor_type": row.actor_type,
+                           "actor": row.actor, "transfer_id": row.transfer_id, "target": row.target,
+                           "finess": row.finess, "outcome": row.outcome, "detail": row.detail,
+                           "event_id": row.event_id, "prev_hash": prev, "hash": digest})
+            prev = digest
+        await conn.execute(audit_log.insert(), values)
+        await conn.execute(audit_head.update().where(audit_head.c.id == 1).values(seq=seq, hash=prev))
     trail.checked = True
     return seq
 
@@ -337,12 +349,9 @@ async def append(ledger: Ledger, kind: str, *, actor_type: str, actor: str | Non
                  detail: dict[str, Any] | None = None, event_id: str | None = None,
                  time: datetime | None = None) -> bool:
     """Append one row at the end of the chain; False when `event_id` was already recorded."""
-    moment = (time or datetime.now(UTC)).astimezone(UTC)
-    finess_text = ",".join(sorted({str(f) for f in finess})) or None
-    clean = _plain_json(detail or {})
     try:
-        await _write(ledger, _Row(kind, actor_type, actor, outcome, transfer_id, target, finess_text, clean, event_id,
-                                  moment))
+        await _write(ledger, _row(kind, actor_type, actor, outcome, transfer_id, target, finess, detail, event_id,
+                                  time))
         return True
     except IntegrityError as exc:
         if event_id is not None and await _has_event(ledger, event_id):
@@ -352,17 +361,49 @@ async def append(ledger: Ledger, kind: str, *, actor_type: str, actor: str | Non
         raise TransientError(f"audit trail database unavailable: {exc}") from exc
 
 
+@shielded
 async def _has_event(ledger: Ledger, event_id: str) -> bool:
     async with ledger.engine.connect() as conn:
         return (await conn.execute(sa.select(audit_log.c.seq).where(audit_log.c.event_id == event_id))).first() \
             is not None
 
 
+async def record_events(ledger: Ledger, evs: Sequence[LedgerEvent]) -> None:
+    """Append the rows a poll's events deserve in one transaction (one lock, one commit for the poll).
+
+    Raises IntegrityError when one of them was already recorded (a poll read again): the caller then
+    records each event on its own (`record_event`), which skips the ones already there.
+    """
+    rows = [row for ev in evs if (row := _event_row(ev)) is not None]
+    if not rows:
+        return
+    try:
+        await _write_rows(ledger, rows)
+    except OperationalError as exc:
+        raise TransientError(f"audit trail database unavailable: {exc}") from exc
+
+
 async def record_event(ledger: Ledger, ev: LedgerEvent) -> bool:
     """Append the audit row an event deserves (if any); idempotent on the event id."""
+    row = _event_row(ev)
+    if row is None:
+        return False
+    try:
+        await _write(ledger, row)
+        return True
+    except IntegrityError as exc:
+        if await _has_event(ledger, ev.id):
+            return False  # already recorded: at-least-once input, exactly-once trail
+        raise TransientError(f"audit trail write raced another writer; retrying: {exc}") from exc
+    except (OperationalError, OSError) as exc:
+        raise TransientError(f"audit trail database unavailable: {exc}") from exc
+
+
+def _event_row(ev: LedgerEvent) -> _Row | None:
+    """The audit row an event deserves, or None."""
     outcome = AUDITED_EVENTS.get(ev.kind)
     if outcome is None:
-        return False
+        return None
     detail = dict(ev.detail or {})
     operator = detail.get("operator")
     kept = {k: detail[k] for k in _KEPT if detail.get(k) is not None}
@@ -376,10 +417,17 @@ async def record_event(ledger: Ledger, ev: LedgerEvent) -> bool:
     if ev.attempt:
         kept["attempt"] = ev.attempt
     finess = detail.get("finess") or []
-    return await append(ledger, ev.kind, actor_type=actor_type, actor=actor, outcome=outcome,
-                        transfer_id=ev.transfer_id, target=ev.target,
-                        finess=[finess] if isinstance(finess, str) else list(finess),
-                        detail=kept, event_id=ev.id, time=ev.time)
+    return _row(ev.kind, actor_type, actor, outcome, ev.transfer_id, ev.target,
+                [finess] if isinstance(finess, str) else list(finess), kept, ev.id, ev.time)
+
+
+def _row(kind: str, actor_type: str, actor: str | None, outcome: str, transfer_id: str | None, target: str | None,
+         finess: Sequence[str], detail: dict[str, Any] | None, event_id: str | None, time: datetime | None) -> _Row:
+    """A row as stored: time in UTC, FINESS numbers sorted and joined, detail plain JSON."""
+    moment = (time or datetime.now(UTC)).astimezone(UTC)
+    finess_text = ",".join(sorted({str(f) for f in finess})) or None
+    return _Row(kind, actor_type, actor, outcome, transfer_id, target, finess_text, _plain_json(detail or {}),
+                event_id, moment)
 
 
 async def record_operator(ledger: Ledger, operator: str, action: str, *, transfer_id: str | None = None,
@@ -515,6 +563,7 @@ def _entry(r: Any) -> AuditEntry:
                       dict(r["detail"] or {}), r["prev_hash"], r["hash"])
 
 
+@shielded
 async def purge(ledger: Ledger, older_than: timedelta, *, now: datetime | None = None) -> int:
     """Remove the oldest rows past `older_than` (retention), keeping the genesis row, and record it.
 

@@ -18,10 +18,12 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from services.core.bus import Bus
 from services.core.embedded import EmbeddedBus
 from services.core.envelope import JSON, Emit, Envelope, Record, new_id
+from services.core.errors import TransientError
 from services.core.logging import get_logger
 from services.core.topics import AUDIT_HEAD
 from services.tracker.audit import (
@@ -33,6 +35,7 @@ from services.tracker.audit import (
     key_of,
     mac_of,
     record_event,
+    record_events,
 )
 from services.tracker.auditkey import AuditKey
 from services.tracker.ledger import Ledger
@@ -143,15 +146,34 @@ class AuditingTracker:
         self.name: str = inner.name
         self.topics: Sequence[str] = inner.topics
         self.anchors = HeadAnchors(ledger, anchor_every_s)
+        self._audited: set[str] = set()  # event ids `prepare` already wrote into the trail
 
     async def prepare(self, records: Sequence[Record]) -> None:
-        """The ledger projection of a whole poll at once (see TrackerStage.prepare)."""
+        """The ledger projection and the audit rows of a whole poll, each in one transaction.
+
+        `handle` then only confirms them; when the audit batch fails (one event already recorded: a poll
+        read again; or the database), `handle` records each event on its own, as it would without this.
+        """
         await self.inner.prepare(records)
+        evs = []
+        for record in records:
+            with contextlib.suppress(ValueError):  # malformed: handle() sends it to the poison topic
+                evs.append(to_ledger_event(record))
+        try:
+            await record_events(self.ledger, evs)
+        except (IntegrityError, TransientError):
+            return
+        # Added to, never reset: with the runner's lanes, records of an earlier poll may still be in hand.
+        self._audited |= {ev.id for ev in evs}
 
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Project the event into the ledger, then into the audit trail (both idempotent)."""
         emits: Sequence[Emit] = await self.inner.handle(record)
-        await record_event(self.ledger, to_ledger_event(record))
+        ev = to_ledger_event(record)
+        if ev.id in self._audited:
+            self._audited.discard(ev.id)
+        else:
+            await record_event(self.ledger, ev)
         anchor = await self.anchors.due()
         return [*emits, anchor] if anchor is not None else emits
 

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from services.core.errors import TransientError
+from services.core.shielded import shielded
 from services.tracker import logic
 from services.tracker.sealed import SealedJSON
 
@@ -275,6 +276,7 @@ class Ledger:
         await self.engine.dispose()
 
     # --- writing (tracker) ---------------------------------------------------------------
+    @shielded
     async def apply_many(self, evs: Sequence[LedgerEvent]) -> None:
         """Project a poll's events in one transaction; if one was already applied, each on its own instead."""
         try:
@@ -287,6 +289,7 @@ class Ledger:
         except (OperationalError, OSError) as exc:
             raise TransientError(f"ledger database unavailable: {exc}") from exc
 
+    @shielded
     async def apply(self, ev: LedgerEvent) -> bool:
         """Project one event; returns False when it was already applied (at-least-once input)."""
         try:
@@ -387,12 +390,14 @@ class Ledger:
         elif status != row["status"] or changes:
             await conn.execute(deliveries.update().where(where).values(status=status, updated_at=ev.time, **changes))
 
+    @shielded
     async def _has_event(self, event_id: str) -> bool:
         async with self.engine.connect() as conn:
             found = await conn.execute(sa.select(events.c.id).where(events.c.id == event_id))
             return found.first() is not None
 
     # --- reading (ingress, operators) ----------------------------------------------------
+    @shielded
     async def get(self, transfer_id: str) -> TransferView | None:
         """One transfer with its deliveries, or None when the ledger has not seen it."""
         try:
@@ -414,6 +419,7 @@ class Ledger:
                                      r["last_http_status"], r["assigned"]) for r in rows],
         )
 
+    @shielded
     async def warnings(self, transfer_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         """(kind, target, detail) of the events that carry warnings for the producer: the validator's
         findings (`validated`) and the envelope repairs made for a target (`repaired`), oldest first."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from services.core.shielded import shielded
 from services.tracker.ledger import Ledger, access_log, target_circuits, target_state
 from services.tracker.queries import aware
 
@@ -33,6 +34,7 @@ class TargetState:
                 "changed_by": self.changed_by, "changed_at": self.changed_at.isoformat()}
 
 
+@shielded
 async def set_paused(ledger: Ledger, target: str, paused: bool, *, by: str, reason: str | None = None) -> TargetState:
     """Pause or resume a target (idempotent); returns the new state."""
     now = datetime.now(UTC)
@@ -52,6 +54,7 @@ async def target_states(ledger: Ledger) -> dict[str, TargetState]:
                                       aware(r["changed_at"])) for r in rows}
 
 
+@shielded
 async def paused_targets(ledger: Ledger) -> frozenset[str]:
     """The targets operators paused: what delivery processes poll (one small indexed query)."""
     async with ledger.engine.connect() as conn:
@@ -59,6 +62,7 @@ async def paused_targets(ledger: Ledger) -> frozenset[str]:
     return frozenset(r[0] for r in rows)
 
 
+@shielded
 async def record_access(ledger: Ledger, operator: str, action: str, *, transfer_id: str | None = None,
                         target: str | None = None, detail: dict[str, Any] | None = None) -> None:
     """Remember that `operator` did `action` (e.g. read a Bundle); written before the data is returned."""
@@ -84,6 +88,7 @@ _CIRCUIT_RANK = {"closed": 0, "half-open": 1, "open": 2}
 CIRCUIT_STALE_S = 3600.0
 
 
+@shielded
 async def record_circuit(ledger: Ledger, target: str, circuit: str, failures: int, *, process: str) -> None:
     """A delivery process says where a target's breaker stands now (called on every transition)."""
     values = {"circuit": circuit, "failures": failures, "changed_at": datetime.now(UTC)}

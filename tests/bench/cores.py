@@ -1,10 +1,12 @@
 """Benchmark of issue 16, "every core": `relais run` (defaults, embedded bus) beside one core's parse floor.
 
-`python -m tests.bench.cores [--bundles N] [--rate R] [--seconds S]` prints, from one run on this machine:
+`python -m tests.bench.cores [--bundles N] [--rate R] [--seconds S] [--workers 1,2]` prints, from one run on this
+machine:
 
 1. the floor: one core parsing the 30-entry Bundle with fhir.resources (R4B `Bundle.model_validate`);
 2. end-to-end Bundles/s of `relais run` with no flags (POST -> applied at the demo target), 16 clients,
-   and its ratio to the floor (goal >= 1.0);
+   and its ratio to the floor (goal >= 1.0); with `--workers 1,2`, once per worker count (RELAIS_WORKERS),
+   so the default can be chosen on evidence;
 3. the 202's p50/p99 at R Bundles/s offered open-loop by `vegeta` while the pipeline works through a
    backlog (goal p99 < 100 ms); vegeta is installed with `go install` into .cache/bin when missing;
 4. CPU seconds per Bundle by stage: the same pipeline with one `relais <stage>` process per stage on
@@ -69,7 +71,7 @@ def vegeta() -> str:
 class Broker:
     """`relais run` (no flags), or one `relais <stage>` process per stage, on a fresh embedded log."""
 
-    def __init__(self, work: Path, per_stage: bool, kafka: str | None = None) -> None:
+    def __init__(self, work: Path, per_stage: bool, kafka: str | None = None, workers: int | None = None) -> None:
         self.work, self.per_stage, self.kafka = work, per_stage, kafka
         self.target_port, self.http_port = free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")} | {
@@ -79,6 +81,8 @@ class Broker:
             "RELAIS_PRODUCERS_FILE": str(REPO / "deploy/dev/producers.yaml"),
             "RELAIS_TARGETS_FILE": str(write_targets(work / "t.yaml", {"demo": f"{self.target}/fhir"})),
         }
+        if workers is not None:
+            self.env["RELAIS_WORKERS"] = str(workers)
         if kafka:  # one process per stage plus one extra validator, on Kafka
             self.env |= {"RELAIS_KAFKA_BOOTSTRAP": kafka, "RELAIS_TOPIC_PREFIX": f"bench{free_port()}."}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -166,9 +170,9 @@ def wait_applied(broker: Broker, count: int, timeout_s: float = 900) -> float:
     raise RuntimeError(f"fewer than {count} Bundles reached the target in {timeout_s}s")
 
 
-def end_to_end(work: Path, count: int) -> tuple[float, dict[str, float]]:
+def end_to_end(work: Path, count: int, workers: int | None = None) -> tuple[float, dict[str, float]]:
     """Bundles/s from the first POST to the last Bundle applied at the target, and CPU s by process."""
-    broker = Broker(work, per_stage=False).start()
+    broker = Broker(work, per_stage=False, workers=workers).start()
     try:
         asyncio.run(post_all(broker.url, [orjson.dumps(make_bundle(30, seed=50_000 + i)) for i in range(30)]))
         wait_applied(broker, 30)  # warm-up: imports, first fhir.resources models, connections
@@ -221,7 +225,7 @@ def per_stage_cpu(work: Path, count: int, kafka: str | None = None) -> tuple[flo
         broker.stop()
 
 
-def run(bundles: int, rate: int, seconds: int, kafka: bool = False) -> list[str]:
+def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: list[int] | None = None) -> list[str]:
     cores = os.cpu_count()
     lines = [f"machine: {platform.machine()}, {cores} cores, {platform.system()} {platform.release()}, "
              f"Python {platform.python_version()}; load average before the run {os.getloadavg()[0]:.1f}"]
@@ -229,11 +233,16 @@ def run(bundles: int, rate: int, seconds: int, kafka: bool = False) -> list[str]
     lines.append(f"floor: fhir.resources R4B Bundle.model_validate, one core, 30 entries: {base:.0f} Bundles/s")
     with tempfile.TemporaryDirectory(prefix="relais-bench-cores-") as tmp:
         work = Path(tmp)
-        (work / "e2e").mkdir()
-        rate_e2e, cpu = end_to_end(work / "e2e", bundles)
-        lines.append(f"relais run (defaults, embedded), {bundles} Bundles, 16 clients, POST -> applied at target: "
-                     f"{rate_e2e:.1f} Bundles/s; ratio to the floor {rate_e2e / base:.2f} (goal >= 1.0)")
-        lines.append(f"  CPU s per Bundle, every process of relais run together: {sum(cpu.values()) / bundles:.4f}")
+        for n in workers or [None]:
+            (work / f"e2e-{n}").mkdir()
+            rate_e2e, cpu = end_to_end(work / f"e2e-{n}", bundles, n)
+            how = "defaults" if n is None else f"RELAIS_WORKERS={n}"
+            lines.append(f"relais run ({how}, embedded), {bundles} Bundles, 16 clients, POST -> applied at target: "
+                         f"{rate_e2e:.1f} Bundles/s; ratio to the floor {rate_e2e / base:.2f} (goal >= 1.0); load "
+                         f"average now {os.getloadavg()[0]:.1f}")
+            lines.append(f"  CPU s per Bundle, every process of relais run together: {sum(cpu.values()) / bundles:.4f}")
+        if workers:
+            return lines  # the worker-count comparison only
         (work / "lat").mkdir()
         report = latency_under_load(work / "lat", rate, seconds, backlog=bundles)
         lat = report["latencies"]
@@ -266,8 +275,10 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=50, help="Bundles/s offered by vegeta")
     parser.add_argument("--seconds", type=int, default=15, help="duration of the vegeta attack")
     parser.add_argument("--kafka", action="store_true", help="also Kafka mode (RELAIS_KAFKA_BOOTSTRAP or local jars)")
+    parser.add_argument("--workers", type=lambda text: [int(n) for n in text.split(",")], default=None,
+                        metavar="N,M", help="only the end-to-end run, once per worker count (e.g. 1,2)")
     args = parser.parse_args()
-    lines = run(args.bundles, args.rate, args.seconds, args.kafka)
+    lines = run(args.bundles, args.rate, args.seconds, args.kafka, args.workers)
     print("\n".join(["== Relais: every core (issue 16) ==", *lines]))
     return 0
 

@@ -27,7 +27,7 @@ from services.core.settings import Settings
 from services.core.topics import RECEIVED, REJECTED, VALIDATED
 from tests.fixtures.tddui import make_bundle
 from tests.support.embedded import EmbeddedRelais
-from tests.support.processes import REPO, wait_until
+from tests.support.processes import REPO, free_port, readyz, wait_until
 
 pytestmark = pytest.mark.e2e
 HEADERS = {"Authorization": "Bearer demo-token", "Content-Type": "application/fhir+json", "X-Relais-Target": "demo"}
@@ -105,6 +105,8 @@ def wait_delivered(relais: EmbeddedRelais, accepted: set[str], timeout_s: float)
 
 def test_kill_9_of_each_child_during_500_bundles_loses_nothing(tmp_path: Path) -> None:
     relais = EmbeddedRelais(tmp_path)
+    # Two workers, whatever the machine's cores: each restart hands partitions over between them mid-load.
+    relais.env["RELAIS_WORKERS"] = "2"
     relais.start_target()
     relais.start()
     log_db = tmp_path / "log.db"
@@ -138,6 +140,7 @@ def test_kill_9_of_each_child_during_500_bundles_loses_nothing(tmp_path: Path) -
 def test_sigterm_under_load_exits_0_within_the_grace_period_and_loses_nothing(tmp_path: Path) -> None:
     relais = EmbeddedRelais(tmp_path)
     relais.env["RELAIS_SHUTDOWN_GRACE_S"] = "10"
+    relais.env["RELAIS_WORKERS"] = "2"
     relais.start_target()
     relais.start()
     accepted: set[str] = set()
@@ -249,8 +252,15 @@ def test_a_child_refusing_its_configuration_stops_the_broker_with_exit_2_naming_
 
 def test_operator_commands_work_beside_a_running_broker(tmp_path: Path) -> None:
     relais = EmbeddedRelais(tmp_path)
+    metrics_port = free_port()
+    relais.env |= {"RELAIS_WORKERS": "2", "RELAIS_METRICS_PORT": str(metrics_port)}
     relais.start()
     try:
+        for port in (metrics_port, metrics_port + 1):  # each worker answers /readyz on its own port
+            wait_until(readyz(f"http://127.0.0.1:{port}"), alive=relais.alive, explain=relais.log_tail,
+                       what=f"worker /readyz on {port}")
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+            assert ready.status_code == 200 and ready.json()["stages"]["delivery"] is True, ready.text
         def relais_cli(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([sys.executable, "-m", "services.cli", *args], env=relais.env, cwd=REPO,
                                   capture_output=True, text=True, timeout=60)

@@ -135,3 +135,38 @@ def _drop_refs(node: Any) -> Any:
     if isinstance(node, list):
         return [_drop_refs(v) for v in node]
     return node
+
+
+def _identity_walk(node: Any) -> list[int]:
+    """The ids of every dict and list below `node`, in order (to prove nothing was copied or replaced)."""
+    if isinstance(node, dict):
+        return [id(node), *(i for v in node.values() for i in _identity_walk(v))]
+    if isinstance(node, list):
+        return [id(node), *(i for v in node for i in _identity_walk(v))]
+    return []
+
+
+def test_copy_on_write_leaves_the_input_untouched_and_shares_what_it_does_not_change() -> None:
+    source = make_bundle(30, seed=11, published_style=True)
+    snapshot, identities = copy.deepcopy(source), _identity_walk(source)
+    result = repair_transaction(source)
+    assert source == snapshot and _identity_walk(source) == identities  # not one object of the input changed
+    assert result.changes and result.bundle is not source and result.bundle["entry"] is not source["entry"]
+    # The output is right: what a deep copy then in-place repair would give, change for change.
+    expected = copy.deepcopy(source)
+    by_where = {c.expression: c.after for c in result.changes}
+    for i, e in enumerate(expected["entry"]):
+        e["fullUrl"] = by_where.get(f"Bundle.entry[{i}].fullUrl", e["fullUrl"])
+        e["request"]["url"] = by_where.get(f"Bundle.entry[{i}].request.url", e["request"]["url"])
+    assert orjson.dumps(_drop_refs(result.bundle)) == orjson.dumps(_drop_refs(expected))
+    assert all(c.after.startswith("urn:uuid:") for c in result.changes if c.kind == "reference")
+    # An entry part with nothing to rewrite is the input's own object, not a copy.
+    for before, after in zip(source["entry"], result.bundle["entry"], strict=True):
+        for key, value in before["resource"].items():
+            if isinstance(value, dict | list) and "reference" not in orjson.dumps(value).decode():
+                assert after["resource"][key] is value, key
+
+
+def test_a_bundle_needing_no_repair_is_returned_as_is() -> None:
+    source = make_bundle(30, seed=3)
+    assert repair_transaction(source).bundle is source

@@ -42,6 +42,27 @@ def test_rules_each_watch_their_subject() -> None:
     assert "HTTP 500: boom" in down.message
 
 
+def test_storage_rules_fire_while_a_store_cannot_be_written_or_runs_low_and_resolve_after() -> None:
+    mib = 1024 * 1024
+    limits = Thresholds(free_min_bytes=100 * mib, keep_firing_s=0)
+
+    def storage(at: float, problem: str | None, free: int) -> Observation:
+        return Observation(at=at, dlq_size=0, lag={}, targets={}, storage={"bus": problem, "data-disk": None},
+                           free_bytes={"/var/lib/relais": free})
+
+    assert active(conditions(storage(0, None, 200 * mib), limits)) == set()
+    assert active(conditions(storage(0, "disk-full: 0 KiB free", 50 * mib), limits)) == {
+        ("storage_not_ready", "bus"), ("storage_free_low", "/var/lib/relais")}
+    low = next(c for c in conditions(storage(0, None, 50 * mib), limits) if c.rule == "storage_free_low")
+    assert "50 MiB free for /var/lib/relais" in low.message
+    evaluator = AlertEvaluator(limits)
+    fired = evaluator.step(storage(0, "read-only", 200 * mib), NOW)
+    assert [(n.state, n.condition.rule) for n in fired] == [("firing", "storage_not_ready")]
+    assert "read-only" in fired[0].condition.message
+    resolved = evaluator.step(storage(1, None, 200 * mib), NOW)
+    assert [(n.state, n.condition.rule) for n in resolved] == [("resolved", "storage_not_ready")]
+
+
 def test_a_dead_letter_left_alone_keeps_firing_for_hours() -> None:
     evaluator = AlertEvaluator(LIMITS)
     notes = [n for hour in range(48) for n in evaluator.step(obs(hour * 3600.0, dlq=4, down=True), NOW)]

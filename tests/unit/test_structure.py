@@ -8,7 +8,7 @@ Layers, lowest first; a package imports only packages of a lower layer (siblings
     validator, router, delivery, dlq            the worker stages
     http                                        what both HTTP fronts share (responses, tokens, reloads)
     ingress, ops                                the two fronts, APIRouters that know nothing of each other
-    app, workerhttp, keyrotation, send          the HTTP applications (ingress+ops; a worker's probes); key and bulk-send tools
+    app, workerhttp, keyrotation, send          HTTP apps (ingress+ops, a worker's probes); key and send tools
     launcher, supervisor                        process assembly
     cli                                         the `relais` command
 """

@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from services.core.envelope import new_id
 from services.core.errors import TransientError
+from services.core.shielded import shielded
 from services.ingress import checks
 from services.ingress.checks import Refusal
 from services.tracker.ledger import Ledger, events, submissions
@@ -89,6 +90,7 @@ def fingerprint(targets: Sequence[str], body: bytes) -> str:
     return digest.hexdigest()
 
 
+@shielded
 async def claim(ledger: Ledger, producer: str, key: str | None, print_: str, window_s: float) -> Claim:
     """Record a new submission, or find the one this key already names (see the module docstring)."""
     try:
@@ -102,7 +104,7 @@ async def _claim(ledger: Ledger, producer: str, key: str | None, print_: str, wi
         now = datetime.now(UTC)
         transfer_id = new_id()
         try:
-            async with ledger.engine.begin() as conn:
+            async with ledger.submissions_engine.begin() as conn:
                 await conn.execute(submissions.insert().values(
                     transfer_id=transfer_id, producer=producer, idem_key=key, fingerprint=print_,
                     state=PUBLISHING, created_at=now, updated_at=now))
@@ -110,7 +112,7 @@ async def _claim(ledger: Ledger, producer: str, key: str | None, print_: str, wi
         except IntegrityError:
             if key is None:
                 continue  # a transfer id collision: draw another
-        async with ledger.engine.begin() as conn:
+        async with ledger.submissions_engine.begin() as conn:
             row = (await conn.execute(sa.select(submissions).where(
                 submissions.c.producer == producer, submissions.c.idem_key == key))).mappings().first()
             if row is None:
@@ -126,23 +128,30 @@ async def _claim(ledger: Ledger, producer: str, key: str | None, print_: str, wi
             stale = _aware(row["updated_at"]) < now - timedelta(seconds=STALE_AFTER_S)
             if row["state"] == PUBLISHING and not stale:
                 return Claim("busy", row["transfer_id"])
-            seen = (await conn.execute(sa.select(events.c.id).where(
-                events.c.transfer_id == row["transfer_id"]).limit(1))).first()
-            new_state = PUBLISHED if seen is not None else PUBLISHING
+            seen = await _has_events(ledger, str(row["transfer_id"]))
+            new_state = PUBLISHED if seen else PUBLISHING
             # Compare-and-set: of two retries taking over at once, one wins; the other waits for it.
             taken = await conn.execute(submissions.update().where(
                 submissions.c.transfer_id == row["transfer_id"], submissions.c.state == row["state"],
                 submissions.c.updated_at == row["updated_at"]).values(state=new_state, updated_at=now))
             if taken.rowcount != 1:
                 return Claim("busy", row["transfer_id"])
-            return Claim("replay" if seen is not None else "takeover", row["transfer_id"])
+            return Claim("replay" if seen else "takeover", row["transfer_id"])
     raise TransientError("could not record the submission after 5 tries")
 
 
+async def _has_events(ledger: Ledger, transfer_id: str) -> bool:
+    """Whether the tracker recorded anything of this transfer (then its publish did happen)."""
+    async with ledger.engine.connect() as conn:
+        return (await conn.execute(sa.select(events.c.id).where(
+            events.c.transfer_id == transfer_id).limit(1))).first() is not None
+
+
+@shielded
 async def settle(ledger: Ledger, transfer_id: str, state: str) -> None:
     """Mark a submission published (or failed); best effort — see the module docstring for why."""
     try:
-        async with ledger.engine.begin() as conn:
+        async with ledger.submissions_engine.begin() as conn:
             await conn.execute(submissions.update().where(submissions.c.transfer_id == transfer_id)
                                .values(state=state, updated_at=datetime.now(UTC)))
     except (OperationalError, OSError) as exc:
@@ -159,10 +168,11 @@ async def wait_for(ledger: Ledger, transfer_id: str, timeout_s: float) -> str | 
         await asyncio.sleep(WAIT_STEP_S)
 
 
+@shielded
 async def lookup(ledger: Ledger, transfer_id: str) -> Mapping[str, Any] | None:
     """The submission row of a transfer, or None."""
     try:
-        async with ledger.engine.connect() as conn:
+        async with ledger.submissions_engine.connect() as conn:
             row = (await conn.execute(sa.select(submissions).where(
                 submissions.c.transfer_id == transfer_id))).mappings().first()
             return dict(row) if row is not None else None
@@ -170,10 +180,11 @@ async def lookup(ledger: Ledger, transfer_id: str) -> Mapping[str, Any] | None:
         raise TransientError(f"ledger database unavailable: {exc}") from exc
 
 
+@shielded
 async def purge(ledger: Ledger, window_s: float) -> int:
     """Forget submissions (and their keys) older than the idempotency window."""
     before = datetime.now(UTC) - timedelta(seconds=window_s)
-    async with ledger.engine.begin() as conn:
+    async with ledger.submissions_engine.begin() as conn:
         result = await conn.execute(submissions.delete().where(submissions.c.created_at < before))
     return int(result.rowcount or 0)
 

@@ -13,9 +13,11 @@ import fcntl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -236,13 +238,12 @@ class Ledger:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            # One writer at a time is SQLite's nature; a generous timeout rides out the other's commit.
-            kwargs["connect_args"] = {"timeout": 30}
-        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        if url.startswith("sqlite"):
-            sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.engine: AsyncEngine = _engine(url)
+        # Ingress's submissions (written before each 202) live where no worker writes: SQLite has one
+        # writer per file, so in the ledger file every 202 would queue behind the tracker's and the
+        # delivery journal's transactions. PostgreSQL locks rows: one database serves both.
+        sibling = _submissions_url(url)
+        self.submissions_engine: AsyncEngine = self.engine if sibling is None else _engine(sibling)
 
     async def create_schema(self) -> None:
         """Create missing tables and columns (idempotent, and safe when several processes start at once).
@@ -251,12 +252,29 @@ class Ledger:
         check-and-create is serialised across processes: an advisory lock on PostgreSQL, a file lock
         beside the database on SQLite.
         """
+        apart = self.submissions_engine is not self.engine
         async with self._schema_lock():
             async with self.engine.begin() as conn:
                 if self.engine.dialect.name == "postgresql":
                     await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-                await conn.run_sync(metadata.create_all)
+                tables = [t for t in metadata.sorted_tables if not (apart and t is submissions)]
+                await conn.run_sync(lambda sync: metadata.create_all(sync, tables=tables))
                 await conn.run_sync(_add_missing_columns)
+            if apart:
+                async with self.submissions_engine.begin() as conn:
+                    await conn.run_sync(lambda sync: submissions.create(sync, checkfirst=True))
+                await self._move_submissions_out()
+
+    async def _move_submissions_out(self) -> None:
+        """A ledger file from before the submissions had their own file: move its rows there (once)."""
+        async with self.engine.begin() as conn:
+            if not await conn.run_sync(lambda sync: sa.inspect(sync).has_table("submissions")):
+                return
+            rows = [dict(r) for r in (await conn.execute(sa.select(submissions))).mappings()]
+            if rows:
+                async with self.submissions_engine.begin() as target:
+                    await target.execute(submissions.insert().prefix_with("OR IGNORE"), rows)
+            await conn.execute(sa.text("DROP TABLE submissions"))
 
     @contextlib.asynccontextmanager
     async def _schema_lock(self) -> AsyncIterator[None]:
@@ -274,6 +292,7 @@ class Ledger:
     async def close(self) -> None:
         """Release connections; safe twice."""
         await self.engine.dispose()
+        await self.submissions_engine.dispose()
 
     # --- writing (tracker) ---------------------------------------------------------------
     @shielded
@@ -495,6 +514,29 @@ def _add_missing_columns(sync_conn: Any) -> None:
             if column.name not in present:
                 kind = column.type.compile(dialect=sync_conn.dialect)
                 sync_conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
+
+
+def _engine(url: str) -> AsyncEngine:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # One writer at a time is SQLite's nature; a generous timeout rides out the other's commit.
+        kwargs["connect_args"] = {"timeout": 30}
+    engine = create_async_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _submissions_url(url: str) -> str | None:
+    """A SQLite ledger file's sibling for ingress's submissions (`ledger.db` → `ledger.submissions.db`);
+    None when the submissions stay in the ledger database (PostgreSQL, in-memory SQLite)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    path = Path(database)
+    return parsed.set(database=str(path.with_name(f"{path.stem}.submissions{path.suffix or '.db'}"))) \
+        .render_as_string(hide_password=False)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:

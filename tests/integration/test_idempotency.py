@@ -147,7 +147,7 @@ async def test_a_key_left_by_a_crash_or_a_refusal_is_taken_over(settings: Settin
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
     moment = datetime.now(UTC) - timedelta(seconds=age_s)
-    async with ledger.engine.begin() as conn:
+    async with ledger.submissions_engine.begin() as conn:
         await conn.execute(sa.insert(submissions).values(
             transfer_id="left-behind", producer="dui-a", idem_key="h:k-crash",
             fingerprint=fingerprint(["essms-a"], body), state=state, created_at=moment, updated_at=moment))
@@ -171,3 +171,29 @@ async def test_a_malformed_key_is_refused(settings: Settings) -> None:
                                    headers=headers("x" * 300))
     assert answer.status_code == 400 and answer.json()["resourceType"] == "OperationOutcome"
     assert published(settings) == []
+
+
+async def test_a_202_never_waits_for_the_workers_hold_on_a_sqlite_ledger(make_settings: Callable[..., Settings],
+                                                                        tmp_path: Path) -> None:
+    """SQLite has one writer: with the submission in the ledger file, every 202 queued behind the tracker's
+    and the delivery journal's transactions (seconds under load). A worker holding the ledger's write lock
+    must not delay the ingress's answer."""
+    settings = make_settings(embedded_log_path=tmp_path / "log.db", auth_disabled=False,
+                             producers_file=write_producers(tmp_path / "p.yaml"),
+                             targets_file=write_targets(tmp_path / "t.yaml", {"essms-a": "http://127.0.0.1:9/fhir"}))
+    ledger_file = settings.database_url.split("///", 1)[1]
+    async with ingress(settings) as client:
+        worker = sqlite3.connect(ledger_file, timeout=30, isolation_level=None)
+        worker.execute("BEGIN IMMEDIATE")  # a worker's transaction, holding the write lock
+        try:
+            began = asyncio.get_running_loop().time()
+            answer = await client.post("/fhir", content=orjson.dumps(make_bundle(3, seed=77)), headers=headers(None))
+            took = asyncio.get_running_loop().time() - began
+        finally:
+            worker.execute("ROLLBACK")
+            worker.close()
+        assert answer.status_code == 202, answer.text
+        assert took < 1.0, f"the 202 waited {took:.1f}s for a worker's write lock on the ledger"
+        status = await client.get(answer.headers["Content-Location"].replace("http://relais.test", ""),
+                                  headers=headers(None))
+        assert status.status_code in (200, 202)

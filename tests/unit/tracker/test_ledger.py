@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from services.tracker.ledger import Ledger, LedgerEvent
+from services.tracker.ledger import Ledger, LedgerEvent, submissions
 
 T0 = datetime(2025, 4, 1, 10, 0, 0, tzinfo=UTC)
 TID = "tr-0001"
@@ -288,3 +289,29 @@ async def test_schema_creation_is_safe_when_processes_start_together(tmp_path: P
             assert await ledgers[0].get("nothing") is None  # the schema is there and usable
         finally:
             await asyncio.gather(*(ledger.close() for ledger in ledgers))
+
+
+async def test_submissions_have_their_own_sqlite_file_and_old_rows_move_there(tmp_path: Path) -> None:
+    """Ingress's submissions are written where no worker writes (SQLite: one writer per file); a ledger
+    from before keeps its rows: they move to the new file once, and leave the ledger file."""
+    import sqlite3
+
+    old = tmp_path / "ledger.db"
+    with sqlite3.connect(old) as db:
+        db.execute("CREATE TABLE submissions (transfer_id VARCHAR(64) PRIMARY KEY, producer VARCHAR(128) NOT NULL, "
+                   "idem_key VARCHAR(320), fingerprint VARCHAR(64) NOT NULL, state VARCHAR(16) NOT NULL, "
+                   "created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL)")
+        db.execute("INSERT INTO submissions VALUES ('t-old', 'dui', 'h:k', 'f', 'published', "
+                   "'2026-12-01 10:00:00.000000', '2026-12-01 10:00:00.000000')")
+    ledger = Ledger(f"sqlite+aiosqlite:///{old}")
+    await ledger.create_schema()
+    await ledger.create_schema()  # a second process starting: nothing moves twice, nothing breaks
+    try:
+        async with ledger.submissions_engine.connect() as conn:
+            rows = (await conn.execute(sa.select(submissions.c.transfer_id, submissions.c.idem_key))).all()
+    finally:
+        await ledger.close()
+    assert [tuple(r) for r in rows] == [("t-old", "h:k")]
+    assert (tmp_path / "ledger.submissions.db").exists()
+    with sqlite3.connect(old) as db:
+        assert db.execute("SELECT count(*) FROM sqlite_master WHERE name='submissions'").fetchone() == (0,)

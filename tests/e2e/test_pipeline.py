@@ -97,7 +97,7 @@ async def test_valid_bundle_reaches_the_target_and_status_turns_200(broker: Brok
 async def test_kill_9_of_each_worker_during_200_bundles_loses_nothing(
         broker: Broker, target: DemoTarget, capsys: pytest.CaptureFixture[str]) -> None:
     count = 200
-    bundles = [make_bundle(30, seed=1000 + i) for i in range(count)]
+    bundles = [make_bundle(12, seed=1000 + i) for i in range(count)]
     transfer_ids: list[str] = []
     async with httpx.AsyncClient(timeout=60) as client:
         semaphore = asyncio.Semaphore(16)

@@ -69,13 +69,20 @@ async def post(client: httpx.AsyncClient, url: str, bundle: dict[str, Any]) -> b
 
 
 async def send_all(relais: EmbeddedRelais, bundles: list[dict[str, Any]], accepted: set[str],
-                   during: dict[int, Any] | None = None, deadline_s: float = 60) -> None:
-    """POST every Bundle (8 at a time) until each got its 202; `during[n]()` runs once n were accepted."""
+                   during: dict[int, Any] | None = None, deadline_s: float = 60,
+                   stop_when_down: bool = False) -> None:
+    """POST every Bundle (8 at a time) until each got its 202; `during[n]()` runs once n were accepted.
+
+    `stop_when_down`: once the broker has exited (a test stopped it), return with the rest unsent, as a
+    DUI keeps them for later, instead of retrying until the deadline.
+    """
     pending = list(bundles)
     actions = dict(during or {})
     deadline = time.monotonic() + deadline_s
     async with httpx.AsyncClient(timeout=30) as client:
         while pending and time.monotonic() < deadline:
+            if stop_when_down and not relais.alive():
+                return
             batch, pending = pending[:8], pending[8:]
             results = await asyncio.gather(*(post(client, relais.url, b) for b in batch))
             for bundle, ok in zip(batch, results, strict=True):
@@ -118,7 +125,7 @@ def test_kill_9_of_each_child_during_500_bundles_loses_nothing(tmp_path: Path) -
 
     try:
         accepted: set[str] = set()
-        bundles = [make_bundle(30, seed=7000 + i) for i in range(500)]
+        bundles = [make_bundle(12, seed=7000 + i) for i in range(500)]  # 500 in flight matter, not their size
         asyncio.run(send_all(relais, bundles, accepted, during={
             100: lambda: kill("ingress", relais.children()["ingress"]),
             200: lambda: kill("validator", holder_pid(log_db, "relais-validator")),
@@ -144,7 +151,7 @@ def test_sigterm_under_load_exits_0_within_the_grace_period_and_loses_nothing(tm
     relais.start_target()
     relais.start()
     accepted: set[str] = set()
-    bundles = [make_bundle(30, seed=9000 + i) for i in range(160)]
+    bundles = [make_bundle(12, seed=9000 + i) for i in range(160)]
     stopped: dict[str, float] = {}
 
     def sigterm() -> None:
@@ -154,10 +161,8 @@ def test_sigterm_under_load_exits_0_within_the_grace_period_and_loses_nothing(tm
         stopped["code"] = relais.proc.wait(30)
         stopped["took"] = time.monotonic() - began
 
-    try:
-        asyncio.run(send_all(relais, bundles[:120], accepted, during={80: sigterm}, deadline_s=40))
-    except AssertionError:
-        pass  # the broker is down: the DUI keeps what was not accepted for later
+    # The broker stops under load; the DUI keeps what was not accepted for later.
+    asyncio.run(send_all(relais, bundles[:120], accepted, during={80: sigterm}, deadline_s=40, stop_when_down=True))
     assert stopped.get("code") == 0, relais.log_tail()
     assert stopped["took"] < 10 + 10, f"stopping took {stopped['took']:.1f}s"
     relais.start()  # the same files, as an operator (or systemd) would

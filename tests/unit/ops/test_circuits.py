@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,13 +30,6 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 def test_worst_circuit(reports: list[tuple[str, datetime]], expected: str | None) -> None:
     assert worst_circuit(reports, NOW) == expected
 
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/l.db")
-    await ledger.create_schema()
-    yield ledger
-    await ledger.close()
 
 
 async def test_reports_are_kept_per_process_and_read_back(ledger: Ledger) -> None:

@@ -3,10 +3,8 @@ tests/integration/test_ledger_postgres.py, which runs these same tests)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from itertools import count
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,15 +47,6 @@ def story(tid: str, start: float, *, producer: str = "dui-a", targets: tuple[str
                           producer=producer, http_status=500, duration_ms=ms, reason="HTTP 500"))
     return out
 
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/l.db")
-    await ledger.create_schema()
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 async def seed(ledger: Ledger) -> None:

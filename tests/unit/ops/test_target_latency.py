@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from itertools import count
 from pathlib import Path
-
-import pytest
 
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, over_latency_budget
@@ -26,15 +23,6 @@ def delivered(target: str, ms: float, ago_s: float) -> LedgerEvent:
                        time=datetime.now(UTC) - timedelta(seconds=ago_s), producer="dui-a", target=target,
                        attempt=1, detail={"http_status": 201, "duration_ms": ms})
 
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/l.db")
-    await ledger.create_schema()
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 async def test_a_target_over_its_budget_is_degraded_with_its_p50_and_p99(ledger: Ledger, tmp_path: Path) -> None:

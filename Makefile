@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_PORT ?= 8090
+# Test worker processes: most of the suite waits on brokers, JVMs and child processes, not on the CPU.
+# Each test file runs whole on one worker (its module fixtures and brokers are started once).
+TEST_JOBS ?= 2
 
 .PHONY: install run test test-fast lint bench clean
 
@@ -31,7 +34,7 @@ $(MEDPLUM): tests/medplum/package-lock.json
 	else echo "npm not found: the Medplum end-to-end tests will skip (they fail in CI)"; fi
 
 test: $(STAMP) $(MEDPLUM)  ## the whole suite: unit, integration (real Kafka), end to end (processes)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only: no network, seconds
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from services.core.envelope import FHIR_JSON, JSON, new_id
@@ -80,9 +80,13 @@ async def audit_export(request: Request, who: Actor, kind: str | None = None, ac
     return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
 
 
+# An audit sequence is a 64-bit row number: a larger one is a typo, answered 422 rather than carried into SQL and JSON.
+AnchorSeq = Annotated[int | None, Query(ge=1, le=2**63 - 1)]
+
+
 @router.get("/audit/verify", summary="Check the audit trail's MAC chain, from its genesis row to the head anchored "
             "outside the database (audit.head topic; or ?seq=&mac= copied from an 'audit chain head' log line)")
-async def audit_verify(request: Request, who: Actor, seq: int | None = None, mac: str | None = None) -> Response:
+async def audit_verify(request: Request, who: Actor, seq: AnchorSeq = None, mac: str | None = None) -> Response:
     ops = request.app.state.ops
     anchors = [a for a in [await auditchain.latest_anchor(ops.bus, audit.key_of(ops.ledger))] if a is not None]
     if seq is not None and mac:

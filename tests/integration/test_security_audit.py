@@ -46,3 +46,13 @@ async def test_ops_refusals_and_verify_are_in_the_trail_and_verify_uses_the_bus_
         third = (await client.get("/ops/audit/verify", headers=bearer(OPERATOR),
                                   params={"seq": anchored + 5, "mac": "ab" * 32})).json()
         assert third["valid"] is False and third["anchor_seq"] == anchored + 5
+
+
+async def test_verify_refuses_an_anchor_sequence_no_row_can_have(settings: Settings) -> None:  # noqa: F811
+    """Found by the fuzzer: a 23-digit ?seq= reached the JSON encoder and answered 500."""
+    async with running(settings) as (client, _):
+        for seq in ("99999999999999999999999", "0", "-5"):
+            answer = await client.get("/ops/audit/verify", headers=bearer(OPERATOR), params={"seq": seq, "mac": "ab"})
+            assert answer.status_code == 400, (seq, answer.text)
+            issue = answer.json()["issue"][0]
+            assert issue["expression"] == ["query.seq"], answer.text

@@ -18,7 +18,6 @@ import datetime as dt
 import functools
 import re
 from collections.abc import Callable
-from importlib import resources
 from typing import Any, Final
 
 import yaml
@@ -27,6 +26,7 @@ from fhirpathpy.models import models
 from services.core.outcome import Issue
 from services.validator.jsonwalk import Chain, spell
 from services.validator.messages import quote, say
+from services.validator.ruleset import rules_dir
 
 RULE_JSON_TYPE: Final = "fhir-r4/json-type"
 RULE_JSON_NULL: Final = "fhir-r4/json-null"
@@ -266,14 +266,14 @@ def _primitive_twin(w: Walk, node: dict[str, Any], key: str, value: Any, chain: 
 @functools.cache
 def invariants() -> dict[str, tuple[str, str]]:
     """key → (human, FHIRPath) of every base R4 invariant Relais evaluates (from fhir-r4-base.yaml)."""
-    doc = yaml.load(resources.files("services.validator.rules").joinpath("fhir-r4-base.yaml").read_text("utf-8"),
+    doc = yaml.load(rules_dir().joinpath("fhir-r4-base.yaml").read_text("utf-8"),
                     Loader=yaml.CSafeLoader)
     return {i["key"]: (i["human"], i["expression"]) for i in doc["dataTypeInvariants"]}
 
 
 @functools.cache
 def codes() -> dict[str, frozenset[str]]:
-    doc = yaml.load(resources.files("services.validator.rules").joinpath("fhir-r4-codes.yaml").read_text("utf-8"),
+    doc = yaml.load(rules_dir().joinpath("fhir-r4-codes.yaml").read_text("utf-8"),
                     Loader=yaml.CSafeLoader)
     return {name: frozenset(values) for name, values in doc.items()}
 

@@ -1,5 +1,7 @@
 """The TDDUI rule set: the YAML files under `services/validator/rules/` (= `schemas/tddui/`), loaded once.
 
+`tddui-profiles.yaml` holds one YAML document per entry profile; every other file is a single document.
+
 `ruleset()` compiles everything on first use and caches it for the life of the process; profiles
 are indexed by canonical URL (without `|version`) and by resource type, in Bundle slice order.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import yaml
@@ -17,7 +20,7 @@ from services.validator.checks import Check, ExtensionDef, SliceGroup
 from services.validator.compiler import Compiler, Profile, RuleError
 from services.validator.terminology import ValueSet, compile_value_sets
 
-RULES_PACKAGE = "services.validator.rules"
+PROFILES_FILE = "tddui-profiles.yaml"
 
 
 @dataclass(slots=True)
@@ -51,11 +54,18 @@ def _count(checks: list[Check]) -> int:
     return total
 
 
+def rules_dir() -> Traversable:
+    """The rule files as shipped in the package (a plain data directory beside this module)."""
+    return resources.files("services.validator") / "rules"
+
+
 def _documents() -> dict[str, Any]:
+    """File name → its document (the profiles file: its list of documents)."""
     docs: dict[str, Any] = {}
-    for entry in sorted(resources.files(RULES_PACKAGE).iterdir(), key=lambda e: e.name):
+    for entry in sorted(rules_dir().iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
-            docs[entry.name] = yaml.load(entry.read_text(encoding="utf-8"), Loader=yaml.CSafeLoader)
+            loaded = list(yaml.load_all(entry.read_text(encoding="utf-8"), Loader=yaml.CSafeLoader))
+            docs[entry.name] = loaded if entry.name == PROFILES_FILE else loaded[0]
     return docs
 
 
@@ -71,8 +81,7 @@ def build(docs: dict[str, Any]) -> RuleSet:
     code_systems = {cs["url"]: [str(c) for c in cs["concepts"]] for cs in terminology["codeSystems"]}
     value_sets = compile_value_sets(code_systems, terminology["valueSets"])
     bundle = docs["tddui-bundle.yaml"]
-    profile_docs = {d["profile"]: d for name, d in docs.items()
-                    if name.startswith("tddui-") and name != "tddui-bundle.yaml"}
+    profile_docs = {d["profile"]: d for d in docs[PROFILES_FILE]}
     compiler = Compiler(value_sets)
     for pid, d in profile_docs.items():
         compiler.profile_types[pid] = (d["resourceType"], d["url"])

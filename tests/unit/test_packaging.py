@@ -31,6 +31,8 @@ def test_built_wheel_holds_services_and_no_development_tool(tmp_path: Path) -> N
     names = zipfile.ZipFile(wheel).namelist()
 
     assert "services/app.py" in names and "services/ops/templates/overview.html" in names
+    rules = {f"services/validator/rules/{p.name}" for p in (ROOT / "services/validator/rules").glob("*.yaml")}
+    assert rules - set(names) == set(), "the validator's rule files must ship (a data directory, no package)"
     tools = [n for n in names if "devkafka" in n or "demotarget" in n or n.startswith(("devtools/", "tests/"))]
     assert tools == []
     assert {n.split("/")[0] for n in names} == {"services", wheel.name.split("-py3")[0] + ".dist-info"}

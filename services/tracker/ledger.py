@@ -12,7 +12,7 @@ import contextlib
 import fcntl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from services.core.errors import TransientError
 from services.core.shielded import shielded
 from services.tracker import logic
+from services.tracker.projection import Event, Projection, aware
 from services.tracker.sealed import SealedJSON
 
 metadata = sa.MetaData()
@@ -228,11 +229,6 @@ class TransferView:
     deliveries: list[DeliveryView]
 
 
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands datetimes back naive; they were written in UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 class Ledger:
     """Async access to the ledger database."""
 
@@ -296,124 +292,41 @@ class Ledger:
 
     # --- writing (tracker) ---------------------------------------------------------------
     @shielded
-    async def apply_many(self, evs: Sequence[LedgerEvent]) -> None:
-        """Project a poll's events in one transaction; if one was already applied, each on its own instead."""
-        try:
-            async with self.engine.begin() as conn:
-                for ev in evs:
-                    await self._insert(conn, ev)
-        except IntegrityError:
-            for ev in evs:
-                await self.apply(ev)
-        except (OperationalError, OSError) as exc:
-            raise TransientError(f"ledger database unavailable: {exc}") from exc
+    async def apply_many(self, evs: Sequence[LedgerEvent]) -> int:
+        """Project a poll's events in one transaction; returns how many were new (replays change nothing).
 
-    @shielded
+        The rows the events concern are read once, moved in memory (`projection.py`) and written back in a
+        few statements. The events' insert comes first, so the transaction holds SQLite's write lock before
+        it reads: a read-then-write transaction fails outright when another process wrote in between.
+        """
+        fresh = list({ev.id: ev for ev in evs}.values())  # one copy of each id, where it first came
+        for _ in range(5):
+            if not fresh:
+                return 0
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.execute(events.insert(), [_event_row(ev) for ev in fresh])
+                    await _project(conn, fresh)
+                return len(fresh)
+            except IntegrityError:
+                # Some were applied already (at-least-once input), or another writer raced us: drop those.
+                known = await self._known_events([ev.id for ev in fresh])
+                fresh = [ev for ev in fresh if ev.id not in known]
+            except (OperationalError, OSError) as exc:
+                raise TransientError(f"ledger database unavailable: {exc}") from exc
+        raise TransientError("ledger writes kept conflicting with another writer's; the poll will be retried")
+
     async def apply(self, ev: LedgerEvent) -> bool:
         """Project one event; returns False when it was already applied (at-least-once input)."""
-        try:
-            async with self.engine.begin() as conn:
-                await self._insert(conn, ev)
-            return True
-        except IntegrityError:
-            if await self._has_event(ev.id):
-                return False  # already applied: at-least-once input, exactly-once effect
-            raise
-        except (OperationalError, OSError) as exc:
-            raise TransientError(f"ledger database unavailable: {exc}") from exc
-
-    async def _insert(self, conn: AsyncConnection, ev: LedgerEvent) -> None:
-        await conn.execute(events.insert().values(
-            id=ev.id, transfer_id=ev.transfer_id, kind=ev.kind, stage=ev.stage, target=ev.target,
-            attempt=ev.attempt, time=ev.time, detail=dict(ev.detail or {}),
-        ))
-        await self._project(conn, ev)
-
-    async def _project(self, conn: AsyncConnection, ev: LedgerEvent) -> None:
-        detail = ev.detail or {}
-        if (ev.kind == "failed" and ev.stage == "tracker") or detail.get("failed_stage") == "tracker":
-            # The tracker could not project one event: a dead letter to list (then replayed or discarded),
-            # not a fact about the transfer.
-            await _project_stage_dead_letter(conn, ev)
-            return
-        row = (await conn.execute(sa.select(transfers).where(transfers.c.id == ev.transfer_id))).mappings().first()
-        stage_status = logic.advance_stage(row["stage_status"] if row else None, ev.kind) or logic.ACCEPTED
-        if ev.kind == "replayed" and detail.get("slot") and row is not None:
-            # A stage's dead letter sent back to that stage: the transfer is where it was before it.
-            stage_status = logic.REPLAY_REWINDS.get(str(detail.get("failed_stage")), row["stage_status"])
-        values: dict[str, Any] = {"stage_status": stage_status, "updated_at": ev.time}
-        if row is not None:
-            # Events arrive out of order: the transfer began at its earliest event, changed at its latest.
-            values["created_at"] = min(_aware(row["created_at"]), ev.time)
-            values["updated_at"] = max(_aware(row["updated_at"]), ev.time)
-        if ev.producer and not (row and row["producer"]):
-            values["producer"] = ev.producer
-        # Routing may add targets to those the producer named; a late `accepted` must not undo that.
-        if "targets" in detail and (ev.kind == "routed" or (ev.kind == "accepted" and not (row and row["targets"]))):
-            values["targets"] = list(detail["targets"])
-        if ev.kind == "accepted" and "size" in detail:
-            values["size"] = int(detail["size"])
-        if detail.get("finess"):
-            values["finess"] = _merge_finess(row["finess"] if row else None, detail["finess"])
-        if ev.kind in ("rejected", "failed"):
-            values["outcome"] = detail.get("outcome") or _failure_outcome(ev)
-        elif ev.kind == "replayed" and detail.get("slot") and row is not None:
-            values["outcome"] = None  # the stage's failure is being retried: no longer the transfer's answer
-        if row is None:
-            await conn.execute(transfers.insert().values(
-                id=ev.transfer_id, created_at=ev.time, status=stage_status, **values))
-        else:
-            await conn.execute(transfers.update().where(transfers.c.id == ev.transfer_id).values(**values))
-
-        if isinstance(detail.get("identifiers"), list):
-            await _index_identifiers(conn, ev.transfer_id, detail["identifiers"])
-        if ev.kind == "failed" or (ev.kind in ("replayed", "discarded") and detail.get("slot")):
-            await _project_stage_dead_letter(conn, ev)
-        if ev.kind == "routed":
-            for target in detail.get("targets", []):
-                await self._advance_delivery(conn, ev, target, {})
-        elif ev.target and (ev.kind in logic.DELIVERY_EVENTS or ev.kind == "replayed"):
-            await self._advance_delivery(conn, ev, ev.target or "", {
-                "attempts": ev.attempt,
-                "response": detail.get("response"),
-                "assigned": detail.get("assigned") or None,
-                "outcome": detail.get("outcome"),
-                "last_http_status": detail.get("http_status"),
-            })
-
-        statuses = (await conn.execute(
-            sa.select(deliveries.c.status).where(deliveries.c.transfer_id == ev.transfer_id))).scalars().all()
-        overall = logic.overall_status(stage_status, statuses)
-        await conn.execute(transfers.update().where(transfers.c.id == ev.transfer_id).values(status=overall))
-
-    async def _advance_delivery(self, conn: AsyncConnection, ev: LedgerEvent, target: str,
-                                values: dict[str, Any]) -> None:
-        where = (deliveries.c.transfer_id == ev.transfer_id) & (deliveries.c.target == target)
-        row = (await conn.execute(sa.select(deliveries).where(where))).mappings().first()
-        status = logic.advance_delivery(row["status"] if row else None, ev.kind) or logic.PENDING
-        changes = {k: v for k, v in values.items() if v is not None}
-        if row is not None:
-            moved = status != row["status"]
-            newer = status not in logic.DELIVERY_TERMINAL and ev.attempt >= row["attempts"]
-            if not (moved or newer):
-                # A late or repeated event about a settled delivery must not rewrite what it recorded.
-                return
-            if ev.kind == "replayed":
-                changes["attempts"] = 0  # a replay starts a fresh round of attempts
-            elif row["attempts"] > changes.get("attempts", 0):
-                changes.pop("attempts", None)
-        if row is None:
-            await conn.execute(deliveries.insert().values(
-                transfer_id=ev.transfer_id, target=target, status=status, updated_at=ev.time,
-                **{"attempts": 0, **changes}))
-        elif status != row["status"] or changes:
-            await conn.execute(deliveries.update().where(where).values(status=status, updated_at=ev.time, **changes))
+        return await self.apply_many([ev]) == 1
 
     @shielded
-    async def _has_event(self, event_id: str) -> bool:
+    async def _known_events(self, ids: Sequence[str]) -> set[str]:
+        known: set[str] = set()
         async with self.engine.connect() as conn:
-            found = await conn.execute(sa.select(events.c.id).where(events.c.id == event_id))
-            return found.first() is not None
+            for chunk in _chunks(ids):
+                known.update((await conn.execute(sa.select(events.c.id).where(events.c.id.in_(chunk)))).scalars())
+        return known
 
     # --- reading (ingress, operators) ----------------------------------------------------
     @shielded
@@ -433,7 +346,7 @@ class Ledger:
         return TransferView(
             id=row["id"], producer=row["producer"], status=row["status"], stage_status=row["stage_status"],
             targets=list(row["targets"] or []), outcome=row["outcome"],
-            created_at=_aware(row["created_at"]), updated_at=_aware(row["updated_at"]),
+            created_at=aware(row["created_at"]), updated_at=aware(row["updated_at"]),
             deliveries=[DeliveryView(r["target"], r["status"], r["attempts"], r["response"], r["outcome"],
                                      r["last_http_status"], r["assigned"]) for r in rows],
         )
@@ -460,19 +373,75 @@ class Ledger:
         return {status: n for status, n in rows}
 
 
-async def _index_identifiers(conn: AsyncConnection, transfer_id: str, digests: list[Any]) -> None:
-    """Remember the transfer's identifier digests (a replayed event adds nothing new)."""
-    wanted = {str(d) for d in digests if isinstance(d, str) and len(d) == 64}
+def _event_row(ev: LedgerEvent) -> dict[str, Any]:
+    return {"id": ev.id, "transfer_id": ev.transfer_id, "kind": ev.kind, "stage": ev.stage, "target": ev.target,
+            "attempt": ev.attempt, "time": ev.time, "detail": dict(ev.detail or {})}
+
+
+def _chunks(values: Sequence[Any], size: int = 500) -> list[Sequence[Any]]:
+    """IN lists of a bounded length (databases cap a statement's parameters)."""
+    return [values[i:i + size] for i in range(0, len(values), size)]
+
+
+async def _project(conn: AsyncConnection, evs: Sequence[LedgerEvent]) -> None:
+    """Read the rows the events concern, move them in memory, write back what changed."""
+    ids = sorted({ev.transfer_id for ev in evs})
+    loaded_transfers: dict[str, dict[str, Any]] = {}
+    loaded_deliveries: dict[str, dict[str, dict[str, Any]]] = {}
+    for chunk in _chunks(ids):
+        for row in (await conn.execute(sa.select(transfers).where(transfers.c.id.in_(chunk)))).mappings():
+            loaded_transfers[row["id"]] = {**row, "created_at": aware(row["created_at"]),
+                                           "updated_at": aware(row["updated_at"])}
+        for row in (await conn.execute(sa.select(deliveries).where(deliveries.c.transfer_id.in_(chunk)))).mappings():
+            loaded_deliveries.setdefault(row["transfer_id"], {})[row["target"]] = dict(row)
+    moved = Projection(loaded_transfers, loaded_deliveries)
+    for ev in evs:
+        moved.apply(ev)
+
+    if moved.new_transfers:
+        await conn.execute(transfers.insert(), [moved.transfers[i] for i in sorted(moved.new_transfers)])
+    for columns, keys in _by_columns(moved.changed_transfers).items():
+        statement = transfers.update().where(transfers.c.id == sa.bindparam("_id")) \
+            .values({c: sa.bindparam(f"_{c}") for c in columns})
+        await conn.execute(statement, [{"_id": k, **{f"_{c}": moved.transfers[k][c] for c in columns}} for k in keys])
+    if moved.new_deliveries:
+        await conn.execute(deliveries.insert(),
+                           [moved.deliveries[t][target] for t, target in sorted(moved.new_deliveries)])
+    for columns, pairs in _by_columns(moved.changed_deliveries).items():
+        statement = deliveries.update() \
+            .where((deliveries.c.transfer_id == sa.bindparam("_tid")) & (deliveries.c.target == sa.bindparam("_tg"))) \
+            .values({c: sa.bindparam(f"_{c}") for c in columns})
+        await conn.execute(statement, [{"_tid": t, "_tg": target, **{f"_{c}": moved.deliveries[t][target][c]
+                                                                    for c in columns}} for t, target in pairs])
+    await _index_identifiers(conn, moved.identifiers)
+    for dead in moved.dead_letter_events:
+        await _project_stage_dead_letter(conn, dead)  # rare: one at a time, in order
+
+
+def _by_columns(changed: Mapping[Any, set[str]]) -> dict[tuple[str, ...], list[Any]]:
+    """Changed rows grouped by the columns they change: one executemany per group."""
+    groups: dict[tuple[str, ...], list[Any]] = {}
+    for key, columns in sorted(changed.items()):
+        groups.setdefault(tuple(sorted(columns)), []).append(key)
+    return groups
+
+
+async def _index_identifiers(conn: AsyncConnection, digests: Mapping[str, set[str]]) -> None:
+    """Remember each transfer's identifier digests (a replayed event adds nothing new)."""
+    wanted = {(d, tid) for tid, ds in digests.items() for d in ds}
     if not wanted:
         return
-    known = set((await conn.execute(sa.select(transfer_identifiers.c.digest).where(
-        (transfer_identifiers.c.transfer_id == transfer_id) & transfer_identifiers.c.digest.in_(wanted)))).scalars())
-    fresh = [{"digest": d, "transfer_id": transfer_id} for d in sorted(wanted - known)]
+    known: set[tuple[str, str]] = set()
+    for chunk in _chunks(sorted(digests)):
+        known.update((d, t) for d, t in (await conn.execute(sa.select(
+            transfer_identifiers.c.digest, transfer_identifiers.c.transfer_id)
+            .where(transfer_identifiers.c.transfer_id.in_(chunk)))).all())
+    fresh = [{"digest": d, "transfer_id": t} for d, t in sorted(wanted - known)]
     if fresh:
         await conn.execute(transfer_identifiers.insert(), fresh)
 
 
-async def _project_stage_dead_letter(conn: AsyncConnection, ev: LedgerEvent) -> None:
+async def _project_stage_dead_letter(conn: AsyncConnection, ev: Event) -> None:
     """A stage's dead letter appears (`failed`), or is closed by an operator (`replayed`, `discarded`)."""
     detail = dict(ev.detail or {})
     if ev.kind != "failed":
@@ -487,22 +456,6 @@ async def _project_stage_dead_letter(conn: AsyncConnection, ev: LedgerEvent) -> 
     where = (stage_dead_letters.c.transfer_id == ev.transfer_id) & (stage_dead_letters.c.slot == slot)
     if (await conn.execute(stage_dead_letters.update().where(where).values(**values))).rowcount == 0:
         await conn.execute(stage_dead_letters.insert().values(transfer_id=ev.transfer_id, slot=slot, **values))
-
-
-def _failure_outcome(ev: LedgerEvent) -> dict[str, Any]:
-    reason = str((ev.detail or {}).get("reason", "unknown failure"))
-    return {"resourceType": "OperationOutcome", "issue": [{
-        "severity": "error", "code": "exception",
-        "diagnostics": f"Relais's {ev.stage} stage could not process this transfer ({reason}); "
-                       "an operator has been told and can replay it.",
-    }]}
-
-
-def _merge_finess(current: str | None, new: Any) -> str:
-    """The `finess` column after an event names some: the union, as ",a,b," (LIKE '%,a,%' finds a)."""
-    numbers = {n for n in (current or "").split(",") if n}
-    numbers |= {str(n) for n in ([new] if isinstance(new, str) else new or [])}
-    return "," + ",".join(sorted(numbers)) + ","
 
 
 def _add_missing_columns(sync_conn: Any) -> None:

@@ -315,3 +315,72 @@ async def test_submissions_have_their_own_sqlite_file_and_old_rows_move_there(tm
     assert (tmp_path / "ledger.submissions.db").exists()
     with sqlite3.connect(old) as db:
         assert db.execute("SELECT count(*) FROM sqlite_master WHERE name='submissions'").fetchone() == (0,)
+
+
+def _story(rng: Any) -> list[LedgerEvent]:
+    """A shuffled, partly replayed stream of events about a few transfers and two targets, as polls see it."""
+    stream: list[LedgerEvent] = []
+    for n in range(rng.randint(2, 5)):
+        tid = f"tr-{n}"
+        targets = rng.sample(["a", "b"], rng.randint(1, 2))
+        own = [ev("accepted", "ingress", 0, transfer_id=tid, detail={"targets": targets, "size": 10 + n}),
+               ev("validated", "validator", 1, transfer_id=tid,
+                  detail={"warnings": 0, "identifiers": [f"{n:064d}", f"{n + 7:064d}"], "finess": [f"75000000{n}"]})]
+        if rng.random() < 0.2:
+            own.append(ev("rejected", "validator", 1, transfer_id=tid, detail={"outcome": REJECTION}))
+        else:
+            own.append(ev("routed", "router", 2, transfer_id=tid, detail={"targets": targets}))
+            for target in targets:
+                attempts = rng.randint(1, 3)
+                for attempt in range(1, attempts):
+                    own.append(ev("retry_scheduled", "delivery", 2 + attempt, transfer_id=tid, target=target,
+                                  attempt=attempt, detail={"http_status": 503}))
+                end = rng.choice(["delivered", "delivered", "dead_lettered"])
+                own.append(ev(end, "delivery", 2 + attempts, transfer_id=tid, target=target, attempt=attempts,
+                              detail={"http_status": 201 if end == "delivered" else 500,
+                                      "response": tx_response(f"Patient/{n}")}))
+                if end == "dead_lettered" and rng.random() < 0.5:
+                    own.append(ev("replayed", "ops", 9, transfer_id=tid, target=target, detail={"by": "otto"}))
+        if rng.random() < 0.7:  # a stage's dead letter and its replay: order-sensitive (the replay rewinds)
+            own.append(ev("failed", "router", 3, transfer_id=tid, detail={"reason": "boom"}))
+            own.append(ev(rng.choice(["replayed", "discarded"]), "ops", 8, transfer_id=tid,
+                          detail={"slot": "@router", "failed_stage": "router"}))
+        stream += own
+    rng.shuffle(stream)  # stages publish independently: a poll sees their events in any order
+    for again in rng.sample(stream, len(stream) // 3):  # at-least-once: some come again, soon or much later
+        at = stream.index(again) + rng.randint(1, 6) if rng.random() < 0.7 else len(stream)
+        stream.insert(min(at, len(stream)), again)
+    return stream
+
+
+async def _tables(ledger: Ledger) -> dict[str, list[tuple[Any, ...]]]:
+    from services.tracker.ledger import deliveries, events, stage_dead_letters, transfer_identifiers, transfers
+
+    dump = {}
+    async with ledger.engine.connect() as conn:
+        for table in (transfers, deliveries, events, stage_dead_letters, transfer_identifiers):
+            rows = (await conn.execute(sa.select(table))).all()
+            dump[table.name] = sorted(tuple(map(repr, r)) for r in rows)
+    return dump
+
+
+@pytest.mark.parametrize("seed", range(30))
+async def test_a_poll_applied_at_once_projects_what_its_events_one_by_one_do(tmp_path: Path, seed: int) -> None:
+    import random
+
+    stream = _story(random.Random(seed))
+    one_by_one, batched = Ledger(f"sqlite+aiosqlite:///{tmp_path}/a.db"), Ledger(f"sqlite+aiosqlite:///{tmp_path}/b.db")
+    try:
+        await one_by_one.create_schema()
+        await batched.create_schema()
+        for e in stream:
+            await one_by_one.apply(e)
+        rng, start = random.Random(seed + 1000), 0
+        while start < len(stream):  # polls of random sizes, replays included
+            size = rng.randint(1, 12)
+            await batched.apply_many(stream[start:start + size])
+            start += size
+        assert await _tables(batched) == await _tables(one_by_one)
+    finally:
+        await one_by_one.close()
+        await batched.close()

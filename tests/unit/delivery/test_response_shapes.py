@@ -102,7 +102,8 @@ async def test_a_2xx_without_a_transaction_response_is_not_delivered(tmp_path: P
 
 async def deliver(tmp_path: Path, bundle: dict[str, Any],
                   answer: Callable[[httpx.Request], httpx.Response]) -> list[Any]:
-    target = Target(id="t", base_url=BASE)
+    # Conditional create off: no CapabilityStatement read (this process may or may not have one cached for "t").
+    target = Target(id="t", base_url=BASE, conditional_create="off")
     settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/l.db", retry_delays_s=[0.2, 0.5],
                         max_attempts=2, auth_disabled=True, log_format="console")
     ledger = Ledger(settings.database_url)

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from services.core.blobstore import BlobIntegrityError, BlobStore, resolve_payload
 from services.core.bus import Bus
 from services.core.errors import PermanentError
+from services.core.shielded import shielded
 from services.core.topics import EVENTS
 from services.dlq.logic import DeadLetter, DlqFilter, blob_of, discard_emit, replay_emits, stage_replay_emits
 from services.dlq.poison import read_poison
@@ -190,6 +191,7 @@ class DlqService:
         return stage_dead_letters, ((stage_dead_letters.c.transfer_id == dl.transfer_id)
                                     & (stage_dead_letters.c.slot == dl.slot))
 
+    @shielded
     async def _claim(self, dl: DeadLetter, allowed: Iterable[str], to: str) -> str:
         """Move the dead letter from one of `allowed` to `to` by conditional UPDATEs; returns its former status.
 
@@ -205,6 +207,7 @@ class DlqService:
                 return before
         raise await self._refusal(dl)
 
+    @shielded
     async def _take_over_stale_claim(self, dl: DeadLetter) -> str:
         """Claim a dead letter left `replaying` by a replay that died before publishing; else AlreadyHandled."""
         table, where = self._where(dl)
@@ -229,6 +232,7 @@ class DlqService:
         return AlreadyHandled(f"{dl.id} is {current or 'gone'}, not dead-lettered: another replay or discard "
                               "got there first (see its timeline)")
 
+    @shielded
     async def _release(self, dl: DeadLetter, claimed: str, before: str) -> None:
         table, where = self._where(dl)
         async with self.ledger.engine.begin() as conn:

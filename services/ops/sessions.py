@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
+from services.core.shielded import shielded
 from services.tracker.ledger import Ledger, ops_sessions
 
 SESSION_TTL = timedelta(hours=12)
@@ -23,6 +24,7 @@ def _digest(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
+@shielded
 async def open_session(ledger: Ledger, operator: str, *, ttl: timedelta = SESSION_TTL) -> str:
     """A new session for `operator`; returns the id to put in the cookie (and nowhere else)."""
     session_id = secrets.token_urlsafe(32)
@@ -47,6 +49,7 @@ async def session_operator(ledger: Ledger, session_id: str) -> str | None:
     return str(row[0]) if expires > datetime.now(UTC) else None
 
 
+@shielded
 async def close_session(ledger: Ledger, session_id: str) -> None:
     """Sign out: the session id is worthless from now on."""
     async with ledger.engine.begin() as conn:

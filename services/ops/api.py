@@ -116,7 +116,8 @@ async def search_identifier(context: OpsContext, who: Operator, identifier: str)
     """Find transfers by identifier, recording the search first (shared with the dashboard)."""
     if not identifier.strip():
         raise HTTPException(400, "give the identifier value to search for")
-    key = {"identifier_sha256": digest(identifier)}  # the access log never holds the value itself
+    # The access log never holds the value, nor a plain hash of it (an INS's is reversed by trying them all).
+    key = {"identifier_key": context.ledger.search_digest(digest(identifier))}
     await opstate.record_access(context.ledger, who.id, "search.identifier", detail=key)
     await audit.record_operator(context.ledger, who.id, "search.identifier", detail=key)
     return await queries.find_by_identifier(context.ledger, identifier)

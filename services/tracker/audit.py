@@ -117,7 +117,8 @@ _TRAILS: weakref.WeakKeyDictionary[Ledger, _Trail] = weakref.WeakKeyDictionary()
 def bind(ledger: Ledger, key: AuditKey | Settings) -> None:
     """Give `ledger`'s audit trail its MAC key (once per ledger object; from settings, or given)."""
     if ledger not in _TRAILS:
-        _TRAILS[ledger] = _Trail(key)
+        trail = _TRAILS[ledger] = _Trail(key)
+        ledger.identifier_key = lambda: trail.key.search_key()  # the identifier search keys use the same secret
 
 
 def key_of(ledger: Ledger) -> AuditKey:
@@ -205,6 +206,7 @@ async def open_trail(ledger: Ledger, settings: Settings) -> None:
     bind(ledger, settings)
     key_of(ledger)  # a missing or unreadable key stops the process now
     await _write(ledger, None)
+    await ledger.rekey_identifiers()  # search keys of a ledger from before they were keyed (once)
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,10 @@ class AuditKey:
         """HMAC-SHA-256 of `data`, hex."""
         return hmac.new(self.secret, data, hashlib.sha256).hexdigest()
 
+    def search_key(self) -> bytes:
+        """The key of the ledger's identifier search keys, derived from this one (one secret to hold, two uses)."""
+        return hmac.new(self.secret, b"relais-identifier-search/1", hashlib.sha256).digest()
+
 
 def new_audit_key() -> str:
     """A fresh key, base64."""

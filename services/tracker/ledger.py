@@ -8,9 +8,12 @@ Bundle — only ids, statuses, the targets' transaction-responses and OperationO
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
-from collections.abc import AsyncIterator, Mapping, Sequence
+import hashlib
+import hmac
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from services.core.errors import TransientError
+from services.core.errors import ConfigurationError, TransientError
 from services.core.shielded import shielded
 from services.tracker import logic
 from services.tracker.projection import Event, Projection, aware
@@ -131,7 +134,9 @@ ops_sessions = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
-# Search keys: the SHA-256 of each business identifier value a transfer's Bundle carries (services.core.identifiers).
+# Search keys of the business identifier values a transfer's Bundle carries: HMAC-SHA-256, under a key derived from
+# the audit key (never in the database), of each value's SHA-256 (services.core.identifiers), base64url: 43
+# characters. A plain hash of an INS would be reversed by trying every plausible number.
 transfer_identifiers = sa.Table(
     "transfer_identifiers", metadata,
     sa.Column("digest", sa.String(64), primary_key=True),
@@ -235,6 +240,8 @@ class Ledger:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine: AsyncEngine = _engine(url)
+        # The identifier search keys' secret, given by `audit.bind` (it comes with the audit key).
+        self.identifier_key: Callable[[], bytes] | None = None
         # Ingress's submissions (written before each 202) live where no worker writes: SQLite has one
         # writer per file, so in the ledger file every 202 would queue behind the tracker's and the
         # delivery journal's transactions. PostgreSQL locks rows: one database serves both.
@@ -306,7 +313,7 @@ class Ledger:
             try:
                 async with self.engine.begin() as conn:
                     await conn.execute(events.insert(), [_event_row(ev) for ev in fresh])
-                    await _project(conn, fresh)
+                    await _project(conn, fresh, self._identifier_secret)
                 return len(fresh)
             except IntegrityError:
                 # Some were applied already (at-least-once input), or another writer raced us: drop those.
@@ -327,6 +334,36 @@ class Ledger:
             for chunk in _chunks(ids):
                 known.update((await conn.execute(sa.select(events.c.id).where(events.c.id.in_(chunk)))).scalars())
         return known
+
+    def search_digest(self, identifier_sha256: str) -> str:
+        """The search key this ledger files an identifier under (its SHA-256 from `core.identifiers.digest`)."""
+        return _search_digest(self._identifier_secret(), identifier_sha256)
+
+    def _identifier_secret(self) -> bytes:
+        if self.identifier_key is None:
+            raise ConfigurationError("this ledger has no identifier search key: call audit.bind(ledger, settings) "
+                                     "where the ledger is built")
+        return self.identifier_key()
+
+    @shielded
+    async def rekey_identifiers(self) -> int:
+        """File the plain SHA-256 search keys of an older ledger under the keyed ones; returns how many."""
+        secret, moved = self._identifier_secret(), 0
+        while True:
+            async with self.engine.begin() as conn:
+                plain = (await conn.execute(sa.select(transfer_identifiers).where(
+                    sa.func.length(transfer_identifiers.c.digest) == 64).limit(1000))).all()
+                if not plain:
+                    return moved
+                keyed = {(_search_digest(secret, d), t) for d, t in plain}
+                await conn.execute(transfer_identifiers.delete().where(sa.tuple_(
+                    transfer_identifiers.c.digest, transfer_identifiers.c.transfer_id).in_([tuple(r) for r in plain])))
+                present = {(d, t) for d, t in (await conn.execute(sa.select(transfer_identifiers).where(
+                    transfer_identifiers.c.transfer_id.in_({t for _, t in keyed})))).all()}
+                fresh = [{"digest": d, "transfer_id": t} for d, t in sorted(keyed - present)]
+                if fresh:
+                    await conn.execute(transfer_identifiers.insert(), fresh)
+                moved += len(plain)
 
     # --- reading (ingress, operators) ----------------------------------------------------
     @shielded
@@ -383,7 +420,7 @@ def _chunks(values: Sequence[Any], size: int = 500) -> list[Sequence[Any]]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
 
-async def _project(conn: AsyncConnection, evs: Sequence[LedgerEvent]) -> None:
+async def _project(conn: AsyncConnection, evs: Sequence[LedgerEvent], identifier_secret: Callable[[], bytes]) -> None:
     """Read the rows the events concern, move them in memory, write back what changed."""
     ids = sorted({ev.transfer_id for ev in evs})
     loaded_transfers: dict[str, dict[str, Any]] = {}
@@ -413,9 +450,17 @@ async def _project(conn: AsyncConnection, evs: Sequence[LedgerEvent]) -> None:
             .values({c: sa.bindparam(f"_{c}") for c in columns})
         await conn.execute(statement, [{"_tid": t, "_tg": target, **{f"_{c}": moved.deliveries[t][target][c]
                                                                     for c in columns}} for t, target in pairs])
-    await _index_identifiers(conn, moved.identifiers)
+    if moved.identifiers:
+        secret = identifier_secret()
+        await _index_identifiers(conn, {t: {_search_digest(secret, d) for d in ds}
+                                        for t, ds in moved.identifiers.items()})
     for dead in moved.dead_letter_events:
         await _project_stage_dead_letter(conn, dead)  # rare: one at a time, in order
+
+
+def _search_digest(secret: bytes, identifier_sha256: str) -> str:
+    mac = hmac.new(secret, identifier_sha256.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
 def _by_columns(changed: Mapping[Any, set[str]]) -> dict[tuple[str, ...], list[Any]]:

@@ -423,7 +423,7 @@ async def find_by_identifier(ledger: Ledger, value: str, *, limit: int = 100) ->
     query = (sa.select(transfers.c.id, transfers.c.producer, transfers.c.status, transfers.c.targets,
                        transfers.c.size, transfers.c.created_at, transfers.c.updated_at)
              .join(transfer_identifiers, transfer_identifiers.c.transfer_id == transfers.c.id)
-             .where(transfer_identifiers.c.digest == digest(value))
+             .where(transfer_identifiers.c.digest == ledger.search_digest(digest(value)))
              .order_by(transfers.c.created_at.desc()).limit(limit))
     async with ledger.engine.connect() as conn:
         rows = (await conn.execute(query)).mappings().all()

@@ -83,3 +83,73 @@ async def test_plain_values_written_before_encryption_are_sealed_by_rotation(tmp
         assert view is not None and PLANTED_BY_VALIDATOR in str(view.outcome)
     finally:
         await ledger.close()
+
+
+INS = "1850599123456"  # an INS (NIR) a DUI exports: thirteen digits, a few billion plausible values
+
+
+async def test_identifier_search_keys_cannot_be_recomputed_from_an_ins_without_the_key(tmp_path: Path) -> None:
+    """A plain SHA-256 of an INS is reversed by trying every plausible number; a copy of the database alone (a
+    backup) must not tell who was transferred. The search keys are keyed with a secret kept off the database."""
+    import hashlib
+
+    import sqlalchemy as sa
+
+    from services.core.identifiers import identifier_digests
+    from services.core.settings import Settings
+    from services.tracker import audit, queries
+    from services.tracker.ledger import transfer_identifiers
+
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
+    ledger = Ledger(settings.database_url)
+    await audit.open_trail(ledger, settings)
+    patient = {"resourceType": "Patient", "identifier": [{"system": "urn:oid:1.2.250.1.213.1.4.8", "value": INS}]}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient}]}
+    try:
+        await ledger.apply(ev("t-ins", "accepted", "ingress", 0, targets=["a"], size=10))
+        await ledger.apply(ev("t-ins", "validated", "validator", 1, identifiers=identifier_digests(bundle)))
+        async with ledger.engine.connect() as conn:
+            stored = set((await conn.execute(sa.select(transfer_identifiers.c.digest))).scalars())
+        guesses = {hashlib.sha256(f"{prefix}{INS}".encode()).hexdigest() for prefix in ("", "relais-identifier/1|")}
+        assert stored and not stored & guesses, "a search key is the plain hash of the INS"
+        assert [t.id for t in await queries.find_by_identifier(ledger, INS)] == ["t-ins"]
+    finally:
+        await ledger.close()
+
+    # The same database with another key (a thief's guess) finds nothing.
+    other = Ledger(settings.database_url)
+    audit.bind(other, audit.AuditKey(b"x" * 32, "test"))
+    try:
+        assert await queries.find_by_identifier(other, INS) == []
+    finally:
+        await other.close()
+
+
+async def test_a_ledger_from_before_keyed_search_keys_is_rekeyed_once_at_start(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from services.core.identifiers import digest
+    from services.core.settings import Settings
+    from services.tracker import audit, queries
+    from services.tracker.ledger import transfer_identifiers
+
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
+    old = Ledger(settings.database_url)
+    await old.create_schema()
+    await old.apply(ev("t-old", "accepted", "ingress", 0, targets=["a"], size=10))
+    async with old.engine.begin() as conn:  # as the previous version filed them: plain SHA-256
+        await conn.execute(transfer_identifiers.insert(), [{"digest": digest(INS), "transfer_id": "t-old"},
+                                                          {"digest": digest("SEJ-1"), "transfer_id": "t-old"}])
+    await old.close()
+
+    ledger = Ledger(settings.database_url)
+    try:
+        await audit.open_trail(ledger, settings)
+        await audit.open_trail(ledger, settings)  # a second start changes nothing
+        async with ledger.engine.connect() as conn:
+            stored = list((await conn.execute(sa.select(transfer_identifiers.c.digest))).scalars())
+        assert len(stored) == 2 and digest(INS) not in stored and all(len(d) == 43 for d in stored)
+        assert [t.id for t in await queries.find_by_identifier(ledger, INS)] == ["t-old"]
+        assert [t.id for t in await queries.find_by_identifier(ledger, "SEJ-1")] == ["t-old"]
+    finally:
+        await ledger.close()

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from services.tracker import audit
+from services.tracker.auditkey import AuditKey
 from services.tracker.ledger import Ledger, LedgerEvent, submissions
 
 T0 = datetime(2025, 4, 1, 10, 0, 0, tzinfo=UTC)
@@ -370,6 +372,8 @@ async def test_a_poll_applied_at_once_projects_what_its_events_one_by_one_do(tmp
 
     stream = _story(random.Random(seed))
     one_by_one, batched = Ledger(f"sqlite+aiosqlite:///{tmp_path}/a.db"), Ledger(f"sqlite+aiosqlite:///{tmp_path}/b.db")
+    for ledger in (one_by_one, batched):
+        audit.bind(ledger, AuditKey(b"k" * 32, "test"))  # one key: equal search keys
     try:
         await one_by_one.create_schema()
         await batched.create_schema()

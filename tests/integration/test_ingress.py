@@ -1,8 +1,16 @@
-"""Ingress on a real Kafka: 202 only once Kafka holds the transfer; every refusal an OperationOutcome."""
+"""Ingress on a real Kafka: 202 only once Kafka holds the transfer; every refusal an OperationOutcome.
+
+And the ingress never runs CPU-bound work on its event loop: a long `$validate` does not delay a POST /fhir
+(a real uvicorn server on the embedded bus; the validation is made slow by burning CPU in pure Python, holding
+the GIL as the profile engine does, so the test fails if `$validate` ran it on the loop).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,15 +23,20 @@ from fastapi import FastAPI
 from services.app import create_app
 from services.core.errors import ConfigurationError
 from services.core.kafka import KafkaBus
+from services.core.outcome import Issue, information
 from services.core.person import person_key
 from services.core.settings import Settings
 from services.core.topics import EVENTS, RECEIVED
+from services.ingress import validate_api
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
+from tests.support.ingress import serving
 from tests.support.kafka import read_topic
+from tests.support.processes import free_port
 from tests.support.producers import TOKEN_A, TOKEN_B, write_producers, write_targets
 
 FHIR = {"Content-Type": "application/fhir+json"}
+BURN_S = 2.0  # how long the slow validation holds the GIL
 
 
 @contextlib.asynccontextmanager
@@ -167,3 +180,38 @@ async def test_status_of_unknown_transfer_is_404_outcome(make_settings: Callable
     assert response.json()["issue"][0]["code"] == "not-found"
     assert metadata.json()["resourceType"] == "CapabilityStatement"
     assert missing.status_code == 404 and missing.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_a_slow_validation_does_not_delay_a_concurrent_post(tmp_path: Path, files: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    started = threading.Event()
+
+    def slow_validation(bundle: dict[str, Any], options: Any) -> list[Issue]:
+        started.set()
+        deadline = time.monotonic() + BURN_S
+        n = 0
+        while time.monotonic() < deadline:  # CPU-bound: no sleep, no I/O
+            n += sum(range(1000))
+        return [information(f"burned {n}")]
+
+    monkeypatch.setattr(validate_api, "validate_bundle", slow_validation)
+    port = free_port()
+    settings = Settings(producers_file=files["producers"], targets_file=files["targets"],
+                        database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+                        embedded_log_path=tmp_path / "log.db", blob_dir=tmp_path / "blobs", http_port=port)
+    body = orjson.dumps(make_bundle(3, seed=1))
+    headers = {**FHIR, "Authorization": f"Bearer {TOKEN_A}"}
+    async with serving(settings, f"http://127.0.0.1:{port}") as url, \
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+        validating = asyncio.create_task(client.post("/fhir/Bundle/$validate", content=body))
+        while not started.is_set():  # the burn has begun (in whichever thread the ingress chose)
+            assert not validating.done(), validating.result().text
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        accepted = await client.post("/fhir", content=body, headers={"X-Relais-Target": "essms-a"})
+        elapsed = time.monotonic() - t0
+        assert accepted.status_code == 202, accepted.text
+        assert not validating.done(), "the POST waited for the whole validation"
+        assert elapsed < BURN_S / 2, f"POST /fhir took {elapsed:.2f} s behind a {BURN_S} s validation"
+        validated = await validating
+        assert validated.status_code == 200 and "burned" in validated.text

@@ -1,10 +1,14 @@
-"""Encryption at rest through the bus (real Kafka and the embedded log): round trip, rotation, tampering."""
+"""Encryption at rest through the bus (real Kafka and the embedded log): round trip, rotation, tampering; and key
+rotation on a real Kafka: records waiting for a stage under a removed key stop the start; once the stage has
+handled them (re-sealing its output under the current key), the old key can go."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer
 
 from services.core import crypto
@@ -12,10 +16,12 @@ from services.core.bus import Bus
 from services.core.buses import make_bus
 from services.core.embedded import EmbeddedBus, _encode_headers
 from services.core.envelope import Emit, Record
+from services.core.errors import ConfigurationError
 from services.core.kafka import KafkaBus
 from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.topics import EVENTS, POISON, RECEIVED, VALIDATED
+from services.keyrotation import check_keys_at_start, live_keys
 from tests.integration.test_stage_buses import read_all
 from tests.support.kafka import received, wait_for
 
@@ -35,6 +41,10 @@ class CopyStage:
     async def handle(self, record: Record) -> Sequence[Emit]:
         self.seen.append(record.envelope.data)
         return [Emit(VALIDATED, record.key, record.envelope.evolve())]
+
+
+class ValidatorStandIn(CopyStage):
+    name = "validator"  # its group consumes transfers.received: live_keys counts what it has yet to read
 
 
 async def raw_values(bus: Bus, settings: Settings, topic: str) -> list[tuple[bytes, dict[str, bytes]]]:
@@ -137,3 +147,37 @@ async def test_tampered_record_is_dead_lettered_not_handled(bus_settings: Factor
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_records_waiting_under_a_removed_key_are_counted_and_refuse_the_start(
+        kafka_bootstrap: str, make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    def settings(keys: str) -> Settings:
+        return make_settings(kafka_bootstrap=kafka_bootstrap, encryption_keys=keys, blob_dir=tmp_path / "blobs")
+
+    bus = KafkaBus(settings(K_OLD))
+    await bus.start()
+    await bus.publish([received(data=b'{"resourceType":"Bundle"}') for _ in range(3)])
+    never_opened = received(enckid="ancient", decrypterror="unknown encryption key id 'ancient'")
+    await bus.publish([Emit(POISON, never_opened.key, never_opened.envelope)])  # kept as it came: not live
+    await bus.stop()
+
+    only_new = KafkaBus(settings(K_NEW))
+    assert (await live_keys(only_new, settings(K_NEW))).kafka == {"2024-01": 3}
+    with pytest.raises(ConfigurationError, match=r"key '2024-01': 3 records waiting on Kafka"):
+        await check_keys_at_start(only_new, settings(K_NEW))
+
+    both = settings(f"{K_NEW},{K_OLD}")  # rotation: the new key first, the old one still there
+    bus, stop = KafkaBus(both), asyncio.Event()
+    await bus.start()
+    task = asyncio.create_task(run_stage(ValidatorStandIn(), bus, both, stop))
+    try:
+        async def drained() -> bool:
+            return (await live_keys(bus, both)).kafka.get("2024-01", 0) == 0
+
+        await wait_for(drained, timeout_s=60, interval_s=1.0)
+        assert set((await live_keys(bus, both)).kafka) <= {"2025-06"}  # the router's input: sealed under the new key
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await bus.stop()
+    await check_keys_at_start(KafkaBus(settings(K_NEW)), settings(K_NEW))  # the old key can go

@@ -1,4 +1,5 @@
-"""Fixtures of the unit tests: a fresh SQLite ledger per test, and one with its audit trail open."""
+"""Fixtures of the unit tests: a fresh SQLite ledger per test (tests/integration/test_postgres.py runs the ledger
+and audit tests again with a PostgreSQL one in its place)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from services.core.settings import Settings
-from services.tracker import audit
 from services.tracker.ledger import Ledger
 
 
@@ -21,9 +20,3 @@ async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
     finally:
         await ledger.close()
 
-
-@pytest.fixture
-async def audited_ledger(ledger: Ledger) -> Ledger:
-    """`ledger` with its audit trail open: the genesis row written, the key created beside the ledger file."""
-    await audit.open_trail(ledger, Settings(database_url=ledger.url))
-    return ledger

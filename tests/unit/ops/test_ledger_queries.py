@@ -1,5 +1,5 @@
 """Operator queries, operator state, retention and rebuild on a real ledger (SQLite here; PostgreSQL in
-tests/integration/test_ledger_postgres.py, which runs these same tests)."""
+tests/integration/test_postgres.py, which runs these same tests)."""
 
 from __future__ import annotations
 

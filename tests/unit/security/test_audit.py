@@ -1,6 +1,10 @@
 """The audit trail: append-only rows from events and operator actions, hash-chained, exported as AuditEvents;
-and against someone who can write to the ledger database but does not hold the audit key: each tampering
-must make verify answer invalid and name the first missing or altered sequence."""
+the auditing tracker writes a poll's rows in one transaction, chained as one by one would be.
+
+Against someone who can write to the ledger database but does not hold the audit key, each tampering must
+make verify answer invalid and name the first missing or altered sequence. The module runs again on
+PostgreSQL (tests/integration/test_postgres.py overrides `ledger`).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,25 @@ from services.ops.audit_api import audit_event
 from services.tracker import audit, auditchain
 from services.tracker.auditkey import new_audit_key, parse_audit_key
 from services.tracker.ledger import Ledger, LedgerEvent
+from services.tracker.stage import TrackerStage
+from tests.unit.tracker.test_stage import event_record
+
+ROWS = 50
+
+
+@pytest.fixture
+async def new_trail(ledger: Ledger) -> Ledger:
+    """The ledger's audit trail opened: the genesis row, chained under a fresh key kept outside the database."""
+    await audit.open_trail(ledger, Settings(database_url=ledger.url, audit_key=new_audit_key()))
+    return ledger
+
+
+@pytest.fixture
+async def trail(new_trail: Ledger) -> Ledger:
+    """What a tamperer finds: a trail of ROWS operator rows."""
+    for n in range(1, ROWS + 1):
+        await audit.record_operator(new_trail, "alice", "pause", target=f"target-{n}")
+    return new_trail
 
 
 def accepted(event_id: str = "ev-1") -> LedgerEvent:
@@ -27,48 +50,45 @@ def accepted(event_id: str = "ev-1") -> LedgerEvent:
                                                  "finess": ["990000001"], "auth": "mtls", "cert": "cd" * 32})
 
 
-async def test_events_and_operator_actions_are_chained_and_idempotent(audited_ledger: Ledger) -> None:
-    ledger = audited_ledger
-    assert await audit.record_event(ledger, accepted())
-    assert not await audit.record_event(ledger, accepted())  # replayed event: recorded once
-    assert not await audit.record_event(ledger, LedgerEvent(id="x", transfer_id="t-1", kind="validated",
+async def test_events_and_operator_actions_are_chained_and_idempotent(new_trail: Ledger) -> None:
+    assert await audit.record_event(new_trail, accepted())
+    assert not await audit.record_event(new_trail, accepted())  # replayed event: recorded once
+    assert not await audit.record_event(new_trail, LedgerEvent(id="x", transfer_id="t-1", kind="validated",
                                                             stage="validator", time=datetime.now(UTC)))
-    await audit.record_event(ledger, LedgerEvent(id="ev-2", transfer_id="t-1", kind="delivered", stage="delivery",
+    await audit.record_event(new_trail, LedgerEvent(id="ev-2", transfer_id="t-1", kind="delivered", stage="delivery",
                                                  time=datetime.now(UTC), target="essms-a", attempt=1,
                                                  detail={"http_status": 200, "response": {"secret": 1}}))
-    await audit.record_operator(ledger, "alice", "bundle.read", transfer_id="t-1", target="essms-a")
-    items, cursor = await audit.entries(ledger, limit=2)
+    await audit.record_operator(new_trail, "alice", "bundle.read", transfer_id="t-1", target="essms-a")
+    items, cursor = await audit.entries(new_trail, limit=2)
     assert [i.kind for i in items] == ["operator.bundle.read", "delivered"] and cursor
-    rest, end = await audit.entries(ledger, cursor=cursor)
+    rest, end = await audit.entries(new_trail, cursor=cursor)
     assert [i.kind for i in rest] == ["accepted", "audit.genesis"] and end is None  # the chain starts at seq 0
     first = rest[0]
     assert first.actor == "dui-a" and first.actor_type == "producer" and first.finess == ["990000001"]
     assert first.detail["sha256"] == "ab" * 32 and first.detail["auth"] == "mtls"
     assert "response" not in items[1].detail  # a target's answer never goes into the trail
-    only, _ = await audit.entries(ledger, audit.AuditFilter(finess="990000001"))
+    only, _ = await audit.entries(new_trail, audit.AuditFilter(finess="990000001"))
     assert [i.kind for i in only] == ["accepted"]
-    assert (await auditchain.verify_chain(ledger)).valid
+    assert (await auditchain.verify_chain(new_trail)).valid
 
-    async with ledger.engine.begin() as conn:  # someone edits history ...
+    async with new_trail.engine.begin() as conn:  # someone edits history ...
         await conn.execute(audit.audit_log.update().where(audit.audit_log.c.seq == 2).values(target="elsewhere"))
-    verdict = await auditchain.verify_chain(ledger)
+    verdict = await auditchain.verify_chain(new_trail)
     assert not verdict.valid and verdict.first_bad_seq == 2
 
 
-async def test_deleting_a_row_breaks_the_chain(audited_ledger: Ledger) -> None:
-    ledger = audited_ledger
+async def test_deleting_a_row_breaks_the_chain(new_trail: Ledger) -> None:
     for n in range(3):
-        await audit.record_operator(ledger, "alice", "pause", target=f"t{n}")
-    async with ledger.engine.begin() as conn:
+        await audit.record_operator(new_trail, "alice", "pause", target=f"t{n}")
+    async with new_trail.engine.begin() as conn:
         await conn.execute(sa.delete(audit.audit_log).where(audit.audit_log.c.seq == 2))
-    verdict = await auditchain.verify_chain(ledger)
+    verdict = await auditchain.verify_chain(new_trail)
     assert (verdict.valid, verdict.first_bad_seq) == (False, 2) and "missing" in (verdict.reason or "")
 
 
-async def test_audit_event_export_shape(audited_ledger: Ledger) -> None:
-    ledger = audited_ledger
-    await audit.record_event(ledger, accepted())
-    (entry, _genesis), _ = await audit.entries(ledger)
+async def test_audit_event_export_shape(new_trail: Ledger) -> None:
+    await audit.record_event(new_trail, accepted())
+    (entry, _genesis), _ = await audit.entries(new_trail)
     event = audit_event(entry)
     assert event["resourceType"] == "AuditEvent" and event["action"] == "C" and event["outcome"] == "0"
     assert event["agent"][0]["who"]["identifier"] == {"system": "urn:relais:producer", "value": "dui-a"}
@@ -85,18 +105,6 @@ def test_detail_with_an_integer_past_64_bits_is_kept_as_text() -> None:
 
     kept = [1, True, None, 1.5, "x"]
     assert _plain_json({"n": 10**30, "ok": kept}) == {"n": str(10**30), "ok": kept}
-
-
-ROWS = 50
-
-
-@pytest.fixture
-async def trail(ledger: Ledger) -> Ledger:
-    """What the tamperer finds: a trail under a fresh key, ROWS operator rows long."""
-    await audit.open_trail(ledger, Settings(database_url=ledger.url, audit_key=new_audit_key()))
-    for n in range(1, ROWS + 1):
-        await audit.record_operator(ledger, "alice", "pause", target=f"target-{n}")
-    return ledger
 
 
 async def execute(ledger: Ledger, statement: sa.Executable) -> None:
@@ -345,3 +353,41 @@ def test_processes_starting_together_share_one_complete_audit_key(tmp_path: Path
     assert len(set(keys)) == 1 and len(keys[0]) == 32
     assert [p.name for p in tmp_path.iterdir()] == ["relais-audit.key"]
     assert (tmp_path / "relais-audit.key").stat().st_mode & 0o777 == 0o600
+
+
+async def audited_ids(ledger: Ledger) -> list[str]:
+    async with ledger.engine.connect() as conn:
+        rows = await conn.execute(sa.select(audit.audit_log.c.event_id).where(audit.audit_log.c.seq > 0)
+                                  .order_by(audit.audit_log.c.seq))
+        return [str(r[0]) for r in rows]
+
+
+async def test_a_poll_is_audited_in_one_transaction_and_the_chain_holds(new_trail: Ledger) -> None:
+    tracker = auditchain.AuditingTracker(TrackerStage(new_trail), new_trail, anchor_every_s=3600)
+    await tracker.anchors.due()  # the first anchor is due at once: out of the way
+    commits: list[int] = []
+    sa.event.listen(new_trail.engine.sync_engine, "commit", lambda _: commits.append(1))
+    records = [event_record(i, kind, f"t{i // 2}") for i, kind in enumerate(["accepted", "delivered"] * 15)]
+    await tracker.prepare(records)
+    assert len(commits) == 2  # the ledger's projection, then the audit rows
+    for record in records:
+        await tracker.handle(record)
+    assert len(commits) == 2  # handle only confirms
+    assert await audited_ids(new_trail) == [r.envelope.id for r in records]  # in poll order
+    verdict = await auditchain.verify_chain(new_trail)
+    assert verdict.valid and verdict.rows == 31, verdict  # genesis + 30
+
+
+async def test_a_poll_read_again_falls_back_to_one_by_one_and_records_nothing_twice(new_trail: Ledger) -> None:
+    tracker = auditchain.AuditingTracker(TrackerStage(new_trail), new_trail, anchor_every_s=3600)
+    first = [event_record(i, "accepted", f"t{i}") for i in range(5)]
+    await tracker.prepare(first)
+    for record in first[:3]:  # the process stops after three: the poll comes again, with more
+        await tracker.handle(record)
+    again = auditchain.AuditingTracker(TrackerStage(new_trail), new_trail, anchor_every_s=3600)
+    second = [*first, *(event_record(i, "accepted", f"t{i}") for i in range(5, 8))]
+    await again.prepare(second)
+    for record in second:
+        await again.handle(record)
+    assert await audited_ids(new_trail) == [r.envelope.id for r in second]
+    assert (await auditchain.verify_chain(new_trail)).valid

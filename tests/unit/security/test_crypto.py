@@ -1,4 +1,5 @@
-"""Envelope encryption: seal/open, rotation, tampering, key files reloaded without restart."""
+"""Envelope encryption: seal/open, rotation, tampering, key files reloaded without restart; what a process checks
+about encryption keys when it starts."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from services.core import crypto
 from services.core.blobstore import BlobIntegrityError, BlobRef, LocalBlobStore
 from services.core.crypto import X_DECRYPT_ERROR, X_ENC_DEK, X_ENC_KID, DecryptionError, Keyring, parse_keys
+from services.core.embedded import EmbeddedBus
 from services.core.envelope import Envelope
 from services.core.errors import ConfigurationError
 from services.core.settings import Settings
+from services.keyrotation import check_keys_at_start, rotate
 
 K1 = crypto.new_key("k1")
 K2 = crypto.new_key("k2")
+OLD, NEW = crypto.new_key("old"), crypto.new_key("new")
 BUNDLE = b'{"resourceType":"Bundle","entry":[{"resource":{"name":[{"family":"DUPONTEL"}]}}]}'
 
 
@@ -140,3 +145,37 @@ def test_blob_round_trip_rotation_and_tampering(tmp_path: Path) -> None:
 def test_open_rejects_garbage_blob() -> None:
     with pytest.raises(DecryptionError):
         ring(K1).open_blob(b"RLE1\x00", b"x")
+
+
+def key_settings(tmp_path: Path, keys: str | None) -> Settings:
+    return Settings(encryption_keys=keys, blob_dir=tmp_path / "blobs", embedded_log_path=tmp_path / "log.db",
+                    database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
+
+
+async def test_encryption_off_is_said_at_start_naming_the_setting(tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        await check_keys_at_start(None, key_settings(tmp_path, None))
+    assert any(e["log_level"] == "warning" and "RELAIS_ENCRYPTION_KEYS_FILE" in e["event"] for e in logs), logs
+    with capture_logs() as logs:
+        await check_keys_at_start(None, key_settings(tmp_path, NEW))
+    assert not [e for e in logs if e["log_level"] == "warning"]
+
+
+async def test_a_removed_key_still_sealing_blobs_stops_the_start_until_rotated(tmp_path: Path) -> None:
+    await LocalBlobStore(tmp_path / "blobs", Keyring(parse_keys(OLD, "t"))).put(b"live dead letter")
+    bus = EmbeddedBus(key_settings(tmp_path, NEW))
+    await bus.start()
+    try:
+        with pytest.raises(ConfigurationError, match=r"key\(s\) no longer configured \(key 'old': 1 blobs\).*"
+                                                     r"relais keys rotate"):
+            await check_keys_at_start(bus, key_settings(tmp_path, NEW))
+    finally:
+        await bus.stop()
+    done = await rotate(key_settings(tmp_path, f"{NEW},{OLD}"))
+    assert (done.blobs, done.blobs_total) == (1, 1)
+    bus = EmbeddedBus(key_settings(tmp_path, NEW))
+    await bus.start()
+    try:
+        await check_keys_at_start(bus, key_settings(tmp_path, NEW))
+    finally:
+        await bus.stop()

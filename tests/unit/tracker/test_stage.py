@@ -1,5 +1,4 @@
-"""The tracker stage projects a whole poll's events in one ledger transaction, on a real SQLite file; the auditing
-tracker writes a poll's audit rows in one transaction too, chained as one by one would be."""
+"""The tracker stage projects a whole poll's events in one ledger transaction, on a real SQLite file."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ import sqlalchemy as sa
 
 from services.core.envelope import Envelope, Record
 from services.core.topics import EVENTS
-from services.tracker import audit
-from services.tracker.auditchain import AuditingTracker, verify_chain
 from services.tracker.ledger import Ledger
 from services.tracker.stage import TrackerStage
 
@@ -49,42 +46,3 @@ async def test_a_malformed_event_keeps_its_own_fate_and_replays_change_nothing(l
         await again.handle(record)
     assert (await ledger.count_by_status()) == {"validated": 1}
 
-
-async def audited_ids(ledger: Ledger) -> list[str]:
-    async with ledger.engine.connect() as conn:
-        rows = await conn.execute(sa.select(audit.audit_log.c.event_id).where(audit.audit_log.c.seq > 0)
-                                  .order_by(audit.audit_log.c.seq))
-        return [str(r[0]) for r in rows]
-
-
-async def test_a_poll_is_audited_in_one_transaction_and_the_chain_holds(audited_ledger: Ledger) -> None:
-    ledger = audited_ledger
-    tracker = AuditingTracker(TrackerStage(ledger), ledger, anchor_every_s=3600)
-    await tracker.anchors.due()  # the first anchor is due at once: out of the way
-    commits: list[int] = []
-    sa.event.listen(ledger.engine.sync_engine, "commit", lambda _: commits.append(1))
-    records = [event_record(i, kind, f"t{i // 2}") for i, kind in enumerate(["accepted", "delivered"] * 15)]
-    await tracker.prepare(records)
-    assert len(commits) == 2  # the ledger's projection, then the audit rows
-    for record in records:
-        await tracker.handle(record)
-    assert len(commits) == 2  # handle only confirms
-    assert await audited_ids(ledger) == [r.envelope.id for r in records]  # in poll order
-    verdict = await verify_chain(ledger)
-    assert verdict.valid and verdict.rows == 31, verdict  # genesis + 30
-
-
-async def test_a_poll_read_again_falls_back_to_one_by_one_and_records_nothing_twice(audited_ledger: Ledger) -> None:
-    ledger = audited_ledger
-    tracker = AuditingTracker(TrackerStage(ledger), ledger, anchor_every_s=3600)
-    first = [event_record(i, "accepted", f"t{i}") for i in range(5)]
-    await tracker.prepare(first)
-    for record in first[:3]:  # the process stops after three: the poll comes again, with more
-        await tracker.handle(record)
-    again = AuditingTracker(TrackerStage(ledger), ledger, anchor_every_s=3600)
-    second = [*first, *(event_record(i, "accepted", f"t{i}") for i in range(5, 8))]
-    await again.prepare(second)
-    for record in second:
-        await again.handle(record)
-    assert await audited_ids(ledger) == [r.envelope.id for r in second]
-    assert (await verify_chain(ledger)).valid

@@ -1,4 +1,5 @@
-"""Ingress on a real Kafka: 202 only once Kafka holds the transfer; every refusal an OperationOutcome.
+"""Ingress on a real Kafka: 202 only once Kafka holds the transfer; every refusal an OperationOutcome. A log line
+that cannot be written never fails a request; a storage fault answers 503 + OperationOutcome (embedded bus).
 
 And the ingress never runs CPU-bound work on its event loop: a long `$validate` does not delay a POST /fhir
 (a real uvicorn server on the embedded bus; the validation is made slow by burning CPU in pure Python, holding
@@ -9,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import io
+import logging
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +26,11 @@ import pytest
 from fastapi import FastAPI
 
 from services.app import create_app
+from services.core.embedded import EmbeddedBus
+from services.core.envelope import Emit
 from services.core.errors import ConfigurationError
 from services.core.kafka import KafkaBus
+from services.core.logging import configure_logging
 from services.core.outcome import Issue, information
 from services.core.person import person_key
 from services.core.settings import Settings
@@ -215,3 +223,40 @@ async def test_a_slow_validation_does_not_delay_a_concurrent_post(tmp_path: Path
         assert elapsed < BURN_S / 2, f"POST /fhir took {elapsed:.2f} s behind a {BURN_S} s validation"
         validated = await validating
         assert validated.status_code == 200 and "burned" in validated.text
+
+
+class FullDisk(io.StringIO):
+    def write(self, _: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class FullDiskBus(EmbeddedBus):
+    """The embedded log on a full disk: every publish fails with ENOSPC."""
+
+    async def publish(self, emits: Sequence[Emit]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize(("bus_class", "status"), [(EmbeddedBus, 202), (FullDiskBus, 503)])
+async def test_with_the_log_on_a_full_disk_ingress_answers_fhir_never_a_plain_500(
+        make_settings: Callable[..., Settings], files: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, bus_class: type[EmbeddedBus], status: int) -> None:
+    settings = make_settings(embedded_log_path=tmp_path / "log.db", log_format="json", targets_file=files["targets"])
+    monkeypatch.setattr(sys, "stderr", FullDisk())
+    configure_logging(settings)
+    try:
+        app = create_app(settings, bus_class(settings), Ledger(settings.database_url))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://relais.test") as client:
+                await wait_ready(client)
+                answer = await client.post("/fhir", content=orjson.dumps(make_bundle(3, seed=5)),
+                                           headers={**FHIR, "X-Relais-Target": "essms-a"})
+    finally:
+        monkeypatch.undo()
+        logging.basicConfig(stream=sys.stderr, force=True)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/fhir+json")
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    if status == 503:
+        assert answer.headers["Retry-After"]

@@ -21,10 +21,9 @@ from services.dlq.logic import DlqFilter
 from services.dlq.store import AlreadyHandled, NotDeadLettered, parse_time
 from services.ops import auth
 from services.ops.api import search_identifier, set_paused, transfer_filter
-from services.ops.auth import COOKIE, Operator, Role
+from services.ops.auth import COOKIE, SESSION_TTL, Operator, Role, close_session, open_session
 from services.ops.context import OpsContext
 from services.ops.i18n import LANGS, labels
-from services.ops.sessions import SESSION_TTL, close_session, open_session
 from services.tracker import logic, queries
 
 router = APIRouter(include_in_schema=False)

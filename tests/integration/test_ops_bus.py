@@ -17,8 +17,8 @@ from services.core.envelope import JSON, Emit, Envelope
 from services.core.errors import ConfigurationError
 from services.core.settings import Settings
 from services.core.topics import EVENTS, POISON, RECEIVED
-from services.dlq.poison import read_poison
-from services.ops.lag import LagReader
+from services.dlq.store import read_poison
+from services.ops.context import LagReader
 from services.tracker.ledger import Ledger, LedgerEvent, deliveries, events, transfers
 from services.tracker.rebuild import rebuild
 from tests.unit.ops.test_ledger_queries import story

@@ -175,8 +175,7 @@ async def _direct(args: argparse.Namespace) -> int:
     from services.core.settings import Settings
     from services.tracker import audit, sealed
     from services.tracker.ledger import Ledger
-    from services.tracker.rebuild import rebuild
-    from services.tracker.retention import purge
+    from services.tracker.maintenance import purge, rebuild
 
     settings = Settings()
     sealed.install(settings)  # ledger values that may quote health data are sealed at rest

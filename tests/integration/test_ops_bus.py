@@ -20,7 +20,7 @@ from services.core.topics import EVENTS, POISON, RECEIVED
 from services.dlq.store import read_poison
 from services.ops.context import LagReader
 from services.tracker.ledger import Ledger, LedgerEvent, deliveries, events, transfers
-from services.tracker.rebuild import rebuild
+from services.tracker.maintenance import rebuild
 from tests.unit.ops.test_ledger_queries import story
 
 

@@ -29,6 +29,7 @@ from services.core.blobstore import BlobIntegrityError, BlobStore, resolve_paylo
 from services.core.bus import Bus
 from services.core.envelope import Record
 from services.core.errors import PermanentError
+from services.core.shielded import shielded
 from services.core.topics import EVENTS, POISON
 from services.dlq.logic import DeadLetter, DlqFilter, blob_of, discard_emit, replay_emits, stage_replay_emits
 from services.tracker import logic as status
@@ -225,6 +226,7 @@ class DlqService:
         return stage_dead_letters, ((stage_dead_letters.c.transfer_id == dl.transfer_id)
                                     & (stage_dead_letters.c.slot == dl.slot))
 
+    @shielded
     async def _claim(self, dl: DeadLetter, allowed: Iterable[str], to: str) -> str:
         """Move the dead letter from one of `allowed` to `to` by conditional UPDATEs; returns its former status.
 
@@ -240,6 +242,7 @@ class DlqService:
                 return before
         raise await self._refusal(dl)
 
+    @shielded
     async def _take_over_stale_claim(self, dl: DeadLetter) -> str:
         """Claim a dead letter left `replaying` by a replay that died before publishing; else AlreadyHandled."""
         table, where = self._where(dl)
@@ -264,6 +267,7 @@ class DlqService:
         return AlreadyHandled(f"{dl.id} is {current or 'gone'}, not dead-lettered: another replay or discard "
                               "got there first (see its timeline)")
 
+    @shielded
     async def _release(self, dl: DeadLetter, claimed: str, before: str) -> None:
         table, where = self._where(dl)
         async with self.ledger.engine.begin() as conn:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.core.configfile import load_yaml_model, repeated
 from services.core.settings import Settings
+from services.core.shielded import shielded
 from services.http.auth import note_refusal, request_token
 from services.tracker.ledger import Ledger, ops_sessions
 
@@ -126,6 +127,7 @@ def _digest(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
+@shielded
 async def open_session(ledger: Ledger, operator: str, *, ttl: timedelta = SESSION_TTL) -> str:
     """A new session for `operator`; returns the id to put in the cookie (and nowhere else)."""
     session_id = secrets.token_urlsafe(32)
@@ -150,6 +152,7 @@ async def session_operator(ledger: Ledger, session_id: str) -> str | None:
     return str(row[0]) if expires > datetime.now(UTC) else None
 
 
+@shielded
 async def close_session(ledger: Ledger, session_id: str) -> None:
     """Sign out: the session id is worthless from now on."""
     async with ledger.engine.begin() as conn:

@@ -66,12 +66,12 @@ async def test_verify_refuses_an_anchor_sequence_no_row_can_have(settings: Setti
 
 
 async def test_the_newest_authentic_anchor_is_read_back(bus_settings: Callable[..., Settings], tmp_path: Path) -> None:
-    settings = bus_settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db", audit_key=new_audit_key())
-    ledger = Ledger(settings.database_url)
-    bus = make_bus(settings)
+    s = bus_settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db", audit_key=new_audit_key())
+    ledger = Ledger(s.database_url)
+    bus = make_bus(s)
     await bus.start()
     try:
-        await audit.open_trail(ledger, settings)
+        await audit.open_trail(ledger, s)
         anchors = auditchain.HeadAnchors(ledger, every_s=0.0)
         for n in range(3):
             await audit.record_operator(ledger, "otto", "pause", target=f"t{n}")

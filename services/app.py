@@ -2,7 +2,8 @@
 
 Each front is an APIRouter that knows nothing of the others; this module builds the state they share
 (on the bus, ledger and targets directory the launcher built once for the process), installs the error
-handlers that make every refusal an OperationOutcome, and runs the background duties in the lifespan.
+handlers that make every refusal an OperationOutcome, counts every answer by route template and status
+(`relais_ingress_requests_total`), and runs the background duties in the lifespan.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services import __version__
 from services.core.bus import Bus
 from services.core.errors import TransientError
 from services.core.logging import get_logger
+from services.core.metrics import INGRESS_REQUESTS
 from services.core.outcome import error
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
-from services.http.metrics import RequestCounter
 from services.http.reload import Reloader, Watched
 from services.http.responses import outcome_response
 from services.ingress import api as ingress_api
@@ -101,6 +103,34 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, targets: TargetD
     app.include_router(dashboard.router, prefix="/ops/ui")
     app.mount("/ops/static", StaticFiles(directory=OPS_STATIC), name="ops-static")
     return app
+
+
+class RequestCounter:
+    """Counts each HTTP answer once, labelled with the matched route's path template.
+
+    A pure ASGI middleware (no request buffering): status polls (`/fhir/_transfer/{transfer_id}`) and
+    submissions (`/fhir`) are different routes, so one cannot hide the other's error rate.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            INGRESS_REQUESTS.labels(route, str(status[0]) if status else "none").inc()
 
 
 def _reload_operators(app: FastAPI) -> None:

@@ -33,7 +33,7 @@ from services.delivery.stage import DeliveryStage
 from services.ingress.connections import accept_backlog, guarded, widen_listen_queue
 from services.ingress.mtls import PeerCertH11Protocol, ServerTls
 from services.keyrotation import check_keys_at_start
-from services.ops.alert_stage import run_alerts_stage
+from services.ops.alerts import run_alerts_stage
 from services.ops.context import OpsContext
 from services.router.stage import RouterStage
 from services.tracker import audit, auditchain, sealed
@@ -155,7 +155,7 @@ async def serve(names: Sequence[str], settings: Settings, *,
                 if "alerts" in names:
                     await shared.ledger.create_schema()
                     context = OpsContext(settings, shared.ledger, bus, shared.targets)
-                    tasks.append(asyncio.create_task(run_alerts_stage(context, stop), name="alerts"))
+                    tasks.append(asyncio.create_task(run_alerts_stage(settings, context.observe, stop), name="alerts"))
                 log.info("relais started", stages=list(names))
                 await _until_stopped(stop, tasks)
                 log.info("stopping: finishing in-flight records", grace_s=settings.shutdown_grace_s)

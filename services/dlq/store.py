@@ -16,6 +16,8 @@ the claim over. While either is not so, the claim stands and the replay is refus
 from __future__ import annotations
 
 import builtins
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,11 +27,11 @@ import sqlalchemy as sa
 
 from services.core.blobstore import BlobIntegrityError, BlobStore, resolve_payload
 from services.core.bus import Bus
+from services.core.envelope import Record
 from services.core.errors import PermanentError
 from services.core.shielded import shielded
-from services.core.topics import EVENTS
+from services.core.topics import EVENTS, POISON
 from services.dlq.logic import DeadLetter, DlqFilter, blob_of, discard_emit, replay_emits, stage_replay_emits
-from services.dlq.poison import read_poison
 from services.tracker import logic as status
 from services.tracker.ledger import Ledger, deliveries, events, stage_dead_letters, transfers
 
@@ -44,6 +46,39 @@ class AlreadyHandled(NotDeadLettered):
 
 OPEN = (status.DEAD_LETTERED,)
 REPLAYABLE = (status.DEAD_LETTERED, status.DISCARDED)
+READ_TIMEOUT_S = 30.0  # reading a stage's dead letter back from the poison topic
+
+
+async def read_poison(bus: Bus, poison_id: str, *, timeout_s: float = READ_TIMEOUT_S) -> Record | None:
+    """The poison record whose envelope id is `poison_id`, or None when the topic no longer holds it.
+
+    The bus has no random access, so this reads the topic from its start with a throw-away consumer group
+    that never commits, up to the heads it had when asked. The poison topic only holds records no stage
+    could handle, so it stays small; this runs on an operator's replay or payload read, never on the
+    record path.
+    """
+    if not poison_id:
+        return None
+    group = f"dlq-reader-{uuid.uuid4().hex[:12]}"
+    heads = {p: head for p, head in (await bus.lag(group, [POISON])).items() if head > 0}
+    if not heads:
+        return None
+    sub = bus.subscribe(group, [POISON])
+    await sub.start()
+    try:
+        positions = dict.fromkeys(heads, -1)
+        deadline = time.monotonic() + timeout_s
+        while any(positions[p] < head - 1 for p, head in heads.items()) and time.monotonic() < deadline:
+            for record in await sub.poll(500, 0.5):
+                if record.envelope.id == poison_id:
+                    return record
+                partition = next((p for p in heads if (p.topic, p.partition) == (record.topic, record.partition)),
+                                 None)
+                if partition is not None:
+                    positions[partition] = record.offset
+        return None
+    finally:
+        await sub.stop()
 
 
 @dataclass

@@ -331,3 +331,14 @@ async def run_alerts(evaluator: AlertEvaluator, observe: Observe, notify: Notify
             await asyncio.wait_for(stop.wait(), timeout=interval_s)
         except TimeoutError:
             pass
+
+
+async def run_alerts_stage(settings: Settings, observe: Observe, stop: asyncio.Event) -> None:
+    """The alerts stage of `relais run` / `relais alerts`: `run_alerts` with the rules, thresholds and webhook of
+    `settings`, every RELAIS_ALERT_INTERVAL_S, until `stop` is set."""
+    notifier = WebhookNotifier.from_settings(settings)
+    try:
+        await run_alerts(AlertEvaluator(Thresholds.from_settings(settings)), observe, notifier,
+                         settings.alert_interval_s, stop)
+    finally:
+        await notifier.aclose()

@@ -1,9 +1,11 @@
-"""What the operator API, the dashboard and the alerts loop share: ledger, bus, targets, lag, DLQ."""
+"""What the operator API, the dashboard and the alerts loop share: ledger, bus, targets, DLQ, and each stage's
+consumer lag and queue depth, read from the bus (`Bus.lag`) and cached for a few seconds."""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,13 +14,57 @@ from typing import Any
 from services.core import diskspace
 from services.core.blobstore import make_blob_store
 from services.core.bus import Bus
+from services.core.metrics import CONSUMER_LAG
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, over_latency_budget
+from services.core.topics import stage_inputs
 from services.dlq.store import DlqService
 from services.ops.alerts import Observation, TargetObservation
-from services.ops.lag import LagReader
 from services.tracker import opstate, queries
 from services.tracker.ledger import Ledger
+
+CACHE_S = 5.0  # how long a lag reading is served before the bus is asked again
+
+
+@dataclass(frozen=True, slots=True)
+class StageLag:
+    """Records a stage has not committed yet: in total and per topic (the queue depth before it)."""
+
+    stage: str
+    lag: int
+    topics: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {"stage": self.stage, "lag": self.lag, "topics": self.topics}
+
+
+class LagReader:
+    """Asks the bus for every stage's lag at most every CACHE_S seconds, and exports it as a gauge."""
+
+    def __init__(self, bus: Bus, settings: Settings, *, cache_s: float = CACHE_S) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.cache_s = cache_s
+        self._at = 0.0
+        self._last: list[StageLag] = []
+
+    async def read(self, *, fresh: bool = False) -> list[StageLag]:
+        """Every stage's lag (cached unless `fresh`)."""
+        if not fresh and self._last and time.monotonic() - self._at < self.cache_s:
+            return self._last
+        out = [await self._stage(stage, topics) for stage, topics in stage_inputs(self.settings).items()]
+        self._last, self._at = out, time.monotonic()
+        return out
+
+    async def _stage(self, stage: str, topics: Sequence[str]) -> StageLag:
+        per_topic = dict.fromkeys(topics, 0)
+        for partition, lag in (await self.bus.lag(stage, topics)).items():
+            per_topic[partition.topic] = per_topic.get(partition.topic, 0) + max(lag, 0)
+        for topic, lag in per_topic.items():
+            CONSUMER_LAG.labels(stage, topic).set(lag)
+        return StageLag(stage, sum(per_topic.values()), per_topic)
+
 
 # Delivery processes report breaker transitions only: no report within the hour means none opened lately.
 CIRCUIT_DEFAULT = "closed"

@@ -21,10 +21,9 @@ from services.dlq.logic import DlqFilter
 from services.dlq.store import AlreadyHandled, NotDeadLettered, parse_time
 from services.ops import auth
 from services.ops.api import search_identifier, set_paused, transfer_filter
-from services.ops.auth import COOKIE, Operator, Role
+from services.ops.auth import COOKIE, SESSION_TTL, Operator, Role, close_session, open_session
 from services.ops.context import OpsContext
 from services.ops.i18n import LANGS, labels
-from services.ops.sessions import SESSION_TTL, close_session, open_session
 from services.tracker import logic, queries
 
 router = APIRouter(include_in_schema=False)
@@ -66,6 +65,11 @@ def _page(request: Request, template: str, who: Operator | None, status: int = 2
     return response
 
 
+def _error(request: Request, who: Operator | None, status: int, error: str) -> HTMLResponse:
+    """The page that says what went wrong: the base page, the error as its content."""
+    return _page(request, "base.html", who, status, error=error)
+
+
 def _css_version() -> str:
     css = Path(__file__).parent / "static" / "ops.css"
     return hashlib.sha256(css.read_bytes()).hexdigest()[:8]
@@ -102,9 +106,9 @@ async def _acting(request: Request, role: Role = "operator") -> Operator | Respo
     if who is None:
         return _login_redirect(request)
     if not _same_origin(request):
-        return _page(request, "error.html", who, 403, message="cross-site request refused")
+        return _error(request, who, 403, "cross-site request refused")
     if not who.may(role):
-        return _page(request, "error.html", who, 403, message=labels(_lang(request))["forbidden"])
+        return _error(request, who, 403, labels(_lang(request))["forbidden"])
     return who
 
 
@@ -176,7 +180,7 @@ async def target_page(request: Request, target: str) -> Response:
     context = _ctx(request)
     found = [t for t in await context.targets_view() if t["target"] == target]
     if not found:
-        return _page(request, "error.html", who, 404, message=f"no target {target}")
+        return _error(request, who, 404, f"no target {target}")
     letters = await context.dlq.list(DlqFilter(target=target), limit=50)
     waiting = await queries.list_transfers(context.ledger, queries.TransferFilter(status=logic.DELIVERING,
                                                                                   target=target), limit=20)
@@ -190,7 +194,7 @@ async def target_action(request: Request, target: str, action: str) -> Response:
     if isinstance(who, Response):
         return who
     if action not in ("pause", "resume"):
-        return _page(request, "error.html", who, 404, message=f"no action {action}")
+        return _error(request, who, 404, f"no action {action}")
     form = await _form(request)
     await set_paused(_ctx(request), target, action == "pause", who, form.get("reason"))
     return _back(f"/ops/ui/targets/{target}", "paused_ok" if action == "pause" else "resumed_ok")
@@ -236,7 +240,7 @@ async def transfer_page(request: Request, transfer_id: str) -> Response:
     context = _ctx(request)
     found = await queries.timeline(context.ledger, transfer_id)
     if found is None:
-        return _page(request, "error.html", who, 404, message=f"no transfer {transfer_id}")
+        return _error(request, who, 404, f"no transfer {transfer_id}")
     letters = await context.dlq.list(DlqFilter(transfer_id=transfer_id), limit=50)
     return _page(request, "transfer.html", who, tl=found, letters=letters)
 
@@ -277,8 +281,8 @@ async def dlq_action(request: Request, action: str) -> Response:
                 return _back(back, "nothing")
             done, skipped = await service.replay_all(flt, who.id, form.get("note") or None)
             if skipped:
-                return _page(request, "error.html", who, 409, message=f"{len(done)} replayed; not replayed: " +
-                             "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+                return _error(request, who, 409, f"{len(done)} replayed; not replayed: " +
+                              "; ".join(f"{k}: {v}" for k, v in skipped.items()))
             return _back(back, "replayed" if done else "nothing")
         dl = await service.get(form.get("id", ""))
         if dl is None:
@@ -292,5 +296,5 @@ async def dlq_action(request: Request, action: str) -> Response:
     except AlreadyHandled:
         return _back(back, "already")  # a second submit of the same form: the first one did it
     except (NotDeadLettered, ValueError, TransientError) as exc:
-        return _page(request, "error.html", who, 409, message=str(exc))
-    return _page(request, "error.html", who, 404, message=f"no action {action}")
+        return _error(request, who, 409, str(exc))
+    return _error(request, who, 404, f"no action {action}")

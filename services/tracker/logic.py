@@ -44,26 +44,25 @@ DELIVERY_EVENTS = {"routed": PENDING, "retry_scheduled": RETRYING, "delivered": 
                    "discarded": DISCARDED}
 
 
-def advance_stage(current: str | None, kind: str) -> str | None:
-    """The transfer's stage status after an event of `kind` (unchanged when the event is older news)."""
-    proposed = STAGE_EVENTS.get(kind)
+def _forward(current: str | None, proposed: str | None, rank: dict[str, int]) -> str | None:
+    """`proposed` when it is further along than `current` by `rank`; else `current` (statuses only move forward)."""
     if proposed is None:
         return current
-    if current is None or _STAGE_RANK[proposed] > _STAGE_RANK.get(current, -1):
+    if current is None or rank[proposed] > rank.get(current, -1):
         return proposed
     return current
+
+
+def advance_stage(current: str | None, kind: str) -> str | None:
+    """The transfer's stage status after an event of `kind` (unchanged when the event is older news)."""
+    return _forward(current, STAGE_EVENTS.get(kind), _STAGE_RANK)
 
 
 def advance_delivery(current: str | None, kind: str) -> str | None:
     """A delivery's status after an event of `kind`; `replayed` resets a dead letter to pending."""
     if kind == "replayed":
         return PENDING
-    proposed = DELIVERY_EVENTS.get(kind)
-    if proposed is None:
-        return current
-    if current is None or _DELIVERY_RANK[proposed] > _DELIVERY_RANK.get(current, -1):
-        return proposed
-    return current
+    return _forward(current, DELIVERY_EVENTS.get(kind), _DELIVERY_RANK)
 
 
 def overall_status(stage_status: str, deliveries: Iterable[str]) -> str:

@@ -25,16 +25,21 @@ WAIT_S = 30.0  # upper bound for any single condition; generous for a loaded 2-c
 Records = list[ConsumerRecord[bytes, bytes]]
 
 
-@pytest.fixture(scope="module")
-def kafka_bootstrap() -> Iterator[str]:
-    """Bootstrap address of a LocalKafka started for this module (skips without Java/Maven, unless CI)."""
-    kafka = LocalKafka()
+def start_or_skip(kafka: LocalKafka) -> None:
+    """Start `kafka`; without Java or Maven the test skips (fails in CI, where Kafka tests are required)."""
     try:
         kafka.start()
     except DevKafkaUnavailable as exc:
         if os.environ.get("CI"):
             pytest.fail(f"Kafka tests are required in CI: {exc}")
         pytest.skip(f"no local Kafka: {exc}")
+
+
+@pytest.fixture(scope="module")
+def kafka_bootstrap() -> Iterator[str]:
+    """Bootstrap address of a LocalKafka started for this module (skips without Java/Maven, unless CI)."""
+    kafka = LocalKafka()
+    start_or_skip(kafka)
     try:
         yield kafka.bootstrap
     finally:
@@ -310,12 +315,7 @@ def test_cluster_id_starting_with_a_dash_formats(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(local, "new_cluster_id", lambda: "-" + local.base64.urlsafe_b64encode(
         uuid.uuid4().bytes).rstrip(b"=").decode()[1:])
     kafka = LocalKafka()
-    try:
-        kafka.start()
-    except DevKafkaUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Kafka tests are required in CI: {exc}")
-        pytest.skip(f"no local Kafka: {exc}")
+    start_or_skip(kafka)
     try:
         assert kafka.bootstrap.startswith("127.0.0.1:")
     finally:

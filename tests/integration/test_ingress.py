@@ -1,9 +1,22 @@
-"""Ingress on a real Kafka: 202 only once Kafka holds the transfer; every refusal an OperationOutcome."""
+"""Ingress on a real Kafka: 202 only once Kafka holds the transfer; every refusal an OperationOutcome. A log line
+that cannot be written never fails a request; a storage fault answers 503 + OperationOutcome (embedded bus).
+
+And the ingress never runs CPU-bound work on its event loop: a long `$validate` does not delay a POST /fhir
+(a real uvicorn server on the embedded bus; the validation is made slow by burning CPU in pure Python, holding
+the GIL as the profile engine does, so the test fails if `$validate` ran it on the loop).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import errno
+import io
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +26,25 @@ import pytest
 from fastapi import FastAPI
 
 from services.app import create_app
+from services.core.embedded import EmbeddedBus
+from services.core.envelope import Emit
 from services.core.errors import ConfigurationError
 from services.core.kafka import KafkaBus
+from services.core.logging import configure_logging
+from services.core.outcome import Issue, information
 from services.core.person import person_key
 from services.core.settings import Settings
 from services.core.topics import EVENTS, RECEIVED
+from services.ingress import validate_api
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
+from tests.support.ingress import serving
 from tests.support.kafka import read_topic
+from tests.support.processes import free_port
 from tests.support.producers import TOKEN_A, TOKEN_B, write_producers, write_targets
 
 FHIR = {"Content-Type": "application/fhir+json"}
+BURN_S = 2.0  # how long the slow validation holds the GIL
 
 
 @contextlib.asynccontextmanager
@@ -167,3 +188,75 @@ async def test_status_of_unknown_transfer_is_404_outcome(make_settings: Callable
     assert response.json()["issue"][0]["code"] == "not-found"
     assert metadata.json()["resourceType"] == "CapabilityStatement"
     assert missing.status_code == 404 and missing.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_a_slow_validation_does_not_delay_a_concurrent_post(tmp_path: Path, files: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    started = threading.Event()
+
+    def slow_validation(bundle: dict[str, Any], options: Any) -> list[Issue]:
+        started.set()
+        deadline = time.monotonic() + BURN_S
+        n = 0
+        while time.monotonic() < deadline:  # CPU-bound: no sleep, no I/O
+            n += sum(range(1000))
+        return [information(f"burned {n}")]
+
+    monkeypatch.setattr(validate_api, "validate_bundle", slow_validation)
+    port = free_port()
+    settings = Settings(producers_file=files["producers"], targets_file=files["targets"],
+                        database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+                        embedded_log_path=tmp_path / "log.db", blob_dir=tmp_path / "blobs", http_port=port)
+    body = orjson.dumps(make_bundle(3, seed=1))
+    headers = {**FHIR, "Authorization": f"Bearer {TOKEN_A}"}
+    async with serving(settings, f"http://127.0.0.1:{port}") as url, \
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+        validating = asyncio.create_task(client.post("/fhir/Bundle/$validate", content=body))
+        while not started.is_set():  # the burn has begun (in whichever thread the ingress chose)
+            assert not validating.done(), validating.result().text
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        accepted = await client.post("/fhir", content=body, headers={"X-Relais-Target": "essms-a"})
+        elapsed = time.monotonic() - t0
+        assert accepted.status_code == 202, accepted.text
+        assert not validating.done(), "the POST waited for the whole validation"
+        assert elapsed < BURN_S / 2, f"POST /fhir took {elapsed:.2f} s behind a {BURN_S} s validation"
+        validated = await validating
+        assert validated.status_code == 200 and "burned" in validated.text
+
+
+class FullDisk(io.StringIO):
+    def write(self, _: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class FullDiskBus(EmbeddedBus):
+    """The embedded log on a full disk: every publish fails with ENOSPC."""
+
+    async def publish(self, emits: Sequence[Emit]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize(("bus_class", "status"), [(EmbeddedBus, 202), (FullDiskBus, 503)])
+async def test_with_the_log_on_a_full_disk_ingress_answers_fhir_never_a_plain_500(
+        make_settings: Callable[..., Settings], files: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, bus_class: type[EmbeddedBus], status: int) -> None:
+    settings = make_settings(embedded_log_path=tmp_path / "log.db", log_format="json", targets_file=files["targets"])
+    monkeypatch.setattr(sys, "stderr", FullDisk())
+    configure_logging(settings)
+    try:
+        app = create_app(settings, bus_class(settings), Ledger(settings.database_url))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://relais.test") as client:
+                await wait_ready(client)
+                answer = await client.post("/fhir", content=orjson.dumps(make_bundle(3, seed=5)),
+                                           headers={**FHIR, "X-Relais-Target": "essms-a"})
+    finally:
+        monkeypatch.undo()
+        logging.basicConfig(stream=sys.stderr, force=True)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/fhir+json")
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    if status == 503:
+        assert answer.headers["Retry-After"]

@@ -239,6 +239,8 @@ async def test_session_cookie_is_a_server_side_id_that_logout_kills(settings: Se
         assert (await client.get("/ops/whoami", headers=cookie)).json() == {"id": "otto", "role": "operator"}
         page = await client.get("/ops/ui/dlq", headers=cookie)
         assert page.status_code == 200 and "otto" in page.text
+        missing = await client.get("/ops/ui/transfers/no-such-transfer", headers=cookie)  # an error page
+        assert missing.status_code == 404 and 'role="alert">no transfer no-such-transfer<' in missing.text
         # The raw token is no cookie: only a session id the server handed out is.
         assert (await client.get("/ops/whoami", headers={"Cookie": f"relais_ops={OPERATOR}"})).status_code == 401
         client.cookies.clear()

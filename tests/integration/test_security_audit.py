@@ -1,12 +1,19 @@
 """The audit trail through the operator API, on a real ledger and the embedded bus: failed authentications on
-/ops are recorded, verify is itself recorded, and verify compares the chain with the head anchored on the bus."""
+/ops are recorded, verify is itself recorded, and verify compares the chain with the head anchored on the bus;
+the head anchored on the bus is read back by verify, on a real Kafka (compacted topic) and the embedded log."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import sqlalchemy as sa
 
+from services.core.buses import make_bus
 from services.core.settings import Settings
 from services.tracker import audit, auditchain
+from services.tracker.auditkey import new_audit_key
+from services.tracker.ledger import Ledger
 from tests.integration.test_ops_api import OPERATOR, bearer, running, settings  # noqa: F401 - fixture
 from tests.support.kafka import wait_for
 from tests.support.producers import TOKEN_A
@@ -56,3 +63,24 @@ async def test_verify_refuses_an_anchor_sequence_no_row_can_have(settings: Setti
             assert answer.status_code == 400, (seq, answer.text)
             issue = answer.json()["issue"][0]
             assert issue["expression"] == ["query.seq"], answer.text
+
+
+async def test_the_newest_authentic_anchor_is_read_back(bus_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    s = bus_settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db", audit_key=new_audit_key())
+    ledger = Ledger(s.database_url)
+    bus = make_bus(s)
+    await bus.start()
+    try:
+        await audit.open_trail(ledger, s)
+        anchors = auditchain.HeadAnchors(ledger, every_s=0.0)
+        for n in range(3):
+            await audit.record_operator(ledger, "otto", "pause", target=f"t{n}")
+            emit = await anchors.due()
+            assert emit is not None
+            await bus.publish([emit])
+        found = await auditchain.latest_anchor(bus, audit.key_of(ledger))  # the default settle time, as verify uses
+        assert found is not None and found.seq == 3
+        assert (await auditchain.verify_chain(ledger, [found])).valid
+    finally:
+        await bus.stop()
+        await ledger.close()

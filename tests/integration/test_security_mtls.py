@@ -22,11 +22,11 @@ from services.core.settings import Settings
 from services.tracker import audit, auditchain
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, organization_finess
-from tests.support.certs import Ca, Client, make_ca
 from tests.support.ingress import serving as serve_ingress
 from tests.support.kafka import wait_for
 from tests.support.processes import free_port
 from tests.support.producers import write_targets
+from tests.support.tls import Ca, Client, make_ca
 
 TOKEN_BOTH = "token-of-the-both-producer"
 TOKEN_PLAIN = "token-of-the-plain-producer"

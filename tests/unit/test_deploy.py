@@ -74,11 +74,12 @@ def test_compose_config_files_exist_and_load() -> None:
     from services.ingress.producers import load_producers
 
     env = compose()["services"]["ingress"]["environment"]
-    mount = ROOT / "deploy/compose"
-    for var in ("RELAIS_PRODUCERS_FILE", "RELAIS_TARGETS_FILE", "RELAIS_OPERATORS_FILE"):
-        assert (mount / Path(env[var]).name).is_file(), var
-    load_producers(mount / "producers.yaml")
-    assert load_targets(mount / "targets.yaml").get("demo") is not None
+    [(host, inside)] = [v.split(":")[:2] for v in compose()["x-relais"]["volumes"] if v.startswith("./")]
+    files = {var: ROOT / host / Path(env[var]).relative_to(inside)
+             for var in ("RELAIS_PRODUCERS_FILE", "RELAIS_TARGETS_FILE", "RELAIS_OPERATORS_FILE")}
+    assert all(f.is_file() for f in files.values()), files
+    assert load_producers(files["RELAIS_PRODUCERS_FILE"]).authenticate("demo-token") is not None
+    assert load_targets(files["RELAIS_TARGETS_FILE"]).get("demo") is not None
 
 
 def test_kubernetes_deployments() -> None:
@@ -125,11 +126,19 @@ def test_env_example_is_current() -> None:
         "regenerate with: python -m services.core.settings_doc --env > .env.example")
 
 
-@pytest.mark.parametrize("path", ["deploy/dev/producers.yaml", "deploy/compose/producers.yaml"])
-def test_demo_producer_files_load(path: str) -> None:
+def test_demo_producer_file_loads() -> None:
     from services.ingress.producers import load_producers
 
-    assert load_producers(ROOT / path).authenticate("demo-token") is not None
+    assert load_producers(ROOT / "deploy/dev/producers.yaml").authenticate("demo-token") is not None
+
+
+def test_demo_operator_file_loads() -> None:
+    from services.ops.auth import load_operators
+
+    directory = load_operators(Settings(operators_file=ROOT / "deploy/dev/operators.yaml"))
+    operator, viewer = directory.authenticate("demo-operator-token"), directory.authenticate("demo-viewer-token")
+    assert operator is not None and operator.may("operator")
+    assert viewer is not None and viewer.may("viewer") and not viewer.may("operator")
 
 
 def _exported_metrics() -> set[str]:

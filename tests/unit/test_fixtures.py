@@ -1,4 +1,5 @@
-"""The TDDUI Bundle factory keeps its promises: deterministic, sized, faithful to the profile facts, valid."""
+"""The TDDUI Bundles we hand out are valid: the factory keeps its promises (deterministic, sized, faithful to the
+profile facts, valid), and the README's examples/*.json pass the validator (or the first thing a user tries fails)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import re
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +30,7 @@ from tests.fixtures.tddui import (
     with_document,
 )
 
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
 FAKE_FAMILIES = {"TESTUSAGER", "TESTPRO", "TESTCONTACT"}
 # The four identifier formats the IG enforces with a regex (§10).
 REGEX_TAGS = {"PDV", "BESO", "REPAS", "PA"}
@@ -254,3 +257,13 @@ def test_every_factory_bundle_validates_without_errors(
     assert all(i.rule in ("tddui-bundle-request-url", "tddui-bundle-ref-portable") for i in issues)
     assert len([i for i in issues if i.rule == "tddui-bundle-request-url"]) == (size if published else 0)
     assert len([i for i in issues if i.rule == "tddui-bundle-ref-portable"]) <= (1 if published else 0)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_bundles_have_no_errors(path: Path) -> None:
+    errors = [i for i in validate_bundle(path.read_bytes()) if i.is_error]
+    assert not errors, [(i.expression, i.diagnostics) for i in errors]
+
+
+def test_there_are_examples() -> None:
+    assert len(EXAMPLES) >= 2

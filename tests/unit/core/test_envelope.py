@@ -1,4 +1,5 @@
-"""The record envelope: CloudEvents Kafka binary binding, round trips, malformed records, events."""
+"""The record envelope: CloudEvents Kafka binary binding, round trips, malformed records, events; and
+schemas/envelope.schema.json describes what the code writes: it accepts real envelopes, rejects broken ones."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from services.core.envelope import (
     split_csv,
 )
 from services.core.topics import EVENTS
+from tests.support.schemas import envelope_validator
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, 589793, tzinfo=UTC)
 
@@ -253,3 +255,25 @@ def test_split_csv(value: str | None, expected: list[str]) -> None:
 def test_join_csv_is_the_inverse_of_split_csv(items: list[str]) -> None:
     assert split_csv(join_csv(items)) == items
     assert join_csv(items) == ",".join(items)
+
+
+def decoded(env: Envelope) -> dict[str, str]:
+    return {k: v.decode() for k, v in env.to_headers()}
+
+
+def test_real_envelopes_are_valid() -> None:
+    validator = envelope_validator()
+    assert not list(validator.iter_errors(decoded(make_envelope())))
+    assert not list(validator.iter_errors(decoded(event(make_envelope(), "delivered", "delivery").envelope)))
+
+
+def test_broken_envelopes_are_not() -> None:
+    validator = envelope_validator()
+    headers = decoded(make_envelope())
+    for broken in ({k: v for k, v in headers.items() if k != "ce_id"},
+                   {**headers, "ce_specversion": "0.3"},
+                   {**headers, "ce_type": "something.else"},
+                   {**headers, "ce_attempt": "two"},
+                   {**headers, "x-unknown": "1"},
+                   {**headers, "ce_subject": "Jean DUPONT"}):
+        assert list(validator.iter_errors(broken)), broken

@@ -1,4 +1,5 @@
-"""Settings: RELAIS_ environment, defaults, checks that fail fast, topic and group names."""
+"""Settings: RELAIS_ environment, defaults, checks that fail fast, topic and group names; the README's
+configuration table is the one generated from Settings (docs cannot go stale)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from services.core.settings import MiB, Settings
+from services.core.settings_doc import readme_block
+
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 @pytest.fixture(autouse=True)
@@ -132,3 +136,9 @@ def test_retry_delays_must_be_a_non_empty_list_of_positive_delays(delays: list[f
     # a negative delay means nothing. Both are nonsense to refuse at start.
     with pytest.raises(ValidationError, match="retry_delays_s"):
         Settings(retry_delays_s=delays)
+
+
+def test_readme_configuration_table_is_current() -> None:
+    assert readme_block() in README.read_text(encoding="utf-8"), (
+        "README configuration table is stale: regenerate it with `python -m services.core.settings_doc`"
+    )

@@ -1,4 +1,5 @@
-"""Declared topics: the fixed pipeline topics, one retry tier per delay, and broker-side config."""
+"""Declared topics: the fixed pipeline topics, one retry tier per delay, and broker-side config; schemas/asyncapi.yaml
+describes every one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from services.core.topics import (
     retry_topic,
     topic_config,
 )
+from tests.support.schemas import asyncapi
 
 FIXED = {RECEIVED, VALIDATED, REJECTED, EVENTS, POISON, DELIVERIES, DELIVERIES_DLQ, AUDIT_HEAD}
 
@@ -75,3 +77,10 @@ def test_retention_comes_from_settings() -> None:
     assert specs[RECEIVED].retention_ms == 2 * DAY_MS
     assert specs["deliveries.retry.1"].retention_ms == 2 * DAY_MS
     assert specs[DELIVERIES_DLQ].retention_ms == specs[EVENTS].retention_ms == 10 * DAY_MS
+
+
+def test_asyncapi_describes_every_declared_topic() -> None:
+    addresses = {c["address"] for c in asyncapi()["channels"].values()}
+    for spec in declared_topics(Settings()):
+        name = "deliveries.retry.{tier}" if spec.name.startswith("deliveries.retry.") else spec.name
+        assert name in addresses, spec.name

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import main
-from services.ops.status import render_status, status_exit_code
+from services.ops.cli import render_status, status_exit_code
 from tests.support.processes import free_port
 
 

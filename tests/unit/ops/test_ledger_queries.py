@@ -1,5 +1,5 @@
 """Operator queries, operator state, retention and rebuild on a real ledger (SQLite here; PostgreSQL in
-tests/integration/test_ledger_postgres.py, which runs these same tests)."""
+tests/integration/test_postgres.py, which runs these same tests)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from services.tracker import opstate, queries
 from services.tracker.ledger import Ledger, LedgerEvent, deliveries, events, transfers
-from services.tracker.retention import purge
+from services.tracker.maintenance import purge
 
 T0 = datetime(2025, 4, 1, 10, 0, 0, tzinfo=UTC)
 _ids = count(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from itertools import count
 from pathlib import Path
@@ -51,16 +50,6 @@ def routed(second: int = 2, **kw: Any) -> LedgerEvent:
 def delivered(target: str, second: int, attempt: int = 1, http: int = 201) -> LedgerEvent:
     return ev("delivered", "delivery", second, target=target, attempt=attempt,
               detail={"http_status": http, "response": tx_response(f"Patient/{target}1/_history/1")})
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/l.db")
-    await ledger.create_schema()
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 async def apply_all(ledger: Ledger, *events: LedgerEvent) -> list[bool]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -20,13 +18,6 @@ def event_record(n: int, kind: str, transfer_id: str, body: bytes | None = None)
     return Record(EVENTS, 0, n, transfer_id.encode(), env)
 
 
-@pytest.fixture
-async def ledger(tmp_path: Path) -> Ledger:
-    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
-    await ledger.create_schema()
-    return ledger
-
-
 async def test_a_poll_is_one_transaction_and_handle_only_confirms(ledger: Ledger) -> None:
     commits: list[int] = []
     sa.event.listen(ledger.engine.sync_engine, "commit", lambda _: commits.append(1))
@@ -38,7 +29,6 @@ async def test_a_poll_is_one_transaction_and_handle_only_confirms(ledger: Ledger
         assert await stage.handle(record) == ()
     assert len(commits) == 1  # nothing written twice
     assert (await ledger.count_by_status()) == {"validated": 20}
-    await ledger.close()
 
 
 async def test_a_malformed_event_keeps_its_own_fate_and_replays_change_nothing(ledger: Ledger) -> None:
@@ -55,4 +45,4 @@ async def test_a_malformed_event_keeps_its_own_fate_and_replays_change_nothing(l
     for record in good:
         await again.handle(record)
     assert (await ledger.count_by_status()) == {"validated": 1}
-    await ledger.close()
+

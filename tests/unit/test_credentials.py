@@ -1,4 +1,5 @@
-"""The producer directory: YAML loading, token authentication by SHA-256, bad files."""
+"""The credentials files of both HTTP fronts: the producer directory (ingress) and the operators file (ops, with
+roles, RELAIS_OPS_TOKEN and RELAIS_AUTH_DISABLED) — YAML loading, token authentication by SHA-256, bad files."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from services.core.errors import ConfigurationError
+from services.core.settings import Settings
 from services.ingress.producers import ANONYMOUS, load_producers
+from services.ops.auth import ANONYMOUS as ANONYMOUS_OPERATOR
+from services.ops.auth import load_operators
 
 
 def sha(token: str) -> str:
@@ -25,15 +29,14 @@ producers:
 """
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "producers.yaml"
-    path.write_text(text, encoding="utf-8")
+def write(path: Path, body: str) -> Path:
+    path.write_text(body, encoding="utf-8")
     return path
 
 
 @pytest.fixture
 def directory(tmp_path: Path):  # type: ignore[no-untyped-def]
-    return load_producers(write(tmp_path, GOOD))
+    return load_producers(write(tmp_path / "producers.yaml", GOOD))
 
 
 @pytest.mark.parametrize(("token", "producer_id"), [
@@ -60,7 +63,7 @@ def test_loaded_fields(directory) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("text", ["", "producers: []\n"])
 def test_empty_file_authenticates_nobody(tmp_path: Path, text: str) -> None:
-    assert load_producers(write(tmp_path, text)).authenticate("anything") is None
+    assert load_producers(write(tmp_path / "producers.yaml", text)).authenticate("anything") is None
 
 
 @pytest.mark.parametrize(("token_sha256", "why"), [
@@ -70,7 +73,7 @@ def test_empty_file_authenticates_nobody(tmp_path: Path, text: str) -> None:
     ("'" + "ab" * 31 + "  '", "spaces"),
 ])
 def test_bad_hash_format(tmp_path: Path, token_sha256: str, why: str) -> None:
-    path = write(tmp_path, f"producers:\n  - id: dui-x\n    token_sha256: {token_sha256}\n")
+    path = write(tmp_path / "producers.yaml", f"producers:\n  - id: dui-x\n    token_sha256: {token_sha256}\n")
     with pytest.raises(ConfigurationError) as info:
         load_producers(path)
     assert str(path) in str(info.value)
@@ -85,7 +88,7 @@ def test_bad_hash_format(tmp_path: Path, token_sha256: str, why: str) -> None:
 ])
 def test_invalid_file(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigurationError, match=expected):
-        load_producers(write(tmp_path, text))
+        load_producers(write(tmp_path / "producers.yaml", text))
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -103,9 +106,37 @@ def test_ambiguous_producers_are_refused(tmp_path: Path, text: str, expected: st
     # One token that authenticates as two producers (or two entries with one id) makes the audit
     # trail lie; the targets file refuses repeated ids, so should this one.
     with pytest.raises(ConfigurationError, match=expected):
-        load_producers(write(tmp_path, text))
+        load_producers(write(tmp_path / "producers.yaml", text))
 
 
 def test_anonymous_producer_matches_no_token() -> None:
     assert ANONYMOUS.id == "anonymous" and ANONYMOUS.targets is None
     assert sha("") != ANONYMOUS.token_sha256
+
+
+def test_operators_file_gives_roles(tmp_path: Path) -> None:
+    f = write(tmp_path / "ops.yaml", f"operators:\n  - {{id: alice, token_sha256: {sha('a')}, role: operator}}\n"
+                                     f"  - {{id: bob, token_sha256: {sha('b')}}}\n")
+    directory = load_operators(Settings(operators_file=f))
+    alice, bob = directory.authenticate("a"), directory.authenticate("b")
+    assert alice is not None and alice.may("operator")
+    assert bob is not None and bob.role == "viewer" and not bob.may("operator") and bob.may("viewer")
+    assert directory.authenticate("c") is None and directory.authenticate(None) is None
+
+
+def test_ops_token_is_an_operator_and_auth_disabled_opens_only_without_operators(tmp_path: Path) -> None:
+    assert load_operators(Settings(ops_token="t")).authenticate("t").id == "ops-token"  # type: ignore[union-attr]
+    assert load_operators(Settings(auth_disabled=True)).authenticate(None) is ANONYMOUS_OPERATOR
+    assert load_operators(Settings(auth_disabled=True, ops_token="t")).authenticate(None) is None
+    assert load_operators(Settings()).authenticate(None) is None
+
+
+@pytest.mark.parametrize("body", [
+    "operators:\n  - {id: x, token_sha256: nothex}\n",
+    f"operators:\n  - {{id: x, token_sha256: {sha('a')}, role: admin}}\n",
+    f"operators:\n  - {{id: x, token_sha256: {sha('a')}}}\n  - {{id: x, token_sha256: {sha('b')}}}\n",
+    f"operators:\n  - {{id: x, token_sha256: {sha('a')}}}\n  - {{id: y, token_sha256: {sha('a')}}}\n",
+])
+def test_bad_operators_files_are_refused(tmp_path: Path, body: str) -> None:
+    with pytest.raises(ConfigurationError, match="operators file"):
+        load_operators(Settings(operators_file=write(tmp_path / "ops.yaml", body)))

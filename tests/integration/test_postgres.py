@@ -1,4 +1,6 @@
-"""The audit trail's tampering tests and the sealed ledger columns, on PostgreSQL."""
+"""The ledger on a real PostgreSQL (the production database): the tracker's ledger tests, the operator queries,
+the audit trail and its tampering, and the sealed ledger columns, run again against one throwaway cluster from
+the Debian binaries (started once for the session)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from services.core.crypto import Keyring, new_key, parse_keys
-from services.core.settings import Settings
-from services.tracker import audit, sealed
-from services.tracker.auditkey import new_audit_key
+from services.tracker import sealed
 from services.tracker.ledger import Ledger, metadata
 from tests.support.postgres import PostgresCluster, start_cluster
-from tests.unit.ops.test_ledger_queries import ev
-from tests.unit.security.test_audit_tamper import *  # noqa: F403 - the same tampering, on PostgreSQL
-from tests.unit.security.test_audit_tamper import ROWS
+from tests.unit.ops.test_ledger_queries import *  # noqa: F403 - the same tests, on PostgreSQL
+from tests.unit.ops.test_ledger_queries import ev as query_event
+from tests.unit.security.test_audit import *  # noqa: F403 - the same tests, on PostgreSQL
+from tests.unit.tracker.test_ledger import *  # noqa: F403 - the same tests, on PostgreSQL
 
 
 @pytest.fixture(scope="session")
@@ -23,12 +24,9 @@ def postgres() -> Iterator[PostgresCluster]:
 
 
 @pytest.fixture
-async def ledger(postgres: PostgresCluster) -> AsyncIterator[Ledger]:  # overrides the SQLite ledger
-    url = postgres.new_database()
-    ledger = Ledger(url)
-    await audit.open_trail(ledger, Settings(database_url=url, audit_key=new_audit_key()))
-    for n in range(1, ROWS + 1):
-        await audit.record_operator(ledger, "alice", "pause", target=f"target-{n}")
+async def ledger(postgres: PostgresCluster) -> AsyncIterator[Ledger]:  # overrides tests/unit/conftest.py's SQLite one
+    ledger = Ledger(postgres.new_database())
+    await ledger.create_schema()
     try:
         yield ledger
     finally:
@@ -39,22 +37,22 @@ async def test_it_really_is_postgres(ledger: Ledger) -> None:
     assert ledger.engine.dialect.name == "postgresql"
 
 
-async def test_sealed_columns_round_trip_and_reseal_on_postgres(ledger: Ledger) -> None:
+async def test_sealed_columns_round_trip_and_reseal_on_postgres(trail: Ledger) -> None:
     old, new = new_key("old"), new_key("new")
     sealed.install(Keyring(parse_keys(old, "t")))
     try:
         outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
                                                                    "diagnostics": "gender is 'ZORGLUB'"}]}
-        await ledger.apply(ev("t-1", "accepted", "ingress", 0, targets=["a"], size=1))
-        await ledger.apply(ev("t-1", "rejected", "validator", 1, outcome=outcome))
+        await trail.apply(query_event("t-1", "accepted", "ingress", 0, targets=["a"], size=1))
+        await trail.apply(query_event("t-1", "rejected", "validator", 1, outcome=outcome))
         both = Keyring(parse_keys(f"{new},{old}", "t"))
         sealed.install(both)
-        async with ledger.engine.begin() as conn:
+        async with trail.engine.begin() as conn:
             assert set(await sealed.kids_in_use(conn, metadata)) == {"old"}
             assert await sealed.reseal(conn, metadata, both) >= 3
             assert set(await sealed.kids_in_use(conn, metadata)) == {"new"}
         sealed.install(Keyring(parse_keys(new, "t")))
-        view = await ledger.get("t-1")
+        view = await trail.get("t-1")
         assert view is not None and "ZORGLUB" in str(view.outcome)
     finally:
         sealed.install(None)

@@ -1,4 +1,5 @@
-"""Fixtures of the ops tests: a fresh SQLite ledger per test."""
+"""Fixtures of the unit tests: a fresh SQLite ledger per test (tests/integration/test_postgres.py runs the ledger
+and audit tests again with a PostgreSQL one in its place)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from services.tracker.ledger import Ledger
 
 @pytest.fixture
 async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/l.db")
+    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
     await ledger.create_schema()
     try:
         yield ledger
     finally:
         await ledger.close()
+

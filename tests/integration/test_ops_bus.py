@@ -1,5 +1,6 @@
-"""`relais ledger rebuild` gives the tracker's state back from `transfers.events` (real Kafka and the
-embedded log); the lag reader sees a stage's backlog on the bus."""
+"""What the operators' tools read back from the bus, on a real Kafka and the embedded log: `relais ledger rebuild`
+gives the tracker's state back from `transfers.events`; the lag reader sees a stage's backlog; a stage's dead
+letter is read back from the poison topic."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from services.core.buses import make_bus
 from services.core.envelope import JSON, Emit, Envelope
 from services.core.errors import ConfigurationError
 from services.core.settings import Settings
-from services.core.topics import EVENTS, RECEIVED
-from services.ops.lag import LagReader
+from services.core.topics import EVENTS, POISON, RECEIVED
+from services.dlq.store import read_poison
+from services.ops.context import LagReader
 from services.tracker.ledger import Ledger, LedgerEvent, deliveries, events, transfers
-from services.tracker.rebuild import rebuild
+from services.tracker.maintenance import rebuild
 from tests.unit.ops.test_ledger_queries import story
 
 
@@ -79,3 +81,18 @@ async def test_lag_reader_sees_the_backlog(bus_settings: Callable[..., Settings]
     finally:
         await bus.stop()
 
+
+async def test_read_poison_finds_one_record_among_many(bus_settings: Callable[..., Settings]) -> None:
+    settings = bus_settings(topic_partitions=2)
+    bus = make_bus(settings)
+    await bus.start()
+    try:
+        envelopes = [Envelope(type="fr.relais.transfer.received", source="/relais/ingress", transfer_id=f"t{n}",
+                              data=f'{{"n": {n}}}'.encode(), extra={"failedstage": "validator"}) for n in range(12)]
+        await bus.publish([Emit(POISON, e.transfer_id.encode(), e) for e in envelopes])
+        found = await read_poison(bus, envelopes[7].id, timeout_s=60)
+        assert found is not None and found.envelope.data == b'{"n": 7}' and found.key == b"t7"
+        assert await read_poison(bus, "no-such-id", timeout_s=60) is None
+        assert await read_poison(bus, "", timeout_s=60) is None
+    finally:
+        await bus.stop()

@@ -61,6 +61,7 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, targets: TargetD
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ledger.create_schema()
+        audit.key_of(ledger)  # person keys and identifier searches need it: a missing key stops the start, not a POST
         tasks = [asyncio.create_task(app.state.reloader.run()),  # producers/operators files, no restart
                  asyncio.create_task(state.purge_submissions())]
         if manage_bus:

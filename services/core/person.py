@@ -8,12 +8,15 @@ The rule (README "Lanes and ordering"): the Bundle's first Patient is the person
    FINESS makes it unique across ESSMS);
 3. else no key: the transfer is keyed by its own id and ordered with nothing else.
 Other identifiers (driving licence, MDPH number, ...) never count: a person exported with or without
-them keeps one key. The identifier is personal data, so the key is a truncated SHA-256 of it. Pure.
+them keeps one key. The identifier is personal data and record keys are never encrypted (only values are),
+so the key is a truncated HMAC-SHA-256 under a secret kept off the data (derived from the audit key,
+`AuditKey.person_secret`): a plain hash of an INS would be reversed by trying every plausible number. Pure.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from typing import Any
 
 INS_SYSTEMS = (
@@ -26,8 +29,10 @@ LOCAL_USAGER_SYSTEM = "https://identifiant-medicosocial-localusager.esante.gouv.
 _PREFERENCE = (*INS_SYSTEMS, LOCAL_USAGER_SYSTEM)
 
 
-def person_key(bundle: Any) -> str | None:
-    """The 16-hex-digit key of the Bundle's person (see the module's rule), or None when it names none."""
+def person_key(bundle: Any, secret: bytes) -> str | None:
+    """The 16-hex-digit key of the Bundle's person (see the module's rule), or None when it names none.
+
+    Every process that computes keys must hold the same `secret`, or one person gets two keys."""
     patient = _first_patient(bundle)
     if patient is None:
         return None
@@ -43,7 +48,8 @@ def person_key(bundle: Any) -> str | None:
         if system in values:
             # The INS systems share one key space: the same NIR under NIR or NSS use is the same person.
             space = "ins" if system in INS_SYSTEMS else "local"
-            return hashlib.sha256(f"relais-person/1|{space}|{values[system]}".encode()).hexdigest()[:16]
+            return hmac.new(secret, f"relais-person/2|{space}|{values[system]}".encode(),
+                            hashlib.sha256).hexdigest()[:16]
     return None
 
 

@@ -32,6 +32,7 @@ from services.ingress.checks import Refusal
 from services.ingress.producers import Producer
 from services.ingress.state import IngressState, ingress_state
 from services.ingress.status import STATUS_PATH, STATUS_URL_EXTENSION, StatusAnswer, accepted_answer, status_answer
+from services.tracker import audit
 
 log = get_logger(__name__)
 router = APIRouter()
@@ -165,7 +166,8 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
                                            "auth": identity.method, "cert": identity.cert_fingerprint}),
                         producer=producer.id, content_type=JSON)
     record_key = transfer_id.encode()
-    person = person_key(parsed)  # the person's key orders its transfers from here on (services/core/person.py)
+    # The person's key orders its transfers from here on (services/core/person.py); keyed with the audit key's kin.
+    person = person_key(parsed, audit.key_of(state.ledger).person_secret())
     try:
         await state.bus.publish([Emit(RECEIVED, (person or transfer_id).encode(), received),
                                  Emit(EVENTS, record_key, accepted)])

@@ -53,8 +53,12 @@ class AuditKey:
         return hmac.new(self.secret, data, hashlib.sha256).hexdigest()
 
     def search_key(self) -> bytes:
-        """The key of the ledger's identifier search keys, derived from this one (one secret to hold, two uses)."""
+        """The key of the ledger's identifier search keys, derived from this one (one secret to hold, three uses)."""
         return hmac.new(self.secret, b"relais-identifier-search/1", hashlib.sha256).digest()
+
+    def person_secret(self) -> bytes:
+        """The key of the person keys that order a person's records (services/core/person.py), derived."""
+        return hmac.new(self.secret, b"relais-person/2", hashlib.sha256).digest()
 
 
 def new_audit_key() -> str:

@@ -36,6 +36,7 @@ from services.core.person import person_key
 from services.core.settings import Settings
 from services.core.topics import EVENTS, RECEIVED
 from services.ingress import validate_api
+from services.tracker.auditkey import load_audit_key
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
 from tests.support.ingress import serving
@@ -107,7 +108,8 @@ async def test_accepted_bundle_is_in_kafka_before_202(
     assert record.envelope.transfer_id == transfer_id
     assert record.envelope.producer == "dui-a"
     assert record.envelope.extra["targets"] == "essms-a,sidoba"
-    assert record.key == person_key(orjson.loads(body)).encode()  # one person, one key, from ingress on
+    secret = load_audit_key(s).person_secret()  # the key file the app created beside the ledger
+    assert record.key == person_key(orjson.loads(body), secret).encode()  # one person, one key, from ingress on
     [accepted] = await read_topic(s, EVENTS, expect=1)
     assert orjson.loads(accepted.envelope.data)["kind"] == "accepted"
 

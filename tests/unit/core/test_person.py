@@ -14,6 +14,13 @@ LOCAL = {"use": "usual", "system": LOCAL_USAGER_SYSTEM, "value": "3480787529/194
 LICENCE = {"type": {"coding": [{"code": "DL"}]}, "system": "https://ants.gouv.fr/", "value": "12AB34567"}
 
 
+SECRET = b"s" * 32
+
+
+def key_of(b: Any, secret: bytes = SECRET) -> str | None:
+    return person_key(b, secret)
+
+
 def bundle(*identifiers: dict[str, Any]) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:org", "resource": {"resourceType": "Organization", "identifier": [
@@ -22,32 +29,45 @@ def bundle(*identifiers: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_same_person_with_and_without_a_secondary_identifier_keeps_one_key() -> None:
-    key = person_key(bundle(NIR, LOCAL))
+    key = key_of(bundle(NIR, LOCAL))
     assert key is not None and len(key) == 16
-    assert person_key(bundle(LICENCE, NIR, LOCAL)) == key
-    assert person_key(bundle(LOCAL, LICENCE, NIR)) == key  # order of identifiers does not matter
+    assert key_of(bundle(LICENCE, NIR, LOCAL)) == key
+    assert key_of(bundle(LOCAL, LICENCE, NIR)) == key  # order of identifiers does not matter
 
 
 def test_the_ins_wins_over_the_local_identifier_and_the_local_one_serves_without_ins() -> None:
-    assert person_key(bundle(NIR)) == person_key(bundle(NIR, LOCAL))
-    local_only = person_key(bundle(LOCAL))
-    assert local_only is not None and local_only != person_key(bundle(NIR))
-    assert person_key(bundle(LOCAL, LICENCE)) == local_only
+    assert key_of(bundle(NIR)) == key_of(bundle(NIR, LOCAL))
+    local_only = key_of(bundle(LOCAL))
+    assert local_only is not None and local_only != key_of(bundle(NIR))
+    assert key_of(bundle(LOCAL, LICENCE)) == local_only
 
 
 def test_no_ins_and_no_local_identifier_means_no_person_key() -> None:
-    assert person_key(bundle(LICENCE)) is None
-    assert person_key(bundle()) is None
-    assert person_key({"resourceType": "Bundle"}) is None and person_key(b"not json") is None
+    assert key_of(bundle(LICENCE)) is None
+    assert key_of(bundle()) is None
+    assert key_of({"resourceType": "Bundle"}) is None and key_of(b"not json") is None
 
 
 def test_two_persons_have_two_keys_and_the_key_hides_the_identifier() -> None:
     other = dict(NIR, value="180012B01234567")
-    assert person_key(bundle(NIR)) != person_key(bundle(other))
-    assert NIR["value"] not in (person_key(bundle(NIR)) or "")
+    assert key_of(bundle(NIR)) != key_of(bundle(other))
+    assert NIR["value"] not in (key_of(bundle(NIR)) or "")
 
 
 def test_the_test_fixtures_persons_are_keyed() -> None:
     b = make_bundle(3, seed=7)
     without_extras = copy.deepcopy(b)
-    assert person_key(b) is not None and person_key(b) == person_key(without_extras)
+    assert key_of(b) is not None and key_of(b) == key_of(without_extras)
+
+
+def test_the_key_is_keyed_a_copy_of_the_log_cannot_tell_whose_it_is() -> None:
+    """Record keys travel in clear beside encrypted values: a plain hash of an INS would be reversed by trying
+    every plausible number. Without the secret (held like the audit key) the key says nothing."""
+    import hashlib
+
+    key = key_of(bundle(NIR))
+    assert key is not None and len(key) == 16
+    plain = {hashlib.sha256(f"{p}{NIR['value']}".encode()).hexdigest()[:16]
+             for p in ("", "relais-person/1|ins|")}
+    assert key not in plain
+    assert key_of(bundle(NIR), b"t" * 32) != key  # another secret, another key

@@ -44,14 +44,37 @@ class Context:
 class Check:
     """A compiled rule: `run()` inspects `node` (located at `at`) and reports through `ctx`."""
 
-    __slots__ = ("rule", "severity")
+    __slots__ = ("rule", "severity", "trigger", "trigger_twin")
 
     def __init__(self, rule: str, severity: str = "error") -> None:
         self.rule = rule
         self.severity = severity
+        # The JSON key (and a primitive's `_key` twin) without which the check finds nothing: most rules
+        # name elements a given resource does not carry, and `run_checks` then spares their walk.
+        self.trigger: str | None = None
+        self.trigger_twin: str | None = None
+
+    def silent_without(self, segments: tuple[Segment, ...]) -> None:
+        """The check selects through `segments` first, so it finds nothing when the first is absent."""
+        if segments and not segments[0].choice:  # a choice (`value[x]`) has no one key to look for
+            self.trigger = segments[0].name
+            self.trigger_twin = "_" + segments[0].name if segments[0].also_underscore else None
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         raise NotImplementedError
+
+
+def run_checks(checks: Sequence[Check], node: Any, at: str, ctx: Context) -> None:
+    """Run `checks` in order on `node`, skipping those whose first element `node` lacks (they would find
+    nothing: see `Check.silent_without`); the findings and their order are those of running them all."""
+    if type(node) is not dict:
+        for check in checks:
+            check.run(node, at, ctx)
+        return
+    for check in checks:
+        key = check.trigger
+        if key is None or key in node or (check.trigger_twin is not None and check.trigger_twin in node):
+            check.run(node, at, ctx)
 
 
 class Card(Check):
@@ -61,6 +84,7 @@ class Card(Check):
                  element: str, severity: str = "error") -> None:
         super().__init__(rule, severity)
         self.parents, self.last, self.min, self.max, self.element = parents, last, lo, hi, element
+        self.silent_without(parents or ((last,) if lo == 0 else ()))  # a minimum fires on absence
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for ploc, pnode in walk(node, at, self.parents):
@@ -103,6 +127,7 @@ class Pattern(Check):
         super().__init__(rule, severity)
         self.path, self.value, self.fixed = path, value, fixed
         self.test = pattern_matcher(value)
+        self.silent_without(path)
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for loc, value in walk(node, at, self.path):
@@ -119,6 +144,7 @@ class Types(Check):
     def __init__(self, rule: str, parents: tuple[Segment, ...], base: str, allowed: frozenset[str]) -> None:
         super().__init__(rule)
         self.parents, self.base, self.allowed = parents, base, allowed
+        self.silent_without(parents)
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for ploc, pnode in walk(node, at, self.parents):
@@ -136,6 +162,7 @@ class Binding(Check):
     def __init__(self, rule: str, path: tuple[Segment, ...], strength: str, vs: ValueSet) -> None:
         super().__init__(rule, "error" if strength == "required" else "warning")
         self.path, self.strength, self.vs = path, strength, vs
+        self.silent_without(path)
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for loc, value in walk(node, at, self.path):
@@ -185,6 +212,7 @@ class Targets(Check):
                  shown: str) -> None:
         super().__init__(rule)
         self.path, self.allowed, self.shown = path, allowed, shown  # type → allowed profile URLs (None: any)
+        self.silent_without(path)
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for loc, value in walk(node, at, self.path):
@@ -225,6 +253,7 @@ class Slice(Check):
         self.min, self.max, self.sub, self.what, self.element = lo, hi, tuple(sub), what, element
         # Items whose membership cannot be decided (a reference to a resource not in the Bundle).
         self.undecided = undecided
+        self.silent_without(parents or ((last,) if lo == 0 else ()))  # a minimum fires on absence
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for ploc, pnode in walk(node, at, self.parents):
@@ -247,8 +276,7 @@ class Slice(Check):
             ctx.add("error", "structure", self.rule, items[self.max][0], "slice-max", at=ploc,
                     max=self.max, count=n, element=self.element, slice=self.name, what=self.what)
         for loc, item in items:
-            for check in self.sub:
-                check.run(item, loc, ctx)
+            run_checks(self.sub, item, loc, ctx)
 
 
 class SliceGroup(Check):
@@ -260,6 +288,7 @@ class SliceGroup(Check):
         super().__init__(slices[0].rule)
         self.slices = tuple(slices)
         self.parents, self.last = slices[0].parents, slices[0].last
+        self.silent_without(self.parents or ((self.last,) if all(s.min == 0 for s in slices) else ()))
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for ploc, pnode in walk(node, at, self.parents):
@@ -303,6 +332,7 @@ class Invariant(Check):
         self.guard_url = guard_url  # skip unless the node carries an extension with this url
         self.guard_text: tuple[bytes, ...] = ()  # skip unless the node's JSON contains one of these
         self.twin: Predicate | None = None  # the Python twin of the expression (predicates.py), if any
+        self.silent_without(path)
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
         for loc, value in walk(node, at, self.path):

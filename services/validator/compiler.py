@@ -20,6 +20,7 @@ from services.validator.checks import (
     Targets,
     Types,
     group_slices,
+    run_checks,
 )
 from services.validator.invariants import compiled
 from services.validator.paths import compile_path, pattern_matcher
@@ -40,8 +41,7 @@ class Profile:
 
     def run(self, resource: Any, at: str, ctx: Context) -> None:
         ctx.profile_id, ctx.profile_url = self.id, self.url
-        for check in self.checks:
-            check.run(resource, at, ctx)
+        run_checks(self.checks, resource, at, ctx)
 
 
 class RuleError(ValueError):

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from services.core.outcome import Issue
-from services.validator.checks import Context
+from services.validator.checks import Context, run_checks
 from services.validator.compiler import Profile
 from services.validator.messages import quote, say
 from services.validator.ruleset import RuleSet
@@ -93,9 +93,10 @@ def _said_once(out: list[Issue], start: int, middle: int) -> None:
 
 def _base(rs: RuleSet, resource: dict[str, Any], at: str, ctx: Context) -> None:
     rtype = resource.get("resourceType")
-    for check in rs.base.get(rtype, ()) if isinstance(rtype, str) else ():
+    checks = rs.base.get(rtype) if isinstance(rtype, str) else None
+    if checks:
         ctx.profile_id, ctx.profile_url = f"FHIR R4 {rtype}", None
-        check.run(resource, at, ctx)
+        run_checks(checks, resource, at, ctx)
 
 
 def _check_contained(rs: RuleSet, contained: list[Any], at: str, ctx: Context, lang: str) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
@@ -274,7 +275,7 @@ def all_references(bundle: dict[str, Any]) -> list[object]:
         return [r for r in _all_references(resources) if isinstance(r, str)]
     pieces = text.split(_REFERENCE_KEY)
     found: list[object] = []
-    for before, after in zip(pieces, pieces[1:], strict=False):
+    for before, after in itertools.pairwise(pieces):
         if before[-1:] not in (b"{", b","):
             continue  # the tail of a longer key, such as "x\"reference"
         end = after.find(b'"')

@@ -12,8 +12,8 @@ only when the tree's order interleaved them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -60,6 +60,12 @@ def plan_of(checks: Sequence[Check]) -> Plan:
 
 def run_plan(plan: Plan, scope: Any, at: str, ctx: Context) -> None:
     """Every check of `plan` on `scope` (located at `at`), findings appended to `ctx.out` in check order."""
+    if not plan.kids:  # every check acts on the scope itself (a slice item's extension, ...): already in order
+        is_object = type(scope) is dict
+        for _, at_node, key, twin in plan.here:
+            if key is None or not is_object or key in scope or (twin is not None and twin in scope):
+                at_node(at, scope, scope, ctx)
+        return
     out = ctx.out
     start = len(out)
     marks: list[Mark] = []

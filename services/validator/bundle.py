@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
+
+import orjson
 
 from services.core.outcome import Issue, error, warning
 from services.validator.base import resource_class
@@ -259,13 +262,39 @@ def _names_an_entry(reference: str, targets: Mapping[str, int]) -> bool:
 
 
 def all_references(bundle: dict[str, Any]) -> list[object]:
-    """Every `reference` value in the entries' resources (one walk, shared by the reference checks)."""
-    return list(_all_references(bundle))
+    """Every string `reference` value in the entries' resources (one pass, shared by the reference checks).
+
+    Found in the resources' compact JSON rather than by walking them (a fifth of the cost): there a key is
+    the only string that follows `{` or `,`, since a quote inside a string is always escaped. Values of
+    other JSON types are left out: both checks pass over them (the structure check reports them).
+    """
+    resources = [e.get("resource") for _, e in entries(bundle)]
+    try:
+        text = orjson.dumps(resources)
+    except orjson.JSONEncodeError:  # a caller's dict that is not JSON, or nested past orjson's limit
+        return [r for r in _all_references(resources) if isinstance(r, str)]
+    pieces = text.split(_REFERENCE_KEY)
+    found: list[object] = []
+    for before, after in itertools.pairwise(pieces):
+        if before[-1:] not in (b"{", b","):
+            continue  # the tail of a longer key, such as "x\"reference"
+        end = after.find(b'"')
+        value = after[:end]
+        if b"\\" in value:  # an escape: the closing quote is the first one not escaped
+            tail = _STRING_TAIL.match(after)
+            found.append(orjson.loads(b'"' + tail[1] + b'"') if tail else None)
+        else:
+            found.append(value.decode())
+    return found
 
 
-def _all_references(bundle: dict[str, Any]) -> Iterator[object]:
-    """Every `reference` value in the entries' resources, locations not kept (iterative: no recursion limit)."""
-    stack: list[Any] = [e.get("resource") for _, e in entries(bundle)]
+_REFERENCE_KEY: Final = b'"reference":"'
+_STRING_TAIL: Final = re.compile(rb'((?:[^"\\]|\\.)*)"')
+
+
+def _all_references(resources: list[Any]) -> Iterator[object]:
+    """Every `reference` value under `resources`, locations not kept (iterative: no recursion limit)."""
+    stack: list[Any] = list(resources)
     pop, push = stack.pop, stack.append
     while stack:
         current = pop()

@@ -17,6 +17,7 @@ from services.core.outcome import Issue
 from services.validator.invariants import Compiled, holds
 from services.validator.messages import quote, say
 from services.validator.paths import Item, Segment, choice_keys, fhir_type, locate, pattern_matcher, walk
+from services.validator.plan import plan_of, run_plan
 from services.validator.predicates import Predicate
 from services.validator.terminology import ValueSet
 
@@ -42,15 +43,33 @@ class Context:
 
 
 class Check:
-    """A compiled rule: `run()` inspects `node` (located at `at`) and reports through `ctx`."""
+    """A compiled rule, acting at the nodes its `node_path` reaches from the scope it runs on (a resource or
+    a slice item): `at_node()` inspects one of them and reports through `ctx`; `run()` walks to them all."""
 
-    __slots__ = ("rule", "severity")
+    __slots__ = ("node_path", "rule", "severity", "trigger", "trigger_twin")
 
-    def __init__(self, rule: str, severity: str = "error") -> None:
+    def __init__(self, rule: str, severity: str = "error", node_path: tuple[Segment, ...] = ()) -> None:
         self.rule = rule
         self.severity = severity
+        self.node_path = node_path
+        # The JSON key (and a primitive's `_key` twin) of the node without which the check finds nothing
+        # there (a cardinality or slice with no minimum): `plan.py` then spares the call.
+        self.trigger: str | None = None
+        self.trigger_twin: str | None = None
+
+    def silent_without(self, last: Segment, lo: int) -> None:
+        """The check counts `last` under its node and reports nothing when there are none and `lo` is 0."""
+        if lo == 0 and not last.choice:  # a choice (`value[x]`) has no one key to look for
+            self.trigger = last.name
+            self.trigger_twin = "_" + last.name if last.also_underscore else None
 
     def run(self, node: Any, at: str, ctx: Context) -> None:
+        """The check on a scope: at every node its path reaches, in document order."""
+        for loc, value in walk(node, at, self.node_path):
+            self.at_node(loc, value, node, ctx)
+
+    def at_node(self, loc: str, value: Any, root: Any, ctx: Context) -> None:
+        """The check at one node `value` (located at `loc`) of the scope `root`."""
         raise NotImplementedError
 
 
@@ -59,22 +78,22 @@ class Card(Check):
 
     def __init__(self, rule: str, parents: tuple[Segment, ...], last: Segment, lo: int, hi: int | None,
                  element: str, severity: str = "error") -> None:
-        super().__init__(rule, severity)
+        super().__init__(rule, severity, parents)
         self.parents, self.last, self.min, self.max, self.element = parents, last, lo, hi, element
+        self.silent_without(last, lo)
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        for ploc, pnode in walk(node, at, self.parents):
-            kids = self.last.select(pnode)
-            n = len(kids)
-            if n < self.min and not self.last.choice:
-                n = _present(pnode, self.last.name, n)
-            if n < self.min:
-                ctx.add(self.severity, "required", self.rule, f"{ploc}.{self.last.name}", "card-min",
-                        at=ploc, element=self.element, min=self.min, count=n)
-            elif self.max is not None and n > self.max:
-                key, index, _ = kids[self.max]
-                ctx.add(self.severity, "structure", self.rule, locate(ploc, key, index), "card-max",
-                        at=ploc, element=self.element, max=self.max, count=n)
+    def at_node(self, ploc: str, pnode: Any, root: Any, ctx: Context) -> None:
+        kids = self.last.select(pnode)
+        n = len(kids)
+        if n < self.min and not self.last.choice:
+            n = _present(pnode, self.last.name, n)
+        if n < self.min:
+            ctx.add(self.severity, "required", self.rule, f"{ploc}.{self.last.name}", "card-min",
+                    at=ploc, element=self.element, min=self.min, count=n)
+        elif self.max is not None and n > self.max:
+            key, index, _ = kids[self.max]
+            ctx.add(self.severity, "structure", self.rule, locate(ploc, key, index), "card-max",
+                    at=ploc, element=self.element, max=self.max, count=n)
 
 
 def _present(node: Any, name: str, n: int) -> int:
@@ -100,46 +119,43 @@ class Pattern(Check):
 
     def __init__(self, rule: str, path: tuple[Segment, ...], value: Any, fixed: bool,
                  severity: str = "error") -> None:
-        super().__init__(rule, severity)
+        super().__init__(rule, severity, path)
         self.path, self.value, self.fixed = path, value, fixed
         self.test = pattern_matcher(value)
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        for loc, value in walk(node, at, self.path):
-            ok = value == self.value if self.fixed else self.test(value)
-            if not ok:
-                key = "pattern" if not self.fixed else ("fixed" if self.severity == "error" else "fixed-defective")
-                ctx.add(self.severity, "value", self.rule, loc, key, at=loc, value=quote(value),
-                        expected=quote(self.value))
+    def at_node(self, loc: str, value: Any, root: Any, ctx: Context) -> None:
+        ok = value == self.value if self.fixed else self.test(value)
+        if not ok:
+            key = "pattern" if not self.fixed else ("fixed" if self.severity == "error" else "fixed-defective")
+            ctx.add(self.severity, "value", self.rule, loc, key, at=loc, value=quote(value),
+                    expected=quote(self.value))
 
 
 class Types(Check):
     __slots__ = ("allowed", "base", "parents")
 
     def __init__(self, rule: str, parents: tuple[Segment, ...], base: str, allowed: frozenset[str]) -> None:
-        super().__init__(rule)
+        super().__init__(rule, "error", parents)
         self.parents, self.base, self.allowed = parents, base, allowed
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        for ploc, pnode in walk(node, at, self.parents):
-            if isinstance(pnode, dict):
-                for key in choice_keys(pnode, self.base):
-                    found = fhir_type(key, self.base)
-                    if found not in self.allowed:
-                        ctx.add("error", "structure", self.rule, f"{ploc}.{key}", "type", at=f"{ploc}.{key}",
-                                found=found, allowed=" | ".join(sorted(self.allowed)))
+    def at_node(self, ploc: str, pnode: Any, root: Any, ctx: Context) -> None:
+        if isinstance(pnode, dict):
+            for key in choice_keys(pnode, self.base):
+                found = fhir_type(key, self.base)
+                if found not in self.allowed:
+                    ctx.add("error", "structure", self.rule, f"{ploc}.{key}", "type", at=f"{ploc}.{key}",
+                            found=found, allowed=" | ".join(sorted(self.allowed)))
 
 
 class Binding(Check):
     __slots__ = ("path", "strength", "vs")
 
     def __init__(self, rule: str, path: tuple[Segment, ...], strength: str, vs: ValueSet) -> None:
-        super().__init__(rule, "error" if strength == "required" else "warning")
+        super().__init__(rule, "error" if strength == "required" else "warning", path)
         self.path, self.strength, self.vs = path, strength, vs
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        for loc, value in walk(node, at, self.path):
-            self.check_value(value, loc, ctx)
+    def at_node(self, loc: str, value: Any, root: Any, ctx: Context) -> None:
+        self.check_value(value, loc, ctx)
 
     def check_value(self, value: Any, loc: str, ctx: Context) -> None:
         vs = self.vs
@@ -183,12 +199,11 @@ class Targets(Check):
 
     def __init__(self, rule: str, path: tuple[Segment, ...], allowed: dict[str, frozenset[str] | None],
                  shown: str) -> None:
-        super().__init__(rule)
+        super().__init__(rule, "error", path)
         self.path, self.allowed, self.shown = path, allowed, shown  # type → allowed profile URLs (None: any)
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        for loc, value in walk(node, at, self.path):
-            self.check_value(value, loc, ctx)
+    def at_node(self, loc: str, value: Any, root: Any, ctx: Context) -> None:
+        self.check_value(value, loc, ctx)
 
     def check_value(self, value: Any, loc: str, ctx: Context) -> None:
         if not isinstance(value, dict):
@@ -215,24 +230,36 @@ Matcher = Callable[[Any, Context], bool]
 
 
 class Slice(Check):
-    __slots__ = ("element", "last", "match", "max", "min", "name", "parents", "sub", "undecided", "what")
+    __slots__ = ("coding", "element", "last", "match", "max", "min", "name", "parents", "plan", "sub", "undecided",
+                 "what")
 
     def __init__(self, rule: str, parents: tuple[Segment, ...], last: Segment, name: str, match: Matcher,
                  lo: int, hi: int | None, sub: Sequence[Check], what: str, element: str,
-                 undecided: Matcher | None = None) -> None:
-        super().__init__(rule)
+                 undecided: Matcher | None = None, coding: tuple[str, str, str] | None = None) -> None:
+        super().__init__(rule, "error", parents)
         self.parents, self.last, self.name, self.match = parents, last, name, match
         self.min, self.max, self.sub, self.what, self.element = lo, hi, tuple(sub), what, element
+        self.plan = plan_of(self.sub)  # the checks of each item of the slice
         # Items whose membership cannot be decided (a reference to a resource not in the Bundle).
         self.undecided = undecided
+        # (element, system, code) when `match` is the pattern {element: {coding: [{system, code}]}}, the
+        # usual discriminator: a group of such slices reads each item's codings once (`coding_pairs`).
+        self.coding = coding
+        self.silent_without(last, lo)
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        for ploc, pnode in walk(node, at, self.parents):
-            self.run_items(ploc, self.last.select(pnode), ctx)
+    def at_node(self, ploc: str, pnode: Any, root: Any, ctx: Context) -> None:
+        self.run_items(ploc, self.last.select(pnode), ctx)
 
-    def run_items(self, ploc: str, selected: list[Item], ctx: Context) -> None:
-        """The slice over the already selected items of the sliced element under `ploc`."""
-        items = [(locate(ploc, key, i), item) for key, i, item in selected if self.match(item, ctx)]
+    def run_items(self, ploc: str, selected: list[Item], ctx: Context,
+                  codings: list[set[tuple[str, str]]] | None = None) -> None:
+        """The slice over the already selected items of the sliced element under `ploc` (with `codings`,
+        each item's `coding_pairs()` for this slice's element: the same decisions as `match`, found faster)."""
+        if codings is not None and self.coding is not None:
+            pair = self.coding[1:]
+            items = [(locate(ploc, key, i), item) for (key, i, item), found in zip(selected, codings, strict=True)
+                     if pair in found]
+        else:
+            items = [(locate(ploc, key, i), item) for key, i, item in selected if self.match(item, ctx)]
         n = len(items)
         if n < self.min:
             unknown = 0 if self.undecided is None else sum(1 for _, _, item in selected if self.undecided(item, ctx))
@@ -247,25 +274,39 @@ class Slice(Check):
             ctx.add("error", "structure", self.rule, items[self.max][0], "slice-max", at=ploc,
                     max=self.max, count=n, element=self.element, slice=self.name, what=self.what)
         for loc, item in items:
-            for check in self.sub:
-                check.run(item, loc, ctx)
+            run_plan(self.plan, item, loc, ctx)
 
 
 class SliceGroup(Check):
     """Consecutive slices of one element, run over one selection of its items (not one walk each)."""
 
-    __slots__ = ("last", "parents", "slices")
+    __slots__ = ("coded", "last", "parents", "slices")
 
     def __init__(self, slices: Sequence[Slice]) -> None:
-        super().__init__(slices[0].rule)
+        super().__init__(slices[0].rule, "error", slices[0].parents)
         self.slices = tuple(slices)
         self.parents, self.last = slices[0].parents, slices[0].last
+        self.silent_without(self.last, max(s.min for s in slices))
+        # The element whose codings discriminate at least two of the slices (see `Slice.coding`), if any.
+        elements = [s.coding[0] for s in slices if s.coding is not None]
+        self.coded = elements[0] if len(elements) > 1 and len(set(elements)) == 1 else None
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        for ploc, pnode in walk(node, at, self.parents):
-            selected = self.last.select(pnode)
-            for piece in self.slices:
-                piece.run_items(ploc, selected, ctx)
+    def at_node(self, ploc: str, pnode: Any, root: Any, ctx: Context) -> None:
+        selected = self.last.select(pnode)
+        found = [coding_pairs(item, self.coded) for _, _, item in selected] if self.coded is not None else None
+        for piece in self.slices:
+            piece.run_items(ploc, selected, ctx, found)
+
+
+def coding_pairs(item: Any, element: str) -> set[tuple[str, str]]:
+    """(system, code) of each coding of `item[element]` that the pattern {element: {coding: [{system, code}]}}
+    would match on: an object's `coding`, a list or a single object, whose system and code are strings."""
+    concept = item.get(element) if isinstance(item, dict) else None
+    found = concept.get("coding") if isinstance(concept, dict) else None
+    if found is None:
+        return set()
+    return {(c["system"], c["code"]) for c in (found if isinstance(found, list) else (found,))
+            if isinstance(c, dict) and type(c.get("system")) is str and type(c.get("code")) is str}
 
 
 def group_slices(checks: list[Check]) -> list[Check]:
@@ -298,29 +339,28 @@ class Invariant(Check):
 
     def __init__(self, rule: str, path: tuple[Segment, ...], key: str, human: str, function: Compiled,
                  guard: tuple[Segment, ...] | None, severity: str, guard_url: str | None = None) -> None:
-        super().__init__(rule, severity)
+        super().__init__(rule, severity, path)
         self.path, self.key, self.human, self.function, self.guard = path, key, human, function, guard
         self.guard_url = guard_url  # skip unless the node carries an extension with this url
         self.guard_text: tuple[bytes, ...] = ()  # skip unless the node's JSON contains one of these
         self.twin: Predicate | None = None  # the Python twin of the expression (predicates.py), if any
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        for loc, value in walk(node, at, self.path):
-            if self.guard is not None and not walk(value, loc, self.guard):
-                continue  # the guard is empty: the invariant's antecedent cannot hold
-            if self.guard_url is not None and not _has_extension(value, self.guard_url):
-                continue
-            if self.guard_text and not _contains(value, self.guard_text):
-                continue
-            result: bool | str | None = self.twin(value) if self.twin is not None else None
-            if result is None:
-                result = holds(self.function, value, node)
-            if result is False:
-                ctx.add(self.severity, "invariant", self.rule, loc, "invariant", at=loc, key=self.key,
-                        human=self.human)
-            elif result is not True:
-                ctx.add("warning", "processing", self.rule, loc, "invariant-error", at=loc, key=self.key,
-                        detail=result)
+    def at_node(self, loc: str, value: Any, root: Any, ctx: Context) -> None:
+        if self.guard is not None and not walk(value, loc, self.guard):
+            return  # the guard is empty: the invariant's antecedent cannot hold
+        if self.guard_url is not None and not _has_extension(value, self.guard_url):
+            return
+        if self.guard_text and not _contains(value, self.guard_text):
+            return
+        result: bool | str | None = self.twin(value) if self.twin is not None else None
+        if result is None:
+            result = holds(self.function, value, root)  # %resource: the scope the check runs on
+        if result is False:
+            ctx.add(self.severity, "invariant", self.rule, loc, "invariant", at=loc, key=self.key,
+                    human=self.human)
+        elif result is not True:
+            ctx.add("warning", "processing", self.rule, loc, "invariant-error", at=loc, key=self.key,
+                    detail=result)
 
 
 def _contains(node: Any, needles: tuple[bytes, ...]) -> bool:
@@ -358,14 +398,14 @@ class Extension(Check):
         super().__init__(defn.rule)
         self.defn = defn
 
-    def run(self, node: Any, at: str, ctx: Context) -> None:
-        check_extension(self.defn, node, at, ctx)
+    def at_node(self, loc: str, value: Any, root: Any, ctx: Context) -> None:
+        check_extension(self.defn, value, loc, ctx)
 
 
 def check_extension(d: ExtensionDef, node: Any, at: str, ctx: Context) -> None:
     if not isinstance(node, dict):
         return
-    keys = list(choice_keys(node, "value"))
+    keys = [k for k in node if k[:5] == "value" and k[5:6].isupper()]  # choice_keys(node, "value"), inlined
     nested = node.get("extension")
     if d.value_types is not None:
         if not keys:
@@ -388,8 +428,12 @@ def check_extension(d: ExtensionDef, node: Any, at: str, ctx: Context) -> None:
                     ext=d.label)
         items = [(f"{at}.extension[{i}]", e) for i, e in enumerate(nested)
                  if isinstance(e, dict)] if isinstance(nested, list) else []
+        by_url: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # one pass over the items, not one per sub
+        for loc, e in items:
+            if isinstance(e.get("url"), str):
+                by_url.setdefault(e["url"], []).append((loc, e))
         for url, (lo, hi, sub) in d.subs.items():
-            found = [(loc, e) for loc, e in items if e.get("url") == url]
+            found = by_url.get(url, [])
             n = len(found)
             if n < lo:
                 ctx.add("error", "required", f"{sub.rule}/card", f"{at}.extension", "card-min", at=at,

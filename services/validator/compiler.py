@@ -23,6 +23,7 @@ from services.validator.checks import (
 )
 from services.validator.invariants import compiled
 from services.validator.paths import compile_path, pattern_matcher
+from services.validator.plan import Plan, plan_of, run_plan
 from services.validator.predicates import twin
 from services.validator.terminology import ValueSet
 
@@ -37,11 +38,11 @@ class Profile:
     title: str = ""
     slice_name: str | None = None
     checks: list[Check] = field(default_factory=list)
+    plan: Plan = field(default_factory=Plan)  # the checks as one tree of paths (`plan_of(checks)`)
 
     def run(self, resource: Any, at: str, ctx: Context) -> None:
         ctx.profile_id, ctx.profile_url = self.id, self.url
-        for check in self.checks:
-            check.run(resource, at, ctx)
+        run_plan(self.plan, resource, at, ctx)
 
 
 class RuleError(ValueError):
@@ -63,6 +64,7 @@ class Compiler:
         prefix = rule_prefix or pid
         prof = Profile(pid, doc.get("url", ""), doc["resourceType"], doc.get("title", ""))
         prof.checks = self.scope(doc, prefix, "")
+        prof.plan = plan_of(prof.checks)
         return prof
 
     def scope(self, doc: Mapping[str, Any], prefix: str, scope: str) -> list[Check]:
@@ -133,6 +135,7 @@ class Compiler:
         lo, hi = parse_card(spec.get("card", "0..*"))
         sub: list[Check] = []
         undecided: Matcher | None = None
+        coding: tuple[str, str, str] | None = None
         if "url" in spec:  # an extension slice: discriminated by url
             url = spec["url"]
             match: Matcher = _url_matcher(url)
@@ -150,12 +153,14 @@ class Compiler:
                 return test(item)
 
             what = _describe(pattern)
+            coding = _coding_discriminator(pattern)
         else:
             raise RuleError(f"{prefix}: slice {key} has no discriminator (url, match or resolve)")
         if "targets" in spec and "url" not in spec:  # the slice item is itself a Reference
             sub.append(self.targets(f"{prefix}/targets/{full}", (), spec["targets"]))
         sub.extend(self.scope(spec, prefix, full))
-        return Slice(f"{prefix}/slice/{full}", segs[:-1], segs[-1], name, match, lo, hi, sub, what, path, undecided)
+        return Slice(f"{prefix}/slice/{full}", segs[:-1], segs[-1], name, match, lo, hi, sub, what, path, undecided,
+                     coding)
 
     def _resolve_matcher(self, names: list[str]) -> Matcher:
         types = {n if n[:1].isupper() else self.profile_types[n][0] for n in names}
@@ -216,6 +221,21 @@ def _unresolved(item: Any, ctx: Context) -> bool:
     """A Reference to a resource that is not in the Bundle: which slice it fills cannot be known."""
     ref = item.get("reference") if isinstance(item, dict) else None
     return isinstance(ref, str) and bool(ref) and not ref.startswith("#") and ctx.resolve(ref) is None
+
+
+def _coding_discriminator(pattern: Any) -> tuple[str, str, str] | None:
+    """(element, system, code) of a pattern {element: {coding: [{system, code}]}} (strings), else None."""
+    if not (isinstance(pattern, dict) and len(pattern) == 1):
+        return None
+    ((element, concept),) = pattern.items()
+    if not (isinstance(concept, dict) and list(concept) == ["coding"] and isinstance(concept["coding"], list)
+            and len(concept["coding"]) == 1):
+        return None
+    (coding,) = concept["coding"]
+    if not (isinstance(coding, dict) and set(coding) == {"system", "code"}
+            and type(coding["system"]) is str and type(coding["code"]) is str):
+        return None
+    return element, coding["system"], coding["code"]
 
 
 def parse_card(text: object) -> tuple[int, int | None]:

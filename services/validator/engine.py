@@ -24,6 +24,7 @@ from services.core.outcome import Issue
 from services.validator.checks import Context
 from services.validator.compiler import Profile
 from services.validator.messages import quote, say
+from services.validator.plan import run_plan
 from services.validator.ruleset import RuleSet
 
 RULE_PROFILE_UNKNOWN = "tddui-bundle/profile-unknown"
@@ -35,6 +36,7 @@ RULE_SLICE_UNPROFILED = "tddui-bundle/slice-unprofiled"
 RULE_CONTAINED_PATIENT = "tddui-bundle/contained-patient"
 
 Entry = tuple[int, dict[str, Any]]  # (index in Bundle.entry, resource)
+_NONE: frozenset[str] = frozenset()
 
 
 def check_profiles(rs: RuleSet, entries: list[Entry], targets: Mapping[str, int], lang: str) -> list[Issue]:
@@ -60,7 +62,7 @@ def check_profiles(rs: RuleSet, entries: list[Entry], targets: Mapping[str, int]
         rtype = types.get(j) if j is not None else None
         if not isinstance(rtype, str):
             return None
-        return rtype, conform.get(j, frozenset())  # type: ignore[arg-type]
+        return rtype, conform.get(j, _NONE)  # type: ignore[arg-type]
 
     # Slice matching first, so references to unclaimed entries know which profile they conform to.
     matched: dict[int, list[Profile]] = {}
@@ -93,9 +95,10 @@ def _said_once(out: list[Issue], start: int, middle: int) -> None:
 
 def _base(rs: RuleSet, resource: dict[str, Any], at: str, ctx: Context) -> None:
     rtype = resource.get("resourceType")
-    for check in rs.base.get(rtype, ()) if isinstance(rtype, str) else ():
+    plan = rs.base_plans.get(rtype) if isinstance(rtype, str) else None
+    if plan is not None:
         ctx.profile_id, ctx.profile_url = f"FHIR R4 {rtype}", None
-        check.run(resource, at, ctx)
+        run_plan(plan, resource, at, ctx)
 
 
 def _check_contained(rs: RuleSet, contained: list[Any], at: str, ctx: Context, lang: str) -> None:

@@ -81,9 +81,14 @@ class Table:
         self.primitive_extension = klass.get_resource_type() == "FHIRPrimitiveExtension"
 
 
-@functools.cache
+_TABLES: dict[type[FHIRAbstractModel], Table] = {}  # a plain dict: looked up once per node, the hot path
+
+
 def table(klass: type[FHIRAbstractModel]) -> Table:
-    return Table(klass)
+    found = _TABLES.get(klass)
+    if found is None:
+        found = _TABLES[klass] = Table(klass)
+    return found
 
 
 def surely_valid(klass: type[FHIRAbstractModel], data: object) -> bool:
@@ -92,9 +97,10 @@ def surely_valid(klass: type[FHIRAbstractModel], data: object) -> bool:
         return False
     stack: list[tuple[type[FHIRAbstractModel], dict[str, Any]]] = [(klass, data)]
     pop, push = stack.pop, stack.append
+    tables = _TABLES
     while stack:
         current, node = pop()
-        t = table(current)
+        t = tables.get(current) or table(current)
         fields = t.fields
         groups = 0  # bit set of the choice groups given
         for key, value in node.items():

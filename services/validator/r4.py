@@ -163,6 +163,13 @@ def check_r4_resource(resource: dict[str, Any], at: str, lang: str = "en") -> li
                             where = spell(w.base, (kchain, i))
                             w.add(RULE_JSON_NULL, "structure", where, "json-null", at=where)
                         continue
+                    # `_value`'s two usual cases inlined (arrays of objects and of well-typed primitives).
+                    if kind == COMPLEX or kind == BACKBONE:
+                        if type(item) is dict:
+                            push((item, spec[1], (kchain, i), root))
+                        continue
+                    if kind == PRIMITIVE and type(item) in spec[2] and item != "":
+                        continue
                     _value(w, spec, item, (kchain, i), root, push)
             elif value is None:
                 if (kind != PRIMITIVE and kind != CODED) or node.get("_" + key) is None:

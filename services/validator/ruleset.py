@@ -18,6 +18,7 @@ import yaml
 
 from services.validator.checks import Check, ExtensionDef, SliceGroup
 from services.validator.compiler import Compiler, Profile, RuleError
+from services.validator.plan import Plan
 from services.validator.terminology import ValueSet, compile_value_sets
 
 PROFILES_FILE = "tddui-profiles.yaml"
@@ -34,6 +35,7 @@ class RuleSet:
     others: dict[str, Profile] = field(default_factory=dict)  # canonical URL → TDDUI profile that is no slice
     by_type: dict[str, list[Profile]] = field(default_factory=dict)  # resource type → slice profiles
     base: dict[str, list[Check]] = field(default_factory=dict)  # resource type → base FHIR R4 checks
+    base_plans: dict[str, Plan] = field(default_factory=dict)  # resource type → those checks' plan
     extensions: dict[str, ExtensionDef] = field(default_factory=dict)
     value_sets: dict[str, ValueSet] = field(default_factory=dict)
     namespace: str = ""  # IG StructureDefinition base, for 'unknown TDDUI profile' findings
@@ -110,5 +112,6 @@ def build(docs: dict[str, Any]) -> RuleSet:
         for path, types in (targets.get(rtype) or {}).items():
             elements[path] = {**(elements.get(path) or {}), "targets": types}
         doc = {"profile": f"fhir-r4/{rtype}", "resourceType": rtype, **doc, "elements": elements}
-        rs.base[rtype] = compiler.profile(doc).checks
+        compiled = compiler.profile(doc)
+        rs.base[rtype], rs.base_plans[rtype] = compiled.checks, compiled.plan
     return rs

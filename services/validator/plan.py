@@ -12,16 +12,28 @@ only when the tree's order interleaved them).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
+from services.core.outcome import Issue
+from services.validator.paths import Segment
 
-    from services.core.outcome import Issue
-    from services.validator.checks import Check, Context
-    from services.validator.paths import Segment
+
+class Context(Protocol):
+    """What a plan reads of a check's context (`checks.Context`): where findings go."""
+
+    out: list[Issue]
+
+
+class Check(Protocol):
+    """What a plan reads of a check (`checks.Check`; a protocol, so that checks.py may build plans)."""
+
+    node_path: tuple[Segment, ...]
+    trigger: str | None
+    trigger_twin: str | None
+
+    def at_node(self, at: str, node: Any, scope: Any, ctx: Any) -> None: ...
 
 Mark = tuple[int, int, int]  # (check's index in its scope, first finding, end) in ctx.out
 # (index, the check's bound `at_node`, its `trigger` and `trigger_twin`): read once, called many times.

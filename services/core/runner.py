@@ -54,7 +54,10 @@ class Stage(Protocol):
     `async def prepare(records)`: called with a whole poll before its records are handled, to do the
     stage's I/O for the poll at once (the tracker projects a poll's events in one transaction); and
     `def stopping()`: called when the runner stops polling, so records waiting inside `handle` (not
-    working) give up at once, e.g. by raising `TransientError` (they are read again later).
+    working) give up at once, e.g. by raising `TransientError` (they are read again later); and
+    `async def assigned(gained, lost, pending)`: called when this member's partitions changed, before any
+    record of a gained partition is handled, with `pending(partitions)` reading the records of those
+    partitions the group has not committed yet (delivery: the records a lane has waiting in retry tiers).
     """
 
     name: str
@@ -134,6 +137,8 @@ class _Pump:
         self.stage, self.sub, self.stop = stage, sub, stop
         self.lane_of: Callable[[Record], Hashable] = getattr(stage, "lane", lambda _: None)
         self.prepare: Callable[[list[Record]], Awaitable[None]] | None = getattr(stage, "prepare", None)
+        self.assigned: Callable[..., Awaitable[None]] | None = getattr(stage, "assigned", None)
+        self.known: set[Partition] = set()  # the assignment the stage was last told of
         self.capacity = settings.batch_size
         self.in_hand = 0     # polled, not yet committed or dropped
         self.unhandled = 0   # of those, not yet started by their lane
@@ -208,10 +213,20 @@ class _Pump:
                     await asyncio.wait_for(self.room.wait(), POLL_TIMEOUT_S)
                 continue
             records = await self.sub.poll(room, POLL_TIMEOUT_S)
+            if self.assigned is not None:
+                await self._follow_assignment(self.assigned)
             if records and self.prepare is not None:
                 await self.prepare(records)
             for record in records:
                 self._dispatch(record)
+
+    async def _follow_assignment(self, assigned: Callable[..., Awaitable[None]]) -> None:
+        """Tell the stage the partitions it gained and lost since the last poll, before it sees their records."""
+        now = self.sub.assignment()
+        if now != self.known:
+            pending = getattr(self.sub, "pending", None)
+            await assigned(now - self.known, self.known - now, pending or _nothing_pending)
+            self.known = now
 
     def _dispatch(self, record: Record) -> None:
         partition = Partition(record.topic, record.partition)
@@ -313,6 +328,10 @@ class _Pump:
             if hook is not None:
                 self.hooks = {t for t in self.hooks if not t.done()}
                 self.hooks.add(asyncio.create_task(_after_commit(hook, [r for r, _ in batch])))
+
+
+async def _nothing_pending(partitions: Sequence[Partition]) -> list[Record]:
+    return []
 
 
 async def _after_commit(hook: Callable[[Sequence[Record]], Awaitable[None]], records: Sequence[Record]) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -212,6 +212,9 @@ class KafkaSubscription:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._paused: dict[TopicPartition, tuple[int, float]] = {}
+        # Set by the runner: awaited when a rebalance takes partitions away, before this member rejoins, so
+        # their records in hand finish and commit here first (a hand-over at a record boundary).
+        self.on_revoke: Callable[[set[Partition]], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Start the transactional producer, then join the group."""
@@ -225,7 +228,7 @@ class KafkaSubscription:
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
-            *self.topics, bootstrap_servers=self.bus.bootstrap, group_id=self.group,
+            bootstrap_servers=self.bus.bootstrap, group_id=self.group,
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
             max_partition_fetch_bytes=max_record_bytes(settings),
             fetch_max_bytes=max(52428800, max_record_bytes(settings)),
@@ -235,6 +238,7 @@ class KafkaSubscription:
             # still forms while older members (round-robin only) are being replaced.
             partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
         )
+        self._consumer.subscribe(topics=self.topics, listener=_Revocations(self))
         await self._consumer.start()
 
     async def stop(self) -> None:
@@ -311,3 +315,17 @@ class KafkaSubscription:
         if self._consumer is None:
             return set()
         return {Partition(self.bus._logical(tp.topic), tp.partition) for tp in self._consumer.assignment()}
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    """A rebalance waits for the records in hand of the partitions it takes away (within its timeout)."""
+
+    def __init__(self, sub: KafkaSubscription) -> None:
+        self.sub = sub
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self.sub.on_revoke is not None and revoked:
+            await self.sub.on_revoke({Partition(self.sub.bus._logical(tp.topic), tp.partition) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Nothing to do: the runner learns its new partitions from `assignment()` after its next poll."""

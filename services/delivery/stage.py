@@ -76,6 +76,9 @@ FAILURE_ATTRIBUTES = frozenset({X_DUE, X_PROBE, X_SEQ, X_FIRST_FAILURE, X_LAST_F
 
 
 JOURNAL_PURGE_EVERY_S = 3600.0
+# A lane's head is forgotten once overdue by this long at least: a rebalance (Kafka: up to its 10 s timeout
+# plus the hand-over) stops retry tiers from being read meanwhile, and a head forgotten then is overtaken.
+ORDER_STALE_MIN_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +124,7 @@ class DeliveryStage:
         self.runtimes = {t.id: self._runtime(t, settings) for t in directory.targets if t.enabled}
         # Records waiting in retry tiers, per lane: a person's later Bundles wait behind them.
         longest = max([*self.tiers, *(d for rt in self.runtimes.values() for d in rt.target.retry.delays_s or ())])
-        self.order = LaneOrder(stale_s=longest * 2)
+        self.order = LaneOrder(stale_s=max(longest * 2, ORDER_STALE_MIN_S))
         # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
         self.paused_by_operator: frozenset[str] = frozenset()
         # Where breaker transitions are reported for operators (None: nowhere; set by the launcher).
@@ -183,7 +186,13 @@ class DeliveryStage:
         held = self.order.hold_until(lane, env.transfer_id, now, seq)
         if held is not None:
             return [self._park(record, env, (held - now).total_seconds())]
-        emits = await self._handle(record, env)
+        try:
+            emits = await self._handle(record, env)
+        except TransientError:
+            raise  # it stays where it is and comes back: still the lane's head
+        except Exception:
+            self.order.settled(lane, env.transfer_id, None)  # it leaves the lane (poison topic): the next one goes
+            raise
         waiting = next((e.envelope for e in emits if e.topic.startswith(RETRY_PREFIX)
                         and e.envelope.transfer_id == env.transfer_id), None)
         self.order.settled(lane, env.transfer_id, None if waiting is None else _waiting_until(waiting, now), seq)

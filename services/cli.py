@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Exit code: 0 stopped cleanly, 2 invalid configuration, 10 + N child N failed "
                                      "(10 ingress, 11.. workers, then the demo target).")
     run.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="worker processes (default: RELAIS_WORKERS, whose 0 means one per core beside the ingress's)")
+                     help="worker processes (default: RELAIS_WORKERS, whose 0 means one per core)")
     run.add_argument("--in-process", action="store_true",
                      help="run the stages in this one process, without a supervisor (what each child runs)")
     run.add_argument("--local-kafka", action="store_true",

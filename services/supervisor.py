@@ -47,14 +47,12 @@ class ChildSpec:
 
 
 def worker_count(setting: int, cores: int | None) -> int:
-    """How many worker processes: the setting, or when it is 0 one per core beside the ingress's (at least one).
-
-    Not one per core, although 2 workers on 2 cores carried 15-16 Bundles/s against 13 (README, issue 16):
-    a person's order across retries is remembered per delivery process, and the embedded bus leases each
-    topic's partitions separately, so with two workers a lane's retry tier can live in the other process and
-    a later Bundle overtake (seen in CI: person 3's Bundle 9 applied second). One worker keeps every lane in
-    one process until that memory is shared (issue 15)."""
-    return setting if setting > 0 else max(1, (cores or 1) - 1)
+    """How many worker processes: the setting, or when it is 0 one per core (the ingress, mostly waiting on I/O,
+    shares them). Measured on 2 cores (README, issue 16): 2 workers carried 12.0-15.8 Bundles/s end to end,
+    1 worker 9.6-10.6. Several workers keep a person's order: the buses hand a partition number over whole
+    (a lane's records and its retry tiers in one process) and a worker taking one over learns what waits
+    in its retry tiers (issue 15)."""
+    return setting if setting > 0 else max(1, cores or 1)
 
 
 def plan(stages: Sequence[str], workers: int, *, instance_id: str, demo_target_port: int | None = None,

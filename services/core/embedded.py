@@ -8,7 +8,8 @@ offsets in one SQLite transaction. A `kill -9` of any process therefore loses no
 duplicates nothing inside the log.
 
 Several processes share the file (`relais run` starts one per core). A consumer group's partitions
-are leased to its live members (see `EmbeddedLog.heartbeat`): a new member gets its share, a
+are leased to its live members by number, partition p of every topic of the group together (see
+`embedded_groups.heartbeat`: a lane's records and its retries stay in one process): a new member gets its share, a
 member that dies (its process gone, or frozen for LEASE_S) leaves its partitions to the
 others within a heartbeat, and a member that lost a partition cannot commit it any more (`Fenced`).
 Idle members notice other processes' records by polling SQLite's `data_version` every
@@ -47,6 +48,7 @@ HEARTBEAT_S = 1.0
 IDLE_POLL_S = 0.05  # cross-process wake-up: an idle member looks at the log this often
 PRUNE_EVERY_S = 60.0
 PROBE_AFTER_S = 2.0  # readiness: with no successful write for this long, write a probe
+PENDING_BATCH = 500  # records read at a time by `pending` (a member taking partitions over reads their backlog)
 
 STORAGE_UNWRITABLE = Gauge("relais_storage_unwritable", "1 while this process cannot write the embedded log, "
                            "labelled with why (disk-full, read-only, locked, cannot-open, io-error)",
@@ -230,25 +232,34 @@ class EmbeddedSubscription:
                 self._draining.clear()
 
     async def _give_back_surplus(self) -> None:
-        """Hand partitions above our share to the other members, each at a record boundary.
+        """Hand partition numbers above our share to the other members, each whole and at a record boundary.
 
-        A partition with records in hand (handed out, not yet committed) is drained first: it is not read
-        any more, and it is given back once its last record is committed. Handing it over earlier would
-        fence this member's commit of those records and cut its other lanes short (issue 16).
+        A number with records in hand (handed out, not yet committed) in any of its topics is drained first:
+        none of its partitions is read any more, and they are given back together once their last record is
+        committed. Handing one over earlier would fence this member's commit of those records and cut its
+        other lanes short (issue 16); handing over part of a number would split a lane between two processes
+        (issue 15).
         """
         if self._surplus <= 0:
             return
-        if len(self._draining) < self._surplus:
-            others = sorted((tp for tp in self._positions if tp not in self._draining),
-                            key=lambda tp: (not self._idle(tp), tp not in self._paused, tp))
-            self._draining |= set(others[:self._surplus - len(self._draining)])
-        spare = sorted(tp for tp in self._draining if self._idle(tp))
+        numbers: dict[int, list[TopicPartition]] = {}
+        for tp in self._positions:
+            numbers.setdefault(tp[1], []).append(tp)
+        draining = {tp[1] for tp in self._draining}
+        if len(draining) < self._surplus:
+            others = sorted((n for n in numbers if n not in draining),
+                            key=lambda n: (not all(self._idle(tp) for tp in numbers[n]), n))
+            for n in others[:self._surplus - len(draining)]:
+                self._draining |= set(numbers[n])
+                draining.add(n)
+        spare = sorted(n for n in draining if n in numbers and all(self._idle(tp) for tp in numbers[n]))
         if not spare:
             return
-        for tp in spare:
+        released = [tp for n in spare for tp in numbers[n]]
+        for tp in released:
             self._drop(tp)
         self._surplus = max(0, self._surplus - len(spare))
-        await self._beat(spare)
+        await self._beat(released)
 
     def _idle(self, tp: TopicPartition) -> bool:
         """Nothing of the partition in hand: everything handed out is committed (or was rewound)."""
@@ -335,6 +346,22 @@ class EmbeddedSubscription:
                 self._in_flight.pop((topic, partition), None)
         if emits:
             bus.appended.set()
+
+    async def pending(self, partitions: Sequence[Partition]) -> list[Record]:
+        """The records of held `partitions` past the group's committed offsets; read only (nothing handed out)."""
+        log_ = self.bus.log
+        positions = {tp: self._committed[tp] for tp in ((self.bus.settings.topic(p.topic), p.partition)
+                                                        for p in partitions) if tp in self._committed}
+        records: list[Record] = []
+        while positions:
+            _, rows = await log_.read(log_.records, positions, PENDING_BATCH)
+            if not rows:
+                break
+            for topic, p, offset, key, value, headers in rows:
+                positions[(topic, p)] = offset + 1
+                records.append(Record(self.bus._logical(topic), p, offset, key,
+                                      _envelope(headers, value, self.bus.keyring)))
+        return records
 
     def pause_until(self, partition: Partition, offset: int, due: float) -> None:
         """Rewind the partition to `offset` and skip it until `due`."""

@@ -1,10 +1,11 @@
 """Consumer groups across the processes of one machine on the embedded log: members and partition leases.
 
 Each member of a group is a row in `members` (host, pid, expiry); each (group, topic, partition) is
-a row in `leases` naming its holder and an epoch. Members share the partitions evenly; a member
-whose process is gone (same host, pid not running) or that was not renewed for LEASE_S is dead
-and its partitions are free at once; taking a partition bumps its epoch, and a commit checks its
-epoch in its own transaction (`check_fence`), so a stale holder can never commit.
+a row in `leases` naming its holder and an epoch. Members share the partition numbers evenly, each
+number whole (partition p of every topic of the group: co-partitioned, so a key's records in all of
+them are in one process); a member whose process is gone (same host, pid not running) or that was
+not renewed for LEASE_S is dead and its partitions are free at once; taking a partition bumps its
+epoch, and a commit checks its epoch in its own transaction (`check_fence`), so a stale holder can never commit.
 """
 
 from __future__ import annotations
@@ -60,11 +61,15 @@ def heartbeat(conn: sqlite3.Connection, partitions: Mapping[str, int], group: st
               ) -> tuple[dict[TopicPartition, tuple[int, int]], int]:
     """Renew `member`, hand back `release`, take free partitions; returns (held: tp -> (epoch, committed), surplus).
 
-    Live members share the partitions evenly (ceil(partitions / members) each). A member whose
-    heartbeat is older than LEASE_S, or whose process on this host is gone, is dead: its
-    partitions are free at once. Taking a partition bumps its epoch, which fences the previous
-    holder's commits. A member above its share is told its `surplus`: it gives those partitions
-    back itself (`release`, on its next heartbeat) between two batches, never under one in flight.
+    Leases are co-partitioned: the unit shared is a partition *number*, and a member holds partition p of
+    every topic of the group or of none. Records keep their key from topic to topic (a delivery and its
+    retries: target + person) and equal partition counts put one key on one number everywhere, so all the
+    records of a lane are handled by one process at a time, with the order it remembers (issue 15).
+    Live members share the numbers evenly (ceil(numbers / members) each). A member whose heartbeat is
+    older than LEASE_S, or whose process on this host is gone, is dead: its partitions are free at once.
+    Taking a partition bumps its epoch, which fences the previous holder's commits. A member above its
+    share is told its `surplus`, in numbers: it gives each back whole itself (`release`, on a later
+    heartbeat) once none of its records is in hand, never under one in flight.
     """
     now = time.time()
     for tp in release:
@@ -86,20 +91,45 @@ def heartbeat(conn: sqlite3.Connection, partitions: Mapping[str, int], group: st
     wanted = [(t, p) for t in topics for p in range(partitions.get(t, 0))]
     conn.executemany("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, NULL, 0)", [(group, t, p) for t, p in wanted])
     wanted_set = set(wanted)
-    leases = {(t, p): (holder, epoch) for t, p, holder, epoch in conn.execute(
-        "SELECT topic, partition, holder, epoch FROM leases WHERE grp=?", (group,)) if (t, p) in wanted_set}
-    share = math.ceil(len(wanted) / max(1, len(live)))
-    mine = sorted(tp for tp, (holder, _) in leases.items() if holder == member)
-    free = sorted(tp for tp, (holder, _) in leases.items() if holder is None or holder not in live)
-    for tp in free[:max(0, share - len(mine))]:
-        conn.execute("UPDATE leases SET holder=?, epoch=epoch+1 WHERE grp=? AND topic=? AND partition=?",
-                     (member, group, *tp))
-        mine.append(tp)
+    holders = {(t, p): holder for t, p, holder in conn.execute(
+        "SELECT topic, partition, holder FROM leases WHERE grp=?", (group,)) if (t, p) in wanted_set}
+    units = unit_holders(holders, live)
+    share = math.ceil(len(units) / max(1, len(live)))
+    mine = sorted(n for n, holder in units.items() if holder == member)
+    free = sorted(n for n, holder in units.items() if holder is None)
+    mine += free[:max(0, share - len(mine))]
+    numbers = set(mine)
     held: dict[TopicPartition, tuple[int, int]] = {}
-    for tp in mine:
+    for tp in sorted(wanted):
+        holder = holders[tp]
+        if tp[1] not in numbers:
+            if holder == member:  # part of a number split between two members (leases of an older Relais)
+                conn.execute("UPDATE leases SET holder=NULL WHERE grp=? AND topic=? AND partition=?", (group, *tp))
+            continue
+        if holder in live and holder != member:
+            continue  # its holder gives it back when it next looks; taken then
+        if holder != member:
+            conn.execute("UPDATE leases SET holder=?, epoch=epoch+1 WHERE grp=? AND topic=? AND partition=?",
+                         (member, group, *tp))
         epoch = conn.execute("SELECT epoch FROM leases WHERE grp=? AND topic=? AND partition=?",
                              (group, *tp)).fetchone()[0]
         committed = conn.execute("SELECT next_offset FROM group_offsets WHERE grp=? AND topic=? AND partition=?",
                                  (group, *tp)).fetchone()
         held[tp] = (epoch, committed[0] if committed else 0)
     return held, max(0, len(mine) - share)
+
+
+def unit_holders(holders: Mapping[TopicPartition, str | None], live: set[str]) -> dict[int, str | None]:
+    """Who holds each partition number: its one live holder, None when every topic's partition p is free.
+
+    A number whose partitions are held by a live member is that member's (even if a topic's partition p is
+    free: a topic declared later, or a lease left by a dead member); a number split between two live
+    members (leases written before co-partitioning) counts as the first one's (by topic name): the other
+    lets its part go on its next heartbeat, and the first takes it on a later one.
+    """
+    units: dict[int, str | None] = {}
+    for (_, p), holder in sorted(holders.items(), key=lambda item: (item[0][1], item[0][0])):
+        alive = holder if holder in live else None
+        if units.get(p) is None:
+            units[p] = alive
+    return units

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from services.core.bus import Partition
@@ -22,6 +24,7 @@ from services.core.topics import declared_topics, max_record_bytes, topic_config
 log = get_logger(__name__)
 
 TRANSACTION_TIMEOUT_MS = 15_000
+PENDING_TIMEOUT_S = 60.0  # reading the records waiting in partitions taken over (their retry backlog)
 
 
 class KafkaBus:
@@ -146,19 +149,30 @@ class KafkaBus:
         the committed offsets are read, never committed: the group is not joined; a group that never
         committed reads from the start). Records carrying the header `unless` are not counted. `relais keys`
         uses it to tell whether records sealed with an old key still wait."""
-        group = self.settings.group(stage)
-        tps = await self._partitions(topics)
+        counts: dict[str, int] = {}
+        async for m in self.uncommitted(self.settings.group(stage), await self._partitions(topics), timeout_s,
+                                        f"{stage}'s pending records"):
+            headers = dict(m.headers)
+            if unless is None or unless not in headers:
+                value = headers.get(header)
+                if value is not None:
+                    counts[value.decode()] = counts.get(value.decode(), 0) + 1
+        return counts
+
+    async def uncommitted(self, group: str, tps: Sequence[TopicPartition], timeout_s: float,
+                          what: str) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+        """The records of `tps` past `group`'s committed offsets, up to their end now; read without joining the
+        group and without committing. Raises BusUnavailable when Kafka fails or it takes over `timeout_s`."""
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False,
                                     isolation_level="read_committed",
                                     max_partition_fetch_bytes=max_record_bytes(self.settings))
-        await consumer.start()
-        counts: dict[str, int] = {}
         try:
+            await consumer.start()
             if not tps:
-                return counts
-            consumer.assign(tps)
-            ends = await consumer.end_offsets(tps)
-            starts = await consumer.beginning_offsets(tps)
+                return
+            consumer.assign(list(tps))
+            ends = await consumer.end_offsets(list(tps))
+            starts = await consumer.beginning_offsets(list(tps))
             active = set()
             for tp in tps:
                 start = max(await consumer.committed(tp) or 0, starts[tp])
@@ -170,17 +184,13 @@ class KafkaBus:
                 batches = await consumer.getmany(*active, timeout_ms=500, max_records=500)
                 for tp, messages in batches.items():
                     for m in messages:
-                        headers = dict(m.headers)
-                        if m.offset < ends[tp] and (unless is None or unless not in headers):
-                            value = headers.get(header)
-                            if value is not None:
-                                counts[value.decode()] = counts.get(value.decode(), 0) + 1
+                        if m.offset < ends[tp]:
+                            yield m
                 for tp in list(active):
                     if await consumer.position(tp) >= ends[tp]:
                         active.discard(tp)
             if active:
-                raise BusUnavailable(f"reading {stage}'s pending records took longer than {timeout_s:g}s")
-            return counts
+                raise BusUnavailable(f"reading {what} took longer than {timeout_s:g}s")
         except KafkaError as exc:
             raise BusUnavailable(f"Kafka read failed: {exc}") from exc
         finally:
@@ -202,6 +212,9 @@ class KafkaSubscription:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._paused: dict[TopicPartition, tuple[int, float]] = {}
+        # Set by the runner: awaited when a rebalance takes partitions away, before this member rejoins, so
+        # their records in hand finish and commit here first (a hand-over at a record boundary).
+        self.on_revoke: Callable[[set[Partition]], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Start the transactional producer, then join the group."""
@@ -215,11 +228,17 @@ class KafkaSubscription:
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
-            *self.topics, bootstrap_servers=self.bus.bootstrap, group_id=self.group,
+            bootstrap_servers=self.bus.bootstrap, group_id=self.group,
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
             max_partition_fetch_bytes=max_record_bytes(settings),
             fetch_max_bytes=max(52428800, max_record_bytes(settings)),
+            # Co-partitioned: with equal partition counts (Relais creates every topic with the same), the range
+            # assignor gives one member partition p of every topic it reads, so all the records of one key
+            # (delivery: a lane and its retry tiers) are in one process. Round-robin stays listed so a group
+            # still forms while older members (round-robin only) are being replaced.
+            partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
         )
+        self._consumer.subscribe(topics=self.topics, listener=_Revocations(self))
         await self._consumer.start()
 
     async def stop(self) -> None:
@@ -264,6 +283,12 @@ class KafkaSubscription:
         except KafkaError as exc:
             raise BusUnavailable(f"Kafka transaction failed: {type(exc).__name__} {exc}") from exc
 
+    async def pending(self, partitions: Sequence[Partition]) -> list[Record]:
+        """The records of `partitions` past the group's committed offsets; read only (nothing handed out)."""
+        tps = [TopicPartition(self.bus.settings.topic(p.topic), p.partition) for p in partitions]
+        return [self._record(m) async for m in self.bus.uncommitted(self.group, tps, PENDING_TIMEOUT_S,
+                                                                    f"{self.group}'s pending records")]
+
     def pause_until(self, partition: Partition, offset: int, due: float) -> None:
         """Seek back to `offset` and pause the partition until the monotonic time `due`."""
         assert self._consumer is not None
@@ -290,3 +315,17 @@ class KafkaSubscription:
         if self._consumer is None:
             return set()
         return {Partition(self.bus._logical(tp.topic), tp.partition) for tp in self._consumer.assignment()}
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    """A rebalance waits for the records in hand of the partitions it takes away (within its timeout)."""
+
+    def __init__(self, sub: KafkaSubscription) -> None:
+        self.sub = sub
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self.sub.on_revoke is not None and revoked:
+            await self.sub.on_revoke({Partition(self.sub.bus._logical(tp.topic), tp.partition) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Nothing to do: the runner learns its new partitions from `assignment()` after its next poll."""

@@ -35,6 +35,7 @@ log = get_logger(__name__)
 POLL_TIMEOUT_S = 0.5
 TRANSIENT_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
 SETTLE_LANES_S = 30.0  # how long a failed pump waits for its lanes' records in hand before cancelling them
+HAND_BACK_S = 8.0  # how long a rebalance waits for the records in hand of the partitions it takes (Kafka: < 10 s)
 HANDLED_FACTOR = 10  # handled records held for an earlier one of their partition, per record to handle
 
 
@@ -54,7 +55,10 @@ class Stage(Protocol):
     `async def prepare(records)`: called with a whole poll before its records are handled, to do the
     stage's I/O for the poll at once (the tracker projects a poll's events in one transaction); and
     `def stopping()`: called when the runner stops polling, so records waiting inside `handle` (not
-    working) give up at once, e.g. by raising `TransientError` (they are read again later).
+    working) give up at once, e.g. by raising `TransientError` (they are read again later); and
+    `async def assigned(gained, lost, pending)`: called when this member's partitions changed, before any
+    record of a gained partition is handled, with `pending(partitions)` reading the records of those
+    partitions the group has not committed yet (delivery: the records a lane has waiting in retry tiers).
     """
 
     name: str
@@ -134,6 +138,11 @@ class _Pump:
         self.stage, self.sub, self.stop = stage, sub, stop
         self.lane_of: Callable[[Record], Hashable] = getattr(stage, "lane", lambda _: None)
         self.prepare: Callable[[list[Record]], Awaitable[None]] | None = getattr(stage, "prepare", None)
+        self.assigned: Callable[..., Awaitable[None]] | None = getattr(stage, "assigned", None)
+        self.known: set[Partition] = set()  # the assignment the stage was last told of
+        self.committing: set[Partition] = set()  # partitions of the commit in flight
+        if hasattr(sub, "on_revoke"):
+            sub.on_revoke = self._hand_back
         self.capacity = settings.batch_size
         self.in_hand = 0     # polled, not yet committed or dropped
         self.unhandled = 0   # of those, not yet started by their lane
@@ -208,10 +217,44 @@ class _Pump:
                     await asyncio.wait_for(self.room.wait(), POLL_TIMEOUT_S)
                 continue
             records = await self.sub.poll(room, POLL_TIMEOUT_S)
+            if self.assigned is not None:
+                await self._follow_assignment(self.assigned)
             if records and self.prepare is not None:
                 await self.prepare(records)
             for record in records:
                 self._dispatch(record)
+
+    async def _hand_back(self, partitions: set[Partition]) -> None:
+        """The bus takes `partitions` away (a Kafka rebalance): their records in hand finish and commit here first.
+
+        So the next holder starts where this one stopped, at a record boundary, and never handles a lane while
+        this process still does (its order, issue 15). Past HAND_BACK_S (a target slower than the rebalance
+        timeout) the rest is rewound: its outputs are dropped and the next holder handles it again; the
+        attempt journal keeps a POST from being made twice meanwhile.
+        """
+        deadline = time.monotonic() + HAND_BACK_S
+        while self._holding(partitions) and not self.failed.done() and (left := deadline - time.monotonic()) > 0:
+            self.room.clear()  # set by every commit (and rewind): look again then
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.room.wait(), left)
+        for partition in partitions:
+            state = self.partitions.get(partition)
+            if state is not None and state.slots:
+                self._rewind(partition, state, min(state.slots), time.monotonic())
+
+    def _holding(self, partitions: set[Partition]) -> bool:
+        """Whether records of `partitions` are in hand: being handled, waiting for their lane, or being committed."""
+        return (any(self.partitions[p].slots for p in partitions if p in self.partitions)
+                or any(Partition(r.topic, r.partition) in partitions for r, _ in self.done)
+                or bool(self.committing & partitions))
+
+    async def _follow_assignment(self, assigned: Callable[..., Awaitable[None]]) -> None:
+        """Tell the stage the partitions it gained and lost since the last poll, before it sees their records."""
+        now = self.sub.assignment()
+        if now != self.known:
+            pending = getattr(self.sub, "pending", None)
+            await assigned(now - self.known, self.known - now, pending or _nothing_pending)
+            self.known = now
 
     def _dispatch(self, record: Record) -> None:
         partition = Partition(record.topic, record.partition)
@@ -306,13 +349,21 @@ class _Pump:
                 partition = Partition(record.topic, record.partition)
                 offsets[partition] = max(offsets.get(partition, 0), record.offset + 1)
             started = time.perf_counter()
-            await self.sub.complete([e for _, emits in batch for e in emits], offsets)
+            self.committing = set(offsets)
+            try:
+                await self.sub.complete([e for _, emits in batch for e in emits], offsets)
+            finally:
+                self.committing = set()
             BATCH_COMMIT_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
             self._release(len(batch))
             hook = getattr(self.stage, "committed", None)
             if hook is not None:
                 self.hooks = {t for t in self.hooks if not t.done()}
                 self.hooks.add(asyncio.create_task(_after_commit(hook, [r for r, _ in batch])))
+
+
+async def _nothing_pending(partitions: Sequence[Partition]) -> list[Record]:
+    return []
 
 
 async def _after_commit(hook: Callable[[Sequence[Record]], Awaitable[None]], records: Sequence[Record]) -> None:

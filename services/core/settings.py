@@ -272,8 +272,7 @@ class Settings(BaseSettings):
     )
     workers: int = Field(
         default=0, ge=0, description="`relais run`: worker processes beside the ingress process, each running every "
-        "worker stage (`--workers N` overrides). 0: one per core beside the ingress's, at least one. More than one "
-        "keeps no person's order across retries yet (README, 'One person, one order').",
+        "worker stage (`--workers N` overrides). 0: one per core.",
     )
     instance_id: str | None = Field(
         default=None,

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,6 +30,7 @@ from services.core.blobstore import (
     BlobStore,
     resolve_payload,
 )
+from services.core.bus import Partition
 from services.core.envelope import Emit, Envelope, Record, event
 from services.core.errors import TransientError
 from services.core.fate import Fate
@@ -39,7 +41,7 @@ from services.core.metrics import DELIVERY_SECONDS
 from services.core.outcome import error, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
-from services.core.topics import DELIVERIES_DLQ, RETRY_PREFIX, delivery_topics, retry_topic
+from services.core.topics import DELIVERIES, DELIVERIES_DLQ, RETRY_PREFIX, delivery_topics, retry_topic
 from services.delivery import conditional
 from services.delivery.capability import conditional_types_for
 from services.delivery.client import Attempt, TargetClient
@@ -68,11 +70,15 @@ log = get_logger(__name__)
 # Envelope attributes the delivery stage keeps between attempts (never restored on replay).
 X_DUE, X_PROBE = "due", "probe"
 X_FIRST_FAILURE, X_LAST_FAILURE, X_REASON, X_HTTP_STATUS = "firstfailure", "lastfailure", "reason", "httpstatus"
-FAILURE_ATTRIBUTES = frozenset({X_DUE, X_PROBE, X_FIRST_FAILURE, X_LAST_FAILURE, X_REASON, X_HTTP_STATUS,
+X_SEQ = "laneseq"  # the record's offset in `deliveries`: its place in its lane, kept while it waits in retry tiers
+FAILURE_ATTRIBUTES = frozenset({X_DUE, X_PROBE, X_SEQ, X_FIRST_FAILURE, X_LAST_FAILURE, X_REASON, X_HTTP_STATUS,
                                 "origtopic", "origpartition", "origoffset", X_BLOB, X_BLOB_SHA256, X_BLOB_SIZE})
 
 
 JOURNAL_PURGE_EVERY_S = 3600.0
+# A lane's head is forgotten once overdue by this long at least: a rebalance (Kafka: up to its 10 s timeout
+# plus the hand-over) stops retry tiers from being read meanwhile, and a head forgotten then is overtaken.
+ORDER_STALE_MIN_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +124,7 @@ class DeliveryStage:
         self.runtimes = {t.id: self._runtime(t, settings) for t in directory.targets if t.enabled}
         # Records waiting in retry tiers, per lane: a person's later Bundles wait behind them.
         longest = max([*self.tiers, *(d for rt in self.runtimes.values() for d in rt.target.retry.delays_s or ())])
-        self.order = LaneOrder(stale_s=longest * 2)
+        self.order = LaneOrder(stale_s=max(longest * 2, ORDER_STALE_MIN_S))
         # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
         self.paused_by_operator: frozenset[str] = frozenset()
         # Where breaker transitions are reported for operators (None: nowhere; set by the launcher).
@@ -174,17 +180,45 @@ class DeliveryStage:
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Attempt the delivery now, or park it until it may be attempted (or until its lane's earlier ones are)."""
         env = record.envelope
-        lane = (env.target, record.key)
+        lane = _order_lane(record)
+        seq = _seq(record)
         now = datetime.now(UTC)
-        held = self.order.hold_until(lane, env.transfer_id, now)
+        held = self.order.hold_until(lane, env.transfer_id, now, seq)
         if held is not None:
             return [self._park(record, env, (held - now).total_seconds())]
-        emits = await self._handle(record, env)
+        try:
+            emits = await self._handle(record, env)
+        except TransientError:
+            raise  # it stays where it is and comes back: still the lane's head
+        except Exception:
+            self.order.settled(lane, env.transfer_id, None)  # it leaves the lane (poison topic): the next one goes
+            raise
         waiting = next((e.envelope for e in emits if e.topic.startswith(RETRY_PREFIX)
                         and e.envelope.transfer_id == env.transfer_id), None)
-        self.order.settled(lane, env.transfer_id, None if waiting is None else
-                           _moment(waiting.extra.get(X_DUE)) or waiting.not_before or now)
+        self.order.settled(lane, env.transfer_id, None if waiting is None else _waiting_until(waiting, now), seq)
         return emits
+
+    async def assigned(self, gained: Collection[Partition], lost: Collection[Partition],
+                       pending: Callable[[Sequence[Partition]], Awaitable[list[Record]]]) -> None:
+        """This process took partitions over, or gave some up: learn the records waiting in the gained retry tiers.
+
+        The bus hands a partition number over whole (`deliveries` and every retry tier), so the records a lane
+        has waiting in retry tiers are all in the gained partitions: a later Bundle of that lane read from
+        `deliveries` here waits behind them, as it would have in the process that parked them.
+        """
+        gone = {p.partition for p in lost} - {p.partition for p in gained}
+        self.order.forget(lambda lane: isinstance(lane, tuple) and lane[2] in gone)
+        tiers = [p for p in gained if p.topic.startswith(RETRY_PREFIX)]
+        if not tiers:
+            return
+        now = datetime.now(UTC)
+        waiting = await pending(tiers)
+        for record in sorted(waiting, key=_seq):
+            self.order.learn(_order_lane(record), record.envelope.transfer_id,
+                             _waiting_until(record.envelope, now), _seq(record))
+        if waiting:
+            log.info("records waiting in retry tiers learnt from partitions taken over", records=len(waiting),
+                     partitions=sorted({p.partition for p in tiers}))
 
     async def _handle(self, record: Record, env: Envelope) -> list[Emit]:
         rt = self.runtimes.get(env.target or "")
@@ -424,6 +458,8 @@ class DeliveryStage:
             # Longer than the tier's delay: come back at the tier's pace, then park again if not due.
             not_before = now + timedelta(seconds=self.tiers[tier - 1])
             extra[X_DUE] = (now + timedelta(seconds=wait_s)).isoformat()
+        if record.topic == DELIVERIES:
+            extra.setdefault(X_SEQ, str(record.offset))
         parked = env.evolve(not_before=not_before, extra=extra)
         return Emit(retry_topic(tier), record.key, parked)
 
@@ -494,6 +530,24 @@ class DeliveryStage:
                 return
             ok = await rt.client.health()
             self._learn(rt, BreakerEvent.PROBE_OK if ok else BreakerEvent.PROBE_FAILED)
+
+
+def _order_lane(record: Record) -> tuple[str | None, bytes | None, int]:
+    """The lane whose order `LaneOrder` keeps: target + person, and the partition number that holds them all."""
+    return (record.envelope.target, record.key, record.partition)
+
+
+def _seq(record: Record) -> float:
+    """The record's place in its lane: its offset in `deliveries` (inf for a retry record parked without one)."""
+    text = record.envelope.extra.get(X_SEQ)
+    if text and text.isdigit():
+        return float(text)
+    return float(record.offset) if record.topic == DELIVERIES else math.inf
+
+
+def _waiting_until(env: Envelope, now: datetime) -> datetime:
+    """When a record waiting in a retry tier wants its next attempt."""
+    return _moment(env.extra.get(X_DUE)) or env.not_before or now
 
 
 def request_id(env: Envelope) -> str:

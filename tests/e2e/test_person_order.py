@@ -3,6 +3,8 @@
 Each sender is one person's DUI, waiting for its 202 before the next Bundle; every other Bundle adds a
 driving licence to the person's identifiers (the key must not change with it). Outcomes are counted
 at the targets, by transfer: each person's Bundles arrive in send order at both, none lost or twice.
+It runs with two worker processes: every record of one lane (target + person), first attempt and retries,
+must be handled by one of them at a time (a lane split across two processes inverted them, issue 15).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ async def test_each_persons_bundles_arrive_in_send_order_at_a_healthy_and_a_flak
         f"  - id: flaky\n    base_url: {flaky.fhir}\n    breaker: {{failures: 1000}}\n"
         "    retry: {delays_s: [0.3, 0.6], max_attempts: 20, jitter: 0}\n", encoding="utf-8")
     relais = EmbeddedRelais(tmp_path, targets_file=targets_file)
+    relais.env["RELAIS_WORKERS"] = "2"  # each worker process holds part of the lanes: order must hold across them
     sent: dict[str, tuple[int, int]] = {}  # transfer id -> (person, n)
     try:
         relais.start()

@@ -12,7 +12,7 @@ from services.core.buses import make_bus
 from services.core.envelope import Emit, Record
 from services.core.runner import run_stage
 from services.core.settings import Settings
-from services.core.topics import POISON, RECEIVED, VALIDATED
+from services.core.topics import POISON, RECEIVED, REJECTED, VALIDATED
 from tests.support.kafka import received, wait_for
 
 Factory = Callable[..., Settings]
@@ -230,3 +230,57 @@ async def test_a_slow_record_holds_only_its_own_partition_and_the_others_are_com
 
 async def _lag_is_zero(bus: Bus, stage: str) -> bool:
     return sum((await bus.lag(stage, [RECEIVED])).values()) == 0
+
+
+class IntervalStage:
+    """Reads two topics and notes, per key, which member handled each record and when (no outputs)."""
+
+    name = "lanes"
+    topics: Sequence[str] = (RECEIVED, REJECTED)
+
+    def __init__(self, member: str, seen: dict[bytes, list[tuple[str, float, float]]], ids: set[str]) -> None:
+        self.member, self.seen, self.ids = member, seen, ids
+
+    async def handle(self, record: Record) -> Sequence[Emit]:
+        began = time.monotonic()
+        await asyncio.sleep(0.1)
+        self.seen.setdefault(record.key or b"", []).append((self.member, began, time.monotonic()))
+        self.ids.add(record.envelope.transfer_id)
+        return []
+
+
+async def test_one_member_at_a_time_holds_a_keys_records_in_every_topic_of_its_group_across_a_hand_over(
+        bus_settings: Factory) -> None:
+    """Issue 15: a key's records in all the topics a group reads (a delivery lane and its retry tiers) are
+    handled by one member at a time, also while a joining member takes its share: partitions are shared by
+    number (co-partitioned) and handed over once their records in hand are committed."""
+    s = bus_settings(topic_partitions=4)
+    keys = [f"person-{k}".encode() for k in range(8)]
+    emits = [Emit(topic, key, received(transfer_id=f"{topic}-{key.decode()}-{n}").envelope)
+             for n in range(30) for key in keys for topic in (RECEIVED, REJECTED)]
+    seen: dict[bytes, list[tuple[str, float, float]]] = {}
+    ids: set[str] = set()
+    bus_a, bus_b, stop = make_bus(s), make_bus(s), asyncio.Event()
+    await bus_a.start()
+    await bus_b.start()
+    tasks = [asyncio.create_task(run_stage(IntervalStage("a", seen, ids), bus_a, s, stop))]
+    try:
+        await bus_a.publish(emits)
+        await wait_for(lambda: _at_least(ids, 16), timeout_s=30)
+        tasks.append(asyncio.create_task(run_stage(IntervalStage("b", seen, ids), bus_b, s, stop)))
+        await wait_for(lambda: _at_least(ids, len(emits)), timeout_s=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        await bus_a.stop()
+        await bus_b.stop()
+    assert {member for spans in seen.values() for member, _, _ in spans} == {"a", "b"}, "b never took a share"
+    for key, spans in seen.items():
+        for m1, start1, end1 in spans:
+            for m2, start2, end2 in spans:
+                assert m1 == m2 or end1 <= start2 or end2 <= start1, (
+                    f"{key!r} handled by {m1} and {m2} at once ({start1:.2f}-{end1:.2f}, {start2:.2f}-{end2:.2f})")
+
+
+async def _at_least(ids: set[str], n: int) -> bool:
+    return len(ids) >= n

@@ -9,8 +9,8 @@ from services.supervisor import WORKER_NICE, exit_code, plan, restart_delay, wor
 ALL = ("ingress", "validator", "router", "delivery", "tracker", "alerts")
 
 
-def test_the_default_plan_is_an_ingress_and_a_worker_per_other_core() -> None:
-    children = plan(ALL, worker_count(0, 4), instance_id="host", python="py", metrics_port=9100)
+def test_the_default_plan_is_an_ingress_and_a_worker_per_core() -> None:
+    children = plan(ALL, worker_count(0, 3), instance_id="host", python="py", metrics_port=9100)
     assert [c.name for c in children] == ["ingress", "worker-1", "worker-2", "worker-3"]
     ingress, *workers = children
     assert ingress.argv == ("py", "-m", "services.cli", "run", "--in-process", "--stages", "ingress,alerts")
@@ -23,7 +23,7 @@ def test_the_default_plan_is_an_ingress_and_a_worker_per_other_core() -> None:
 
 
 @pytest.mark.parametrize(("setting", "cores", "expected"),
-                         [(0, 2, 1), (0, 4, 3), (0, None, 1), (0, 1, 1), (3, 2, 3), (1, 16, 1)])
+                         [(0, 2, 2), (0, 4, 4), (0, None, 1), (0, 1, 1), (3, 2, 3), (1, 16, 1)])
 def test_worker_count(setting: int, cores: int | None, expected: int) -> None:
     assert worker_count(setting, cores) == expected
 

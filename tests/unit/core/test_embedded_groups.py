@@ -68,3 +68,52 @@ def test_leaving_hands_everything_back(conn: sqlite3.Connection) -> None:
     beat(conn, "a")
     groups.heartbeat(conn, PARTITIONS, "g", "a", ["t"], leaving=True)
     assert beat(conn, "b") == (ALL, 0)
+
+
+# --- co-partitioning: partition p of every topic of the group goes to one member (issue 15) ------------------
+TOPICS = {"deliveries": 6, "retry.1": 6, "retry.2": 6}
+
+
+def numbers_of(held: set[TP]) -> dict[int, set[str]]:
+    by_number: dict[int, set[str]] = {}
+    for topic, p in held:
+        by_number.setdefault(p, set()).add(topic)
+    return by_number
+
+
+def beat_all(conn: sqlite3.Connection, member: str, release: tuple[TP, ...] = ()) -> tuple[set[TP], int]:
+    held, surplus = groups.heartbeat(conn, TOPICS, "g", member, list(TOPICS), release)
+    return set(held), surplus
+
+
+def test_members_share_partition_numbers_each_whole_across_the_groups_topics(conn: sqlite3.Connection) -> None:
+    held_a, _ = beat_all(conn, "a")
+    assert len(held_a) == 18
+    beat_all(conn, "b")
+    _, surplus = beat_all(conn, "a")
+    assert surplus == 3  # in partition numbers, not in topic partitions
+    spare = tuple(tp for tp in held_a if tp[1] < surplus)
+    held_a, _ = beat_all(conn, "a", spare)
+    held_b, _ = beat_all(conn, "b")
+    beat_all(conn, "c")  # a third member: each gives back one number, whole
+    for member, held in (("a", held_a), ("b", held_b)):
+        _, surplus = beat_all(conn, member)
+        assert surplus == 1
+        gone = min(numbers_of(held))
+        beat_all(conn, member, tuple(tp for tp in held if tp[1] == gone))
+    held = {m: beat_all(conn, m)[0] for m in ("a", "b", "c")}
+    for member, tps in held.items():
+        by_number = numbers_of(tps)
+        assert len(by_number) == 2, (member, by_number)
+        assert all(topics == set(TOPICS) for topics in by_number.values()), (member, by_number)
+    assert set().union(*held.values()) == {(t, p) for t in TOPICS for p in range(6)}
+
+
+def test_a_free_topic_partition_goes_to_the_holder_of_its_number_not_to_a_member_with_room(
+        conn: sqlite3.Connection) -> None:
+    groups.heartbeat(conn, {"deliveries": 6}, "g", "a", ["deliveries"])  # before the retry topics existed
+    groups.heartbeat(conn, {"deliveries": 6}, "g", "b", ["deliveries"])
+    held_b, _ = beat_all(conn, "b")  # b has room for 3 numbers, but every number is a's
+    assert held_b == set()
+    held_a, _ = beat_all(conn, "a")
+    assert held_a == {(t, p) for t in TOPICS for p in range(6)}

@@ -47,3 +47,30 @@ def test_a_head_that_never_comes_back_is_forgotten() -> None:
     order = LaneOrder(stale_s=60)
     order.settled(LANE, "t1", T0 + timedelta(seconds=10))
     assert order.hold_until(LANE, "t2", T0 + timedelta(seconds=71)) is None
+
+
+def test_records_learnt_from_a_partition_taken_over_hold_the_lane_in_their_lane_order() -> None:
+    order = LaneOrder(stale_s=600)
+    # Another process parked t1 (seq 4, failed) and then t2 behind it (seq 7); learnt in any order.
+    order.learn(LANE, "t2", T0 + timedelta(seconds=11), seq=7)
+    order.learn(LANE, "t1", T0 + timedelta(seconds=10), seq=4)
+    assert order.hold_until(LANE, "t3", T0, seq=9) is not None  # read from `deliveries` here: waits
+    assert order.hold_until(LANE, "t2", T0 + timedelta(seconds=11), seq=7) is not None  # not before t1
+    assert order.hold_until(LANE, "t1", T0 + timedelta(seconds=10), seq=4) is None  # the head goes first
+
+
+def test_a_record_earlier_than_every_waiting_one_goes_first() -> None:
+    order = LaneOrder(stale_s=600)
+    order.learn(LANE, "t5", T0 + timedelta(seconds=10), seq=5)
+    assert order.hold_until(LANE, "t2", T0, seq=2) is None
+    order.settled(LANE, "t2", T0 + timedelta(seconds=5), seq=2)  # it failed: now the head, t5 behind it
+    assert order.hold_until(LANE, "t5", T0 + timedelta(seconds=10), seq=5) is not None
+
+
+def test_lanes_of_partitions_given_up_are_forgotten() -> None:
+    order = LaneOrder(stale_s=600)
+    order.learn(("a", b"a|p1", 0), "t1", T0 + timedelta(seconds=10), seq=1)
+    order.learn(("a", b"a|p2", 3), "t2", T0 + timedelta(seconds=10), seq=1)
+    order.forget(lambda lane: isinstance(lane, tuple) and lane[2] == 3)
+    assert len(order) == 1
+    assert order.hold_until(("a", b"a|p2", 3), "t9", T0, seq=5) is None

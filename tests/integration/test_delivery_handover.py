@@ -1,0 +1,98 @@
+"""One person's order at a flaky target holds while a second delivery process joins (issue 15), on both buses.
+
+Two delivery stages in one group (two bus clients, as two processes), one flaky target: a third of the
+transactions refused with 503, so each person's records wait in retry tiers, and the later ones behind
+them. The second member joins while they wait: the partitions it takes over come with records waiting
+in their retry tiers that the first member parked, and it must learn them before handling anything of
+those lanes. Counted at the target, by content: each person's Bundles applied in send order, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from services.core.blobstore import LocalBlobStore
+from services.core.buses import make_bus
+from services.core.envelope import Emit, Envelope
+from services.core.runner import run_stage
+from services.core.settings import Settings
+from services.core.targets import TargetDirectory
+from services.core.topics import DELIVERIES
+from services.delivery.journal import AttemptJournal
+from services.delivery.stage import DeliveryStage
+from services.tracker.ledger import Ledger
+from tests.fixtures.tddui import make_bundle
+from tests.support.kafka import wait_for
+from tests.support.processes import DemoTarget
+
+Factory = Callable[..., Settings]
+PERSONS, BUNDLES = 6, 8
+
+
+async def test_a_persons_order_at_a_flaky_target_holds_while_a_second_delivery_member_joins(
+        bus_settings: Factory, tmp_path: Path) -> None:
+    flaky = DemoTarget(tmp_path / "flaky.log").start()
+    for n in range(3 * PERSONS * BUNDLES):
+        flaky.fault(status=503) if n % 3 == 0 else flaky.fault(delay_s=0.0)
+    s = bus_settings(topic_partitions=4, retry_delays_s=[0.3, 0.6, 1.2])
+    directory = TargetDirectory.model_validate({"targets": [
+        {"id": "flaky", "base_url": flaky.fhir, "breaker": {"failures": 1000},
+         "retry": {"delays_s": [0.3, 0.6], "max_attempts": 30, "jitter": 0}}]})
+    sent: dict[str, tuple[int, int]] = {}
+    emits = []
+    for n in range(BUNDLES):  # interleaved persons, each person's Bundles in send order
+        for person in range(PERSONS):
+            env = Envelope(type="fr.relais.delivery.requested", source="/relais/tests", transfer_id=str(uuid.uuid4()),
+                           data=orjson.dumps(make_bundle(3, seed=1000 + 100 * person + n)), producer="p",
+                           target="flaky")
+            sent[env.transfer_id] = (person, n)
+            emits.append(Emit(DELIVERIES, f"flaky|person-{person}".encode(), env))
+    ledger = Ledger(s.database_url)
+    await ledger.create_schema()
+    buses = [make_bus(s), make_bus(s)]
+    stages = [DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
+              for _ in buses]
+    stop = asyncio.Event()
+    try:
+        for bus in buses:
+            await bus.start()
+        tasks = [asyncio.create_task(run_stage(stages[0], buses[0], s, stop))]
+        await buses[0].publish(emits)
+        await wait_for(lambda: _requests(flaky, PERSONS * 2), timeout_s=30)  # retries are waiting now
+        tasks.append(asyncio.create_task(run_stage(stages[1], buses[1], s, stop)))
+        await wait_for(lambda: _applied_count(flaky, PERSONS * BUNDLES), timeout_s=75)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        for stage in stages:
+            await stage.aclose()
+        for bus in buses:
+            await bus.stop()
+        await ledger.close()
+        applied = _applied(flaky)
+        flaky.stop()
+    transfers = [str(r["request_id"]).split("/")[0] for r in applied]
+    assert len(transfers) == len(set(transfers)) == PERSONS * BUNDLES, "lost or applied twice"
+    for person in range(PERSONS):
+        order = [sent[t][1] for t in transfers if sent[t][0] == person]
+        assert order == list(range(BUNDLES)), f"person {person}'s Bundles arrived as {order}"
+
+
+async def _requests(target: DemoTarget, n: int) -> bool:
+    return len(await asyncio.to_thread(target.received)) >= n
+
+
+async def _applied_count(target: DemoTarget, n: int) -> bool:
+    return len(await asyncio.to_thread(_applied, target)) >= n
+
+
+def _applied(target: DemoTarget) -> list[dict[str, Any]]:
+    rows = [r for r in target.received() if r["applied"]]
+    return sorted(rows, key=lambda r: datetime.fromisoformat(str(r["time"])))

@@ -45,6 +45,9 @@ class Subscription(Protocol):
     def assignment(self) -> set[Partition]:
         """Partitions currently assigned to this member."""
 
+    async def pending(self, partitions: Sequence[Partition]) -> list[Record]:
+        """The records not yet completed in `partitions` (a member taking them over learns what waits there)."""
+
 
 class Bus(Protocol):
     """A durable log with topics, keys, headers and consumer groups."""

@@ -252,8 +252,7 @@ class _Pump:
         """Tell the stage the partitions it gained and lost since the last poll, before it sees their records."""
         now = self.sub.assignment()
         if now != self.known:
-            pending = getattr(self.sub, "pending", None)
-            await assigned(now - self.known, self.known - now, pending or _nothing_pending)
+            await assigned(now - self.known, self.known - now, self.sub.pending)
             self.known = now
 
     def _dispatch(self, record: Record) -> None:
@@ -360,10 +359,6 @@ class _Pump:
             if hook is not None:
                 self.hooks = {t for t in self.hooks if not t.done()}
                 self.hooks.add(asyncio.create_task(_after_commit(hook, [r for r, _ in batch])))
-
-
-async def _nothing_pending(partitions: Sequence[Partition]) -> list[Record]:
-    return []
 
 
 async def _after_commit(hook: Callable[[Sequence[Record]], Awaitable[None]], records: Sequence[Record]) -> None:

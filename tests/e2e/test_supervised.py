@@ -132,7 +132,8 @@ def test_kill_9_of_each_child_during_500_bundles_loses_nothing(tmp_path: Path) -
             300: lambda: kill("delivery", holder_pid(log_db, "relais-delivery")),
         }, deadline_s=80))
         assert killed == ["ingress", "validator", "delivery"]
-        applied = wait_delivered(relais, accepted, timeout_s=60)
+        # A bound, not the property: two restarts re-balance the work, and the suite runs two test files at once.
+        applied = wait_delivered(relais, accepted, timeout_s=150)
         restarts = relais.log_tail(10**9).count("child died; restarting")
         assert restarts >= 3, relais.log_tail()
         assert len(accepted) == 500

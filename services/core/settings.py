@@ -131,7 +131,8 @@ class Settings(BaseSettings):
     # --- audit trail (services/tracker/auditkey.py) -------------------------------------------
     audit_key: str | None = Field(
         default=None, description="Key of the audit trail's HMAC chain (base64, >= 32 bytes; 'relais keys "
-        "new-audit-key'). Never stored in the database; every process writing the trail needs the same key.",
+        "new-audit-key'). Never stored in the database; every process needs the same key (the trail's MACs, the "
+        "ingress's person keys, the ledger's identifier search keys).",
     )
     audit_key_file: Path | None = Field(
         default=None, description="File holding RELAIS_AUDIT_KEY (a mounted secret). Neither set: with a SQLite "

@@ -24,6 +24,7 @@ from services.app import create_app
 from services.core.embedded import EmbeddedBus
 from services.core.settings import Settings
 from services.core.topics import RECEIVED
+from services.tracker.auditkey import new_audit_key
 from services.tracker.ledger import Ledger, submissions
 from tests.fixtures.tddui import make_bundle
 from tests.support.postgres import PostgresCluster, start_cluster
@@ -38,7 +39,9 @@ def postgres() -> Iterator[PostgresCluster]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def settings(request: pytest.FixtureRequest, make_settings: Callable[..., Settings], tmp_path: Path) -> Settings:
     """Ingress on the embedded log; the ledger database (and so the keys' unique constraint) on each dialect."""
-    database = {} if request.param == "sqlite" else {"database_url": request.getfixturevalue("postgres").new_database()}
+    # PostgreSQL: the audit key every process needs comes from the environment (with SQLite, a file beside the ledger).
+    database = {} if request.param == "sqlite" else {"database_url": request.getfixturevalue("postgres").new_database(),
+                                                     "audit_key": new_audit_key()}
     return make_settings(**database, embedded_log_path=tmp_path / "log.db", auth_disabled=False,
                          producers_file=write_producers(tmp_path / "p.yaml", b_targets=["essms-a", "sidoba"]),
                          targets_file=write_targets(tmp_path / "t.yaml", {"essms-a": "http://127.0.0.1:9/fhir",

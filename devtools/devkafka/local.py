@@ -8,6 +8,7 @@ import atexit
 import base64
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -230,9 +231,41 @@ def new_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
 
 
+# Ports handed out are picked below the kernel's ephemeral range, in a slice of their own per pytest-xdist
+# worker: a port from bind(0) is free only until the caller's child binds it, and meanwhile any outgoing
+# connection on the machine (the other worker's Kafka clients, HTTP calls) may be given it. CI saw a broker's
+# ingress fail to bind for that reason. Below the ephemeral range only these calls hand ports out.
+_PORTS_LOW = 10000
+_issued: set[int] = set()
+
+
+def _port_slice() -> range:
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % workers
+    width = max(100, (ephemeral_low - _PORTS_LOW) // workers)
+    return range(_PORTS_LOW + worker * width, _PORTS_LOW + (worker + 1) * width)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that no other caller was given."""
+    ports = _port_slice()
+    rng = random.Random()  # noqa: S311 - picking a test port, not a secret
+    for _ in range(200):
+        port = rng.choice(ports)
+        if port in _issued:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _issued.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded slice: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

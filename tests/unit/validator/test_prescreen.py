@@ -10,6 +10,7 @@ second type of a choice element, nested resources of odd types).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -72,14 +73,16 @@ def hostile(draw: st.DrawFn) -> dict[str, Any]:
             break
         where = draw(st.sampled_from(places))
         how = draw(st.sampled_from(["replace", "add", "drop"]))
+        # Drawn values are copied: inserted as they are, a later step would mutate the module's ODD values, and
+        # the next examples would differ from what Hypothesis recorded (flaky generation, unreplayable failures).
         if how == "replace":
-            corpus.mutate(bundle, where, draw(st.sampled_from(ODD)))
+            corpus.mutate(bundle, where, copy.deepcopy(draw(st.sampled_from(ODD))))
             continue
         node: Any = bundle
         for step in where[:-1]:
             node = node[step]
         if how == "add" and isinstance(node, dict):  # a new key beside the place
-            node[draw(st.sampled_from(KEYS))] = draw(st.sampled_from(ODD + OTHER))
+            node[draw(st.sampled_from(KEYS))] = copy.deepcopy(draw(st.sampled_from(ODD + OTHER)))
         elif how == "drop":  # the element removed (a required one, maybe)
             del node[where[-1]]
     return bundle

@@ -46,7 +46,16 @@ from services.delivery import conditional
 from services.delivery.capability import conditional_types_for
 from services.delivery.client import Attempt, TargetClient
 from services.delivery.gate import GateClosed, TargetGate
-from services.delivery.journal import DELIVERED, IN_DOUBT, NOT_APPLIED, AttemptJournal, AttemptKey, Prior
+from services.delivery.journal import (
+    DELIVERED,
+    IN_DOUBT,
+    NOT_APPLIED,
+    AttemptJournal,
+    AttemptKey,
+    ClaimVerdict,
+    Prior,
+    in_flight_s,
+)
 from services.delivery.latency import LatencyWindow
 from services.delivery.logic import (
     Breaker,
@@ -79,6 +88,11 @@ JOURNAL_PURGE_EVERY_S = 3600.0
 # A lane's head is forgotten once overdue by this long at least: a rebalance (Kafka: up to its 10 s timeout
 # plus the hand-over) stops retry tiers from being read meanwhile, and a head forgotten then is overtaken.
 ORDER_STALE_MIN_S = 60.0
+BUSY_RECHECK_S = 1.0  # how soon a record whose attempt may be in flight elsewhere looks at its outcome again
+
+
+class _StaleCopy(Exception):
+    """A later attempt of the record's transfer exists: this copy of the record has nothing left to do."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +204,8 @@ class DeliveryStage:
             emits = await self._handle(record, env)
         except TransientError:
             raise  # it stays where it is and comes back: still the lane's head
+        except _StaleCopy:
+            return []  # the copy that carries the transfer on keeps its place in the lane
         except Exception:
             self.order.settled(lane, env.transfer_id, None)  # it leaves the lane (poison topic): the next one goes
             raise
@@ -274,16 +290,24 @@ class DeliveryStage:
         key = AttemptKey.next_of(env)
         attempt_no = key.attempt
         out = self._outgoing(env, target, payload, attempt_no, await conditional_types_for(rt.client))
-        prior = await self.journal.prior(key)
-        if prior is not None and prior.state != NOT_APPLIED:
-            self._open[_position(record)] = key
-            return out.emits + await self._after_crash(record, env, rt, key, prior, out)
+        # No record of the attempt, no attempt (TransientError: it waits).
+        claim = await self.journal.claim(key, in_flight_s(target))
+        if claim.verdict is ClaimVerdict.SUPERSEDED:
+            log.info("a later attempt of this transfer exists: this copy of its record is dropped",
+                     later_attempt=None if claim.prior is None else claim.prior.state)
+            raise _StaleCopy
+        if claim.verdict is ClaimVerdict.BUSY:
+            # Started elsewhere (a partition's previous holder, or a copy of this record) and maybe in flight.
+            log.info("attempt possibly in flight elsewhere; waiting for its outcome")
+            return [self._park(record, env, BUSY_RECHECK_S)]
+        self._open[_position(record)] = key
+        if claim.verdict is not ClaimVerdict.GO:
+            assert claim.prior is not None
+            return out.emits + await self._after_crash(record, env, rt, key, claim.prior, out)
         if env.extra.get(X_PROBE) == "1" and target.ambiguous == "probe":
-            probed = await self._probe(record, env, rt, attempt_no, out)
+            probed = await self._probe(record, env, rt, key, out)
             if probed is not None:
                 return probed
-        await self.journal.start(key, prior)  # no record of the attempt, no attempt (TransientError: it waits)
-        self._open[_position(record)] = key
         attempt = await rt.client.post_transaction(out.payload, request_id(env))
         DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)
         if attempt.sent:  # a call that never left says nothing of the target's pace
@@ -331,14 +355,17 @@ class DeliveryStage:
         return [doubt, *await self._after(record, env, rt, key.attempt, attempt, Failure.AMBIGUOUS, out.payload,
                                           full_urls=out.full_urls)]
 
-    async def _probe(self, record: Record, env: Envelope, rt: TargetRuntime, attempt_no: int,
+    async def _probe(self, record: Record, env: Envelope, rt: TargetRuntime, key: AttemptKey,
                      out: Outgoing) -> list[Emit] | None:
-        """Search the target for this transfer's marker; None when it is absent (send it)."""
-        target = rt.target
+        """Search the target for this transfer's marker; None when it is absent (send it, under the claim)."""
+        target, attempt_no = rt.target, key.attempt
         result = await rt.client.probe(out.plan, self.settings.transfer_tag_system, env.transfer_id)
         if result.verdict is Verdict.ABSENT:
             log.info("ambiguous attempt had not been applied; sending again")
             return None
+        # The claimed attempt ends here: what the probe found is its outcome for any copy of this record.
+        await self.journal.finish(key, {Verdict.APPLIED: DELIVERED, Verdict.PARTIAL: IN_DOUBT,
+                                        Verdict.UNPROBEABLE: IN_DOUBT}.get(result.verdict, NOT_APPLIED))
         if result.verdict is Verdict.APPLIED:
             self._learn(rt, BreakerEvent.SUCCESS)
             DELIVERY_COUNT.labels(target.id, "delivered-unconfirmed").inc()

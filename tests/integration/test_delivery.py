@@ -17,13 +17,14 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import sqlalchemy as sa
 
 from services.core.blobstore import LocalBlobStore
 from services.core.envelope import JSON, Emit, Envelope, Record
@@ -38,7 +39,7 @@ from services.delivery.marker import mark_transfer
 from services.delivery.stage import DeliveryStage
 from services.dlq.store import DlqService
 from services.router.stage import RouterStage
-from services.tracker.ledger import Ledger
+from services.tracker.ledger import Ledger, delivery_attempts
 from services.tracker.stage import TrackerStage
 from tests.fixtures.tddui import make_bundle, with_document
 from tests.support.kafka import publish, read_topic, wait_for
@@ -557,7 +558,9 @@ async def test_an_attempt_left_in_doubt_by_a_crash_is_probed_not_resent(
                headers={"Content-Type": "application/fhir+json", "X-Request-Id": f"{tid}/a"})
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
-    await AttemptJournal(ledger.engine, "crashed-process").start(AttemptKey(tid, "a", 0, 1))
+    await AttemptJournal(ledger.engine, "crashed-process").claim(AttemptKey(tid, "a", 0, 1), in_flight_s=60)
+    async with ledger.engine.begin() as conn:  # long enough ago that its POST cannot still be running
+        await conn.execute(sa.update(delivery_attempts).values(started_at=datetime.now(UTC) - timedelta(hours=1)))
     await ledger.close()
     async with running(settings, directory({"id": "a", "base_url": t.fhir, "ambiguous": "probe"}), tmp_path):
         await publish(settings, [emit])

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from services.core.blobstore import LocalBlobStore
 from services.core.buses import make_bus
@@ -38,12 +37,7 @@ PERSONS, BUNDLES = 6, 8
 
 
 async def test_a_persons_order_at_a_flaky_target_holds_while_a_second_delivery_member_joins(
-        bus_settings: Factory, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if request.node.callspec.params.get("bus_settings") == "kafka":
-        # A known bug, not a pass: on Kafka, a rebalance while the first member's POST is in flight can deliver
-        # one Bundle twice (CI: 48 applied, 47 distinct, about 1 run in 7). Issue 15's next step; keep running it.
-        request.applymarker(pytest.mark.xfail(reason="Kafka rebalance with a POST in flight may deliver one "
-                                              "Bundle twice (issue 15)", strict=False))
+        bus_settings: Factory, tmp_path: Path) -> None:
     flaky = DemoTarget(tmp_path / "flaky.log").start()
     for n in range(3 * PERSONS * BUNDLES):
         flaky.fault(status=503) if n % 3 == 0 else flaky.fault(delay_s=0.0)

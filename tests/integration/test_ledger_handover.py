@@ -75,8 +75,7 @@ async def test_lanes_cancelled_mid_transaction_never_leave_the_ledger_locked(mak
     async def delivery_lane() -> None:  # what a delivery lane does around each POST
         while True:
             key = AttemptKey(uuid.uuid4().hex, "demo", 0, 1)
-            await journal.prior(key)
-            await journal.start(key)
+            await journal.claim(key, in_flight_s=60)
             await journal.finish(key, NOT_APPLIED, 503)
 
     try:

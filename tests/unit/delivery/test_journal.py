@@ -7,7 +7,9 @@ completed from it; a DLQ replay starts a new round and is never taken for an in-
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,9 @@ from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ
 from services.delivery.client import TargetClient
-from services.delivery.journal import DELIVERED, IN_DOUBT, AttemptJournal, AttemptKey
-from services.delivery.stage import DeliveryStage
-from services.tracker.ledger import Ledger
+from services.delivery.journal import DELIVERED, IN_DOUBT, AttemptJournal, AttemptKey, ClaimVerdict, Prior, judge
+from services.delivery.stage import BUSY_RECHECK_S, DeliveryStage
+from services.tracker.ledger import Ledger, delivery_attempts
 from tests.fixtures.tddui import make_bundle
 
 BASE = "http://fhir.test/fhir"
@@ -47,8 +49,9 @@ class Scene:
                                    LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine, "this"))
 
         def answer(request: httpx.Request) -> httpx.Response:
-            if request.method == "POST":
-                self.posts.append(request)
+            if request.method != "POST":  # the capability read (once per process and base URL), searches
+                return httpx.Response(404)
+            self.posts.append(request)
             return self.answers.pop(0) if self.answers else httpx.Response(200, json=OK)
 
         self.stage.runtimes["t"].client = TargetClient(self.target,
@@ -89,7 +92,60 @@ def kinds(emits: list[Emit]) -> list[str]:
 
 
 async def started_by_a_crashed_process(ledger: Ledger, env: Envelope, attempt: int = 1) -> None:
-    await AttemptJournal(ledger.engine, "crashed").start(AttemptKey(env.transfer_id, "t", 0, attempt))
+    """A row a process left `started` long ago: its POST cannot still be in flight, the attempt is in doubt."""
+    await started_by_another_process(ledger, env, attempt, ago_s=3600)
+
+
+async def started_by_another_process(ledger: Ledger, env: Envelope, attempt: int = 1, ago_s: float = 0) -> None:
+    key = AttemptKey(env.transfer_id, "t", 0, attempt)
+    assert (await AttemptJournal(ledger.engine, "other").claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
+    async with ledger.engine.begin() as conn:
+        await conn.execute(sa.update(delivery_attempts).where(delivery_attempts.c.transfer_id == key.transfer_id)
+                           .values(started_at=datetime.now(UTC) - timedelta(seconds=ago_s)))
+
+
+def retried(emits: list[Emit]) -> Envelope:
+    [retry] = [e.envelope for e in emits if e.topic.startswith("deliveries.retry")]
+    return retry
+
+
+# --- copies: a record read twice (Kafka hands a partition over from a committed offset that can lag its last
+# transaction), so two copies of one delivery record go their ways. The journal keeps one chain of attempts.
+
+async def test_a_copy_of_a_failed_attempt_resent_before_its_retry_comes_back_applies_the_bundle_once(
+        scene: Callable[[str], Scene]) -> None:
+    first, second = scene("probe"), scene("probe")
+    first.answers.append(httpx.Response(503))
+    env = record()
+    retry = retried(await first.handle(env))        # attempt 1 refused: attempt 2 waits in a retry tier
+    assert "delivered" in kinds(await second.handle(env))  # a copy of the record makes attempt 1 again: applied
+    assert "delivered" in kinds(await first.handle(retry))  # attempt 2 finds the Bundle delivered: no POST
+    assert [len(first.posts), len(second.posts)] == [1, 1]
+
+
+async def test_a_copy_of_a_failed_attempt_read_after_its_retry_was_made_is_dropped(
+        scene: Callable[[str], Scene]) -> None:
+    first, second = scene("probe"), scene("probe")
+    first.answers.append(httpx.Response(503))
+    env = record()
+    retry = retried(await first.handle(env))
+    assert "delivered" in kinds(await first.handle(retry))  # attempt 2 applied
+    assert await second.handle(env) == []  # the copy of attempt 1 comes late: a later attempt exists, it goes
+    assert [len(first.posts), len(second.posts)] == [2, 0]
+
+
+async def test_an_attempt_another_process_may_still_be_making_is_waited_for_not_taken_for_in_doubt(
+        scene: Callable[[str], Scene], ledger: Ledger) -> None:
+    s = scene("retry")
+    env = record()
+    await started_by_another_process(ledger, env)  # e.g. the partition's previous holder, its POST in flight
+    parked = await s.handle(env)
+    assert len(parked) == 1 and parked[0].topic.startswith("deliveries.retry") and not s.posts  # no in_doubt
+    assert parked[0].envelope.attempt == 0  # waiting burns no attempt
+    key = AttemptKey.next_of(env)
+    await AttemptJournal(ledger.engine, "other").finish(key, DELIVERED, 200, OK, {})
+    await asyncio.sleep(BUSY_RECHECK_S)  # when the parked record is due again
+    assert kinds(await s.handle(parked[0].envelope)) == ["delivered"] and not s.posts  # its outcome, once known
 
 
 async def test_each_post_is_journaled_before_it_is_made_and_its_answer_after(
@@ -135,7 +191,7 @@ async def test_an_answer_journaled_before_a_crash_completes_the_record_without_a
     s = scene("probe")
     env = record()
     journal = AttemptJournal(ledger.engine, "crashed")
-    await journal.start(AttemptKey.next_of(env))
+    await journal.claim(AttemptKey.next_of(env), in_flight_s=60)
     await journal.finish(AttemptKey.next_of(env), DELIVERED, 200, OK, {"urn:uuid:a": "Patient/1"})
     emits = await s.handle(env)
     assert kinds(emits) == ["delivered"] and not s.posts
@@ -182,3 +238,31 @@ async def test_every_resource_sent_carries_the_transfer_marker(scene: Callable[[
     sent: dict[str, Any] = orjson.loads(s.posts[0].content)
     tags = [e["resource"]["meta"]["tag"] for e in sent["entry"]]
     assert all({"system": s.stage.settings.transfer_tag_system, "code": "tr-7"} in t for t in tags)
+
+
+# --- the verdict itself (pure) ------------------------------------------------------------------------------
+
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+def row(state: str, ago_s: float = 0) -> Prior:
+    return Prior(state, NOW - timedelta(seconds=ago_s), "p")
+
+
+@pytest.mark.parametrize(("attempt", "chain", "verdict"), [
+    (1, {}, ClaimVerdict.GO),
+    (2, {1: row("not-applied")}, ClaimVerdict.GO),
+    (2, {2: row("not-applied")}, ClaimVerdict.GO),               # its answer was a failure, its retry never made
+    (1, {1: row("not-applied"), 2: row("started")}, ClaimVerdict.SUPERSEDED),
+    (1, {1: row("delivered"), 2: row("not-applied")}, ClaimVerdict.SUPERSEDED),
+    (2, {1: row("delivered")}, ClaimVerdict.DELIVERED),          # a copy made attempt 1 again, and it was applied
+    (2, {2: row("delivered")}, ClaimVerdict.DELIVERED),
+    (2, {1: row("started", ago_s=10)}, ClaimVerdict.BUSY),       # a copy is making attempt 1 again right now
+    (2, {1: row("started", ago_s=100)}, ClaimVerdict.GO),        # long over: its own record settles it
+    (1, {1: row("started", ago_s=10)}, ClaimVerdict.BUSY),
+    (1, {1: row("started", ago_s=59.9)}, ClaimVerdict.BUSY),
+    (1, {1: row("started", ago_s=60)}, ClaimVerdict.IN_DOUBT),   # no answer within its time bound
+    (1, {1: row("in-doubt", ago_s=1)}, ClaimVerdict.IN_DOUBT),
+])
+def test_judge_keeps_one_chain_of_attempts(attempt: int, chain: dict[int, Prior], verdict: ClaimVerdict) -> None:
+    assert judge(AttemptKey("tr", "t", 0, attempt), chain, NOW, in_flight_s=60).verdict is verdict

@@ -104,6 +104,7 @@ class _Slot:
     generation: int
     emits: Sequence[Emit] | None = None
     started: bool = False
+    behind: bool = False  # queued behind an earlier record of its lane when it came (not counted as to start)
 
 
 @dataclass
@@ -127,9 +128,11 @@ class _Pump:
     committed up to its first record not yet handled, so committed offsets are contiguous and a
     record's outputs are published with its offset. A committer takes whatever has become
     committable — a record, or a run of them gathered while the previous commit was in flight — in
-    one `complete`. At most `batch_size` records wait for their lane; records being handled or handled
-    but waiting for an earlier one of their partition to be committed count apart (up to
-    HANDLED_FACTOR times more), so a slow lane does not stop the others from fetching. A stage whose
+    one `complete`. At most `batch_size` records wait to start; records being handled, handled but
+    waiting for an earlier one of their partition to be committed, and — when the stage names lanes —
+    records queued behind an earlier one of their own lane count apart (up to HANDLED_FACTOR times more),
+    so a slow lane (a slow target's person with several Bundles) does not stop the others from fetching.
+    A stage whose
     records may wait inside `handle` (delivery: for their target's concurrency slot) bounds that
     waiting itself, per what they wait for, so one slow target never stops the poll for the others.
     """
@@ -137,6 +140,7 @@ class _Pump:
     def __init__(self, stage: Stage, sub: Subscription, settings: Settings, stop: asyncio.Event) -> None:
         self.stage, self.sub, self.stop = stage, sub, stop
         self.lane_of: Callable[[Record], Hashable] = getattr(stage, "lane", lambda _: None)
+        self.named_lanes = hasattr(stage, "lane")
         self.prepare: Callable[[list[Record]], Awaitable[None]] | None = getattr(stage, "prepare", None)
         self.assigned: Callable[..., Awaitable[None]] | None = getattr(stage, "assigned", None)
         self.known: set[Partition] = set()  # the assignment the stage was last told of
@@ -265,11 +269,13 @@ class _Pump:
                 state.rewound_to = None
         if record.offset in state.slots:
             return  # already in hand
-        state.slots[record.offset] = _Slot(record, state.generation)
-        self.in_hand += 1
-        self.unhandled += 1
         key = self.lane_of(record)
         queue = state.lanes.get(key)
+        # Behind an earlier record of its own lane, it could not start anyway: it is that lane's backlog.
+        behind = self.named_lanes and queue is not None
+        state.slots[record.offset] = _Slot(record, state.generation, behind=behind)
+        self.in_hand += 1
+        self.unhandled += 0 if behind else 1
         if queue is None:
             queue = state.lanes[key] = deque()
             task = self._spawn(self._lane_loop(partition, state, key, queue), f"{self.stage.name}-{partition}")
@@ -296,8 +302,9 @@ class _Pump:
             generation, record = queue.popleft()
             if not self._current(state, record, generation):
                 continue  # its partition was rewound: it comes again
-            state.slots[record.offset].started = True
-            self._release(0, unhandled=1)
+            slot = state.slots[record.offset]
+            slot.started = True
+            self._release(0, unhandled=0 if slot.behind else 1)
             try:
                 emits = await _handle_record(self.stage, record)
             except _Deferred as deferred:
@@ -318,7 +325,7 @@ class _Pump:
     def _rewind(self, partition: Partition, state: _PartitionState, offset: int, due: float) -> None:
         """Come back to the partition at `offset` at `due`; what is in hand from there on is dropped."""
         dropped = [state.slots.pop(o) for o in list(state.slots) if o >= offset]
-        self._release(len(dropped), unhandled=sum(1 for slot in dropped if not slot.started))
+        self._release(len(dropped), unhandled=sum(1 for slot in dropped if not slot.started and not slot.behind))
         state.generation += 1
         state.rewound_to = offset if state.rewound_to is None else min(state.rewound_to, offset)
         self.pauses.append((partition, offset, due))

@@ -1,6 +1,6 @@
 """Delivery benchmark: throughput to 1 and 10 healthy targets, and what a dead target costs the others.
 
-`python -m tests.bench.delivery [--count N] [--only slow] [--bus kafka|embedded]` — on Kafka, uses
+`python -m tests.bench.delivery [--count N] [--only slow] [--bus kafka|embedded] [--repeat R]` — on Kafka, uses
 RELAIS_KAFKA_BOOTSTRAP, else starts a local Kafka. One delivery stage in-process (the real runner),
 demo targets as processes, 10-entry TDDUI Bundles. Prints figures; asserts nothing.
 """
@@ -117,6 +117,7 @@ def _settings(bootstrap: str | None, work: Path) -> Settings:
 
 
 SLOW_PHASE_BUNDLES = 60
+REPEAT = 3  # runs of each setting of the slow-target phases (taking turns); medians printed
 PACE_S = 0.05  # paced phases: one Bundle per target every 50 ms (20/s to the fast target)
 
 
@@ -125,13 +126,14 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool = False) -> list[str]:
+async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool = False,
+                repeat: int = REPEAT) -> list[str]:
     body = orjson.dumps(make_bundle(10, seed=1))
     targets = [DemoTarget(work / f"t{i}.log").start() for i in range(10)]
     lines: list[str] = []
     try:
         if only_slow:
-            return await _beside_slow_targets(bootstrap, work, body, targets)
+            return await _beside_slow_targets(bootstrap, work, body, targets, repeat)
         for n in (1, 10):
             dirs = TargetDirectory.model_validate({"targets": [
                 {"id": f"t{i}", "base_url": targets[i].fhir, "max_concurrency": 16} for i in range(n)]})
@@ -155,7 +157,7 @@ async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool =
             elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits, {"ok": targets[0].base_url}, work)
             lines.append(f"healthy target {label}: {half} Bundles in {elapsed:.1f}s; latency p50 "
                          f"{statistics.median(lat) * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms")
-        lines += await _beside_slow_targets(bootstrap, work, body, targets)
+        lines += await _beside_slow_targets(bootstrap, work, body, targets, repeat)
     finally:
         for t in targets:
             t.stop()
@@ -163,38 +165,49 @@ async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool =
 
 
 async def _beside_slow_targets(bootstrap: str | None, work: Path, body: bytes,
-                               targets: list[DemoTarget]) -> list[str]:
+                               targets: list[DemoTarget], repeat: int = REPEAT) -> list[str]:
     """Issue 15: a fast target's latency alone, beside one target answering in 5 s, beside five such.
 
     Twice: paced (one Bundle per target every PACE_S, as producers send: the latency of a Bundle) and
     as one burst (everything published at once: mostly the time to drain the burst, which the work
-    done for the slow targets' first attempts competes with on a shared machine).
+    done for the slow targets' first attempts competes with on a shared machine). Each setting runs
+    `repeat` times, the settings taking turns (alone, beside 1, beside 5, alone, ...), so a change in the
+    machine's load meets every setting alike; the figures are the medians of the runs' p50 and p99.
     """
     slow = targets[5:10]
     for t in slow:
         t.fault(delay_s=5, count=-1)
     lines = []
     for mode, pace in (("paced", PACE_S), ("burst", 0.0)):
-        alone = 0.0
-        for n_slow in (0, 1, 5):
-            dirs = TargetDirectory.model_validate({"targets": [
-                {"id": "fast", "base_url": targets[0].fhir},
-                *({"id": f"slow{i}", "base_url": slow[i].fhir, "timeouts": {"total_s": 30}} for i in range(n_slow))]})
-            emits = []
-            for i in range(SLOW_PHASE_BUNDLES):  # interleaved, one person per Bundle, as the issue measured
-                emits.append(_emit("fast", body, f"f{i}"))
-                emits += [_emit(f"slow{k}", body, f"s{k}-{i}") for k in range(n_slow)]
-            _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": targets[0].base_url}, work,
-                                round_size=(1 + n_slow) if pace else 0, pace_s=pace,
-                                warmup=_emit("fast", body, "warmup"))
-            p50 = statistics.median(lat)
-            alone = alone or p50
+        runs: dict[int, list[tuple[float, float]]] = {0: [], 1: [], 5: []}
+        for _ in range(repeat):
+            for n_slow in runs:
+                runs[n_slow].append(await _fast_latency(bootstrap, work, body, targets[0], slow[:n_slow], pace))
+        alone = statistics.median(p50 for p50, _ in runs[0])
+        for n_slow, figures in runs.items():
+            p50, p99 = statistics.median(f[0] for f in figures), statistics.median(f[1] for f in figures)
             label = "alone" if not n_slow else f"beside {n_slow} target(s) answering in 5 s"
-            lines.append(f"{mode}: fast target {label}: p50 {p50 * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms"
+            each = ", ".join(f"{f[0] * 1000:.0f}" for f in figures)
+            lines.append(f"{mode}: fast target {label}: p50 {p50 * 1000:.0f} ms (runs: {each}), p99 {p99 * 1000:.0f} ms"
                          + (f"; p50 ratio beside/alone {p50 / alone:.2f} (goal <= 1.1)" if n_slow else ""))
     for t in slow:
         httpx.delete(f"{t.base_url}/_faults", timeout=10)
     return lines
+
+
+async def _fast_latency(bootstrap: str | None, work: Path, body: bytes, fast: DemoTarget, slow: list[DemoTarget],
+                        pace: float) -> tuple[float, float]:
+    """One run: SLOW_PHASE_BUNDLES to the fast target interleaved with as many to each slow one; its (p50, p99)."""
+    dirs = TargetDirectory.model_validate({"targets": [
+        {"id": "fast", "base_url": fast.fhir},
+        *({"id": f"slow{i}", "base_url": t.fhir, "timeouts": {"total_s": 30}} for i, t in enumerate(slow))]})
+    emits = []
+    for i in range(SLOW_PHASE_BUNDLES):  # interleaved, one person per Bundle, as the issue measured
+        emits.append(_emit("fast", body, f"f{i}"))
+        emits += [_emit(f"slow{k}", body, f"s{k}-{i}") for k in range(len(slow))]
+    _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": fast.base_url}, work,
+                        round_size=(1 + len(slow)) if pace else 0, pace_s=pace, warmup=_emit("fast", body, "warmup"))
+    return statistics.median(lat), _pct(lat, 99)
 
 
 def main() -> int:
@@ -203,11 +216,14 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=1000, help="deliveries per run")
     parser.add_argument("--only", choices=["slow"], help="slow: only the fast target beside 0, 1 and 5 slow ones")
     parser.add_argument("--bus", choices=["kafka", "embedded"], default="kafka")
+    parser.add_argument("--repeat", type=int, default=REPEAT,
+                        help="runs of each slow-target setting, taking turns (medians are printed)")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         bootstrap = stack.enter_context(kafka_bootstrap()) if args.bus == "kafka" else None
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="relais-bench-delivery-"))
-        lines = asyncio.run(bench(bootstrap, Path(work), args.count, only_slow=args.only == "slow"))
+        lines = asyncio.run(bench(bootstrap, Path(work), args.count, only_slow=args.only == "slow",
+                                  repeat=args.repeat))
     print("\n".join(["", f"== Relais delivery benchmark (one delivery process, demo targets, {args.bus} bus) ==",
                      *lines]))
     return 0

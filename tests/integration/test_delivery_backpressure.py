@@ -110,6 +110,41 @@ async def test_three_slow_targets_backlogs_never_hold_a_fast_target(
         assert len(applied) == len({patient_identifier(r["body"]) for r in applied}) == 10  # type: ignore[arg-type]
 
 
+async def test_a_slow_targets_deep_lanes_never_hold_a_fast_target_and_keep_each_persons_order(
+        bus_settings: Factory, targets: list[DemoTarget], tmp_path: Path) -> None:
+    """Several Bundles per person for a slow target: those queued behind their person's first are the slow
+    target's backlog too — they must not fill the stage's shared budget of records in hand."""
+    fast, slow = targets[0], targets[1]
+    slow.fault(delay_s=2, count=-1)
+    s = bus_settings(topic_partitions=1, batch_size=8, retry_delays_s=[0.3, 1.0])
+    directory = {"targets": [
+        {"id": "fast", "base_url": fast.fhir},
+        {"id": "slow", "base_url": slow.fhir, "max_concurrency": 1, "timeouts": {"total_s": 10}}]}
+    sent: dict[int, list[tuple[str, str]]] = {}
+    emits = []
+    for n in range(6):  # 3 persons × 6 Bundles for the slow target first ...
+        for person in range(3):
+            bundle = make_bundle(3, seed=100 * person + n)
+            sent.setdefault(person, []).append(patient_identifier(bundle))
+            env = Envelope(type="fr.relais.delivery.requested", source="/relais/tests",
+                           transfer_id=str(uuid.uuid4()), data=orjson.dumps(bundle), producer="p", target="slow")
+            emits.append(Emit(DELIVERIES, f"slow|person-{person}".encode(), env))
+    emits += [_delivery("fast", f"f{n}", seed=900 + n) for n in range(5)]  # ... then 5 for the fast one
+    async with _Run(s, directory, tmp_path) as run:
+        began = time.monotonic()
+        await run.bus.publish(emits)
+        await wait_for(lambda: _count(fast, 5), timeout_s=60)
+        fast_done = time.monotonic() - began
+        await asyncio.to_thread(_clear_faults, slow)
+        await wait_for(lambda: _count(slow, 18), timeout_s=60)
+    assert fast_done < 4.0, f"the fast target's 5 Bundles took {fast_done:.1f}s: held behind a slow target's lanes"
+    rows = sorted((r for r in slow.received() if r["applied"]), key=lambda r: datetime.fromisoformat(str(r["time"])))
+    arrived = [patient_identifier(r["body"]) for r in rows]  # type: ignore[arg-type]
+    assert len(arrived) == len(set(arrived)) == 18
+    for person, bundles in sent.items():
+        assert [p for p in arrived if p in set(bundles)] == bundles, f"person {person} out of order"
+
+
 def _clear_faults(target: DemoTarget) -> None:
     httpx.delete(f"{target.base_url}/_faults", timeout=10).raise_for_status()
 

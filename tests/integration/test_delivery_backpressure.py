@@ -137,7 +137,8 @@ async def test_a_slow_targets_deep_lanes_never_hold_a_fast_target_and_keep_each_
         fast_done = time.monotonic() - began
         await asyncio.to_thread(_clear_faults, slow)
         await wait_for(lambda: _count(slow, 18), timeout_s=60)
-    assert fast_done < 4.0, f"the fast target's 5 Bundles took {fast_done:.1f}s: held behind a slow target's lanes"
+    # Held behind the slow lanes, they waited for most of the slow backlog (18 × 2 s, one at a time): 18 s before.
+    assert fast_done < 8.0, f"the fast target's 5 Bundles took {fast_done:.1f}s: held behind a slow target's lanes"
     rows = sorted((r for r in slow.received() if r["applied"]), key=lambda r: datetime.fromisoformat(str(r["time"])))
     arrived = [patient_identifier(r["body"]) for r in rows]  # type: ignore[arg-type]
     assert len(arrived) == len(set(arrived)) == 18

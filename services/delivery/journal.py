@@ -136,8 +136,11 @@ def in_flight_s(target: Target) -> float:
     return target.timeouts.connect_s + target.timeouts.total_s + IN_FLIGHT_MARGIN_S
 
 
-class _LaterAttempt(Exception):
-    """Internal: a later attempt appeared while this one was being claimed."""
+class _Overturned(Exception):
+    """Internal: the chain moved while this attempt was being claimed; `claim` is what it says now."""
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
 
 
 class AttemptJournal:
@@ -162,19 +165,30 @@ class AttemptJournal:
         """Judge attempt `key` against its chain and, on GO, record that it starts — atomically.
 
         Raises TransientError (and the POST must not be made) if the journal cannot be read or written.
-        Two copies claiming at once are serialized: on PostgreSQL the chain's rows are locked, on SQLite a
-        transaction that read before the other wrote cannot write; the loser is told to wait (BUSY).
+        The chain is judged twice: before the write, and again once this transaction holds the write (PostgreSQL
+        locks the chain's rows from the first read; SQLite reads outside any transaction until the first write,
+        after which no other writer can change the chain before this one commits). A claim the second judgement
+        overturns is rolled back, and the copy told what the chain says now (wait, or drop).
         """
         now = datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
-                rows = (await conn.execute(sa.select(table).where(_chain(key)).with_for_update())).mappings().all()
-                claim = judge(key, {row["attempt"]: _prior(row) for row in rows}, now, in_flight_s)
-                if claim.verdict is ClaimVerdict.GO and not await self._start(conn, key, claim.prior, now):
-                    return Claim(ClaimVerdict.BUSY, claim.prior)
+                claim = judge(key, await _read_chain(conn, key), now, in_flight_s)
+                if claim.verdict is not ClaimVerdict.GO:
+                    return claim
+                if not await self._start(conn, key, claim.prior, now):
+                    return Claim(ClaimVerdict.BUSY, claim.prior)  # another copy claimed it again first
+                chain = await _read_chain(conn, key)
+                if claim.prior is None:
+                    del chain[key.attempt]  # the chain as it is but for this claim
+                else:
+                    chain[key.attempt] = claim.prior
+                again = judge(key, chain, now, in_flight_s)
+                if again.verdict is not ClaimVerdict.GO:
+                    raise _Overturned(again)  # rolls the claim back
                 return claim
-        except _LaterAttempt:
-            return Claim(ClaimVerdict.SUPERSEDED)
+        except _Overturned as overturned:
+            return overturned.claim
         except (SQLAlchemyError, OSError) as exc:
             if isinstance(exc, IntegrityError) and await self.prior(key) is not None:
                 return Claim(ClaimVerdict.BUSY)  # another copy inserted the same attempt first: in flight now
@@ -186,17 +200,10 @@ class AttemptJournal:
         if seen is None:  # a concurrent insert of the same attempt fails on the primary key
             await conn.execute(table.insert().values(transfer_id=key.transfer_id, target=key.target,
                                                      round=key.round, attempt=key.attempt, **values))
-        else:
-            updated = await conn.execute(table.update().where(_where(key) & (table.c.state == NOT_APPLIED))
-                                         .values(**values))
-            if not updated.rowcount:
-                return False
-        # Read committed (PostgreSQL): a later attempt committed since the chain was read is visible now.
-        later = await conn.scalar(sa.select(sa.func.count()).select_from(table)
-                                  .where(_chain(key) & (table.c.attempt > key.attempt)))
-        if later:
-            raise _LaterAttempt  # rolls the claim back
-        return True
+            return True
+        updated = await conn.execute(table.update().where(_where(key) & (table.c.state == NOT_APPLIED))
+                                     .values(**values))
+        return bool(updated.rowcount)
 
     async def finish(self, key: AttemptKey, state: str, http_status: int | None = None,
                      response: dict[str, Any] | None = None, assigned: dict[str, str] | None = None) -> None:
@@ -224,6 +231,11 @@ class AttemptJournal:
                 await conn.execute(statement)
         except (SQLAlchemyError, OSError) as exc:
             log.warning("attempt journal not updated", action=what, error=str(exc))
+
+
+async def _read_chain(conn: AsyncConnection, key: AttemptKey) -> dict[int, Prior]:
+    rows = (await conn.execute(sa.select(table).where(_chain(key)).with_for_update())).mappings().all()
+    return {row["attempt"]: _prior(row) for row in rows}
 
 
 def _prior(row: Any) -> Prior:

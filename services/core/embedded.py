@@ -189,6 +189,8 @@ class EmbeddedSubscription:
         self._in_flight: dict[TopicPartition, int] = {}  # partitions of the last poll -> the epoch read under
         self._committed: dict[TopicPartition, int] = {}  # what this member committed (or found) per partition
         self._draining: set[TopicPartition] = set()  # surplus being handed over: not read, given back once idle
+        # Set by the runner: called as a number starts draining, so records waiting inside the stage let go.
+        self.on_release: Callable[[list[Partition]], None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_beat = 0.0
         self._surplus = 0
@@ -252,6 +254,8 @@ class EmbeddedSubscription:
             for n in others[:self._surplus - len(draining)]:
                 self._draining |= set(numbers[n])
                 draining.add(n)
+                if self.on_release is not None:  # records waiting inside the stage let go: idle sooner
+                    self.on_release([Partition(self.bus._logical(t), p) for t, p in numbers[n]])
         spare = sorted(n for n in draining if n in numbers and all(self._idle(tp) for tp in numbers[n]))
         if not spare:
             return

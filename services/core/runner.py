@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -147,6 +147,8 @@ class _Pump:
         self.committing: set[Partition] = set()  # partitions of the commit in flight
         if hasattr(sub, "on_revoke"):
             sub.on_revoke = self._hand_back
+        if hasattr(sub, "on_release"):
+            sub.on_release = self._let_go
         self.capacity = settings.batch_size
         self.in_hand = 0     # polled, not yet committed or dropped
         self.unhandled = 0   # of those, not yet started by their lane
@@ -236,6 +238,7 @@ class _Pump:
         timeout) the rest is rewound: its outputs are dropped and the next holder handles it again; the
         attempt journal keeps a POST from being made twice meanwhile.
         """
+        self._let_go(partitions)
         deadline = time.monotonic() + HAND_BACK_S
         while self._holding(partitions) and not self.failed.done() and (left := deadline - time.monotonic()) > 0:
             self.room.clear()  # set by every commit (and rewind): look again then
@@ -245,6 +248,12 @@ class _Pump:
             state = self.partitions.get(partition)
             if state is not None and state.slots:
                 self._rewind(partition, state, min(state.slots), time.monotonic())
+
+    def _let_go(self, partitions: Collection[Partition]) -> None:
+        """Partitions are about to change hands: a stage whose records may wait inside `handle` lets theirs go."""
+        releasing = getattr(self.stage, "releasing", None)
+        if releasing is not None:
+            releasing(partitions)
 
     def _holding(self, partitions: set[Partition]) -> bool:
         """Whether records of `partitions` are in hand: being handled, waiting for their lane, or being committed."""

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Collection, Hashable
 
 
 class GateClosed(Exception):
-    """The delivery process is stopping: a record waiting for a slot leaves without output (read again later)."""
+    """A record waiting for a slot leaves without output, read again later: the process is stopping, or the
+    record's partition is being handed over to another process."""
 
 
 class TargetGate:
@@ -27,6 +29,7 @@ class TargetGate:
         self.records = records
         self.wait_s = wait_s
         self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._tags: dict[asyncio.Future[bool], Hashable] = {}  # what each waiter belongs to (its partition)
         self.closed = False
 
     @property
@@ -39,10 +42,11 @@ class TargetGate:
         """Slots in use now."""
         return self.slots - self.free
 
-    async def enter(self) -> bool:
+    async def enter(self, tag: Hashable = None) -> bool:
         """Take a slot (True), or False when the area is full or the wait exceeded `wait_s`: move the record out.
 
-        Raises GateClosed once the gate is closed (the process is stopping).
+        Raises GateClosed once the gate is closed (the process is stopping), or when `release` lets the
+        waiters tagged `tag` go (their partition is handed over).
         """
         if self.closed:
             raise GateClosed
@@ -54,6 +58,7 @@ class TargetGate:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(future)
+        self._tags[future] = tag
         timer = loop.call_later(self.wait_s, self._expire, future)
         try:
             return await future
@@ -65,6 +70,7 @@ class TargetGate:
             raise
         finally:
             timer.cancel()
+            self._tags.pop(future, None)
 
     def leave(self) -> None:
         """Give the slot back: to the longest-waiting record, else to the pool."""
@@ -74,6 +80,14 @@ class TargetGate:
                 future.set_result(True)
                 return
         self.free += 1
+
+    def release(self, tags: Collection[Hashable]) -> int:
+        """The records waiting with one of `tags` leave now (GateClosed), in no slot yet: how many did."""
+        leaving = [f for f in self._waiters if not f.done() and self._tags.get(f) in tags]
+        for future in leaving:
+            self._waiters.remove(future)
+            future.set_exception(GateClosed())
+        return len(leaving)
 
     def close(self) -> None:
         """Stopping: every waiting record leaves now (GateClosed); records holding a slot finish."""

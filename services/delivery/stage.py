@@ -167,6 +167,13 @@ class DeliveryStage:
         for rt in self.runtimes.values():
             rt.gate.close()
 
+    def releasing(self, partitions: Collection[Partition]) -> None:
+        """`partitions` are being handed over: their records waiting for a target's slot leave now, unattempted,
+        so the hand-over does not wait for a slow target (their next holder reads them again)."""
+        left = sum(rt.gate.release(partitions) for rt in self.runtimes.values())
+        if left:
+            log.info("records waiting for a target's slot let go for a hand-over", records=left)
+
     async def aclose(self) -> None:
         """Stop probes and close every target's connections; safe twice."""
         for rt in self.runtimes.values():
@@ -249,10 +256,10 @@ class DeliveryStage:
         if rt.target.paused or rt.target.id in self.paused_by_operator:
             return [self._park(record, env, rt.target.breaker.probe_every_s)]
         try:
-            entered = await rt.gate.enter()
+            entered = await rt.gate.enter(Partition(record.topic, record.partition))
         except GateClosed:
-            raise TransientError("delivery is stopping: this record waited for its target's slot and is read "
-                                 "again when delivery restarts") from None
+            raise TransientError("this record left its target's waiting area unattempted (delivery is stopping, or "
+                                 "its partition is handed over) and is read again") from None
         if not entered:
             return await self._overflow(record, env, rt)
         try:

@@ -55,3 +55,19 @@ async def test_closing_lets_waiting_records_go_and_refuses_new_ones() -> None:
     with pytest.raises(GateClosed):
         await gate.enter()
     gate.leave()  # the record holding a slot finishes normally
+
+
+async def test_releasing_a_partitions_waiters_lets_them_go_and_keeps_the_others_in_order() -> None:
+    gate = TargetGate(slots=1, records=10, wait_s=30)
+    assert await gate.enter("p0")
+    waiting = [asyncio.create_task(gate.enter(tag)) for tag in ("p1", "p0", "p2", "p1")]
+    await asyncio.sleep(0)
+    assert gate.release({"p1"}) == 2  # handed over: those leave now, unattempted
+    results = await asyncio.gather(waiting[0], waiting[3], return_exceptions=True)
+    assert all(isinstance(r, GateClosed) for r in results)
+    assert gate.waiting == 2 and not gate.closed  # the others keep their places
+    gate.leave()
+    assert await waiting[1] and not waiting[2].done()  # p0's record goes next, then p2's
+    gate.leave()
+    assert await waiting[2]
+    assert gate.release({"p1"}) == 0

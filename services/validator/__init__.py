@@ -12,7 +12,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 NATIVE = HERE / "_native"
 # The modules whose loops run on every element of every Bundle (py-spy: about 90% of a valid Bundle's time).
-MODULES = ("plan", "checks", "r4", "prescreen", "paths", "jsonwalk", "terminology")
+MODULES = ("plan", "checks", "r4", "prescreen", "paths", "jsonwalk", "terminology", "engine", "bundle", "base", "logic",
+           "invariants", "messages", "compiler")
 
 
 def stamp(folder: Path = HERE) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from fhir.resources.R4B.bundle import Bundle
 
+from services import validator
 from services.validator.base import resource_class
 from services.validator.logic import validate_bundle
 from services.validator.ruleset import ruleset
@@ -119,7 +120,9 @@ def side_by_side(raw: bytes, size: int, repeats: int, samples: int, warm: int, r
 def run(rounds: int = 300, hl7_warm: int | None = 5, repeats: int = 5, samples_300: int = HL7_SAMPLES_300) -> list[str]:
     """The benchmark's report lines (`hl7_warm` None: without the HL7 engine)."""
     ruleset()  # compile the rules before timing
-    lines = [f"[{_load()} at start]"]
+    mode = ("compiled by mypyc (services/validator/_native)" if validator.COMPILED
+            else "plain Python (no current build: python -m services.validator.native)")
+    lines = [f"[{_load()} at start; the validator runs {mode}]"]
     raws = {size: orjson.dumps(make_bundle(size, seed=1)) for size in (30, 300)}
     for size in (30, 300):
         raw = raws[size]

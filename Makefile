@@ -17,9 +17,18 @@ $(STAMP): pyproject.toml devtools/pyproject.toml
 	@$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./devtools
 	@touch $@
 
-install: $(STAMP)  ## create .venv with Relais, its development tools (devtools/) and test tools
+# The validator's hot modules compiled by mypyc (services/validator/native.py); rebuilt when they change. Without
+# a C compiler the validator runs as plain Python, with the same findings (about 1.8x slower).
+NATIVE := services/validator/_native/STAMP
 
-run: $(STAMP)  ## every stage in one process (embedded bus), a demo target, demo credentials
+$(NATIVE): $(STAMP) $(wildcard services/validator/*.py) services/core/outcome.py
+	@echo "compiling the validator's hot modules with mypyc (a minute or two) ..."
+	@$(BIN)/python -m services.validator.native >/dev/null \
+	  || echo "the validator could not be compiled (a C compiler and Python's headers are needed): it runs as plain Python"
+
+install: $(STAMP) $(NATIVE)  ## create .venv with Relais, its development tools (devtools/) and test tools
+
+run: $(STAMP) $(NATIVE)  ## every stage in one process (embedded bus), a demo target, demo credentials
 	RELAIS_PRODUCERS_FILE=$${RELAIS_PRODUCERS_FILE:-deploy/dev/producers.yaml} \
 	RELAIS_TARGETS_FILE=$${RELAIS_TARGETS_FILE:-deploy/dev/targets.yaml} \
 	RELAIS_OPERATORS_FILE=$${RELAIS_OPERATORS_FILE:-deploy/dev/operators.yaml} \
@@ -33,7 +42,7 @@ $(MEDPLUM): tests/medplum/package-lock.json
 	  (cd tests/medplum && npm ci --no-audit --no-fund --loglevel=error) && touch $@; \
 	else echo "npm not found: the Medplum end-to-end tests will skip (they fail in CI)"; fi
 
-test: $(STAMP) $(MEDPLUM)  ## the whole suite: unit, integration (real Kafka), end to end (processes)
+test: $(STAMP) $(NATIVE) $(MEDPLUM)  ## the whole suite: unit, integration (real Kafka), end to end (processes)
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only: no network, seconds

@@ -20,6 +20,11 @@ class TransientError(RelaisError):
     """When waiting may help: network trouble, timeouts, 5xx, 408, 429, a broker that is down."""
 
 
+class LetGo(TransientError):
+    """When a record gives way unattempted — the process stops, or its partition is handed over: nothing failed,
+    it is read again (here or by the partition's next holder)."""
+
+
 class PermanentError(RelaisError):
     """When retrying cannot help: bad content, a 4xx from a target, a misconfiguration."""
 

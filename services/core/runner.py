@@ -23,7 +23,7 @@ import structlog
 from services.core.bus import Bus, Partition, Subscription
 from services.core.crypto import X_DECRYPT_ERROR, DecryptionError
 from services.core.envelope import Emit, Record, event
-from services.core.errors import TransientError
+from services.core.errors import LetGo, TransientError
 from services.core.fate import Fate
 from services.core.logging import get_logger
 from services.core.metrics import BATCH_COMMIT_SECONDS, HANDLE_SECONDS, RECORDS
@@ -402,8 +402,11 @@ async def _handle_record(stage: Stage, record: Record) -> Sequence[Emit]:
         return await stage.handle(record)
     except TransientError as exc:
         outcome = Fate.RETRY
-        # The infrastructure the stage needs is down: keep the record, retry it (in order) shortly.
-        log.warning("record deferred: dependency unavailable", error=str(exc))
+        # The infrastructure the stage needs is down (or the record gives way): keep it, retry it (in order) shortly.
+        if isinstance(exc, LetGo):
+            log.info("record let go unattempted; read again", reason=str(exc))
+        else:
+            log.warning("record deferred: dependency unavailable", error=str(exc))
         raise _Deferred(time.monotonic() + TRANSIENT_BACKOFF_S[1]) from exc
     except Exception as exc:
         outcome = Fate.DEAD_LETTER

@@ -32,7 +32,7 @@ from services.core.blobstore import (
 )
 from services.core.bus import Partition
 from services.core.envelope import Emit, Envelope, Record, event
-from services.core.errors import TransientError
+from services.core.errors import LetGo, TransientError
 from services.core.fate import Fate
 from services.core.logging import get_logger
 from services.core.metrics import DELIVERIES as DELIVERY_COUNT
@@ -258,8 +258,8 @@ class DeliveryStage:
         try:
             entered = await rt.gate.enter(Partition(record.topic, record.partition))
         except GateClosed:
-            raise TransientError("this record left its target's waiting area unattempted (delivery is stopping, or "
-                                 "its partition is handed over) and is read again") from None
+            raise LetGo("this record left its target's waiting area unattempted (delivery is stopping, or its "
+                        "partition is handed over) and is read again") from None
         if not entered:
             return await self._overflow(record, env, rt)
         try:

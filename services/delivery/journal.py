@@ -10,6 +10,12 @@ outcome is committed would, on restart, read the record again and send it again.
   certainly not applied);
 * once the outcome is committed on the bus the row is closed; rows are purged by age.
 
+Answers and closes are best-effort history, so they are group-committed: every `finish` and `close`
+queued while the previous write was in flight goes into the next transaction, as one executemany each
+(one transaction for many lanes' answers instead of one per answer, and one per runner commit). A
+caller still returns only once its write is committed (or has failed and been logged). A claim keeps
+its own transaction: it judges the chain and writes the started row atomically.
+
 A record can also be read twice: Kafka hands a partition over from its committed offset, which can lag
 the last transaction of the member that held it, and a member that lost a partition may still be in the
 middle of a POST. So two copies of one delivery record can each go their way, and the journal, not the
@@ -28,6 +34,7 @@ A DLQ replay starts a new round (its `replays` count), so its attempts never mee
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import socket
@@ -43,6 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.core.envelope import Envelope
 from services.core.errors import TransientError
 from services.core.logging import get_logger
+from services.core.shielded import finish as wait_out
 from services.core.shielded import shielded
 from services.core.targets import Target
 from services.tracker.ledger import delivery_attempts as table
@@ -140,12 +148,40 @@ class _LaterAttempt(Exception):
     """Internal: a later attempt appeared while this one was being claimed."""
 
 
+def _keyed(statement: Any) -> Any:
+    """`statement` restricted to one attempt named by bound parameters (for executemany)."""
+    return statement.where((table.c.transfer_id == sa.bindparam("k_transfer"))
+                           & (table.c.target == sa.bindparam("k_target"))
+                           & (table.c.round == sa.bindparam("k_round"))
+                           & (table.c.attempt == sa.bindparam("k_attempt")))
+
+
+_FINISH = _keyed(table.update()).values(
+    state=sa.bindparam("v_state", type_=table.c.state.type),
+    finished_at=sa.bindparam("v_finished", type_=table.c.finished_at.type),
+    http_status=sa.bindparam("v_status", type_=table.c.http_status.type),
+    response=sa.bindparam("v_response", type_=table.c.response.type),
+    assigned=sa.bindparam("v_assigned", type_=table.c.assigned.type))
+_CLOSE = _keyed(table.update()).values(closed_at=sa.bindparam("v_closed", type_=table.c.closed_at.type))
+
+
+def _key_params(key: AttemptKey) -> dict[str, Any]:
+    return {"k_transfer": key.transfer_id, "k_target": key.target, "k_round": key.round, "k_attempt": key.attempt}
+
+
 class AttemptJournal:
     """Reads and writes `delivery_attempts`; what must hold raises `TransientError`, the rest is best effort."""
 
     def __init__(self, engine: AsyncEngine, process: str | None = None) -> None:
         self.engine = engine
         self.process = process or f"{socket.gethostname()}-{os.getpid()}"
+        # Queued best-effort writes (finish, close), each with the future its caller waits on.
+        self._finishes: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._closes: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._claims: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
+        self._claimer: asyncio.Task[None] | None = None
+        self.transactions = 0  # group commits (of claims; of answers and closes): tests and benchmarks read it
 
     @shielded
     async def prior(self, key: AttemptKey) -> Prior | None:
@@ -157,14 +193,89 @@ class AttemptJournal:
             raise TransientError(f"attempt journal unreadable, delivery waits: {exc}") from exc
         return None if row is None else _prior(row)
 
-    @shielded
     async def claim(self, key: AttemptKey, in_flight_s: float) -> Claim:
         """Judge attempt `key` against its chain and, on GO, record that it starts — atomically.
 
         Raises TransientError (and the POST must not be made) if the journal cannot be read or written.
         Two copies claiming at once are serialized: on PostgreSQL the chain's rows are locked, on SQLite a
         transaction that read before the other wrote cannot write; the loser is told to wait (BUSY).
+
+        Claims queued while another transaction of this journal was in flight are group-committed
+        (`_claim_together`); a shielded wait, like every ledger write (see `_queued`).
         """
+        done: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
+        self._claims.append((key, in_flight_s, done))
+        if self._claimer is None or self._claimer.done():
+            self._claimer = asyncio.create_task(self._claim_queued(), name="attempt-journal-claims")
+        return await wait_out(done)
+
+    async def _claim_queued(self) -> None:
+        """Claim what is queued, a transaction at a time: one claim per chain in each (a chain's copies are
+        judged one after the other, each seeing what the one before it wrote)."""
+        while self._claims:
+            batch: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
+            chains: set[tuple[str, str, int]] = set()
+            rest: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
+            for item in self._claims:
+                chain = (item[0].transfer_id, item[0].target, item[0].round)
+                (rest if chain in chains else batch).append(item)
+                chains.add(chain)
+            self._claims = rest
+            try:
+                try:
+                    claims = await self._claim_together([(k, s) for k, s, _ in batch])
+                except (_LaterAttempt, IntegrityError):
+                    # Another process wrote one of these chains meanwhile: each claim alone decides (rolled back).
+                    claims = [await self._claim_alone(k, s) for k, s, _ in batch]
+            except Exception as exc:  # noqa: BLE001 - TransientError, or a bug: the callers see it
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, _, done), claim in zip(batch, claims, strict=True):
+                if not done.done():
+                    done.set_result(claim)
+
+    async def _claim_together(self, keys: list[tuple[AttemptKey, float]]) -> list[Claim]:
+        """`_claim_alone` for several chains in one transaction: one read of every chain, one insert of every
+        new attempt, one look for later attempts. Raises _LaterAttempt or IntegrityError (nothing written)
+        when another process wrote one of the chains meanwhile."""
+        now = datetime.now(UTC)
+        try:
+            async with self.engine.begin() as conn:
+                chain_of = {(k.transfer_id, k.target, k.round): k for k, _ in keys}
+                rows = (await conn.execute(sa.select(table).where(sa.or_(*(_chain(k) for k, _ in keys)))
+                                           .with_for_update())).mappings().all()
+                found: dict[tuple[str, str, int], dict[int, Prior]] = {chain: {} for chain in chain_of}
+                for row in rows:
+                    found[(row["transfer_id"], row["target"], row["round"])][row["attempt"]] = _prior(row)
+                self.transactions += 1
+                claims = [judge(k, found[(k.transfer_id, k.target, k.round)], now, s) for k, s in keys]
+                fresh = [k for (k, _), c in zip(keys, claims, strict=True)
+                         if c.verdict is ClaimVerdict.GO and c.prior is None]
+                if fresh:  # a concurrent insert of the same attempt fails on the primary key
+                    await conn.execute(table.insert(), [{
+                        "transfer_id": k.transfer_id, "target": k.target, "round": k.round, "attempt": k.attempt,
+                        **self._started(now)} for k in fresh])
+                    # Read committed (PostgreSQL): a later attempt committed since the chains were read is seen now.
+                    latest = (await conn.execute(
+                        sa.select(table.c.transfer_id, table.c.target, table.c.round, sa.func.max(table.c.attempt))
+                        .where(sa.or_(*(_chain(k) for k in fresh)))
+                        .group_by(table.c.transfer_id, table.c.target, table.c.round))).all()
+                    if any(n > chain_of[(t, g, r)].attempt for t, g, r, n in latest):
+                        raise _LaterAttempt  # rolls every claim of the transaction back
+                for i, ((k, _), c) in enumerate(zip(keys, claims, strict=True)):
+                    if c.verdict is ClaimVerdict.GO and c.prior is not None and not await self._start(conn, k,
+                                                                                                      c.prior, now):
+                        claims[i] = Claim(ClaimVerdict.BUSY, c.prior)
+                return claims
+        except (_LaterAttempt, IntegrityError):
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
+
+    @shielded
+    async def _claim_alone(self, key: AttemptKey, in_flight_s: float) -> Claim:
         now = datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
@@ -180,9 +291,12 @@ class AttemptJournal:
                 return Claim(ClaimVerdict.BUSY)  # another copy inserted the same attempt first: in flight now
             raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
 
+    def _started(self, now: datetime) -> dict[str, Any]:
+        return {"state": STARTED, "process": self.process, "started_at": now, "finished_at": None,
+                "closed_at": None, "http_status": None, "response": None, "assigned": None}
+
     async def _start(self, conn: AsyncConnection, key: AttemptKey, seen: Prior | None, now: datetime) -> bool:
-        values = {"state": STARTED, "process": self.process, "started_at": now, "finished_at": None,
-                  "closed_at": None, "http_status": None, "response": None, "assigned": None}
+        values = self._started(now)
         if seen is None:  # a concurrent insert of the same attempt fails on the primary key
             await conn.execute(table.insert().values(transfer_id=key.transfer_id, target=key.target,
                                                      round=key.round, attempt=key.attempt, **values))
@@ -201,16 +315,49 @@ class AttemptJournal:
     async def finish(self, key: AttemptKey, state: str, http_status: int | None = None,
                      response: dict[str, Any] | None = None, assigned: dict[str, str] | None = None) -> None:
         """Record how the attempt ended; a failure only costs a probe if the process then crashes."""
-        await self._best_effort("finish", table.update().where(_where(key)).values(
-            state=state, finished_at=datetime.now(UTC), http_status=http_status, response=response,
-            assigned=assigned))
+        params = {**_key_params(key), "v_state": state, "v_finished": datetime.now(UTC), "v_status": http_status,
+                  "v_response": response, "v_assigned": assigned}
+        await self._queued(self._finishes, params)
 
     async def close(self, keys: Iterable[AttemptKey]) -> None:
         """The attempts' outcomes are committed on the bus: the rows are history now."""
-        keys = list(keys)
-        if keys:
-            await self._best_effort("close", table.update().where(sa.or_(*(_where(k) for k in keys)))
-                                    .values(closed_at=datetime.now(UTC)))
+        now = datetime.now(UTC)
+        rows = [{**_key_params(k), "v_closed": now} for k in keys]
+        if rows:
+            await self._queued(self._closes, rows)
+
+    async def _queued(self, queue: list[tuple[Any, asyncio.Future[None]]], item: Any) -> None:
+        """Queue a best-effort write for the next group commit and wait until it is done (shielded, like
+        every ledger write: a cancelled caller waits for the commit it is part of, so no transaction is cut)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append((item, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued(), name="attempt-journal-writer")
+        await wait_out(done)
+
+    async def _write_queued(self) -> None:
+        """Commit whatever is queued, one transaction at a time, until nothing is left."""
+        while self._finishes or self._closes:
+            finishes, self._finishes = self._finishes, []
+            closes, self._closes = self._closes, []
+            try:
+                async with self.engine.begin() as conn:
+                    if finishes:
+                        await conn.execute(_FINISH, [params for params, _ in finishes])
+                    if closes:  # after the answers: a close never precedes its attempt's answer
+                        await conn.execute(_CLOSE, [row for rows, _ in closes for row in rows])
+                    self.transactions += 1
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("attempt journal not updated", finished=len(finishes), closed=len(closes),
+                            error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug, not the database: the callers see it
+                for _, done in (*finishes, *closes):
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for _, done in (*finishes, *closes):
+                if not done.done():
+                    done.set_result(None)
 
     async def purge(self, older_than_s: float) -> None:
         """Forget attempts started longer ago than `older_than_s` (their records have left the topics)."""

@@ -25,9 +25,10 @@ Failure orders, and why they are safe:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -37,10 +38,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from services.core.envelope import new_id
 from services.core.errors import TransientError
+from services.core.logging import get_logger
 from services.core.shielded import shielded
 from services.ingress import checks
 from services.ingress.checks import Refusal
 from services.tracker.ledger import Ledger, events, submissions
+
+log = get_logger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 PUBLISHING, PUBLISHED, FAILED = "publishing", "published", "failed"
@@ -148,11 +152,11 @@ async def _has_events(ledger: Ledger, transfer_id: str) -> bool:
 
 
 @shielded
-async def settle(ledger: Ledger, transfer_id: str, state: str) -> None:
-    """Mark a submission published (or failed); best effort — see the module docstring for why."""
+async def settle(ledger: Ledger, transfer_ids: Sequence[str], state: str) -> None:
+    """Mark submissions published (or failed); best effort — see the module docstring for why."""
     try:
         async with ledger.submissions_engine.begin() as conn:
-            await conn.execute(submissions.update().where(submissions.c.transfer_id == transfer_id)
+            await conn.execute(submissions.update().where(submissions.c.transfer_id.in_(transfer_ids))
                                .values(state=state, updated_at=datetime.now(UTC)))
     except (OperationalError, OSError) as exc:
         raise TransientError(f"ledger database unavailable: {exc}") from exc
@@ -190,21 +194,36 @@ async def purge(ledger: Ledger, window_s: float) -> int:
 
 
 class Background:
-    """Ledger writes made after the answer (marking a submission published): kept referenced, drained at stop."""
+    """Submissions marked published after their 202, group-committed: every one that arrived while the previous
+    write was in flight goes into the next transaction (one write for many POSTs, not one per POST); drained at
+    stop. A write lost here leaves rows `publishing`, which the module docstring shows is safe."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._published: list[str] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.transactions = 0  # tests and benchmarks read it
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` without making the request wait for it."""
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def mark_published(self, ledger: Ledger, transfer_id: str) -> None:
+        """Queue `transfer_id` to be marked published; returns at once."""
+        self._published.append(transfer_id)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(ledger), name="submissions-published")
+
+    async def _write(self, ledger: Ledger) -> None:
+        while self._published:
+            transfer_ids, self._published = self._published, []
+            try:
+                await settle(ledger, transfer_ids, PUBLISHED)
+                self.transactions += 1
+            except Exception as exc:  # noqa: BLE001 - best effort, see the module docstring
+                with contextlib.suppress(Exception):
+                    log.warning("transfers published but not marked so in the ledger", transfers=len(transfer_ids),
+                                error=str(exc))
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Let pending writes finish (at shutdown), within `timeout_s`."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        if self._writer is not None and not self._writer.done():
+            await asyncio.wait({self._writer}, timeout=timeout_s)
 
 
 def key_conflict(transfer_id: str) -> Refusal:

@@ -138,7 +138,7 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
     key = submissions.idempotency_key(request.headers.get(submissions.IDEMPOTENCY_HEADER), parsed, targets)
     print_ = submissions.fingerprint(targets, body)
     try:
-        claim = await submissions.claim(state.ledger, producer.id, key, print_, settings.idempotency_window_s)
+        claim = await state.background.claim(state.ledger, producer.id, key, print_, settings.idempotency_window_s)
         while claim.verdict == "busy":  # the same request, at once: wait for the first one's outcome
             settled = await submissions.wait_for(state.ledger, claim.transfer_id, settings.kafka_timeout_s + 2)
             if settled == submissions.PUBLISHING:

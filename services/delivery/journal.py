@@ -38,7 +38,7 @@ import asyncio
 import enum
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -175,12 +175,12 @@ class AttemptJournal:
     def __init__(self, engine: AsyncEngine, process: str | None = None) -> None:
         self.engine = engine
         self.process = process or f"{socket.gethostname()}-{os.getpid()}"
-        # Queued best-effort writes (finish, close), each with the future its caller waits on.
+        # Queued claims and best-effort writes (finish, close), each with the future its caller waits on; one task
+        # writes them, a transaction at a time (two at once from one process would only queue on SQLite's lock).
         self._finishes: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._closes: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._claims: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
-        self._claimer: asyncio.Task[None] | None = None
         self.transactions = 0  # group commits (of claims; of answers and closes): tests and benchmarks read it
 
     @shielded
@@ -205,14 +205,22 @@ class AttemptJournal:
         """
         done: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
         self._claims.append((key, in_flight_s, done))
-        if self._claimer is None or self._claimer.done():
-            self._claimer = asyncio.create_task(self._claim_queued(), name="attempt-journal-claims")
+        self._wake()
         return await wait_out(done)
 
+    def _wake(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="attempt-journal-writer")
+
+    async def _write(self) -> None:
+        while self._claims or self._finishes or self._closes:
+            await self._claim_queued()
+            await self._write_queued()
+
     async def _claim_queued(self) -> None:
-        """Claim what is queued, a transaction at a time: one claim per chain in each (a chain's copies are
-        judged one after the other, each seeing what the one before it wrote)."""
-        while self._claims:
+        """Claim what is queued in one transaction, one claim per chain (a chain's other copies wait for the next
+        one, so each is judged seeing what the one before it wrote)."""
+        if self._claims:
             batch: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
             chains: set[tuple[str, str, int]] = set()
             rest: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
@@ -222,16 +230,17 @@ class AttemptJournal:
                 chains.add(chain)
             self._claims = rest
             try:
-                try:
-                    claims = await self._claim_together([(k, s) for k, s, _ in batch])
-                except (_LaterAttempt, IntegrityError):
-                    # Another process wrote one of these chains meanwhile: each claim alone decides (rolled back).
-                    claims = [await self._claim_alone(k, s) for k, s, _ in batch]
+                claims = await self._claim_together([(k, s) for k, s, _ in batch])
+            except (_LaterAttempt, IntegrityError):
+                # Another process wrote one of these chains meanwhile (nothing was written): each claim decides alone.
+                for key, bound, done in batch:
+                    await _settle(done, self._claim_alone(key, bound))
+                return
             except Exception as exc:  # noqa: BLE001 - TransientError, or a bug: the callers see it
                 for _, _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
-                continue
+                return
             for (_, _, done), claim in zip(batch, claims, strict=True):
                 if not done.done():
                     done.set_result(claim)
@@ -331,13 +340,12 @@ class AttemptJournal:
         every ledger write: a cancelled caller waits for the commit it is part of, so no transaction is cut)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.append((item, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_queued(), name="attempt-journal-writer")
+        self._wake()
         await wait_out(done)
 
     async def _write_queued(self) -> None:
-        """Commit whatever is queued, one transaction at a time, until nothing is left."""
-        while self._finishes or self._closes:
+        """Commit the queued answers and closes in one transaction."""
+        if self._finishes or self._closes:
             finishes, self._finishes = self._finishes, []
             closes, self._closes = self._closes, []
             try:
@@ -354,7 +362,7 @@ class AttemptJournal:
                 for _, done in (*finishes, *closes):
                     if not done.done():
                         done.set_exception(exc)
-                continue
+                return
             for _, done in (*finishes, *closes):
                 if not done.done():
                     done.set_result(None)
@@ -371,6 +379,18 @@ class AttemptJournal:
                 await conn.execute(statement)
         except (SQLAlchemyError, OSError) as exc:
             log.warning("attempt journal not updated", action=what, error=str(exc))
+
+
+async def _settle(done: asyncio.Future[Claim], work: Awaitable[Claim]) -> None:
+    """Give `done` what `work` returns or raises."""
+    try:
+        claim = await work
+    except Exception as exc:  # noqa: BLE001 - TransientError, or a bug: the caller sees it
+        if not done.done():
+            done.set_exception(exc)
+        return
+    if not done.done():
+        done.set_result(claim)
 
 
 def _prior(row: Any) -> Prior:

@@ -144,8 +144,11 @@ def in_flight_s(target: Target) -> float:
     return target.timeouts.connect_s + target.timeouts.total_s + IN_FLIGHT_MARGIN_S
 
 
-class _LaterAttempt(Exception):
-    """Internal: a later attempt appeared while this one was being claimed."""
+class _Overturned(Exception):
+    """Internal: the chain moved while this attempt was being claimed; `claim` is what it says now."""
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
 
 
 def _keyed(statement: Any) -> Any:
@@ -197,8 +200,10 @@ class AttemptJournal:
         """Judge attempt `key` against its chain and, on GO, record that it starts — atomically.
 
         Raises TransientError (and the POST must not be made) if the journal cannot be read or written.
-        Two copies claiming at once are serialized: on PostgreSQL the chain's rows are locked, on SQLite a
-        transaction that read before the other wrote cannot write; the loser is told to wait (BUSY).
+        The chain is judged twice: before the write, and again once this transaction holds the write (PostgreSQL
+        locks the chain's rows from the first read; SQLite reads outside any transaction until the first write,
+        after which no other writer can change the chain before this one commits). A claim the second judgement
+        overturns is rolled back, and the copy told what the chain says now (wait, or drop).
 
         Claims queued while another transaction of this journal was in flight are group-committed
         (`_claim_together`); a shielded wait, like every ledger write (see `_queued`).
@@ -231,7 +236,7 @@ class AttemptJournal:
             self._claims = rest
             try:
                 claims = await self._claim_together([(k, s) for k, s, _ in batch])
-            except (_LaterAttempt, IntegrityError):
+            except (_Overturned, IntegrityError):
                 # Another process wrote one of these chains meanwhile (nothing was written): each claim decides alone.
                 for key, bound, done in batch:
                     await _settle(done, self._claim_alone(key, bound))
@@ -246,39 +251,39 @@ class AttemptJournal:
                     done.set_result(claim)
 
     async def _claim_together(self, keys: list[tuple[AttemptKey, float]]) -> list[Claim]:
-        """`_claim_alone` for several chains in one transaction: one read of every chain, one insert of every
-        new attempt, one look for later attempts. Raises _LaterAttempt or IntegrityError (nothing written)
-        when another process wrote one of the chains meanwhile."""
+        """`_claim_alone` for several chains in one transaction: one read of every chain, one insert of every new
+        attempt, one read again to judge each claim a second time. Raises _Overturned or IntegrityError (nothing
+        written) when another process moved one of the chains meanwhile."""
         now = datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
-                chain_of = {(k.transfer_id, k.target, k.round): k for k, _ in keys}
-                rows = (await conn.execute(sa.select(table).where(sa.or_(*(_chain(k) for k, _ in keys)))
-                                           .with_for_update())).mappings().all()
-                found: dict[tuple[str, str, int], dict[int, Prior]] = {chain: {} for chain in chain_of}
-                for row in rows:
-                    found[(row["transfer_id"], row["target"], row["round"])][row["attempt"]] = _prior(row)
                 self.transactions += 1
-                claims = [judge(k, found[(k.transfer_id, k.target, k.round)], now, s) for k, s in keys]
+                chains = await _read_chains(conn, [k for k, _ in keys])
+                claims = [judge(k, chains[_chain_of(k)], now, s) for k, s in keys]
                 fresh = [k for (k, _), c in zip(keys, claims, strict=True)
                          if c.verdict is ClaimVerdict.GO and c.prior is None]
                 if fresh:  # a concurrent insert of the same attempt fails on the primary key
                     await conn.execute(table.insert(), [{
                         "transfer_id": k.transfer_id, "target": k.target, "round": k.round, "attempt": k.attempt,
                         **self._started(now)} for k in fresh])
-                    # Read committed (PostgreSQL): a later attempt committed since the chains were read is seen now.
-                    latest = (await conn.execute(
-                        sa.select(table.c.transfer_id, table.c.target, table.c.round, sa.func.max(table.c.attempt))
-                        .where(sa.or_(*(_chain(k) for k in fresh)))
-                        .group_by(table.c.transfer_id, table.c.target, table.c.round))).all()
-                    if any(n > chain_of[(t, g, r)].attempt for t, g, r, n in latest):
-                        raise _LaterAttempt  # rolls every claim of the transaction back
                 for i, ((k, _), c) in enumerate(zip(keys, claims, strict=True)):
                     if c.verdict is ClaimVerdict.GO and c.prior is not None and not await self._start(conn, k,
                                                                                                       c.prior, now):
-                        claims[i] = Claim(ClaimVerdict.BUSY, c.prior)
+                        claims[i] = Claim(ClaimVerdict.BUSY, c.prior)  # another copy claimed it again first
+                made = [((k, s), c) for (k, s), c in zip(keys, claims, strict=True) if c.verdict is ClaimVerdict.GO]
+                if made:
+                    now_chains = await _read_chains(conn, [k for (k, _), _ in made])
+                    for (k, s), c in made:
+                        chain = now_chains[_chain_of(k)]
+                        if c.prior is None:
+                            del chain[k.attempt]  # the chain as it is but for this claim
+                        else:
+                            chain[k.attempt] = c.prior
+                        again = judge(k, chain, now, s)
+                        if again.verdict is not ClaimVerdict.GO:
+                            raise _Overturned(again)  # rolls every claim of the transaction back
                 return claims
-        except (_LaterAttempt, IntegrityError):
+        except (_Overturned, IntegrityError):
             raise
         except (SQLAlchemyError, OSError) as exc:
             raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
@@ -288,13 +293,22 @@ class AttemptJournal:
         now = datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
-                rows = (await conn.execute(sa.select(table).where(_chain(key)).with_for_update())).mappings().all()
-                claim = judge(key, {row["attempt"]: _prior(row) for row in rows}, now, in_flight_s)
-                if claim.verdict is ClaimVerdict.GO and not await self._start(conn, key, claim.prior, now):
-                    return Claim(ClaimVerdict.BUSY, claim.prior)
+                claim = judge(key, await _read_chain(conn, key), now, in_flight_s)
+                if claim.verdict is not ClaimVerdict.GO:
+                    return claim
+                if not await self._start(conn, key, claim.prior, now):
+                    return Claim(ClaimVerdict.BUSY, claim.prior)  # another copy claimed it again first
+                chain = await _read_chain(conn, key)
+                if claim.prior is None:
+                    del chain[key.attempt]  # the chain as it is but for this claim
+                else:
+                    chain[key.attempt] = claim.prior
+                again = judge(key, chain, now, in_flight_s)
+                if again.verdict is not ClaimVerdict.GO:
+                    raise _Overturned(again)  # rolls the claim back
                 return claim
-        except _LaterAttempt:
-            return Claim(ClaimVerdict.SUPERSEDED)
+        except _Overturned as overturned:
+            return overturned.claim
         except (SQLAlchemyError, OSError) as exc:
             if isinstance(exc, IntegrityError) and await self.prior(key) is not None:
                 return Claim(ClaimVerdict.BUSY)  # another copy inserted the same attempt first: in flight now
@@ -309,17 +323,10 @@ class AttemptJournal:
         if seen is None:  # a concurrent insert of the same attempt fails on the primary key
             await conn.execute(table.insert().values(transfer_id=key.transfer_id, target=key.target,
                                                      round=key.round, attempt=key.attempt, **values))
-        else:
-            updated = await conn.execute(table.update().where(_where(key) & (table.c.state == NOT_APPLIED))
-                                         .values(**values))
-            if not updated.rowcount:
-                return False
-        # Read committed (PostgreSQL): a later attempt committed since the chain was read is visible now.
-        later = await conn.scalar(sa.select(sa.func.count()).select_from(table)
-                                  .where(_chain(key) & (table.c.attempt > key.attempt)))
-        if later:
-            raise _LaterAttempt  # rolls the claim back
-        return True
+            return True
+        updated = await conn.execute(table.update().where(_where(key) & (table.c.state == NOT_APPLIED))
+                                     .values(**values))
+        return bool(updated.rowcount)
 
     async def finish(self, key: AttemptKey, state: str, http_status: int | None = None,
                      response: dict[str, Any] | None = None, assigned: dict[str, str] | None = None) -> None:
@@ -391,6 +398,25 @@ async def _settle(done: asyncio.Future[Claim], work: Awaitable[Claim]) -> None:
         return
     if not done.done():
         done.set_result(claim)
+
+
+async def _read_chain(conn: AsyncConnection, key: AttemptKey) -> dict[int, Prior]:
+    rows = (await conn.execute(sa.select(table).where(_chain(key)).with_for_update())).mappings().all()
+    return {row["attempt"]: _prior(row) for row in rows}
+
+
+async def _read_chains(conn: AsyncConnection, keys: list[AttemptKey]) -> dict[tuple[str, str, int], dict[int, Prior]]:
+    """`_read_chain` of several keys' chains in one query."""
+    chains: dict[tuple[str, str, int], dict[int, Prior]] = {_chain_of(k): {} for k in keys}
+    rows = (await conn.execute(sa.select(table).where(sa.or_(*(_chain(k) for k in keys))).with_for_update())
+            ).mappings().all()
+    for row in rows:
+        chains[(row["transfer_id"], row["target"], row["round"])][row["attempt"]] = _prior(row)
+    return chains
+
+
+def _chain_of(key: AttemptKey) -> tuple[str, str, int]:
+    return (key.transfer_id, key.target, key.round)
 
 
 def _prior(row: Any) -> Prior:

@@ -12,6 +12,9 @@ from services.core.crypto import Keyring, new_key, parse_keys
 from services.tracker import sealed
 from services.tracker.ledger import Ledger, metadata
 from tests.support.postgres import PostgresCluster, start_cluster
+from tests.unit.delivery.test_journal import (  # the attempt journal's race, on PostgreSQL's row locks
+    test_copies_claiming_at_once_never_both_make_an_attempt_of_one_chain,  # noqa: F401
+)
 from tests.unit.ops.test_ledger_queries import *  # noqa: F403 - the same tests, on PostgreSQL
 from tests.unit.ops.test_ledger_queries import ev as query_event
 from tests.unit.security.test_audit import *  # noqa: F403 - the same tests, on PostgreSQL

@@ -345,3 +345,25 @@ def row(state: str, ago_s: float = 0) -> Prior:
 ])
 def test_judge_keeps_one_chain_of_attempts(attempt: int, chain: dict[int, Prior], verdict: ClaimVerdict) -> None:
     assert judge(AttemptKey("tr", "t", 0, attempt), chain, NOW, in_flight_s=60).verdict is verdict
+
+
+async def test_copies_claiming_at_once_never_both_make_an_attempt_of_one_chain(ledger: Ledger) -> None:
+    """Two processes, each with a copy of a record, claim at the same moment — on PostgreSQL too (test_postgres)."""
+    first, second = AttemptJournal(ledger.engine, "first"), AttemptJournal(ledger.engine, "second")
+    for n in range(20):
+        # Both copies make attempt 1 of a new transfer.
+        same = await asyncio.gather(*(j.claim(AttemptKey(f"tr-{n}", "t", 0, 1), in_flight_s=60)
+                                      for j in (first, second)), return_exceptions=True)
+        assert _made(same) == 1, same
+        # Attempt 1 failed; one copy goes on to attempt 2 while the other makes attempt 1 again.
+        await first.finish(AttemptKey(f"tr-{n}", "t", 0, 1), "not-applied", 503)
+        racing = await asyncio.gather(first.claim(AttemptKey(f"tr-{n}", "t", 0, 2), in_flight_s=60),
+                                      second.claim(AttemptKey(f"tr-{n}", "t", 0, 1), in_flight_s=60),
+                                      return_exceptions=True)
+        assert _made(racing) == 1, racing
+
+
+def _made(results: list[Any]) -> int:
+    """How many claims may POST; the others were told to wait, were dropped, or could not write (TransientError)."""
+    assert all(isinstance(r, TransientError) for r in results if isinstance(r, BaseException)), results
+    return sum(1 for r in results if not isinstance(r, BaseException) and r.verdict is ClaimVerdict.GO)

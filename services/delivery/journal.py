@@ -10,6 +10,12 @@ outcome is committed would, on restart, read the record again and send it again.
   certainly not applied);
 * once the outcome is committed on the bus the row is closed; rows are purged by age.
 
+Answers and closes are best-effort history, so they are group-committed: every `finish` and `close`
+queued while the previous write was in flight goes into the next transaction, as one executemany each
+(one transaction for many lanes' answers instead of one per answer, and one per runner commit). A
+caller still returns only once its write is committed (or has failed and been logged). A claim keeps
+its own transaction: it judges the chain and writes the started row atomically.
+
 A record can also be read twice: Kafka hands a partition over from its committed offset, which can lag
 the last transaction of the member that held it, and a member that lost a partition may still be in the
 middle of a POST. So two copies of one delivery record can each go their way, and the journal, not the
@@ -28,10 +34,11 @@ A DLQ replay starts a new round (its `replays` count), so its attempts never mee
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,6 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.core.envelope import Envelope
 from services.core.errors import TransientError
 from services.core.logging import get_logger
+from services.core.shielded import finish as wait_out
 from services.core.shielded import shielded
 from services.core.targets import Target
 from services.tracker.ledger import delivery_attempts as table
@@ -143,12 +151,40 @@ class _Overturned(Exception):
         self.claim = claim
 
 
+def _keyed(statement: Any) -> Any:
+    """`statement` restricted to one attempt named by bound parameters (for executemany)."""
+    return statement.where((table.c.transfer_id == sa.bindparam("k_transfer"))
+                           & (table.c.target == sa.bindparam("k_target"))
+                           & (table.c.round == sa.bindparam("k_round"))
+                           & (table.c.attempt == sa.bindparam("k_attempt")))
+
+
+_FINISH = _keyed(table.update()).values(
+    state=sa.bindparam("v_state", type_=table.c.state.type),
+    finished_at=sa.bindparam("v_finished", type_=table.c.finished_at.type),
+    http_status=sa.bindparam("v_status", type_=table.c.http_status.type),
+    response=sa.bindparam("v_response", type_=table.c.response.type),
+    assigned=sa.bindparam("v_assigned", type_=table.c.assigned.type))
+_CLOSE = _keyed(table.update()).values(closed_at=sa.bindparam("v_closed", type_=table.c.closed_at.type))
+
+
+def _key_params(key: AttemptKey) -> dict[str, Any]:
+    return {"k_transfer": key.transfer_id, "k_target": key.target, "k_round": key.round, "k_attempt": key.attempt}
+
+
 class AttemptJournal:
     """Reads and writes `delivery_attempts`; what must hold raises `TransientError`, the rest is best effort."""
 
     def __init__(self, engine: AsyncEngine, process: str | None = None) -> None:
         self.engine = engine
         self.process = process or f"{socket.gethostname()}-{os.getpid()}"
+        # Queued claims and best-effort writes (finish, close), each with the future its caller waits on; one task
+        # writes them, a transaction at a time (two at once from one process would only queue on SQLite's lock).
+        self._finishes: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._closes: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._claims: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
+        self.transactions = 0  # group commits (of claims; of answers and closes): tests and benchmarks read it
 
     @shielded
     async def prior(self, key: AttemptKey) -> Prior | None:
@@ -160,7 +196,6 @@ class AttemptJournal:
             raise TransientError(f"attempt journal unreadable, delivery waits: {exc}") from exc
         return None if row is None else _prior(row)
 
-    @shielded
     async def claim(self, key: AttemptKey, in_flight_s: float) -> Claim:
         """Judge attempt `key` against its chain and, on GO, record that it starts — atomically.
 
@@ -169,7 +204,92 @@ class AttemptJournal:
         locks the chain's rows from the first read; SQLite reads outside any transaction until the first write,
         after which no other writer can change the chain before this one commits). A claim the second judgement
         overturns is rolled back, and the copy told what the chain says now (wait, or drop).
+
+        Claims queued while another transaction of this journal was in flight are group-committed
+        (`_claim_together`); a shielded wait, like every ledger write (see `_queued`).
         """
+        done: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
+        self._claims.append((key, in_flight_s, done))
+        self._wake()
+        return await wait_out(done)
+
+    def _wake(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="attempt-journal-writer")
+
+    async def _write(self) -> None:
+        while self._claims or self._finishes or self._closes:
+            await self._claim_queued()
+            await self._write_queued()
+
+    async def _claim_queued(self) -> None:
+        """Claim what is queued in one transaction, one claim per chain (a chain's other copies wait for the next
+        one, so each is judged seeing what the one before it wrote)."""
+        if self._claims:
+            batch: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
+            chains: set[tuple[str, str, int]] = set()
+            rest: list[tuple[AttemptKey, float, asyncio.Future[Claim]]] = []
+            for item in self._claims:
+                chain = (item[0].transfer_id, item[0].target, item[0].round)
+                (rest if chain in chains else batch).append(item)
+                chains.add(chain)
+            self._claims = rest
+            try:
+                claims = await self._claim_together([(k, s) for k, s, _ in batch])
+            except (_Overturned, IntegrityError):
+                # Another process wrote one of these chains meanwhile (nothing was written): each claim decides alone.
+                for key, bound, done in batch:
+                    await _settle(done, self._claim_alone(key, bound))
+                return
+            except Exception as exc:  # noqa: BLE001 - TransientError, or a bug: the callers see it
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                return
+            for (_, _, done), claim in zip(batch, claims, strict=True):
+                if not done.done():
+                    done.set_result(claim)
+
+    async def _claim_together(self, keys: list[tuple[AttemptKey, float]]) -> list[Claim]:
+        """`_claim_alone` for several chains in one transaction: one read of every chain, one insert of every new
+        attempt, one read again to judge each claim a second time. Raises _Overturned or IntegrityError (nothing
+        written) when another process moved one of the chains meanwhile."""
+        now = datetime.now(UTC)
+        try:
+            async with self.engine.begin() as conn:
+                self.transactions += 1
+                chains = await _read_chains(conn, [k for k, _ in keys])
+                claims = [judge(k, chains[_chain_of(k)], now, s) for k, s in keys]
+                fresh = [k for (k, _), c in zip(keys, claims, strict=True)
+                         if c.verdict is ClaimVerdict.GO and c.prior is None]
+                if fresh:  # a concurrent insert of the same attempt fails on the primary key
+                    await conn.execute(table.insert(), [{
+                        "transfer_id": k.transfer_id, "target": k.target, "round": k.round, "attempt": k.attempt,
+                        **self._started(now)} for k in fresh])
+                for i, ((k, _), c) in enumerate(zip(keys, claims, strict=True)):
+                    if c.verdict is ClaimVerdict.GO and c.prior is not None and not await self._start(conn, k,
+                                                                                                      c.prior, now):
+                        claims[i] = Claim(ClaimVerdict.BUSY, c.prior)  # another copy claimed it again first
+                made = [((k, s), c) for (k, s), c in zip(keys, claims, strict=True) if c.verdict is ClaimVerdict.GO]
+                if made:
+                    now_chains = await _read_chains(conn, [k for (k, _), _ in made])
+                    for (k, s), c in made:
+                        chain = now_chains[_chain_of(k)]
+                        if c.prior is None:
+                            del chain[k.attempt]  # the chain as it is but for this claim
+                        else:
+                            chain[k.attempt] = c.prior
+                        again = judge(k, chain, now, s)
+                        if again.verdict is not ClaimVerdict.GO:
+                            raise _Overturned(again)  # rolls every claim of the transaction back
+                return claims
+        except (_Overturned, IntegrityError):
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
+
+    @shielded
+    async def _claim_alone(self, key: AttemptKey, in_flight_s: float) -> Claim:
         now = datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
@@ -194,9 +314,12 @@ class AttemptJournal:
                 return Claim(ClaimVerdict.BUSY)  # another copy inserted the same attempt first: in flight now
             raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
 
+    def _started(self, now: datetime) -> dict[str, Any]:
+        return {"state": STARTED, "process": self.process, "started_at": now, "finished_at": None,
+                "closed_at": None, "http_status": None, "response": None, "assigned": None}
+
     async def _start(self, conn: AsyncConnection, key: AttemptKey, seen: Prior | None, now: datetime) -> bool:
-        values = {"state": STARTED, "process": self.process, "started_at": now, "finished_at": None,
-                  "closed_at": None, "http_status": None, "response": None, "assigned": None}
+        values = self._started(now)
         if seen is None:  # a concurrent insert of the same attempt fails on the primary key
             await conn.execute(table.insert().values(transfer_id=key.transfer_id, target=key.target,
                                                      round=key.round, attempt=key.attempt, **values))
@@ -208,16 +331,48 @@ class AttemptJournal:
     async def finish(self, key: AttemptKey, state: str, http_status: int | None = None,
                      response: dict[str, Any] | None = None, assigned: dict[str, str] | None = None) -> None:
         """Record how the attempt ended; a failure only costs a probe if the process then crashes."""
-        await self._best_effort("finish", table.update().where(_where(key)).values(
-            state=state, finished_at=datetime.now(UTC), http_status=http_status, response=response,
-            assigned=assigned))
+        params = {**_key_params(key), "v_state": state, "v_finished": datetime.now(UTC), "v_status": http_status,
+                  "v_response": response, "v_assigned": assigned}
+        await self._queued(self._finishes, params)
 
     async def close(self, keys: Iterable[AttemptKey]) -> None:
         """The attempts' outcomes are committed on the bus: the rows are history now."""
-        keys = list(keys)
-        if keys:
-            await self._best_effort("close", table.update().where(sa.or_(*(_where(k) for k in keys)))
-                                    .values(closed_at=datetime.now(UTC)))
+        now = datetime.now(UTC)
+        rows = [{**_key_params(k), "v_closed": now} for k in keys]
+        if rows:
+            await self._queued(self._closes, rows)
+
+    async def _queued(self, queue: list[tuple[Any, asyncio.Future[None]]], item: Any) -> None:
+        """Queue a best-effort write for the next group commit and wait until it is done (shielded, like
+        every ledger write: a cancelled caller waits for the commit it is part of, so no transaction is cut)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append((item, done))
+        self._wake()
+        await wait_out(done)
+
+    async def _write_queued(self) -> None:
+        """Commit the queued answers and closes in one transaction."""
+        if self._finishes or self._closes:
+            finishes, self._finishes = self._finishes, []
+            closes, self._closes = self._closes, []
+            try:
+                async with self.engine.begin() as conn:
+                    if finishes:
+                        await conn.execute(_FINISH, [params for params, _ in finishes])
+                    if closes:  # after the answers: a close never precedes its attempt's answer
+                        await conn.execute(_CLOSE, [row for rows, _ in closes for row in rows])
+                    self.transactions += 1
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("attempt journal not updated", finished=len(finishes), closed=len(closes),
+                            error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug, not the database: the callers see it
+                for _, done in (*finishes, *closes):
+                    if not done.done():
+                        done.set_exception(exc)
+                return
+            for _, done in (*finishes, *closes):
+                if not done.done():
+                    done.set_result(None)
 
     async def purge(self, older_than_s: float) -> None:
         """Forget attempts started longer ago than `older_than_s` (their records have left the topics)."""
@@ -233,9 +388,35 @@ class AttemptJournal:
             log.warning("attempt journal not updated", action=what, error=str(exc))
 
 
+async def _settle(done: asyncio.Future[Claim], work: Awaitable[Claim]) -> None:
+    """Give `done` what `work` returns or raises."""
+    try:
+        claim = await work
+    except Exception as exc:  # noqa: BLE001 - TransientError, or a bug: the caller sees it
+        if not done.done():
+            done.set_exception(exc)
+        return
+    if not done.done():
+        done.set_result(claim)
+
+
 async def _read_chain(conn: AsyncConnection, key: AttemptKey) -> dict[int, Prior]:
     rows = (await conn.execute(sa.select(table).where(_chain(key)).with_for_update())).mappings().all()
     return {row["attempt"]: _prior(row) for row in rows}
+
+
+async def _read_chains(conn: AsyncConnection, keys: list[AttemptKey]) -> dict[tuple[str, str, int], dict[int, Prior]]:
+    """`_read_chain` of several keys' chains in one query."""
+    chains: dict[tuple[str, str, int], dict[int, Prior]] = {_chain_of(k): {} for k in keys}
+    rows = (await conn.execute(sa.select(table).where(sa.or_(*(_chain(k) for k in keys))).with_for_update())
+            ).mappings().all()
+    for row in rows:
+        chains[(row["transfer_id"], row["target"], row["round"])][row["attempt"]] = _prior(row)
+    return chains
+
+
+def _chain_of(key: AttemptKey) -> tuple[str, str, int]:
+    return (key.transfer_id, key.target, key.round)
 
 
 def _prior(row: Any) -> Prior:

@@ -138,7 +138,7 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
     key = submissions.idempotency_key(request.headers.get(submissions.IDEMPOTENCY_HEADER), parsed, targets)
     print_ = submissions.fingerprint(targets, body)
     try:
-        claim = await submissions.claim(state.ledger, producer.id, key, print_, settings.idempotency_window_s)
+        claim = await state.background.claim(state.ledger, producer.id, key, print_, settings.idempotency_window_s)
         while claim.verdict == "busy":  # the same request, at once: wait for the first one's outcome
             settled = await submissions.wait_for(state.ledger, claim.transfer_id, settings.kafka_timeout_s + 2)
             if settled == submissions.PUBLISHING:
@@ -175,25 +175,16 @@ async def _accept_as(state: IngressState, request: Request, identity: security.I
         with contextlib.suppress(Exception):
             log.error("transfer refused: the bus did not acknowledge", error=str(exc), producer=producer.id)
         with contextlib.suppress(TransientError):  # a retry with the key may take it over at once
-            await submissions.settle(state.ledger, transfer_id, submissions.FAILED)
+            await submissions.settle(state.ledger, [transfer_id], submissions.FAILED)
         raise _unavailable(settings, "Relais could not store the transfer durably") from exc
-    # Marked published off the answer's path (one database commit less per POST). If that write is lost
-    # (crash, database down) the row stays `publishing`: the status URL still answers 202, and a retry
-    # with the key finds the tracker's events (submissions.claim): the 202 stays true either way.
-    state.background.spawn(_mark_published(state, transfer_id))
+    # Marked published off the answer's path, group-committed with the other POSTs' (submissions.Background). If
+    # that write is lost (crash, database down) the row stays `publishing`: the status URL still answers 202, and
+    # a retry with the key finds the tracker's events (submissions.claim): the 202 stays true either way.
+    state.background.mark_published(state.ledger, transfer_id)
 
     log.info("transfer accepted", transfer_id=transfer_id, producer=producer.id, targets=targets,
              size=len(body), entries=len(entries), takeover=claim.verdict == "takeover")
     return _accepted(base, transfer_id)
-
-
-async def _mark_published(state: IngressState, transfer_id: str) -> None:
-    try:
-        await submissions.settle(state.ledger, transfer_id, submissions.PUBLISHED)
-    except Exception as exc:  # noqa: BLE001 - best effort, see above
-        with contextlib.suppress(Exception):
-            log.warning("transfer published but not marked so in the ledger", transfer_id=transfer_id,
-                        error=str(exc))
 
 
 def _accepted(base: str, transfer_id: str) -> Response:

@@ -107,10 +107,13 @@ def duplicate_key(body: bytes) -> str | None:
 
     def pairs(items: list[tuple[str, Any]]) -> Any:
         nonlocal seen_any
-        if len({k for k, _ in items}) != len(items):
+        if seen_any:
+            return _Pairs(items)
+        obj = dict(items)  # what the parser would build anyway: fewer keys than pairs means a key was repeated
+        if len(obj) != len(items):
             seen_any = True
             return _Pairs(items)
-        return _Pairs(items) if seen_any else dict(items)
+        return obj
 
     try:
         tree = json.loads(body, object_pairs_hook=pairs)

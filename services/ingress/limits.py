@@ -109,19 +109,15 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
 def json_depth(value: Any, limit: int) -> int:
     """The nesting depth of parsed JSON, counting stops as soon as it passes `limit`."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > deepest:
-            deepest = depth
-            if deepest > limit:
-                return deepest
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
-    return deepest
+    # Level by level: one comprehension per level instead of a Python step per container.
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return depth
+        level = [child for node in level if isinstance(node, dict | list)
+                 for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, dict | list)]
+    return depth
 
 
 def check_shape(bundle: dict[str, Any], settings: Settings) -> Refusal | None:

@@ -200,3 +200,27 @@ async def test_a_202_never_waits_for_the_workers_hold_on_a_sqlite_ledger(make_se
         status = await client.get(answer.headers["Content-Location"].replace("http://relais.test", ""),
                                   headers=headers(None))
         assert status.status_code in (200, 202)
+
+
+async def test_posts_at_once_are_marked_published_together(settings: Settings) -> None:
+    """Each 202's row is written before the answer and marked published after it, both group-committed with the
+    other POSTs': fewer transactions than writes (20 rows, 20 marks), none lost."""
+    app = create_app(settings, EmbeddedBus(settings), Ledger(settings.database_url))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relais.test") as client:
+            for _ in range(200):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            answers = await asyncio.gather(*(client.post("/fhir", content=orjson.dumps(make_bundle(2, seed=900 + i)),
+                                                         headers=headers(f"k-{i}")) for i in range(20)))
+        background = app.state.ingress.background
+    assert [a.status_code for a in answers] == [202] * 20
+    assert 2 <= background.transactions <= 20  # rows in before the 202s, marked published after; drained at stop
+    ledger = Ledger(settings.database_url)
+    try:
+        async with ledger.submissions_engine.connect() as conn:
+            states = dict((await conn.execute(sa.select(submissions.c.transfer_id, submissions.c.state))).all())
+    finally:
+        await ledger.close()
+    assert {states[a.headers["X-Relais-Transfer-Id"]] for a in answers} == {"published"}

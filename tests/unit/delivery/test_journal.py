@@ -26,7 +26,16 @@ from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ
 from services.delivery.client import TargetClient
-from services.delivery.journal import DELIVERED, IN_DOUBT, AttemptJournal, AttemptKey, ClaimVerdict, Prior, judge
+from services.delivery.journal import (
+    DELIVERED,
+    IN_DOUBT,
+    NOT_APPLIED,
+    AttemptJournal,
+    AttemptKey,
+    ClaimVerdict,
+    Prior,
+    judge,
+)
 from services.delivery.stage import BUSY_RECHECK_S, DeliveryStage
 from services.tracker.ledger import Ledger, delivery_attempts
 from tests.fixtures.tddui import make_bundle
@@ -238,6 +247,76 @@ async def test_every_resource_sent_carries_the_transfer_marker(scene: Callable[[
     sent: dict[str, Any] = orjson.loads(s.posts[0].content)
     tags = [e["resource"]["meta"]["tag"] for e in sent["entry"]]
     assert all({"system": s.stage.settings.transfer_tag_system, "code": "tr-7"} in t for t in tags)
+
+
+# --- group commit: claims, answers and closes queued together share a transaction, and decide the same --------
+
+async def claim_scenario(journal: AttemptJournal, ledger: Ledger, together: bool) -> list[ClaimVerdict]:
+    """Chains in every state, two copies of one attempt, and fresh attempts: claimed at once or one by one."""
+    other = AttemptJournal(ledger.engine, "other")
+    for key, state in [(AttemptKey("delivered", "t", 0, 1), DELIVERED), (AttemptKey("later", "t", 0, 2), None),
+                       (AttemptKey("failed", "t", 0, 1), NOT_APPLIED)]:
+        assert (await other.claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
+        if state is not None:
+            await other.finish(key, state, 200 if state == DELIVERED else 503)
+    keys = [AttemptKey("delivered", "t", 0, 2), AttemptKey("later", "t", 0, 1), AttemptKey("failed", "t", 0, 1),
+            AttemptKey("copy", "t", 0, 1), AttemptKey("copy", "t", 0, 1),
+            *(AttemptKey(f"fresh-{i}", "t", 0, 1) for i in range(20))]
+    if together:
+        claims = await asyncio.gather(*(journal.claim(k, in_flight_s=60) for k in keys))
+    else:
+        claims = [await journal.claim(k, in_flight_s=60) for k in keys]
+    return [c.verdict for c in claims]
+
+
+async def test_claims_made_at_once_share_transactions_and_decide_as_one_by_one(tmp_path: Path, ledger: Ledger) -> None:
+    alone = Ledger(f"sqlite+aiosqlite:///{tmp_path}/alone.db")
+    await alone.create_schema()
+    try:
+        one_by_one = await claim_scenario(AttemptJournal(alone.engine, "this"), alone, together=False)
+    finally:
+        await alone.close()
+    journal = AttemptJournal(ledger.engine, "this")
+    together = await claim_scenario(journal, ledger, together=True)
+    assert together == one_by_one == [ClaimVerdict.DELIVERED, ClaimVerdict.SUPERSEDED, ClaimVerdict.GO,
+                                      ClaimVerdict.GO, ClaimVerdict.BUSY, *[ClaimVerdict.GO] * 20]
+    assert journal.transactions <= 3  # 25 claims; the second copy of "copy" waits for the first one's transaction
+    async with ledger.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(delivery_attempts.c.transfer_id, delivery_attempts.c.state,
+                                             delivery_attempts.c.process))).all()
+    assert sorted((t, state, p) for t, state, p in rows if t.startswith(("fresh", "copy", "failed"))) == sorted(
+        [("copy", "started", "this"), ("failed", "started", "this"),
+         *((f"fresh-{i}", "started", "this") for i in range(20))])
+
+
+async def test_two_processes_claiming_one_attempt_at_once_make_it_once(ledger: Ledger) -> None:
+    journals = [AttemptJournal(ledger.engine, f"process-{n}") for n in range(2)]
+    keys = [AttemptKey(f"tr-{i}", "t", 0, 1) for i in range(10)]
+    claims = await asyncio.gather(*(j.claim(k, in_flight_s=60) for k in keys for j in journals))
+    verdicts = [c.verdict for c in claims]
+    assert sorted(verdicts[0::2] + verdicts[1::2], key=str) == sorted([ClaimVerdict.GO] * 10 + [ClaimVerdict.BUSY] * 10,
+                                                                         key=str)
+    assert all({verdicts[2 * i], verdicts[2 * i + 1]} == {ClaimVerdict.GO, ClaimVerdict.BUSY} for i in range(10))
+
+
+async def test_answers_and_closes_made_at_once_share_transactions(ledger: Ledger) -> None:
+    journal = AttemptJournal(ledger.engine, "this")
+    keys = [AttemptKey(f"tr-{i}", "t", 0, 1) for i in range(30)]
+    await asyncio.gather(*(journal.claim(k, in_flight_s=60) for k in keys))
+    before = journal.transactions
+    await asyncio.gather(*(journal.finish(k, DELIVERED, 200, OK, {"Patient/1": "Patient/9"}) for k in keys[:20]),
+                         *(journal.finish(k, NOT_APPLIED, 503) for k in keys[20:]))
+    await asyncio.gather(*(journal.close([k]) for k in keys))
+    assert journal.transactions - before <= 4
+    for key in keys:
+        prior = await journal.prior(key)
+        assert prior is not None and prior.state == (DELIVERED if key in keys[:20] else NOT_APPLIED)
+        assert (prior.response, prior.assigned) == ((OK, {"Patient/1": "Patient/9"}) if prior.state == DELIVERED
+                                                    else (None, None))
+    async with ledger.engine.connect() as conn:
+        closed = (await conn.execute(sa.select(sa.func.count()).where(delivery_attempts.c.closed_at.is_not(None))
+                                     )).scalar()
+    assert closed == 30
 
 
 # --- the verdict itself (pure) ------------------------------------------------------------------------------

@@ -100,10 +100,13 @@ async def until(condition: Any, timeout_s: float, what: str, explain: Any = None
 def test_a_slow_target_holds_no_one_else_and_kill_9_while_it_is_slow_loses_and_duplicates_nothing(
         tmp_path: Path, two_targets: tuple[DemoTarget, DemoTarget]) -> None:
     fast, slow = two_targets
-    slow.fault(delay_s=2, count=-1)  # up and answering, two seconds a transaction
+    slow.fault(delay_s=4, count=-1)  # up and answering, four seconds a transaction
+    # After the kill, an attempt the dead process left started waits until its POST cannot still be running (its
+    # target's connect + total timeouts + 5 s) before it is probed: the fast target's bound is kept short (9 s) so
+    # that wait does not outlast the slow target's 30 Bundles (5 persons' lanes, 6 × 4 s each).
     targets = tmp_path / "targets.yaml"
-    targets.write_text(f"targets:\n  - {{id: fast, base_url: '{fast.fhir}'}}\n"
-                       f"  - {{id: slow, base_url: '{slow.fhir}', timeouts: {{connect_s: 1, total_s: 5}}}}\n")
+    targets.write_text(f"targets:\n  - {{id: fast, base_url: '{fast.fhir}', timeouts: {{connect_s: 1, total_s: 3}}}}\n"
+                       f"  - {{id: slow, base_url: '{slow.fhir}', timeouts: {{connect_s: 1, total_s: 8}}}}\n")
     relais = EmbeddedRelais(tmp_path, targets_file=targets)
     relais.start()
     per_person = 6

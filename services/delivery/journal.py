@@ -274,12 +274,7 @@ class AttemptJournal:
                 if made:
                     now_chains = await _read_chains(conn, [k for (k, _), _ in made])
                     for (k, s), c in made:
-                        chain = now_chains[_chain_of(k)]
-                        if c.prior is None:
-                            del chain[k.attempt]  # the chain as it is but for this claim
-                        else:
-                            chain[k.attempt] = c.prior
-                        again = judge(k, chain, now, s)
+                        again = _judge_again(k, c, now_chains[_chain_of(k)], now, s)
                         if again.verdict is not ClaimVerdict.GO:
                             raise _Overturned(again)  # rolls every claim of the transaction back
                 return claims
@@ -298,12 +293,7 @@ class AttemptJournal:
                     return claim
                 if not await self._start(conn, key, claim.prior, now):
                     return Claim(ClaimVerdict.BUSY, claim.prior)  # another copy claimed it again first
-                chain = await _read_chain(conn, key)
-                if claim.prior is None:
-                    del chain[key.attempt]  # the chain as it is but for this claim
-                else:
-                    chain[key.attempt] = claim.prior
-                again = judge(key, chain, now, in_flight_s)
+                again = _judge_again(key, claim, await _read_chain(conn, key), now, in_flight_s)
                 if again.verdict is not ClaimVerdict.GO:
                     raise _Overturned(again)  # rolls the claim back
                 return claim
@@ -400,9 +390,17 @@ async def _settle(done: asyncio.Future[Claim], work: Awaitable[Claim]) -> None:
         done.set_result(claim)
 
 
+def _judge_again(key: AttemptKey, claim: Claim, chain: dict[int, Prior], now: datetime, in_flight_s: float) -> Claim:
+    """`judge` once more, on the chain as read after this claim's own write, that write taken back out."""
+    if claim.prior is None:
+        del chain[key.attempt]
+    else:
+        chain[key.attempt] = claim.prior
+    return judge(key, chain, now, in_flight_s)
+
+
 async def _read_chain(conn: AsyncConnection, key: AttemptKey) -> dict[int, Prior]:
-    rows = (await conn.execute(sa.select(table).where(_chain(key)).with_for_update())).mappings().all()
-    return {row["attempt"]: _prior(row) for row in rows}
+    return (await _read_chains(conn, [key]))[_chain_of(key)]
 
 
 async def _read_chains(conn: AsyncConnection, keys: list[AttemptKey]) -> dict[tuple[str, str, int], dict[int, Prior]]:

@@ -55,28 +55,14 @@ async def test_a_persons_order_at_a_flaky_target_holds_while_a_second_delivery_m
                            target="flaky")
             sent[env.transfer_id] = (person, n)
             emits.append(Emit(DELIVERIES, f"flaky|person-{person}".encode(), env))
-    ledger = Ledger(s.database_url)
-    await ledger.create_schema()
-    buses = [make_bus(s), make_bus(s)]
-    stages = [DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
-              for _ in buses]
-    stop = asyncio.Event()
     try:
-        for bus in buses:
-            await bus.start()
-        tasks = [asyncio.create_task(run_stage(stages[0], buses[0], s, stop))]
-        await buses[0].publish(emits)
-        await wait_for(lambda: _requests(flaky, PERSONS * 2), timeout_s=30)  # retries are waiting now
-        tasks.append(asyncio.create_task(run_stage(stages[1], buses[1], s, stop)))
-        await wait_for(lambda: _applied_count(flaky, PERSONS * BUNDLES), timeout_s=75)
+        async with _TwoMembers(s, directory, tmp_path) as members:
+            await members.join(0)
+            await members.buses[0].publish(emits)
+            await wait_for(lambda: _requests(flaky, PERSONS * 2), timeout_s=30)  # retries are waiting now
+            await members.join(1)
+            await wait_for(lambda: _applied_count(flaky, PERSONS * BUNDLES), timeout_s=75)
     finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        for stage in stages:
-            await stage.aclose()
-        for bus in buses:
-            await bus.stop()
-        await ledger.close()
         applied = _applied(flaky)
         flaky.stop()
     transfers = [str(r["request_id"]).split("/")[0] for r in applied]
@@ -84,6 +70,38 @@ async def test_a_persons_order_at_a_flaky_target_holds_while_a_second_delivery_m
     for person in range(PERSONS):
         order = [sent[t][1] for t in transfers if sent[t][0] == person]
         assert order == list(range(BUNDLES)), f"person {person}'s Bundles arrived as {order}"
+
+
+class _TwoMembers:
+    """Two delivery stages of one group on two bus clients (as two processes), one shared ledger; `join(i)` starts
+    member i; leaving stops both and closes everything."""
+
+    def __init__(self, settings: Settings, directory: TargetDirectory, work: Path) -> None:
+        self.settings, self.ledger = settings, Ledger(settings.database_url)
+        self.buses = [make_bus(settings), make_bus(settings)]
+        self.stages = [DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"),
+                                     AttemptJournal(self.ledger.engine)) for _ in self.buses]
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> _TwoMembers:
+        await self.ledger.create_schema()
+        for bus in self.buses:
+            await bus.start()
+        return self
+
+    async def join(self, member: int) -> None:
+        self.tasks.append(asyncio.create_task(run_stage(self.stages[member], self.buses[member], self.settings,
+                                                        self.stop)))
+
+    async def __aexit__(self, *_: object) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 30)
+        for stage in self.stages:
+            await stage.aclose()
+        for bus in self.buses:
+            await bus.stop()
+        await self.ledger.close()
 
 
 async def _requests(target: DemoTarget, n: int) -> bool:
@@ -113,33 +131,19 @@ async def test_a_hand_over_does_not_wait_for_records_queued_for_a_slow_target(
                   Envelope(type="fr.relais.delivery.requested", source="/relais/tests", transfer_id=str(uuid.uuid4()),
                            data=orjson.dumps(make_bundle(3, seed=500 + n)), producer="p", target="slow"))
              for n in range(10)]
-    ledger = Ledger(s.database_url)
-    await ledger.create_schema()
-    buses = [make_bus(s), make_bus(s)]
-    stages = [DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
-              for _ in buses]
-    stop = asyncio.Event()
     try:
-        for bus in buses:
-            await bus.start()
-        tasks = [asyncio.create_task(run_stage(stages[0], buses[0], s, stop))]
-        await buses[0].publish(emits)
-        # One POST in flight, nine records waiting for the slow target's one slot: 30 s of work for one member.
-        await wait_for(lambda: _requests(slow, 1), timeout_s=30)
-        joined = time.monotonic()
-        tasks.append(asyncio.create_task(run_stage(stages[1], buses[1], s, stop)))
-        second = stages[1].runtimes["slow"]
-        await wait_for(lambda: _true(second.gate.busy > 0 or second.latency.summary().calls > 0), timeout_s=40)
-        took = time.monotonic() - joined
-        await wait_for(lambda: _applied_count(slow, 10), timeout_s=60)
+        async with _TwoMembers(s, directory, tmp_path) as members:
+            await members.join(0)
+            await members.buses[0].publish(emits)
+            # One POST in flight, nine records waiting for the slow target's one slot: 30 s of work for one member.
+            await wait_for(lambda: _requests(slow, 1), timeout_s=30)
+            joined = time.monotonic()
+            await members.join(1)
+            second = members.stages[1].runtimes["slow"]
+            await wait_for(lambda: _true(second.gate.busy > 0 or second.latency.summary().calls > 0), timeout_s=40)
+            took = time.monotonic() - joined
+            await wait_for(lambda: _applied_count(slow, 10), timeout_s=60)
     finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        for stage in stages:
-            await stage.aclose()
-        for bus in buses:
-            await bus.stop()
-        await ledger.close()
         applied = _applied(slow)
         slow.stop()
     # Before: the hand-over waited for the slow target to get through the records in hand (embedded: all of that

@@ -7,7 +7,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from services.core.envelope import FHIR_JSON
 from services.core.logging import get_logger
 from services.delivery import conditional
 from services.delivery.client import TargetClient
@@ -42,9 +41,7 @@ class Capabilities:
     async def _read(self, client: TargetClient) -> frozenset[str]:
         target = client.target.id
         now = time.monotonic()
-        # The client's authenticated GET, as its own health check makes it (a target may guard /metadata).
-        attempt = await client._request(
-            "GET", f"{client.target.base_url}/metadata", headers={"Accept": FHIR_JSON, **client.target.headers})
+        attempt = await client.metadata()
         if attempt.status == 200:
             types = conditional.conditional_types(attempt.json())
             self._known[target] = (now + FRESH_S, types)

@@ -3,18 +3,24 @@
 Never raises for network trouble: every outcome is an `Attempt` the pure logic can classify. The
 only distinction it must get right is whether a request may have reached the target (`sent`), since
 that is what makes a failure ambiguous.
+
+aiohttp, not httpx (which the command-line tools use): this is the one hot HTTP path of the broker,
+and a POST of a 30-entry Bundle costs 0.3 ms of CPU with aiohttp against 1.5-2.7 ms with httpx
+(measured on the same loopback target; issue 16) — a fifth of delivery's CPU per Bundle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from services.core.envelope import FHIR_JSON
@@ -28,6 +34,10 @@ log = get_logger(__name__)
 TOKEN_EXPIRY_MARGIN_S = 30.0
 # Marked resources asked for per search: far more than one transaction creates of one type.
 PROBE_PAGE = 1000
+
+# The request certainly never left: refused, unreachable, TLS handshake refused, no free connection in time,
+# not an http(s) URL. Safe to send again. Every other failure may have reached the target.
+NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +53,7 @@ class Attempt:
 
     def json(self) -> dict[str, Any] | None:
         """The answer's body as a JSON object, if it is one."""
-        try:
-            value = orjson.loads(self.body) if self.body else None
-        except orjson.JSONDecodeError:
-            return None
-        return value if isinstance(value, dict) else None
+        return _json_object(self.body)
 
     def describe(self) -> str:
         """One line for logs, events and dead letters."""
@@ -56,17 +62,6 @@ class Attempt:
 
 class AuthUnavailable(Exception):
     """The target's credentials could not be obtained (token endpoint down or refusing)."""
-
-
-def make_client(connect_timeout_s: float, total_timeout_s: float, tls: ssl.SSLContext | bool = True,
-                max_connections: int = 200) -> httpx.AsyncClient:
-    """A pooled client; `total_timeout_s` bounds each read/write phase, the caller bounds the whole."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(total_timeout_s, connect=connect_timeout_s),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        follow_redirects=False,  # a FHIR base that redirects a POST is misconfigured; say so, don't guess
-        verify=tls,
-    )
 
 
 def ssl_context(target: Target) -> ssl.SSLContext | bool:
@@ -82,13 +77,25 @@ def ssl_context(target: Target) -> ssl.SSLContext | bool:
     return ctx
 
 
+def _session(target: Target, tls: ssl.SSLContext | bool) -> aiohttp.ClientSession:
+    """A pooled session for one target. `connect_s` bounds getting a connection (a free one from the pool, or
+    a new one), `total_s` each wait for the answer's bytes, and both together the whole request."""
+    timeouts = target.timeouts
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=target.max_concurrency + 2, ssl=tls),
+        timeout=aiohttp.ClientTimeout(total=timeouts.connect_s + timeouts.total_s, connect=timeouts.connect_s,
+                                      sock_read=timeouts.total_s),
+        cookie_jar=aiohttp.DummyCookieJar(),  # a target's cookies never become state between transfers
+    )
+
+
 class TargetClient:
     """Everything that talks to one target: its HTTP client and its credentials."""
 
-    def __init__(self, target: Target, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, target: Target) -> None:
         self.target = target
-        self.client = client or make_client(target.timeouts.connect_s, target.timeouts.total_s,
-                                            ssl_context(target), max_connections=target.max_concurrency + 2)
+        self._tls = ssl_context(target)  # read now: a bad certificate refuses the configuration at start
+        self._client: aiohttp.ClientSession | None = None  # made on first use, inside the running event loop
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()
@@ -100,9 +107,17 @@ class TargetClient:
             raise ConfigurationError(f"target '{target.id}': environment variable {auth.client_secret_env} "
                                      "(its OAuth2 client secret) is not set")
 
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        if self._client is None:
+            self._client = _session(self.target, self._tls)
+        return self._client
+
     async def aclose(self) -> None:
         """Close the connection pool."""
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     # --- auth ------------------------------------------------------------------------------
     async def _auth_header(self, refresh: bool = False) -> dict[str, str]:
@@ -123,15 +138,17 @@ class TargetClient:
                 form["scope"] = auth.scope
             if auth.audience:
                 form["audience"] = auth.audience
+            secret = os.environ.get(auth.client_secret_env, "")
             try:
-                response = await self.client.post(
-                    auth.token_url, data=form, auth=(auth.client_id, os.environ.get(auth.client_secret_env, "")))
-            except httpx.HTTPError as exc:
+                async with self.client.post(auth.token_url, data=form,
+                                            headers={"Authorization": _basic(auth.client_id, secret)}) as response:
+                    status, raw = response.status, await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 raise AuthUnavailable(f"OAuth2 token endpoint unreachable: {type(exc).__name__}") from exc
-            body = _json_object(response.content)
+            body = _json_object(raw)
             token = body.get("access_token") if body else None
-            if response.status_code != 200 or not isinstance(token, str):
-                raise AuthUnavailable(f"OAuth2 token endpoint answered HTTP {response.status_code}")
+            if status != 200 or not isinstance(token, str):
+                raise AuthUnavailable(f"OAuth2 token endpoint answered HTTP {status}")
             expires_in = body.get("expires_in") if body else None
             lifetime = float(expires_in) if isinstance(expires_in, int | float) else 300.0
             self._token = token
@@ -140,7 +157,7 @@ class TargetClient:
             return token
 
     async def _request(self, method: str, url: str, *, content: bytes | None = None,
-                       headers: dict[str, str] | None = None) -> Attempt:
+                       headers: dict[str, str] | None = None, params: Mapping[str, str] | None = None) -> Attempt:
         """One request with auth; a 401 refreshes an OAuth2 token and tries once more (it was not applied)."""
         started = time.perf_counter()
         refresh = False
@@ -150,22 +167,21 @@ class TargetClient:
             except AuthUnavailable as exc:
                 return Attempt(None, error=str(exc), duration_s=time.perf_counter() - started, sent=False)
             try:
-                async with asyncio.timeout(self.target.timeouts.total_s + self.target.timeouts.connect_s):
-                    response = await self.client.request(method, url, content=content,
-                                                         headers={**(headers or {}), **auth})
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol) as exc:
-                # The request never left: refused, unreachable, TLS handshake refused. Safe to resend.
+                # A redirect answering a POST means a misconfigured FHIR base: say so, don't guess (allow_redirects).
+                async with self.client.request(method, url, data=content, params=params, allow_redirects=False,
+                                               headers={**(headers or {}), **auth}) as response:
+                    status, body = response.status, await response.read()
+                    retry_after = response.headers.get("Retry-After")
+            except NOT_SENT as exc:
                 return Attempt(None, error=_describe(exc), duration_s=time.perf_counter() - started, sent=False)
-            except (httpx.HTTPError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 # Read timeout, reset after send, broken write: the target may have applied it.
                 return Attempt(None, error=_describe(exc), duration_s=time.perf_counter() - started, sent=True)
-            if (response.status_code == 401 and not refresh
-                    and isinstance(self.target.effective_auth, OAuth2Auth)):
+            if status == 401 and not refresh and isinstance(self.target.effective_auth, OAuth2Auth):
                 refresh = True
                 continue
             break
-        return Attempt(response.status_code, response.content, response.headers.get("Retry-After"),
-                       duration_s=time.perf_counter() - started)
+        return Attempt(status, body, retry_after, duration_s=time.perf_counter() - started)
 
     # --- the three things delivery asks of a target -------------------------------------------
     async def post_transaction(self, body: bytes, request_id: str) -> Attempt:
@@ -174,10 +190,14 @@ class TargetClient:
                    **self.target.headers}
         return await self._request("POST", self.target.base_url, content=body, headers=headers)
 
+    async def metadata(self) -> Attempt:
+        """GET the target's CapabilityStatement, authenticated as every request (a target may guard it)."""
+        return await self._request("GET", f"{self.target.base_url}/metadata",
+                                   headers={"Accept": FHIR_JSON, **self.target.headers})
+
     async def health(self) -> bool:
         """True when the target answers at all (its CapabilityStatement, or any non-5xx answer)."""
-        attempt = await self._request("GET", f"{self.target.base_url}/metadata",
-                                      headers={"Accept": FHIR_JSON, **self.target.headers})
+        attempt = await self.metadata()
         return attempt.status is not None and attempt.status < 500 and attempt.status not in (408, 429)
 
     async def probe(self, plan: ProbePlan, system: str, code: str) -> ProbeResult:
@@ -187,9 +207,9 @@ class TargetClient:
         found: dict[str, int] = {}
         ids: list[str] = []
         for rtype in plan.types:
-            url = httpx.URL(f"{self.target.base_url}/{rtype}",
-                            params={"_tag": f"{system}|{code}", "_count": str(PROBE_PAGE)})
-            attempt = await self._request("GET", str(url), headers={"Accept": FHIR_JSON, **self.target.headers})
+            attempt = await self._request("GET", f"{self.target.base_url}/{rtype}",
+                                          params={"_tag": f"{system}|{code}", "_count": str(PROBE_PAGE)},
+                                          headers={"Accept": FHIR_JSON, **self.target.headers})
             if attempt.status is not None and search_refused(attempt.status):
                 return ProbeResult(Verdict.UNPROBEABLE, attempt=attempt,
                                    reason=f"the target refuses a _tag search on {rtype} ({attempt.describe()})")
@@ -234,6 +254,11 @@ def _search_matches(searchset: dict[str, Any] | None) -> list[dict[str, Any]] | 
     return out
 
 
+def _basic(user: str, password: str) -> str:
+    """HTTP Basic credentials, as the client authenticates to an OAuth2 token endpoint (RFC 6749 §2.3.1)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
 def _json_object(raw: bytes) -> dict[str, Any] | None:
     try:
         value = orjson.loads(raw) if raw else None
@@ -243,5 +268,5 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or "no detail"
+    text = str(exc) or ("no answer within the target's timeouts" if isinstance(exc, TimeoutError) else "no detail")
     return f"{type(exc).__name__}: {text}"[:500]

@@ -1,4 +1,4 @@
-"""The attempt journal as the delivery stage uses it: a real SQLite ledger, the target answered in-process.
+"""The attempt journal as the delivery stage uses it: a real SQLite ledger, a real HTTP target scripted in-process.
 
 An attempt is journaled before its POST; one the journal cannot record is not made; one found started
 but unanswered (a crash) follows the target's ambiguous policy; one whose answer was journaled is
@@ -8,12 +8,12 @@ completed from it; a DLQ replay starts a new round and is never taken for an in-
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -25,7 +25,6 @@ from services.core.errors import TransientError
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ
-from services.delivery.client import TargetClient
 from services.delivery.journal import (
     DELIVERED,
     IN_DOUBT,
@@ -39,32 +38,31 @@ from services.delivery.journal import (
 from services.delivery.stage import BUSY_RECHECK_S, DeliveryStage
 from services.tracker.ledger import Ledger, delivery_attempts
 from tests.fixtures.tddui import make_bundle
+from tests.support.scripted_target import Answer, ScriptedTarget, Seen
 
-BASE = "http://fhir.test/fhir"
 OK = {"resourceType": "Bundle", "type": "transaction-response", "entry": []}
 
 
 class Scene:
-    """A delivery stage on a real SQLite ledger; the target's answers are scripted, its POSTs counted."""
+    """A delivery stage on a real SQLite ledger; its target (a real HTTP server) answers as scripted and counts
+    the POSTs it received."""
 
-    def __init__(self, tmp_path: Path, ledger: Ledger, policy: str) -> None:
-        self.posts: list[httpx.Request] = []
-        self.answers: list[httpx.Response] = []
+    def __init__(self, tmp_path: Path, ledger: Ledger, policy: str, server: ScriptedTarget) -> None:
+        self.posts: list[Seen] = []
+        self.answers: list[Answer] = []
         self.ledger = ledger
-        self.target = Target(id="t", base_url=BASE, ambiguous=policy)  # type: ignore[arg-type]
+        server.script = self._answer
+        self.target = Target(id="t", base_url=server.base_url, ambiguous=policy)  # type: ignore[arg-type]
         settings = Settings(database_url=ledger.url, retry_delays_s=[0.2, 0.5], max_attempts=4,
                             auth_disabled=True, log_format="console")
         self.stage = DeliveryStage(settings, TargetDirectory(targets=[self.target]),
                                    LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine, "this"))
 
-        def answer(request: httpx.Request) -> httpx.Response:
-            if request.method != "POST":  # the capability read (once per process and base URL), searches
-                return httpx.Response(404)
-            self.posts.append(request)
-            return self.answers.pop(0) if self.answers else httpx.Response(200, json=OK)
-
-        self.stage.runtimes["t"].client = TargetClient(self.target,
-                                                       httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+    def _answer(self, seen: Seen) -> Answer:
+        if seen.method != "POST":  # the capability read (once per process and base URL), searches
+            return Answer(404)
+        self.posts.append(seen)
+        return self.answers.pop(0) if self.answers else Answer(200, json=OK)
 
     async def handle(self, env: Envelope) -> list[Emit]:
         return list(await self.stage.handle(Record(DELIVERIES, 0, 0, b"t|p", env)))
@@ -79,16 +77,18 @@ async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
 
 
 @pytest.fixture
-async def scene(tmp_path: Path, ledger: Ledger) -> AsyncIterator[Callable[[str], Scene]]:
+async def scene(tmp_path: Path, ledger: Ledger) -> AsyncIterator[Callable[[str], Awaitable[Scene]]]:
+    """`await scene(policy)`: a new delivery stage (a process of its own) with a target of its own."""
     made: list[Scene] = []
+    async with contextlib.AsyncExitStack() as servers:
+        async def make(policy: str = "probe") -> Scene:
+            server = await servers.enter_async_context(ScriptedTarget(lambda _: Answer(500)))
+            made.append(Scene(tmp_path, ledger, policy, server))
+            return made[-1]
 
-    def make(policy: str = "probe") -> Scene:
-        made.append(Scene(tmp_path, ledger, policy))
-        return made[-1]
-
-    yield make
-    for s in made:
-        await s.stage.aclose()
+        yield make
+        for s in made:
+            await s.stage.aclose()
 
 
 def record(seed: int = 1, **extra: str) -> Envelope:
@@ -123,8 +123,8 @@ def retried(emits: list[Emit]) -> Envelope:
 
 async def test_a_copy_of_a_failed_attempt_resent_before_its_retry_comes_back_applies_the_bundle_once(
         scene: Callable[[str], Scene]) -> None:
-    first, second = scene("probe"), scene("probe")
-    first.answers.append(httpx.Response(503))
+    first, second = await scene("probe"), await scene("probe")
+    first.answers.append(Answer(503))
     env = record()
     retry = retried(await first.handle(env))        # attempt 1 refused: attempt 2 waits in a retry tier
     assert "delivered" in kinds(await second.handle(env))  # a copy of the record makes attempt 1 again: applied
@@ -134,8 +134,8 @@ async def test_a_copy_of_a_failed_attempt_resent_before_its_retry_comes_back_app
 
 async def test_a_copy_of_a_failed_attempt_read_after_its_retry_was_made_is_dropped(
         scene: Callable[[str], Scene]) -> None:
-    first, second = scene("probe"), scene("probe")
-    first.answers.append(httpx.Response(503))
+    first, second = await scene("probe"), await scene("probe")
+    first.answers.append(Answer(503))
     env = record()
     retry = retried(await first.handle(env))
     assert "delivered" in kinds(await first.handle(retry))  # attempt 2 applied
@@ -145,7 +145,7 @@ async def test_a_copy_of_a_failed_attempt_read_after_its_retry_was_made_is_dropp
 
 async def test_an_attempt_another_process_may_still_be_making_is_waited_for_not_taken_for_in_doubt(
         scene: Callable[[str], Scene], ledger: Ledger) -> None:
-    s = scene("retry")
+    s = await scene("retry")
     env = record()
     await started_by_another_process(ledger, env)  # e.g. the partition's previous holder, its POST in flight
     parked = await s.handle(env)
@@ -159,7 +159,7 @@ async def test_an_attempt_another_process_may_still_be_making_is_waited_for_not_
 
 async def test_each_post_is_journaled_before_it_is_made_and_its_answer_after(
         scene: Callable[[str], Scene], ledger: Ledger) -> None:
-    s = scene("probe")
+    s = await scene("probe")
     env = record()
     assert "delivered" in kinds(await s.handle(env))
     prior = await s.stage.journal.prior(AttemptKey.next_of(env))
@@ -168,7 +168,7 @@ async def test_each_post_is_journaled_before_it_is_made_and_its_answer_after(
 
 async def test_an_attempt_that_cannot_be_journaled_is_not_made(scene: Callable[[str], Scene], ledger: Ledger,
                                                                tmp_path: Path) -> None:
-    s = scene("probe")
+    s = await scene("probe")
     journal = s.stage.journal
     # The ledger database cannot be reached (its volume is gone): nothing can be recorded.
     unreachable = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/gone/ledger.db")
@@ -186,7 +186,7 @@ async def test_an_attempt_that_cannot_be_journaled_is_not_made(scene: Callable[[
 
 async def test_an_attempt_whose_start_cannot_be_written_is_not_made(scene: Callable[[str], Scene],
                                                                     ledger: Ledger) -> None:
-    s = scene("probe")
+    s = await scene("probe")
     async with ledger.engine.begin() as conn:  # reads work, every write of the journal fails (as on a full disk)
         await conn.execute(sa.text("CREATE TRIGGER full BEFORE INSERT ON delivery_attempts "
                                    "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"))
@@ -197,7 +197,7 @@ async def test_an_attempt_whose_start_cannot_be_written_is_not_made(scene: Calla
 
 async def test_an_answer_journaled_before_a_crash_completes_the_record_without_a_post(
         scene: Callable[[str], Scene], ledger: Ledger) -> None:
-    s = scene("probe")
+    s = await scene("probe")
     env = record()
     journal = AttemptJournal(ledger.engine, "crashed")
     await journal.claim(AttemptKey.next_of(env), in_flight_s=60)
@@ -214,7 +214,7 @@ async def test_an_answer_journaled_before_a_crash_completes_the_record_without_a
 ])
 async def test_an_attempt_left_in_doubt_follows_the_policy_and_is_not_resent_now(
         scene: Callable[[str], Scene], ledger: Ledger, policy: str, expected: list[str]) -> None:
-    s = scene(policy)
+    s = await scene(policy)
     env = record()
     await started_by_a_crashed_process(ledger, env)
     emits = await s.handle(env)
@@ -231,8 +231,8 @@ async def test_an_attempt_left_in_doubt_follows_the_policy_and_is_not_resent_now
 
 async def test_a_replayed_dead_letter_starts_a_new_round_and_is_not_in_doubt(
         scene: Callable[[str], Scene], ledger: Ledger) -> None:
-    s = scene("dead-letter")
-    s.answers.append(httpx.Response(504))  # ambiguous; policy dead-letter: an operator decides
+    s = await scene("dead-letter")
+    s.answers.append(Answer(504))  # ambiguous; policy dead-letter: an operator decides
     env = record()
     assert "dead_lettered" in kinds(await s.handle(env))
     # What services/dlq/logic.replay_emits publishes: attempts from zero, one more replay.
@@ -242,9 +242,9 @@ async def test_a_replayed_dead_letter_starts_a_new_round_and_is_not_in_doubt(
 
 
 async def test_every_resource_sent_carries_the_transfer_marker(scene: Callable[[str], Scene]) -> None:
-    s = scene("probe")
+    s = await scene("probe")
     await s.handle(record(seed=7))
-    sent: dict[str, Any] = orjson.loads(s.posts[0].content)
+    sent: dict[str, Any] = s.posts[0].json()
     tags = [e["resource"]["meta"]["tag"] for e in sent["entry"]]
     assert all({"system": s.stage.settings.transfer_tag_system, "code": "tr-7"} in t for t in tags)
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
@@ -20,12 +19,12 @@ from services.core.envelope import Envelope, Record
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, EVENTS
-from services.delivery.client import TargetClient
 from services.delivery.journal import AttemptJournal
 from services.delivery.repair import assigned_ids
 from services.delivery.stage import DeliveryStage, _is_transaction_response
 from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle
+from tests.support.scripted_target import Answer, ScriptedTarget, Seen
 
 BASE = "http://fhir.test/fhir"
 
@@ -75,11 +74,10 @@ async def test_delivery_reports_delivered_with_each_location_as_the_target_wrote
     bundle = make_bundle(5, seed=4, published_style=True)
     seen: list[dict[str, Any]] = []
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        sent = orjson.loads(request.content)
+    def answer(request: Seen) -> Answer:
+        sent = request.json()
         seen.append(sent)
-        return httpx.Response(200, content=orjson.dumps(response_for(sent, shape)),
-                              headers={"Content-Type": "application/fhir+json"})
+        return Answer(200, json=response_for(sent, shape))
 
     emits = await deliver(tmp_path, bundle, answer)
     assert len(seen) == 1
@@ -95,24 +93,26 @@ async def test_delivery_reports_delivered_with_each_location_as_the_target_wrote
 
 async def test_a_2xx_without_a_transaction_response_is_not_delivered(tmp_path: Path) -> None:
     emits = await deliver(tmp_path, make_bundle(3, seed=5),
-                          lambda _: httpx.Response(200, json={"resourceType": "OperationOutcome", "issue": []}))
+                          lambda _: Answer(200, json={"resourceType": "OperationOutcome", "issue": []}))
     assert [e for e in emits if e.topic == DELIVERIES_DLQ]
     assert not [e for e in emits if e.envelope.type == "fr.relais.event.delivered"]
 
 
 async def deliver(tmp_path: Path, bundle: dict[str, Any],
-                  answer: Callable[[httpx.Request], httpx.Response]) -> list[Any]:
+                  answer: Callable[[Seen], Answer]) -> list[Any]:
+    async with ScriptedTarget(answer) as server:
+        return await _deliver(tmp_path, bundle, server)
+
+
+async def _deliver(tmp_path: Path, bundle: dict[str, Any], server: ScriptedTarget) -> list[Any]:
     # Conditional create off: no CapabilityStatement read (this process may or may not have one cached for "t").
-    target = Target(id="t", base_url=BASE, conditional_create="off")
+    target = Target(id="t", base_url=server.base_url, conditional_create="off")
     settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/l.db", retry_delays_s=[0.2, 0.5],
                         max_attempts=2, auth_disabled=True, log_format="console")
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
     stage = DeliveryStage(settings, TargetDirectory(targets=[target]), LocalBlobStore(tmp_path / "blobs"),
                           AttemptJournal(ledger.engine))
-    runtime = stage.runtimes["t"]
-    await runtime.client.aclose()
-    runtime.client = TargetClient(target, httpx.AsyncClient(transport=httpx.MockTransport(answer)))
     env = Envelope(type="fr.relais.delivery", source="/relais/router", transfer_id="tr-1",
                    data=orjson.dumps(bundle), producer="p", target="t")
     try:
@@ -128,6 +128,6 @@ async def test_a_transaction_run_as_a_batch_with_a_failed_entry_is_not_delivered
         {"response": {"status": "400", "outcome": {"resourceType": "OperationOutcome", "issue": []}}},
         {"response": {"status": "201", "location": "Patient/1"}},
         {"response": {"status": "201", "location": "Encounter/2"}}]}
-    emits = await deliver(tmp_path, make_bundle(3, seed=6), lambda _: httpx.Response(200, json=partial))
+    emits = await deliver(tmp_path, make_bundle(3, seed=6), lambda _: Answer(200, json=partial))
     assert [e for e in emits if e.topic == DELIVERIES_DLQ]
     assert not [e for e in emits if e.envelope.type == "fr.relais.event.delivered"]

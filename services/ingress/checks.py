@@ -8,6 +8,7 @@ validator, so that ingress answers in milliseconds.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,7 +77,7 @@ def parse_bundle(body: bytes) -> dict[str, Any] | Refusal:
     if not isinstance(data, dict):
         return refuse(400, "structure", "the body is JSON but not an object; send a FHIR Bundle",
                       rule="relais-ingress-bundle")
-    duplicate = duplicate_key(body)
+    duplicate = duplicate_key(body, data)
     if duplicate is not None:
         # Two values for one key: which one a target keeps is anyone's guess, so neither is forwarded.
         return refuse(400, "structure", f"the JSON repeats the key {duplicate.rsplit('.', 1)[-1]!r} in one object; "
@@ -97,10 +98,38 @@ class _Pairs(list[tuple[str, Any]]):
     """A JSON object as its (key, value) pairs, duplicates kept."""
 
 
-def duplicate_key(body: bytes) -> str | None:
-    """The FHIRPath of the first key repeated within one JSON object, or None.
+# A quote, whitespace, a colon: a key written with space before its colon (or quote-space-colon inside a string).
+_SPACED_COLON = re.compile(rb'"[ \t\r\n]+:')
 
-    orjson keeps the last of two equal keys silently; the standard parser's pairs hook sees them all.
+
+def duplicate_key(body: bytes, tree: Any) -> str | None:
+    """The FHIRPath of the first key repeated within one JSON object, or None. `tree` is `body` as orjson read it.
+
+    orjson keeps the last of two equal keys silently, so a repeat shows only as fewer keys in the tree than in
+    the text. The text's `":` count every key whose colon follows its closing quote, plus a few that are no key
+    (an escaped quote before a colon inside a string, a string that starts with a colon): never too few. So when
+    no key has space before its colon and that count equals the tree's keys, nothing repeats; otherwise the
+    exact walk decides and names the path.
+    """
+    if _SPACED_COLON.search(body) is None and body.count(b'":') == _keys_kept(tree):
+        return None
+    return first_duplicate_key(body)
+
+
+def _keys_kept(tree: Any) -> int:
+    """How many keys the parsed JSON holds, all objects together (level by level: one comprehension a level)."""
+    level, keys = [tree], 0
+    while level:
+        objects = [node for node in level if type(node) is dict]
+        keys += sum(map(len, objects))
+        level = [child for node in objects for child in node.values() if isinstance(child, dict | list)] + \
+                [child for node in level if type(node) is list for child in node if isinstance(child, dict | list)]
+    return keys
+
+
+def first_duplicate_key(body: bytes) -> str | None:
+    """The exact walk: the standard parser's pairs hook sees every key, in document order.
+
     Called on bodies orjson accepted; a nesting too deep for the standard parser is left to the depth check.
     """
     seen_any = False

@@ -115,8 +115,9 @@ def json_depth(value: Any, limit: int) -> int:
         depth += 1
         if depth > limit:
             return depth
-        level = [child for node in level if isinstance(node, dict | list)
-                 for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, dict | list)]
+        level = [child for node in level if type(node) is dict for child in node.values()
+                 if isinstance(child, dict | list)] + \
+                [child for node in level if type(node) is list for child in node if isinstance(child, dict | list)]
     return depth
 
 

@@ -72,7 +72,7 @@ def _decode(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise checks.refuse(400, "structure", "the body is JSON but not an object; send a FHIR Bundle",
                             rule=RULE_INPUT)
-    duplicate = checks.duplicate_key(body)
+    duplicate = checks.duplicate_key(body, data)
     if duplicate is not None:  # as POST /fhir refuses it: the vendor learns it here first
         raise checks.refuse(400, "structure", f"the JSON repeats the key {duplicate.rsplit('.', 1)[-1]!r} in one "
                             "object; each key may appear once", duplicate, rule="relais-ingress-duplicate-key")

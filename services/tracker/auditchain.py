@@ -39,7 +39,7 @@ from services.tracker.audit import (
 )
 from services.tracker.auditkey import AuditKey
 from services.tracker.ledger import Ledger
-from services.tracker.stage import to_ledger_event
+from services.tracker.stage import events_of, to_ledger_event
 
 log = get_logger(__name__)
 
@@ -154,11 +154,8 @@ class AuditingTracker:
         `handle` then only confirms them; when the audit batch fails (one event already recorded: a poll
         read again; or the database), `handle` records each event on its own, as it would without this.
         """
-        await self.inner.prepare(records)
-        evs = []
-        for record in records:
-            with contextlib.suppress(ValueError):  # malformed: handle() sends it to the poison topic
-                evs.append(to_ledger_event(record))
+        evs = events_of(records)
+        await self.inner.prepare_events(evs)
         try:
             await record_events(self.ledger, evs)
         except (IntegrityError, TransientError):
@@ -169,11 +166,10 @@ class AuditingTracker:
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Project the event into the ledger, then into the audit trail (both idempotent)."""
         emits: Sequence[Emit] = await self.inner.handle(record)
-        ev = to_ledger_event(record)
-        if ev.id in self._audited:
-            self._audited.discard(ev.id)
+        if record.envelope.id in self._audited:  # an event's id is its envelope's: no need to read it again
+            self._audited.discard(record.envelope.id)
         else:
-            await record_event(self.ledger, ev)
+            await record_event(self.ledger, to_ledger_event(record))
         anchor = await self.anchors.due()
         return [*emits, anchor] if anchor is not None else emits
 

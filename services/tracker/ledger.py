@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -514,8 +515,13 @@ def _add_missing_columns(sync_conn: Any) -> None:
                 sync_conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
 
 
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def _engine(url: str) -> AsyncEngine:
-    kwargs: dict[str, Any] = {}
+    # JSON columns through orjson: the standard library's encoder was a tenth of the tracker's CPU (issue 16).
+    kwargs: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
     if url.startswith("sqlite"):
         # One writer at a time is SQLite's nature; a generous timeout rides out the other's commit.
         kwargs["connect_args"] = {"timeout": 30}

@@ -29,12 +29,10 @@ class TrackerStage:
         `handle` then only confirms them; when this fails, `handle` applies each event on its own,
         so a malformed event or an unavailable ledger still meets its usual fate, record by record.
         """
-        batch = []
-        for record in records:
-            try:
-                batch.append(to_ledger_event(record))
-            except ValueError:
-                continue  # handle() sends it to the poison topic
+        await self.prepare_events(events_of(records))
+
+    async def prepare_events(self, batch: Sequence[LedgerEvent]) -> None:
+        """`prepare` for events already read from their records (the auditing tracker reads them once for both)."""
         try:
             await self.ledger.apply_many(batch)
         except TransientError:
@@ -44,12 +42,22 @@ class TrackerStage:
 
     async def handle(self, record: Record) -> Sequence[Emit]:
         """Apply the event (unless prepared); a malformed one raises and ends on the poison topic."""
-        ev = to_ledger_event(record)
-        if ev.id in self._applied:
-            self._applied.discard(ev.id)
+        if record.envelope.id in self._applied:  # an event's id is its envelope's: no need to read it again
+            self._applied.discard(record.envelope.id)
         else:
-            await self.ledger.apply(ev)
+            await self.ledger.apply(to_ledger_event(record))
         return ()
+
+
+def events_of(records: Sequence[Record]) -> list[LedgerEvent]:
+    """The well-formed events of a poll (a malformed one is left to `handle`, which sends it to the poison topic)."""
+    batch = []
+    for record in records:
+        try:
+            batch.append(to_ledger_event(record))
+        except ValueError:
+            continue
+    return batch
 
 
 def to_ledger_event(record: Record) -> LedgerEvent:

@@ -420,6 +420,20 @@ async def test_a_killed_process_attempt_is_resolved_after_the_target_settles_a_l
             sleeper.wait(10)
 
 
+async def test_a_ledger_from_before_incarnations_gets_the_column_and_its_rows_wait_the_whole_bound(
+        ledger: Ledger) -> None:
+    key = AttemptKey("tr-old", "t", 0, 1)
+    async with ledger.engine.begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE delivery_attempts DROP COLUMN incarnation"))
+        await conn.execute(sa.text("INSERT INTO delivery_attempts (transfer_id, target, round, attempt, state, process, "
+                                   "started_at) VALUES ('tr-old', 't', 0, 1, 'started', 'gone-1', :at)"),
+                           {"at": datetime.now(UTC) - timedelta(seconds=10)})
+    await ledger.create_schema()  # as every delivery process does at start
+    assert (await AttemptJournal(ledger.engine, "new").claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY
+    prior = await AttemptJournal(ledger.engine, "new").prior(key)
+    assert prior is not None and prior.incarnation is None
+
+
 async def test_each_attempt_records_the_incarnation_that_makes_it(ledger: Ledger) -> None:
     key = AttemptKey("tr-1", "t", 0, 1)
     assert (await AttemptJournal(ledger.engine, "delivery-1").claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO

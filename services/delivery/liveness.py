@@ -22,7 +22,6 @@ Without `/proc` (not Linux) no incarnation is recorded at all.
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -85,10 +84,15 @@ def incarnation_of(pid: int) -> Incarnation | None:
     return Incarnation(socket.gethostname(), boot, pidns, pid, stat[1])
 
 
-@functools.cache
+_mine: dict[int, Incarnation | None] = {}
+
+
 def this_incarnation() -> Incarnation | None:
-    """This process's incarnation (computed once: it never changes while the process runs)."""
-    return incarnation_of(os.getpid())
+    """This process's incarnation (read once per PID: a forked child is another incarnation than its parent)."""
+    pid = os.getpid()
+    if pid not in _mine:
+        _mine[pid] = incarnation_of(pid)
+    return _mine[pid]
 
 
 def certainly_dead(text: str | None, here: Incarnation | None) -> bool:

@@ -74,3 +74,18 @@ def test_a_process_of_another_host_boot_or_container_is_never_known_dead(elsewhe
 def test_without_knowing_where_it_runs_nothing_is_known_dead() -> None:
     assert not certainly_dead(str(dataclasses.replace(here(), pid=2**22 + 17)), None)
     assert not certainly_dead(None, here())
+
+
+def test_a_forked_child_is_its_own_incarnation() -> None:
+    parent = here()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child reports what it would record, and exits at once
+        os.write(write, str(this_incarnation()).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    them = Incarnation.parse(os.read(read, 4096).decode())
+    os.close(read)
+    assert them is not None and them.pid == child != parent.pid
+    assert certainly_dead(str(them), parent) and not certainly_dead(str(parent), parent)

@@ -425,8 +425,8 @@ async def test_a_ledger_from_before_incarnations_gets_the_column_and_its_rows_wa
     key = AttemptKey("tr-old", "t", 0, 1)
     async with ledger.engine.begin() as conn:
         await conn.execute(sa.text("ALTER TABLE delivery_attempts DROP COLUMN incarnation"))
-        await conn.execute(sa.text("INSERT INTO delivery_attempts (transfer_id, target, round, attempt, state, process, "
-                                   "started_at) VALUES ('tr-old', 't', 0, 1, 'started', 'gone-1', :at)"),
+        await conn.execute(sa.text("INSERT INTO delivery_attempts (transfer_id, target, round, attempt, state, "
+                                   "process, started_at) VALUES ('tr-old', 't', 0, 1, 'started', 'gone-1', :at)"),
                            {"at": datetime.now(UTC) - timedelta(seconds=10)})
     await ledger.create_schema()  # as every delivery process does at start
     assert (await AttemptJournal(ledger.engine, "new").claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY

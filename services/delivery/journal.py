@@ -389,6 +389,8 @@ class AttemptJournal:
             if not certainly_dead(incarnation, self.here):
                 return False
             self._dead_since[incarnation] = now  # a process once dead stays dead: kept
+            log.info("a delivery process that started attempts is gone from this host: they wait only for their "
+                     "target to settle, not their whole time bound", incarnation=incarnation)
         return True
 
     async def _settle_s(self, conn: AsyncConnection, target: str, now: datetime) -> float | None:

@@ -41,6 +41,7 @@ from services.delivery.journal import (
     Liveness,
     Prior,
     judge,
+    settle_s,
 )
 from services.delivery.liveness import incarnation_of
 from services.delivery.stage import BUSY_RECHECK_S, DeliveryStage
@@ -385,6 +386,16 @@ def test_an_attempt_of_a_process_certainly_dead_waits_only_for_its_target_to_set
         attempt: int, prior: Prior, liveness: Liveness, verdict: ClaimVerdict) -> None:
     key = AttemptKey("tr", "t", 0, attempt)
     assert judge(key, {1: prior}, NOW, in_flight_s=60, liveness=liveness).verdict is verdict
+
+
+@pytest.mark.parametrize(("answers_s", "settle"), [
+    ([], None),                     # the target's pace unknown: the whole bound
+    ([0.03, 0.5, 0.1], 2.5),        # a fast target: its slowest answer and the margin
+    ([1.0, 3.0], 6.0),              # a slow one: twice its slowest answer
+])
+def test_a_target_settles_within_twice_its_slowest_recent_answer_and_at_least_a_margin_more(
+        answers_s: list[float], settle: float | None) -> None:
+    assert settle_s(answers_s) == settle
 
 
 async def test_a_killed_process_attempt_is_resolved_after_the_target_settles_a_live_one_waits_the_bound(

@@ -29,6 +29,28 @@ bus, keeps one chain of attempts per (transfer, target, round) — `judge` says 
 * started and past that bound without an answer: in doubt, resolved like an ambiguous failure (probe,
   or the target's policy), never blindly.
 
+How long "may still be in flight" lasts depends on what is known of the process that made the attempt.
+Each row records its *incarnation* (host, boot, PID namespace, PID and start time: `liveness.py`) beside
+the `process` name people read. Before judging, the claim reads /proc (the I/O edge; `judge` gets the
+result as data, `Liveness`):
+
+* a process not known to be dead — alive, on another host or in another container, a row from before
+  incarnations were recorded, no /proc: the whole time bound of its POST, `in_flight_s` (connect_s +
+  total_s + 5 s: 40 s with the default timeouts). A live process may be in the middle of that POST (a
+  member that lost its partitions in a rebalance goes on with what it holds).
+* a process *certainly dead* (it ran in this host's PID space, and no process with its PID and start
+  time runs now): it can send nothing more, so no new request can start; what remains is a request it
+  had already sent, which the target may still be executing — applied after a probe found nothing, it
+  would be applied twice. So the attempt waits, from the moment this process first saw the death (the
+  process died before that, and sent nothing after), for the target to finish what it received: twice
+  the slowest answer the target gave in the last hour (`settle_s`: the journal's own rows, answered
+  attempts only, started → answer recorded, so connect and upload are inside), and at least that slowest
+  answer + DEAD_SETTLE_MARGIN_S (the dead socket's last bytes, a target a little slower than usual). It
+  never waits longer than the whole bound, and with no answer of the target in the last hour (its pace
+  unknown) it waits the whole bound. What this cannot rule out is a target that takes more than twice
+  as long as anything it answered in the hour (and more than 2 s over it) to apply that one request:
+  the same bet the live path makes when its `total_s` timeout fires and the attempt is probed.
+
 A DLQ replay starts a new round (its `replays` count), so its attempts never meet the old ones.
 """
 
@@ -39,7 +61,7 @@ import enum
 import os
 import socket
 from collections.abc import Awaitable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -53,6 +75,7 @@ from services.core.logging import get_logger
 from services.core.shielded import finish as wait_out
 from services.core.shielded import shielded
 from services.core.targets import Target
+from services.delivery.liveness import certainly_dead, this_incarnation
 from services.tracker.ledger import delivery_attempts as table
 
 log = get_logger(__name__)
@@ -60,6 +83,11 @@ log = get_logger(__name__)
 STARTED, DELIVERED, NOT_APPLIED, IN_DOUBT = "started", "delivered", "not-applied", "in-doubt"
 # Beyond the target's timeouts: clocks of delivery hosts that differ a little, the journal write after the answer.
 IN_FLIGHT_MARGIN_S = 5.0
+# A certainly dead process's attempt: beyond the target's slowest recent answer (see the module docstring).
+DEAD_SETTLE_MARGIN_S = 2.0
+PACE_WINDOW_S = 3600.0  # the target's answers that tell its pace: those of the last hour...
+PACE_SAMPLES = 500      # ...the latest of them at most
+PACE_CACHE_S = 5.0      # a target's pace is read again after this long (only while a dead process's attempt waits)
 
 
 class ClaimVerdict(enum.Enum):
@@ -101,6 +129,19 @@ class Prior:
     http_status: int | None = None
     response: dict[str, Any] | None = None
     assigned: dict[str, str] | None = None
+    incarnation: str | None = None  # the run of `process` that made it (liveness.py); None in older rows
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """What the claim found out before judging: the incarnations certainly dead, each with when it was first
+    seen dead, and how long the chain's target may still be executing a request it received (None: unknown)."""
+
+    dead: Mapping[str, datetime] = field(default_factory=dict)
+    settle_s: float | None = None
+
+
+NOT_KNOWN_DEAD = Liveness()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +152,12 @@ class Claim:
     prior: Prior | None = None
 
 
-def judge(key: AttemptKey, chain: Mapping[int, Prior], now: datetime, in_flight_s: float) -> Claim:
+def judge(key: AttemptKey, chain: Mapping[int, Prior], now: datetime, in_flight_s: float,
+          liveness: Liveness = NOT_KNOWN_DEAD) -> Claim:
     """What attempt `key` may do, given every attempt of its (transfer, target, round) so far, by number.
 
-    `in_flight_s` bounds how long a started POST can still be running (the target's timeouts and a margin).
+    `in_flight_s` bounds how long a started POST can still be running (the target's timeouts and a margin);
+    `liveness` shortens it for the attempts of processes certainly dead (see the module docstring).
     """
     later = [n for n in chain if n > key.attempt]
     if later:
@@ -125,18 +168,33 @@ def judge(key: AttemptKey, chain: Mapping[int, Prior], now: datetime, in_flight_
     mine = chain.get(key.attempt)
     if mine is None:
         before = chain.get(key.attempt - 1)
-        if before is not None and _maybe_in_flight(before, now, in_flight_s):
+        if before is not None and _maybe_in_flight(before, now, in_flight_s, liveness):
             return Claim(ClaimVerdict.BUSY, before)
         return Claim(ClaimVerdict.GO)
     if mine.state == NOT_APPLIED:
         return Claim(ClaimVerdict.GO, mine)  # it certainly failed and its retry was never made: make it again
-    if _maybe_in_flight(mine, now, in_flight_s):
+    if _maybe_in_flight(mine, now, in_flight_s, liveness):
         return Claim(ClaimVerdict.BUSY, mine)
     return Claim(ClaimVerdict.IN_DOUBT, mine)
 
 
-def _maybe_in_flight(prior: Prior, now: datetime, in_flight_s: float) -> bool:
-    return prior.state == STARTED and (now - prior.started_at).total_seconds() < in_flight_s
+def _maybe_in_flight(prior: Prior, now: datetime, in_flight_s: float, liveness: Liveness) -> bool:
+    if prior.state != STARTED:
+        return False
+    running_s = in_flight_s
+    seen_dead = liveness.dead.get(prior.incarnation) if prior.incarnation else None
+    if seen_dead is not None and liveness.settle_s is not None:
+        # Nothing sent after the death, which came before it was seen (and after the attempt started).
+        dead_after_s = max((seen_dead - prior.started_at).total_seconds(), 0.0)
+        running_s = min(in_flight_s, dead_after_s + liveness.settle_s)
+    return (now - prior.started_at).total_seconds() < running_s
+
+
+def settle_s(answers_s: Iterable[float]) -> float | None:
+    """How long a target may still execute a request it received, from how long its recent answers took
+    (None when it gave none: its pace is unknown)."""
+    slowest = max(answers_s, default=None)
+    return None if slowest is None else slowest + max(slowest, DEAD_SETTLE_MARGIN_S)
 
 
 def in_flight_s(target: Target) -> float:
@@ -178,6 +236,9 @@ class AttemptJournal:
     def __init__(self, engine: AsyncEngine, process: str | None = None) -> None:
         self.engine = engine
         self.process = process or f"{socket.gethostname()}-{os.getpid()}"
+        self.here = this_incarnation()  # None without /proc: rows then say nothing, and nothing is known dead
+        self._dead_since: dict[str, datetime] = {}  # incarnations this process saw dead, and when it first did
+        self._paces: dict[str, tuple[float, float | None]] = {}  # target → (when read, settle_s)
         # Queued claims and best-effort writes (finish, close), each with the future its caller waits on; one task
         # writes them, a transaction at a time (two at once from one process would only queue on SQLite's lock).
         self._finishes: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
@@ -259,7 +320,9 @@ class AttemptJournal:
             async with self.engine.begin() as conn:
                 self.transactions += 1
                 chains = await _read_chains(conn, [k for k, _ in keys])
-                claims = [judge(k, chains[_chain_of(k)], now, s) for k, s in keys]
+                lives = await self._liveness(conn, chains, now)
+                claims = [judge(k, chains[_chain_of(k)], now, s, lives.get(k.target, NOT_KNOWN_DEAD))
+                          for k, s in keys]
                 fresh = [k for (k, _), c in zip(keys, claims, strict=True)
                          if c.verdict is ClaimVerdict.GO and c.prior is None]
                 if fresh:  # a concurrent insert of the same attempt fails on the primary key
@@ -274,7 +337,8 @@ class AttemptJournal:
                 if made:
                     now_chains = await _read_chains(conn, [k for (k, _), _ in made])
                     for (k, s), c in made:
-                        again = _judge_again(k, c, now_chains[_chain_of(k)], now, s)
+                        again = _judge_again(k, c, now_chains[_chain_of(k)], now, s,
+                                             lives.get(k.target, NOT_KNOWN_DEAD))
                         if again.verdict is not ClaimVerdict.GO:
                             raise _Overturned(again)  # rolls every claim of the transaction back
                 return claims
@@ -288,12 +352,14 @@ class AttemptJournal:
         now = datetime.now(UTC)
         try:
             async with self.engine.begin() as conn:
-                claim = judge(key, await _read_chain(conn, key), now, in_flight_s)
+                chain = await _read_chain(conn, key)
+                liveness = (await self._liveness(conn, {_chain_of(key): chain}, now)).get(key.target, NOT_KNOWN_DEAD)
+                claim = judge(key, chain, now, in_flight_s, liveness)
                 if claim.verdict is not ClaimVerdict.GO:
                     return claim
                 if not await self._start(conn, key, claim.prior, now):
                     return Claim(ClaimVerdict.BUSY, claim.prior)  # another copy claimed it again first
-                again = _judge_again(key, claim, await _read_chain(conn, key), now, in_flight_s)
+                again = _judge_again(key, claim, await _read_chain(conn, key), now, in_flight_s, liveness)
                 if again.verdict is not ClaimVerdict.GO:
                     raise _Overturned(again)  # rolls the claim back
                 return claim
@@ -304,8 +370,47 @@ class AttemptJournal:
                 return Claim(ClaimVerdict.BUSY)  # another copy inserted the same attempt first: in flight now
             raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
 
+    async def _liveness(self, conn: AsyncConnection, chains: Mapping[tuple[str, str, int], Mapping[int, Prior]],
+                        now: datetime) -> dict[str, Liveness]:
+        """For each target whose chains hold an attempt started by a process certainly dead: which are, since
+        when this process knows it, and the target's pace. Empty (nothing read) in the usual case."""
+        targets: set[str] = set()
+        for (_, target, _), chain in chains.items():
+            for prior in chain.values():
+                if prior.state == STARTED and prior.incarnation and self._known_dead(prior.incarnation, now):
+                    targets.add(target)
+        if not targets:
+            return {}
+        dead = dict(self._dead_since)
+        return {t: Liveness(dead, await self._settle_s(conn, t, now)) for t in targets}
+
+    def _known_dead(self, incarnation: str, now: datetime) -> bool:
+        if incarnation not in self._dead_since:
+            if not certainly_dead(incarnation, self.here):
+                return False
+            self._dead_since[incarnation] = now  # a process once dead stays dead: kept
+            log.info("a delivery process that started attempts is gone from this host: they wait only for their "
+                     "target to settle, not their whole time bound", incarnation=incarnation)
+        return True
+
+    async def _settle_s(self, conn: AsyncConnection, target: str, now: datetime) -> float | None:
+        """`settle_s` of the target's answers journaled in the last PACE_WINDOW_S (read again after PACE_CACHE_S)."""
+        read_at, known = self._paces.get(target, (float("-inf"), None))
+        if asyncio.get_running_loop().time() - read_at < PACE_CACHE_S:
+            return known
+        # Answered attempts only (an HTTP status): a timeout, a crash or a probe's finding says nothing of the pace.
+        rows = (await conn.execute(
+            sa.select(table.c.started_at, table.c.finished_at)
+            .where((table.c.target == target) & (table.c.started_at > now - timedelta(seconds=PACE_WINDOW_S))
+                   & table.c.http_status.is_not(None) & table.c.finished_at.is_not(None))
+            .order_by(table.c.started_at.desc()).limit(PACE_SAMPLES))).all()
+        known = settle_s((_aware(finished) - _aware(started)).total_seconds() for started, finished in rows)
+        self._paces[target] = (asyncio.get_running_loop().time(), known)
+        return known
+
     def _started(self, now: datetime) -> dict[str, Any]:
-        return {"state": STARTED, "process": self.process, "started_at": now, "finished_at": None,
+        return {"state": STARTED, "process": self.process, "incarnation": None if self.here is None else str(self.here),
+                "started_at": now, "finished_at": None,
                 "closed_at": None, "http_status": None, "response": None, "assigned": None}
 
     async def _start(self, conn: AsyncConnection, key: AttemptKey, seen: Prior | None, now: datetime) -> bool:
@@ -390,13 +495,14 @@ async def _settle(done: asyncio.Future[Claim], work: Awaitable[Claim]) -> None:
         done.set_result(claim)
 
 
-def _judge_again(key: AttemptKey, claim: Claim, chain: dict[int, Prior], now: datetime, in_flight_s: float) -> Claim:
+def _judge_again(key: AttemptKey, claim: Claim, chain: dict[int, Prior], now: datetime, in_flight_s: float,
+                 liveness: Liveness) -> Claim:
     """`judge` once more, on the chain as read after this claim's own write, that write taken back out."""
     if claim.prior is None:
         del chain[key.attempt]
     else:
         chain[key.attempt] = claim.prior
-    return judge(key, chain, now, in_flight_s)
+    return judge(key, chain, now, in_flight_s, liveness)
 
 
 async def _read_chain(conn: AsyncConnection, key: AttemptKey) -> dict[int, Prior]:
@@ -418,9 +524,13 @@ def _chain_of(key: AttemptKey) -> tuple[str, str, int]:
 
 
 def _prior(row: Any) -> Prior:
-    started = row["started_at"]
-    return Prior(row["state"], started if started.tzinfo else started.replace(tzinfo=UTC), row["process"],
-                 row["http_status"], row["response"], row["assigned"])
+    return Prior(row["state"], _aware(row["started_at"]), row["process"], row["http_status"], row["response"],
+                 row["assigned"], row["incarnation"])
+
+
+def _aware(moment: datetime) -> datetime:
+    """A time read back from the database, in UTC (SQLite returns it naive)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _chain(key: AttemptKey) -> Any:

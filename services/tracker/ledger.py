@@ -154,6 +154,8 @@ delivery_attempts = sa.Table(
     sa.Column("attempt", sa.Integer, primary_key=True),  # 1-based within the round
     sa.Column("state", sa.String(16), nullable=False),   # started | delivered | not-applied | in-doubt
     sa.Column("process", sa.String(128), nullable=True),
+    # host|boot id|PID namespace|PID|start time of the process that made it (services/delivery/liveness.py)
+    sa.Column("incarnation", sa.String(320), nullable=True),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),  # the outcome is committed on the bus
@@ -507,7 +509,7 @@ async def _project_stage_dead_letter(conn: AsyncConnection, ev: Event) -> None:
 def _add_missing_columns(sync_conn: Any) -> None:
     """Columns added to a table after a ledger was created (create_all only creates missing tables)."""
     inspector = sa.inspect(sync_conn)
-    for table in (transfers, deliveries):
+    for table in (transfers, deliveries, delivery_attempts):
         present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
             if column.name not in present:

@@ -13,7 +13,10 @@ from services.tracker import sealed
 from services.tracker.ledger import Ledger, metadata
 from tests.support.postgres import PostgresCluster, start_cluster
 from tests.unit.delivery.test_journal import (  # the attempt journal's race, on PostgreSQL's row locks
+    test_a_killed_process_attempt_is_resolved_after_the_target_settles_a_live_one_waits_the_bound,  # noqa: F401
+    test_a_ledger_from_before_incarnations_gets_the_column_and_its_rows_wait_the_whole_bound,  # noqa: F401
     test_copies_claiming_at_once_never_both_make_an_attempt_of_one_chain,  # noqa: F401
+    test_each_attempt_records_the_incarnation_that_makes_it,  # noqa: F401
 )
 from tests.unit.ops.test_ledger_queries import *  # noqa: F403 - the same tests, on PostgreSQL
 from tests.unit.ops.test_ledger_queries import ev as query_event

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,15 +30,19 @@ from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ
 from services.delivery.journal import (
+    DEAD_SETTLE_MARGIN_S,
     DELIVERED,
     IN_DOUBT,
     NOT_APPLIED,
     AttemptJournal,
     AttemptKey,
     ClaimVerdict,
+    Liveness,
     Prior,
     judge,
+    settle_s,
 )
+from services.delivery.liveness import incarnation_of
 from services.delivery.stage import BUSY_RECHECK_S, DeliveryStage
 from services.tracker.ledger import Ledger, delivery_attempts
 from tests.fixtures.tddui import make_bundle
@@ -105,12 +113,17 @@ async def started_by_a_crashed_process(ledger: Ledger, env: Envelope, attempt: i
     await started_by_another_process(ledger, env, attempt, ago_s=3600)
 
 
-async def started_by_another_process(ledger: Ledger, env: Envelope, attempt: int = 1, ago_s: float = 0) -> None:
+async def started_by_another_process(ledger: Ledger, env: Envelope, attempt: int = 1, ago_s: float = 0,
+                                     incarnation: str | None = None) -> None:
+    """A row another process left `started` `ago_s` ago (by default a live one: this test process)."""
     key = AttemptKey(env.transfer_id, "t", 0, attempt)
     assert (await AttemptJournal(ledger.engine, "other").claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
+    values: dict[str, Any] = {"started_at": datetime.now(UTC) - timedelta(seconds=ago_s)}
+    if incarnation is not None:
+        values["incarnation"] = incarnation
     async with ledger.engine.begin() as conn:
         await conn.execute(sa.update(delivery_attempts).where(delivery_attempts.c.transfer_id == key.transfer_id)
-                           .values(started_at=datetime.now(UTC) - timedelta(seconds=ago_s)))
+                           .values(**values))
 
 
 def retried(emits: list[Emit]) -> Envelope:
@@ -345,6 +358,99 @@ def row(state: str, ago_s: float = 0) -> Prior:
 ])
 def test_judge_keeps_one_chain_of_attempts(attempt: int, chain: dict[int, Prior], verdict: ClaimVerdict) -> None:
     assert judge(AttemptKey("tr", "t", 0, attempt), chain, NOW, in_flight_s=60).verdict is verdict
+
+
+def by(incarnation: str | None, ago_s: float) -> Prior:
+    return Prior("started", NOW - timedelta(seconds=ago_s), "delivery-1", incarnation=incarnation)
+
+
+def dead(since_s: float, settle_s: float | None = 4) -> Liveness:
+    """Incarnation "gone" seen dead `since_s` ago; the target processes what it received within `settle_s`."""
+    return Liveness({"gone": NOW - timedelta(seconds=since_s)}, settle_s)
+
+
+# A process certainly dead sends nothing more: what it sent before dying has the target's pace to settle, counted
+# from when its death was seen (it died before that, and sent nothing after), never longer than the whole bound.
+@pytest.mark.parametrize(("attempt", "prior", "liveness", "verdict"), [
+    (1, by("gone", 10), dead(since_s=5), ClaimVerdict.IN_DOUBT),          # dead, settled: resolve it now
+    (1, by("gone", 10), dead(since_s=3.9), ClaimVerdict.BUSY),            # dead, but what it sent may still run
+    (1, by("gone", 10), dead(since_s=5, settle_s=None), ClaimVerdict.BUSY),  # the target's pace unknown: the bound
+    (1, by("alive", 10), dead(since_s=5), ClaimVerdict.BUSY),             # not known dead: the whole bound
+    (1, by(None, 10), dead(since_s=5), ClaimVerdict.BUSY),                # a row from before incarnations
+    (1, by("gone", 2), dead(since_s=9), ClaimVerdict.BUSY),               # counted from its start at the earliest
+    (1, by("gone", 60), dead(since_s=0, settle_s=100), ClaimVerdict.IN_DOUBT),  # never past the whole bound
+    (2, by("gone", 10), dead(since_s=5), ClaimVerdict.GO),                # its retry need not wait for it either
+    (2, by("gone", 10), dead(since_s=1), ClaimVerdict.BUSY),
+])
+def test_an_attempt_of_a_process_certainly_dead_waits_only_for_its_target_to_settle(
+        attempt: int, prior: Prior, liveness: Liveness, verdict: ClaimVerdict) -> None:
+    key = AttemptKey("tr", "t", 0, attempt)
+    assert judge(key, {1: prior}, NOW, in_flight_s=60, liveness=liveness).verdict is verdict
+
+
+@pytest.mark.parametrize(("answers_s", "settle"), [
+    ([], None),                     # the target's pace unknown: the whole bound
+    ([0.03, 0.5, 0.1], 2.5),        # a fast target: its slowest answer and the margin
+    ([1.0, 3.0], 6.0),              # a slow one: twice its slowest answer
+])
+def test_a_target_settles_within_twice_its_slowest_recent_answer_and_at_least_a_margin_more(
+        answers_s: list[float], settle: float | None) -> None:
+    assert settle_s(answers_s) == settle
+
+
+async def test_a_killed_process_attempt_is_resolved_after_the_target_settles_a_live_one_waits_the_bound(
+        ledger: Ledger) -> None:
+    """Real processes on this host: one alive, then SIGKILLed; the target's pace read from the journal."""
+    env = record()
+    key = AttemptKey(env.transfer_id, "t", 0, 1)
+    judging = AttemptJournal(ledger.engine, "this")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        them = incarnation_of(sleeper.pid)
+        assert them is not None
+        await started_by_another_process(ledger, env, ago_s=10, incarnation=str(them))
+        assert (await judging.claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY  # alive, unknown pace
+        os.kill(sleeper.pid, signal.SIGKILL)
+        sleeper.wait(10)
+        await asyncio.sleep(DEAD_SETTLE_MARGIN_S + 0.2)
+        # Dead, but the target's pace is unknown (nothing answered yet): the whole bound still holds.
+        assert (await judging.claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY
+        paced = AttemptKey("tr-paced", "t", 0, 1)  # an answer of the target, in 0.1 s: its pace
+        assert (await AttemptJournal(ledger.engine, "another").claim(paced, in_flight_s=60)).verdict is ClaimVerdict.GO
+        async with ledger.engine.begin() as conn:
+            await conn.execute(sa.update(delivery_attempts).where(delivery_attempts.c.transfer_id == "tr-paced")
+                               .values(state=DELIVERED, http_status=200, started_at=datetime.now(UTC),
+                                       finished_at=datetime.now(UTC) + timedelta(seconds=0.1)))
+        fresh = AttemptJournal(ledger.engine, "fresh")  # sees the death now: waits for the target to settle
+        assert (await fresh.claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY
+        await asyncio.sleep(DEAD_SETTLE_MARGIN_S + 0.3)
+        assert (await fresh.claim(key, in_flight_s=60)).verdict is ClaimVerdict.IN_DOUBT  # not 50 s more
+    finally:
+        if sleeper.poll() is None:
+            os.kill(sleeper.pid, signal.SIGKILL)
+            sleeper.wait(10)
+
+
+async def test_a_ledger_from_before_incarnations_gets_the_column_and_its_rows_wait_the_whole_bound(
+        ledger: Ledger) -> None:
+    key = AttemptKey("tr-old", "t", 0, 1)
+    async with ledger.engine.begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE delivery_attempts DROP COLUMN incarnation"))
+        await conn.execute(sa.text("INSERT INTO delivery_attempts (transfer_id, target, round, attempt, state, "
+                                   "process, started_at) VALUES ('tr-old', 't', 0, 1, 'started', 'gone-1', :at)"),
+                           {"at": datetime.now(UTC) - timedelta(seconds=10)})
+    await ledger.create_schema()  # as every delivery process does at start
+    assert (await AttemptJournal(ledger.engine, "new").claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY
+    prior = await AttemptJournal(ledger.engine, "new").prior(key)
+    assert prior is not None and prior.incarnation is None
+
+
+async def test_each_attempt_records_the_incarnation_that_makes_it(ledger: Ledger) -> None:
+    key = AttemptKey("tr-1", "t", 0, 1)
+    assert (await AttemptJournal(ledger.engine, "delivery-1").claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
+    prior = await AttemptJournal(ledger.engine, "x").prior(key)
+    assert prior is not None and prior.process == "delivery-1"  # the name people read stays as it was
+    assert prior.incarnation == str(incarnation_of(os.getpid()))
 
 
 async def test_copies_claiming_at_once_never_both_make_an_attempt_of_one_chain(ledger: Ledger) -> None:

@@ -1,0 +1,162 @@
+"""The outcome count of tests/support/outcomes.py: a run that reports fewer tests than it collected fails.
+
+Each case runs a throwaway pytest, loaded with our tests/conftest.py, on a tiny suite, one process and then two
+xdist workers with `--dist loadfile` (what `make test` runs), so the guard is proved on pytest's own exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.outcomes import count_problems
+
+REPO = Path(__file__).resolve().parents[2]
+
+NORMAL = {"test_normal.py": """
+import pytest
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_counts(n):
+    assert n
+
+@pytest.mark.xfail(strict=True)
+def test_known_bug():
+    assert False
+"""}
+
+# Two items under one node id, as schemathesis' parametrize once made: xdist's loadfile schedules by node id.
+TWINS = {
+    "conftest.py": """
+import pytest
+
+class Twin(pytest.Item):
+    def runtest(self):
+        pass
+
+class Twins(pytest.File):
+    def collect(self):
+        yield Twin.from_parent(self, name="twin")
+        yield Twin.from_parent(self, name="twin")
+
+def pytest_collect_file(parent, file_path):
+    if file_path.name == "test_pair.twins":
+        return Twins.from_parent(parent, path=file_path)
+""",
+    "test_pair.twins": "",
+    "test_other.py": "def test_alone():\n    pass\n",
+}
+
+# An item the run protocol passes over without a report: collected, never run, never counted.
+LOST = {
+    "conftest.py": """
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    return True if item.name == "test_lost" else None
+""",
+    "test_lost.py": "def test_kept():\n    pass\n\ndef test_lost():\n    pass\n",
+}
+
+SKIPPING = {"test_skipping.py": """
+import pytest
+
+def test_runs():
+    pass
+
+def test_cannot_run_here():
+    pytest.skip("no such tool here")
+"""}
+
+FIRST_FAILS = {"test_first_fails.py": "def test_a():\n    assert False\n\ndef test_b():\n    pass\n"}
+
+
+def _run(tmp_path: Path, files: dict[str, str], *, workers: int, ci: bool = False,
+         extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "RELAIS_REQUIRE_KAFKA", "PYTEST_ADDOPTS")}
+    env["PYTHONPATH"] = str(REPO)
+    if ci:
+        env["CI"] = "true"
+    argv = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q", "-p", "no:cacheprovider",
+            "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), *extra, str(tmp_path)]
+    if workers:
+        argv += ["-n", str(workers), "--dist", "loadfile"]
+    return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+WORKERS = pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "xdist"])
+
+
+@WORKERS
+def test_a_run_that_reports_every_collected_test_passes(tmp_path: Path, workers: int) -> None:
+    run = _run(tmp_path, NORMAL, workers=workers, ci=True)
+    assert run.returncode == pytest.ExitCode.OK, run.stdout + run.stderr
+    assert "3 passed, 1 xfailed" in run.stdout
+    assert "outcome count" not in run.stdout
+
+
+@WORKERS
+def test_two_items_with_one_node_id_fail_the_run(tmp_path: Path, workers: int) -> None:
+    run = _run(tmp_path, TWINS, workers=workers)
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
+    assert "1 node id(s) shared by several collected items" in run.stdout
+    assert "test_pair.twins::twin" in run.stdout
+    if workers:  # what pytest itself says is "2 passed": of three collected, loadfile ran one twin
+        assert "2 passed" in run.stdout and "3 tests collected, 2 outcomes reported" in run.stdout
+
+
+@WORKERS
+def test_a_collected_test_that_reports_nothing_fails_the_run(tmp_path: Path, workers: int) -> None:
+    run = _run(tmp_path, LOST, workers=workers)
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
+    assert "1 passed" in run.stdout
+    assert "2 tests collected, 1 outcomes reported; 1 node id(s) with no outcome at all: " \
+           "test_lost.py::test_lost" in run.stdout
+
+
+@WORKERS
+def test_a_skip_fails_the_run_in_ci(tmp_path: Path, workers: int) -> None:
+    run = _run(tmp_path, SKIPPING, workers=workers, ci=True)
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
+    assert "1 test(s) skipped in CI" in run.stdout and "test_skipping.py::test_cannot_run_here" in run.stdout
+
+
+def test_a_skip_only_skips_outside_ci(tmp_path: Path) -> None:
+    run = _run(tmp_path, SKIPPING, workers=0)
+    assert run.returncode == pytest.ExitCode.OK, run.stdout + run.stderr
+    assert "1 passed, 1 skipped" in run.stdout
+
+
+def test_a_run_stopped_on_purpose_is_not_counted(tmp_path: Path) -> None:
+    run = _run(tmp_path, FIRST_FAILS, workers=0, extra=("-x",))
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
+    assert "1 failed" in run.stdout
+    assert "outcome count" not in run.stdout  # -x stopped it: test_b's missing outcome is no surprise
+
+
+@pytest.mark.parametrize(("collected", "reported", "outcomes", "skipped", "expected"), [
+    (["a", "b"], {"a", "b"}, 2, [], []),
+    (["a", "a", "b"], {"a", "b"}, 3, [], ["1 node id(s) shared by several collected items"]),
+    (["a", "a", "b"], {"a", "b"}, 2, [], ["1 node id(s) shared", "3 tests collected, 2 outcomes reported; 0 node"]),
+    (["a", "b"], {"a"}, 1, [], ["2 tests collected, 1 outcomes reported; 1 node id(s) with no outcome at all: b"]),
+    (["a", "b"], {"a", "b"}, 2, ["b"], ["1 test(s) skipped in CI"]),
+], ids=["complete", "twins-both-ran", "twins-one-ran", "one-lost", "one-skipped"])
+def test_count_problems(collected: list[str], reported: set[str], outcomes: int, skipped: list[str],
+                        expected: list[str]) -> None:
+    problems = count_problems(collected, reported, outcomes, skipped)
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected, strict=True):
+        assert problem.startswith(start), problem
+
+
+def test_only_the_first_ten_node_ids_are_named() -> None:
+    (problem,) = count_problems([f"t{i}" for i in range(13)], set(), 0, [])
+    assert problem.endswith("t0, t1, t2, t3, t4, t5, t6, t7, t8, t9 and 3 more")

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from services.core.clock import aware
 from services.core.identifiers import digest
 from services.tracker import logic
 from services.tracker.ledger import Ledger, deliveries, events, stage_dead_letters, transfer_identifiers, transfers
@@ -29,11 +30,6 @@ ATTEMPT_KINDS = ("delivered", "delivered_unconfirmed", "retry_scheduled", "dead_
 SUCCESS_KINDS = ("delivered", "delivered_unconfirmed")
 FAILURE_KINDS = ("retry_scheduled", "dead_lettered")
 DOWN_AFTER_FAILURES = 3  # consecutive failed attempts (no success since) that make a target "down"
-
-
-def aware(moment: datetime) -> datetime:
-    """A timestamp from the ledger as UTC-aware (SQLite hands them back naive)."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)

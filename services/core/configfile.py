@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -33,3 +34,14 @@ def repeated(values: Iterable[str]) -> list[str]:
     for value in values:
         (twice if value in seen else seen).add(value)
     return sorted(twice)
+
+
+def file_stamp(path: Path | None) -> int | None:
+    """The file's modification time in nanoseconds, compared to see that it changed and must be re-read;
+    None when there is no such file (not configured, or gone: the reloaders then keep what they have)."""
+    if path is None:
+        return None
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None

@@ -1,21 +1,18 @@
 """The outcome count of tests/support/outcomes.py: a run that reports fewer tests than it collected fails.
 
-Each case runs a throwaway pytest, loaded with our tests/conftest.py, on a tiny suite, one process and then two
-xdist workers with `--dist loadfile` (what `make test` runs), so the guard is proved on pytest's own exit status.
+Each case runs a throwaway pytest, loaded with our tests/conftest.py, on a tiny suite, in one process or with two
+xdist workers and `--dist loadfile` (what `make test` runs), so the guard is proved on pytest's own exit status.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.outcomes import count_problems
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.subpytest import run_pytest
 
 NORMAL = {"test_normal.py": """
 import pytest
@@ -51,14 +48,18 @@ def pytest_collect_file(parent, file_path):
     "test_other.py": "def test_alone():\n    pass\n",
 }
 
-# An item the run protocol passes over without a report: collected, never run, never counted.
+# An item run without a report (setup, call and teardown with logging off): collected, never counted.
 LOST = {
     "conftest.py": """
 import pytest
+from _pytest.runner import runtestprotocol
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
-    return True if item.name == "test_lost" else None
+    if item.name != "test_lost":
+        return None
+    runtestprotocol(item, nextitem=nextitem, log=False)
+    return True
 """,
     "test_lost.py": "def test_kept():\n    pass\n\ndef test_lost():\n    pass\n",
 }
@@ -78,18 +79,8 @@ FIRST_FAILS = {"test_first_fails.py": "def test_a():\n    assert False\n\ndef te
 
 def _run(tmp_path: Path, files: dict[str, str], *, workers: int, ci: bool = False,
          extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "RELAIS_REQUIRE_KAFKA", "PYTEST_ADDOPTS")}
-    env["PYTHONPATH"] = str(REPO)
-    if ci:
-        env["CI"] = "true"
-    argv = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q", "-p", "no:cacheprovider",
-            "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), *extra, str(tmp_path)]
-    if workers:
-        argv += ["-n", str(workers), "--dist", "loadfile"]
-    return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    loadfile = ["-n", str(workers), "--dist", "loadfile"] if workers else []
+    return run_pytest(tmp_path, files, env={"CI": "true"} if ci else {}, args=[*extra, *loadfile])
 
 
 WORKERS = pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "xdist"])
@@ -103,30 +94,40 @@ def test_a_run_that_reports_every_collected_test_passes(tmp_path: Path, workers:
     assert "outcome count" not in run.stdout
 
 
-@WORKERS
-def test_two_items_with_one_node_id_fail_the_run(tmp_path: Path, workers: int) -> None:
-    run = _run(tmp_path, TWINS, workers=workers)
+def test_two_items_with_one_node_id_fail_the_run(tmp_path: Path) -> None:
+    run = _run(tmp_path, TWINS, workers=0)
     assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
-    assert "1 node id(s) shared by several collected items" in run.stdout
-    assert "test_pair.twins::twin" in run.stdout
-    if workers:  # what pytest itself says is "2 passed": of three collected, loadfile ran one twin
-        assert "2 passed" in run.stdout and "3 tests collected, 2 outcomes reported" in run.stdout
+    assert "3 passed" in run.stdout  # one process runs both twins: only the shared node id is wrong
+    assert "1 node id(s) shared by several collected items (xdist runs one of each; give each item its own name): " \
+           "test_pair.twins::twin" in run.stdout
 
 
-@WORKERS
-def test_a_collected_test_that_reports_nothing_fails_the_run(tmp_path: Path, workers: int) -> None:
-    run = _run(tmp_path, LOST, workers=workers)
+def test_a_collected_test_that_reports_nothing_fails_the_run(tmp_path: Path) -> None:
+    run = _run(tmp_path, LOST, workers=0)
     assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
     assert "1 passed" in run.stdout
     assert "2 tests collected, 1 outcomes reported; 1 node id(s) with no outcome at all: " \
            "test_lost.py::test_lost" in run.stdout
 
 
-@WORKERS
-def test_a_skip_fails_the_run_in_ci(tmp_path: Path, workers: int) -> None:
-    run = _run(tmp_path, SKIPPING, workers=workers, ci=True)
+def test_a_skip_fails_the_run_in_ci(tmp_path: Path) -> None:
+    run = _run(tmp_path, SKIPPING, workers=0, ci=True)
     assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
-    assert "1 test(s) skipped in CI" in run.stdout and "test_skipping.py::test_cannot_run_here" in run.stdout
+    assert "1 test(s) skipped in CI, where every test must run" in run.stdout
+    assert "test_skipping.py::test_cannot_run_here" in run.stdout
+
+
+def test_under_loadfile_workers_the_controller_counts_every_problem(tmp_path: Path) -> None:
+    # The three suites in one xdist run (make test's two workers, --dist loadfile): the controller collects nothing
+    # itself, so this proves it counts from the workers' collection and reports.
+    files = {**TWINS, **LOST, **SKIPPING, "conftest.py": TWINS["conftest.py"] + LOST["conftest.py"]}
+    run = _run(tmp_path, files, workers=2, ci=True)
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
+    assert "4 passed, 1 skipped" in run.stdout  # what pytest itself says: of 7 collected, one twin never ran
+    assert "1 node id(s) shared by several collected items" in run.stdout
+    assert "7 tests collected, 5 outcomes reported; 1 node id(s) with no outcome at all: " \
+           "test_lost.py::test_lost" in run.stdout
+    assert "1 test(s) skipped in CI" in run.stdout
 
 
 def test_a_skip_only_skips_outside_ci(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -32,8 +33,7 @@ class OutcomeCount:
     def __init__(self, *, skips_fail: bool) -> None:
         self.skips_fail = skips_fail
         self.collected: list[str] | None = None
-        self.reported: set[str] = set()
-        self.outcomes = 0
+        self.reports: Counter[str] = Counter()  # node id -> outcome reports (a crashed item may report again)
         self.skipped: list[str] = []
         self.problems: list[str] = []
 
@@ -48,10 +48,10 @@ class OutcomeCount:
             self.collected = list(ids)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        # One outcome an item: its call, or the setup that kept the call from happening.
-        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-            self.reported.add(report.nodeid)
-            self.outcomes += 1
+        # One outcome an item: its call, or what kept the call from happening (a failed or skipped setup; a worker
+        # that crashed, which xdist reports as a failure with when="???").
+        if report.when == "call" or (report.when != "teardown" and report.outcome != "passed"):
+            self.reports[report.nodeid] += 1
             if report.skipped and not hasattr(report, "wasxfail"):  # an xfail ran: it is not a skip
                 self.skipped.append(report.nodeid)
 
@@ -61,8 +61,7 @@ class OutcomeCount:
         if getattr(config, "workerinput", None) is not None or self.collected is None or _stopped_on_purpose(
                 session, exitstatus):
             return
-        self.problems = count_problems(self.collected, self.reported, self.outcomes,
-                                       self.skipped if self.skips_fail else [])
+        self.problems = count_problems(self.collected, self.reports, self.skipped if self.skips_fail else [])
         if self.problems:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -73,17 +72,22 @@ class OutcomeCount:
                 terminalreporter.write_line(line)
 
 
-def count_problems(collected: list[str], reported: set[str], outcomes: int, skipped: list[str]) -> list[str]:
-    """What is wrong with a finished run, one paragraph a problem; none when every collected test reported."""
+def count_problems(collected: list[str], reports: Mapping[str, int], skipped: list[str]) -> list[str]:
+    """What is wrong with a finished run, one line a problem; none when every collected item reported an outcome.
+
+    `reports` counts outcome reports by node id; an id collected n times needs n of them (more, from an item
+    a crashed worker left and a new one ran again, count as n)."""
     problems = []
-    shared = sorted(nodeid for nodeid, n in Counter(collected).items() if n > 1)
+    times = Counter(collected)
+    shared = sorted(nodeid for nodeid, n in times.items() if n > 1)
     if shared:
         problems.append(f"{len(shared)} node id(s) shared by several collected items (xdist runs one of each; "
                         f"give each item its own name): {_names(shared)}")
-    missing = [nodeid for nodeid in dict.fromkeys(collected) if nodeid not in reported]
-    if missing or outcomes < len(collected):
-        problems.append(f"{len(collected)} tests collected, {outcomes} outcomes reported; "
-                        f"{len(missing)} node id(s) with no outcome at all: {_names(missing)}")
+    outcomes = sum(min(reports.get(nodeid, 0), n) for nodeid, n in times.items())
+    if outcomes < len(collected):
+        missing = [nodeid for nodeid in times if not reports.get(nodeid)]
+        problems.append(f"{len(collected)} tests collected, {outcomes} reported an outcome"
+                        + (f"; none at all for {len(missing)}: {_names(missing)}" if missing else ""))
     if skipped:
         problems.append(f"{len(skipped)} test(s) skipped in CI, where every test must run (install what the "
                         f"skip message asks for; .ci/run is the list): {_names(skipped)}")
@@ -96,7 +100,7 @@ def _names(nodeids: list[str]) -> str:
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
-    return getattr(config.option, "dist", "no") != "no" and getattr(config, "workerinput", None) is None
+    return config.pluginmanager.has_plugin("dsession")  # xdist's distributing session: only on the controller
 
 
 def _stopped_on_purpose(session: pytest.Session, exitstatus: int) -> bool:

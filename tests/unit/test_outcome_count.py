@@ -106,7 +106,7 @@ def test_a_collected_test_that_reports_nothing_fails_the_run(tmp_path: Path) -> 
     run = _run(tmp_path, LOST, workers=0)
     assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
     assert "1 passed" in run.stdout
-    assert "2 tests collected, 1 outcomes reported; 1 node id(s) with no outcome at all: " \
+    assert "2 tests collected, 1 reported an outcome; none at all for 1: " \
            "test_lost.py::test_lost" in run.stdout
 
 
@@ -125,7 +125,7 @@ def test_under_loadfile_workers_the_controller_counts_every_problem(tmp_path: Pa
     assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
     assert "4 passed, 1 skipped" in run.stdout  # what pytest itself says: of 7 collected, one twin never ran
     assert "1 node id(s) shared by several collected items" in run.stdout
-    assert "7 tests collected, 5 outcomes reported; 1 node id(s) with no outcome at all: " \
+    assert "7 tests collected, 5 reported an outcome; none at all for 1: " \
            "test_lost.py::test_lost" in run.stdout
     assert "1 test(s) skipped in CI" in run.stdout
 
@@ -143,21 +143,32 @@ def test_a_run_stopped_on_purpose_is_not_counted(tmp_path: Path) -> None:
     assert "outcome count" not in run.stdout  # -x stopped it: test_b's missing outcome is no surprise
 
 
-@pytest.mark.parametrize(("collected", "reported", "outcomes", "skipped", "expected"), [
-    (["a", "b"], {"a", "b"}, 2, [], []),
-    (["a", "a", "b"], {"a", "b"}, 3, [], ["1 node id(s) shared by several collected items"]),
-    (["a", "a", "b"], {"a", "b"}, 2, [], ["1 node id(s) shared", "3 tests collected, 2 outcomes reported; 0 node"]),
-    (["a", "b"], {"a"}, 1, [], ["2 tests collected, 1 outcomes reported; 1 node id(s) with no outcome at all: b"]),
-    (["a", "b"], {"a", "b"}, 2, ["b"], ["1 test(s) skipped in CI"]),
-], ids=["complete", "twins-both-ran", "twins-one-ran", "one-lost", "one-skipped"])
-def test_count_problems(collected: list[str], reported: set[str], outcomes: int, skipped: list[str],
+@pytest.mark.parametrize(("collected", "reports", "skipped", "expected"), [
+    (["a", "b"], {"a": 1, "b": 1}, [], []),
+    (["a", "a", "b"], {"a": 2, "b": 1}, [], ["1 node id(s) shared by several collected items"]),
+    (["a", "a", "b"], {"a": 1, "b": 1}, [], ["1 node id(s) shared", "3 tests collected, 2 reported an outcome"]),
+    (["a", "b"], {"a": 1}, [], ["2 tests collected, 1 reported an outcome; none at all for 1: b"]),
+    (["a", "b"], {"a": 9}, [], ["2 tests collected, 1 reported an outcome; none at all for 1: b"]),  # a crash loop
+    (["a", "b"], {"a": 1, "b": 1}, ["b"], ["1 test(s) skipped in CI"]),
+], ids=["complete", "twins-both-ran", "twins-one-ran", "one-lost", "one-reported-again", "one-skipped"])
+def test_count_problems(collected: list[str], reports: dict[str, int], skipped: list[str],
                         expected: list[str]) -> None:
-    problems = count_problems(collected, reported, outcomes, skipped)
+    problems = count_problems(collected, reports, skipped)
     assert len(problems) == len(expected), problems
     for problem, start in zip(problems, expected, strict=True):
         assert problem.startswith(start), problem
+    if len(expected) > 1:
+        assert problems[1] == expected[1]  # no "none at all" when each id reported at least once
 
 
 def test_only_the_first_ten_node_ids_are_named() -> None:
-    (problem,) = count_problems([f"t{i}" for i in range(13)], set(), 0, [])
+    (problem,) = count_problems([f"t{i}" for i in range(13)], {}, [])
     assert problem.endswith("t0, t1, t2, t3, t4, t5, t6, t7, t8, t9 and 3 more")
+
+
+def test_a_worker_crash_counts_as_the_failure_xdist_reports_and_what_it_left_unrun_is_named(tmp_path: Path) -> None:
+    crash = {"test_crash.py": "import os\n\ndef test_dies():\n    os._exit(3)\n\ndef test_lives():\n    pass\n"}
+    run = _run(tmp_path, crash, workers=2, extra=("--max-worker-restart", "0"))
+    assert run.returncode != pytest.ExitCode.OK, run.stdout + run.stderr
+    assert "crashed while running 'test_crash.py::test_dies'" in run.stdout
+    assert "2 tests collected, 1 reported an outcome; none at all for 1: test_crash.py::test_lives" in run.stdout

@@ -20,7 +20,8 @@ def test_aware(moment: datetime, expected: datetime) -> None:
     made = aware(moment)
     assert made.tzinfo is not None
     assert made == expected
-    assert made.utcoffset() == moment.utcoffset() or moment.tzinfo is None  # an offset it had is kept, not moved
+    if moment.tzinfo is not None:
+        assert made is moment  # an aware time is kept as it is, offset and all
 
 
 def test_a_naive_and_an_aware_time_compare_once_made_aware() -> None:

@@ -28,6 +28,7 @@ from services.core.metrics import INGRESS_REQUESTS
 from services.core.outcome import error
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
+from services.core.tasks import cancel_and_wait
 from services.http.reload import Reloader, Watched
 from services.http.responses import outcome_response
 from services.ingress import api as ingress_api
@@ -72,9 +73,7 @@ def create_app(settings: Settings, bus: Bus, ledger: Ledger, *, targets: TargetD
             yield
         finally:
             for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
             await state.background.drain()
             if manage_bus:
                 await bus.stop()

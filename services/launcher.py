@@ -29,6 +29,7 @@ from services.core.logging import get_logger
 from services.core.runner import Stage, run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
+from services.core.tasks import cancel_and_wait
 from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
 from services.ingress.connections import accept_backlog, guarded, widen_listen_queue
@@ -108,7 +109,7 @@ async def worker_stages(names: Sequence[str], shared: Shared) -> AsyncIterator[l
                 resources.push_async_callback(delivery.aclose)
                 watcher = asyncio.create_task(delivery.watch_pauses(functools.partial(paused_targets, ledger)))
                 delivery.report_circuit = functools.partial(record_circuit, ledger, process=process)
-                resources.push_async_callback(_cancel, watcher)
+                resources.push_async_callback(cancel_and_wait, watcher)
                 stages.append(delivery)
             elif name == "tracker":
                 await audit.open_trail(ledger, settings)  # key, genesis row (or migration); refuses a wrong key
@@ -173,12 +174,6 @@ async def serve(names: Sequence[str], settings: Settings, *,
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     log.info("relais stopped")
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def _start_bus(bus: Bus, stop: asyncio.Event) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from services.core.settings import Settings
+from tests.support import outcomes
 
 KAFKA_REQUIRED = (os.environ.get("CI", "").lower() in ("1", "true", "yes")
                   or os.environ.get("RELAIS_REQUIRE_KAFKA") == "1")
@@ -117,6 +118,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     collected_kafka = ran_kafka or any(i.get_closest_marker("kafka") for i in session.items)
     if KAFKA_REQUIRED and collected_kafka and _kafka_outcomes["passed"] == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    outcomes.register(config)  # a run that reports fewer tests than it collected fails (tests/support/outcomes.py)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -33,3 +34,24 @@ def repeated(values: Iterable[str]) -> list[str]:
     for value in values:
         (twice if value in seen else seen).add(value)
     return sorted(twice)
+
+
+def file_stamp(path: Path | None) -> int | None:
+    """The file's modification time in nanoseconds, compared to see that it changed and must be re-read;
+    None when there is no such file (not configured, or gone: the reloaders then keep what they have)."""
+    if path is None:
+        return None
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def sha256_fingerprint(text: str) -> str:
+    """A certificate's SHA-256 fingerprint as configured (any case, ':' between bytes as openssl prints it) in the
+    one form Relais compares: 64 lower-case hex digits. Anything else is refused: it could never match a certificate."""
+    fingerprint = text.strip().replace(":", "").lower()
+    if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+        raise ValueError(f"{text.strip()!r} is not a SHA-256 fingerprint: 64 hex digits, ':' allowed between bytes "
+                         "(openssl x509 -noout -fingerprint -sha256 -in CERT.pem)")
+    return fingerprint

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import secrets
 import struct
 import time
@@ -35,6 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from services.core.configfile import file_stamp
 from services.core.errors import ConfigurationError, PermanentError
 from services.core.logging import get_logger
 
@@ -90,7 +90,7 @@ class Keyring:
         self._env_keys = list(env_keys or [])
         self._wanted_current = current
         self._path = path
-        self._mtime: float | None = None
+        self._mtime: int | None = None
         self._next_check = 0.0
         self._install(keys)
 
@@ -117,7 +117,7 @@ class Keyring:
             return None
         ring = cls(cls._read(path) if path else [], settings.encryption_key_id, env_keys=env, path=path)
         if path is not None:
-            ring._mtime = _mtime(path)
+            ring._mtime = file_stamp(path)
             ring._next_check = time.monotonic() + RELOAD_EVERY_S
         return ring
 
@@ -134,7 +134,7 @@ class Keyring:
         if self._path is None or (not force and time.monotonic() < self._next_check):
             return
         self._next_check = time.monotonic() + RELOAD_EVERY_S
-        mtime = _mtime(self._path)
+        mtime = file_stamp(self._path)
         if mtime is None or mtime == self._mtime:
             return
         try:
@@ -214,13 +214,6 @@ def _b64(text: str) -> bytes | None:
         except (binascii.Error, ValueError):
             continue
     return None
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return None
 
 
 def _aad(env: Envelope) -> bytes:

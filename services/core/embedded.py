@@ -39,6 +39,7 @@ from services.core.envelope import Emit, Envelope, EnvelopeError, Record
 from services.core.errors import BusUnavailable
 from services.core.logging import get_logger
 from services.core.settings import Settings
+from services.core.tasks import cancel_and_wait
 from services.core.topics import declared_topics
 
 log = get_logger(__name__)
@@ -92,9 +93,7 @@ class EmbeddedBus:
     async def stop(self) -> None:
         """Close the log; safe twice."""
         if self._pruner is not None:
-            self._pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pruner
+            await cancel_and_wait(self._pruner)
             self._pruner = None
         if self._started:
             self._started = False
@@ -207,9 +206,7 @@ class EmbeddedSubscription:
         """Leave the group: hand the partitions back at once (best effort; a dead member's expire anyway)."""
         self.bus.log.unregister(self.group, self.member)
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+            await cancel_and_wait(self._heartbeat)
             self._heartbeat = None
             with contextlib.suppress(BusUnavailable):
                 await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics, (), True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from services.core.bundle import entry_resources
+
 MAX_IDENTIFIERS = 500  # per transfer: enough for any real export, bounded for a hostile one
 
 
@@ -31,9 +33,6 @@ def identifier_digests(bundle: Any) -> list[str]:
     if not isinstance(bundle, dict):
         return []
     values = _values(bundle.get("identifier"))
-    entries = bundle.get("entry")
-    for entry in entries if isinstance(entries, list) else []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(resource, dict):
-            values += _values(resource.get("identifier"))
+    for _, resource in entry_resources(bundle):
+        values += _values(resource.get("identifier"))
     return list(dict.fromkeys(digest(v) for v in values))[:MAX_IDENTIFIERS]

@@ -92,3 +92,20 @@ def operation_outcome(issues: Iterable[Issue]) -> dict[str, Any]:
 def has_errors(issues: Iterable[Issue]) -> bool:
     """True when any issue blocks the transfer."""
     return any(i.is_error for i in issues)
+
+
+def issues_of(outcome: Any) -> list[dict[str, Any]]:
+    """The errors and warnings of an OperationOutcome read back as JSON (the ledger's, a target's): severity, code,
+    FHIRPath `expression`, Relais `rule`, diagnostics. Tolerant: whatever is malformed is passed over, not raised."""
+    if not isinstance(outcome, dict):
+        return []
+    out = []
+    for issue in outcome.get("issue") or []:
+        if not isinstance(issue, dict) or issue.get("severity") == "information":
+            continue
+        rule = next((str(x.get("valueString")) for x in issue.get("extension") or []
+                     if isinstance(x, dict) and str(x.get("url", "")).endswith("/issue-rule")), None)
+        out.append({"severity": str(issue.get("severity", "error")), "code": issue.get("code"),
+                    "expression": [str(x) for x in issue.get("expression") or []], "rule": rule,
+                    "diagnostics": str(issue.get("diagnostics", ""))})
+    return out

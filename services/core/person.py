@@ -19,6 +19,8 @@ import hashlib
 import hmac
 from typing import Any
 
+from services.core.bundle import entry_resources
+
 INS_SYSTEMS = (
     "urn:oid:1.2.250.1.213.1.4.8",   # INS-NIR
     "urn:oid:1.2.250.1.213.1.4.10",  # INS-NIR-TEST
@@ -54,9 +56,5 @@ def person_key(bundle: Any, secret: bytes) -> str | None:
 
 
 def _first_patient(bundle: Any) -> dict[str, Any] | None:
-    entries = bundle.get("entry") if isinstance(bundle, dict) else None
-    for entry in entries if isinstance(entries, list) else []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
-            return resource
-    return None
+    return next((resource for _, resource in entry_resources(bundle) if resource.get("resourceType") == "Patient"),
+                None)

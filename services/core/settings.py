@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.core.configfile import sha256_fingerprint
+
 MiB = 1024 * 1024
 
 
@@ -294,7 +296,7 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
         if isinstance(v, list):
-            return [r.strip().replace(":", "").lower() for r in v if isinstance(r, str) and r.strip()]
+            return [sha256_fingerprint(r) for r in v if isinstance(r, str) and r.strip()]
         return v
 
     @field_validator("validation_ignore_rules", mode="before")

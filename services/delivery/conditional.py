@@ -18,6 +18,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+from services.core.bundle import entry_resources
+
 ALL_TYPES = None  # `types` argument meaning "every resource type" (conditional_create: on)
 
 
@@ -51,13 +53,9 @@ def make_conditional(bundle: dict[str, Any], types: frozenset[str] | None) -> in
     """Add `request.ifNoneExist` to the Bundle's identified POST entries (of `types`; None: every type),
     in place; returns how many entries were made conditional. A producer's own ifNoneExist is kept."""
     changed = 0
-    entries = bundle.get("entry")
-    for entry in entries if isinstance(entries, list) else []:
-        if not isinstance(entry, dict):
-            continue
-        request, resource = entry.get("request"), entry.get("resource")
-        if not isinstance(request, dict) or not isinstance(resource, dict) or request.get("method") != "POST" \
-                or request.get("ifNoneExist"):
+    for entry, resource in entry_resources(bundle):
+        request = entry.get("request")
+        if not isinstance(request, dict) or request.get("method") != "POST" or request.get("ifNoneExist"):
             continue
         rtype = resource.get("resourceType")
         if types is not None and rtype not in types:

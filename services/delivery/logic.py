@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
+from services.core.clock import aware
 from services.core.fate import Fate
 
 RETRY_AFTER_CAP_S = 3600.0
@@ -70,9 +71,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    seconds = (aware(when) - (now or datetime.now(UTC))).total_seconds()  # an HTTP-date without a zone is UTC
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 

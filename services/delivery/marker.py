@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from services.core.bundle import entry_resources
+
 
 def mark_transfer(bundle: dict[str, Any], system: str, code: str) -> dict[str, Any]:
     """The Bundle with `{system, code}` added to every entry resource's `meta.tag`; the input is not modified.
@@ -64,13 +66,12 @@ def probe_plan(bundle: dict[str, Any]) -> ProbePlan:
     """
     types: set[str] = set()
     required: Counter[str] = Counter()
-    for entry in bundle.get("entry") or []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+    for entry, resource in entry_resources(bundle):
+        if not isinstance(resource.get("resourceType"), str):
             continue
         rtype = resource["resourceType"]
         types.add(rtype)
-        request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+        request = entry["request"] if isinstance(entry.get("request"), dict) else {}
         if str(request.get("method", "POST")).upper() == "POST" and not request.get("ifNoneExist"):
             required[rtype] += 1
     return ProbePlan(tuple(sorted(types)), dict(required))

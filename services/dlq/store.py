@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from services.core.blobstore import BlobIntegrityError, BlobStore, resolve_payload
 from services.core.bus import Bus
+from services.core.clock import aware
 from services.core.envelope import Record
 from services.core.errors import PermanentError
 from services.core.shielded import shielded
@@ -151,7 +152,7 @@ class DlqService:
             producer=row["producer"], status=row["status"], attempts=row["attempts"],
             last_http_status=row["last_http_status"], reason=str(detail.get("reason", "")),
             outcome=row["outcome"] or detail.get("outcome"), first_failure=detail.get("first_failure"),
-            last_failure=detail.get("last_failure"), dead_lettered_at=_aware(ev["time"]), detail=detail,
+            last_failure=detail.get("last_failure"), dead_lettered_at=aware(ev["time"]), detail=detail,
         )
 
     async def payload(self, dl: DeadLetter) -> bytes:
@@ -276,7 +277,7 @@ class DlqService:
 
 def _stage_entry(row: Any) -> DeadLetter:
     detail = dict(row["detail"] or {})
-    when = _aware(row["dead_lettered_at"])
+    when = aware(row["dead_lettered_at"])
     return DeadLetter(
         transfer_id=row["transfer_id"], slot=row["slot"], stage=row["stage"], target=row["target"],
         producer=row.get("producer"), status=row["status"], attempts=int(detail.get("attempts") or 0),
@@ -285,13 +286,8 @@ def _stage_entry(row: Any) -> DeadLetter:
     )
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def parse_time(text: str | None) -> datetime | None:
     """An ISO 8601 time from an operator (UTC when no offset is given)."""
     if not text:
         return None
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware(datetime.fromisoformat(text))

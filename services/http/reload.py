@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from services.core.configfile import file_stamp
 from services.core.errors import ConfigurationError
 from services.core.logging import get_logger
 
@@ -19,19 +19,11 @@ class FileWatch:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.stamp = self._stat()
-
-    def _stat(self) -> float | None:
-        if self.path is None:
-            return None
-        try:
-            return os.stat(self.path).st_mtime_ns
-        except OSError:
-            return None
+        self.stamp = file_stamp(path)
 
     def changed(self) -> bool:
         """True when the file's mtime moved since the last call (or construction)."""
-        stamp = self._stat()
+        stamp = file_stamp(self.path)
         if stamp is None or stamp == self.stamp:
             return False
         self.stamp = stamp

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from services.core.configfile import file_stamp
 from services.core.errors import ConfigurationError
 from services.core.logging import get_logger
 from services.core.settings import Settings
@@ -70,15 +70,6 @@ def parse_certificate(der: bytes) -> ClientCertificate:
                              cert.not_valid_before_utc, cert.not_valid_after_utc, cert)
 
 
-def _mtime(path: Path | None) -> float | None:
-    if path is None:
-        return None
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return None
-
-
 def _load_cas(path: Path) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(Path(path).read_bytes())
@@ -102,7 +93,7 @@ class ClientCertPolicy:
         self.crl_path = settings.tls_crl_file
         self.revoked = frozenset(settings.tls_revoked_fingerprints)
         self.reload_s = settings.auth_reload_s
-        self._stamps: tuple[float | None, float | None] = (None, None)
+        self._stamps: tuple[int | None, int | None] = (None, None)
         self._next_check = 0.0
         self.cas: list[x509.Certificate] = []
         self.crl: x509.CertificateRevocationList | None = None
@@ -118,7 +109,7 @@ class ClientCertPolicy:
         if not force and time.monotonic() < self._next_check:
             return
         self._next_check = time.monotonic() + self.reload_s
-        stamps = (_mtime(self.ca_path), _mtime(self.crl_path))
+        stamps = (file_stamp(self.ca_path), file_stamp(self.crl_path))
         if stamps == self._stamps and not force:
             return
         try:
@@ -163,7 +154,7 @@ class ServerTls:
         assert settings.tls_certfile is not None and settings.tls_keyfile is not None
         self.settings = settings
         self.paths = [settings.tls_certfile, settings.tls_keyfile, settings.tls_client_ca_file]
-        self._stamps = [_mtime(p) for p in self.paths]
+        self._stamps = [file_stamp(p) for p in self.paths]
         self._next_check = time.monotonic() + settings.auth_reload_s
         self.current = self._build()
         self.context = self.current  # the one uvicorn listens with; its SNI hook swaps in `current`
@@ -187,7 +178,7 @@ class ServerTls:
         if time.monotonic() < self._next_check:
             return
         self._next_check = time.monotonic() + self.settings.auth_reload_s
-        stamps = [_mtime(p) for p in self.paths]
+        stamps = [file_stamp(p) for p in self.paths]
         if stamps == self._stamps:
             return
         try:

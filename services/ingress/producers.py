@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from services.core.configfile import load_yaml_model, repeated
+from services.core.configfile import load_yaml_model, repeated, sha256_fingerprint
 
 
 class Producer(BaseModel):
@@ -51,12 +51,7 @@ class Producer(BaseModel):
     @classmethod
     def _fingerprints(cls, v: object) -> object:
         if isinstance(v, list | tuple | set | frozenset):
-            out = [str(f).replace(":", "").strip().lower() for f in v]
-            bad = [f for f in out if len(f) != 64 or any(c not in "0123456789abcdef" for c in f)]
-            if bad:
-                raise ValueError("cert_fingerprints_sha256 entries are hex SHA-256 digests "
-                                 "(64 hex digits, ':' allowed)")
-            return frozenset(out)
+            return frozenset(sha256_fingerprint(str(f)) for f in v)
         return v
 
     @field_validator("finess", mode="before")

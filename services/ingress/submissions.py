@@ -36,6 +36,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from services.core.clock import aware
 from services.core.envelope import new_id
 from services.core.errors import TransientError
 from services.core.logging import get_logger
@@ -121,7 +122,7 @@ async def _claim(ledger: Ledger, producer: str, key: str | None, print_: str, wi
                 submissions.c.producer == producer, submissions.c.idem_key == key))).mappings().first()
             if row is None:
                 continue  # expired and purged meanwhile: insert again
-            if _aware(row["created_at"]) < now - timedelta(seconds=window_s):
+            if aware(row["created_at"]) < now - timedelta(seconds=window_s):
                 # The key's window is over: it names nothing any more.
                 await conn.execute(submissions.delete().where(submissions.c.transfer_id == row["transfer_id"]))
                 continue
@@ -129,7 +130,7 @@ async def _claim(ledger: Ledger, producer: str, key: str | None, print_: str, wi
                 return Claim("conflict", row["transfer_id"])
             if row["state"] == PUBLISHED:
                 return Claim("replay", row["transfer_id"])
-            stale = _aware(row["updated_at"]) < now - timedelta(seconds=STALE_AFTER_S)
+            stale = aware(row["updated_at"]) < now - timedelta(seconds=STALE_AFTER_S)
             if row["state"] == PUBLISHING and not stale:
                 return Claim("busy", row["transfer_id"])
             seen = await _has_events(ledger, str(row["transfer_id"]))
@@ -276,7 +277,3 @@ def key_busy(retry_after_s: int) -> Refusal:
     return checks.refuse(409, "conflict", f"a request with this {IDEMPOTENCY_HEADER} is still being stored; retry "
                          "shortly with the same key", rule="relais-ingress-idempotency-busy",
                          headers={"Retry-After": str(retry_after_s)})
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

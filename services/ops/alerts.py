@@ -24,7 +24,6 @@ reached — a `resolved` never overtakes its `firing`. Run one alerts process pe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -42,6 +41,7 @@ from services.core.metrics import (
     TARGET_WAITING,
 )
 from services.core.settings import Settings
+from services.core.tasks import cancel_and_wait
 
 log = get_logger(__name__)
 
@@ -307,9 +307,7 @@ class WebhookNotifier:
     async def aclose(self) -> None:
         """Stop retrying and close the HTTP client; safe twice."""
         for worker in self._workers.values():
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            await cancel_and_wait(worker)
         self._workers.clear()
         if self.client is not None:
             await self.client.aclose()

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from fastapi import HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.core.clock import aware
 from services.core.configfile import load_yaml_model, repeated
 from services.core.settings import Settings
 from services.core.shielded import shielded
@@ -148,8 +149,7 @@ async def session_operator(ledger: Ledger, session_id: str) -> str | None:
                                   .where(ops_sessions.c.id_sha256 == _digest(session_id)))).first()
     if row is None:
         return None
-    expires = row[1] if row[1].tzinfo else row[1].replace(tzinfo=UTC)
-    return str(row[0]) if expires > datetime.now(UTC) else None
+    return str(row[0]) if aware(row[1]) > datetime.now(UTC) else None
 
 
 @shielded

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import orjson
 
 from services.core.errors import RelaisError
+from services.core.outcome import issues_of
 from services.ops.client import EXIT_CODES_HELP, EXIT_OK, OpsClient, OpsError, add_connection_arguments
 from services.tracker import logic
 
@@ -38,18 +39,9 @@ def status_exit_code(status: str) -> int:
 
 
 def _issues(outcome: Any) -> list[str]:
-    if not isinstance(outcome, dict):
-        return []
-    lines = []
-    for issue in outcome.get("issue") or []:
-        if not isinstance(issue, dict) or issue.get("severity") == "information":
-            continue
-        where = ", ".join(str(e) for e in issue.get("expression") or []) or "(no FHIRPath)"
-        rule = next((str(e.get("valueString")) for e in issue.get("extension") or []
-                     if isinstance(e, dict) and str(e.get("url", "")).endswith("/issue-rule")), None)
-        lines.append(f"{issue.get('severity', 'error'):<8} {where}  {issue.get('diagnostics', '')}"
-                     + (f"  [{rule}]" if rule else ""))
-    return lines
+    """One line an error or warning of an OperationOutcome: severity, FHIRPath, diagnostics, [rule]."""
+    return [f"{i['severity']:<8} {', '.join(i['expression']) or '(no FHIRPath)'}  {i['diagnostics']}"
+            + (f"  [{i['rule']}]" if i["rule"] else "") for i in issues_of(outcome)]
 
 
 def render_status(tl: dict[str, Any]) -> str:

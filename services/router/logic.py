@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.core.bundle import entry_resources
 from services.core.outcome import Issue, error
 from services.core.targets import Route, TargetDirectory
 
@@ -88,11 +89,7 @@ def transfer_info(bundle: Any, named: Sequence[str], producer: str | None) -> Tr
     """Extract what routing looks at from a parsed Bundle (anything unexpected is simply ignored)."""
     finess: set[str] = set()
     profiles: set[str] = set()
-    entries = bundle.get("entry") if isinstance(bundle, dict) else None
-    for entry in entries if isinstance(entries, list) else []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict):
-            continue
+    for _, resource in entry_resources(bundle):
         meta = resource.get("meta")
         profile = meta.get("profile") if isinstance(meta, dict) else None
         # Hostile or broken input (a number, a boolean, a string where a list belongs) routes as "no profile".

@@ -47,6 +47,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from services.core.clock import aware
 from services.core.errors import ConfigurationError, TransientError
 from services.core.logging import get_logger
 from services.core.settings import Settings
@@ -158,14 +159,10 @@ class AuditEntry:
                 "outcome": self.outcome, "detail": self.detail, "prev_hash": self.prev_hash, "hash": self.hash}
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _content(seq: int, time: datetime, kind: str, actor_type: str, actor: str | None, transfer_id: str | None,
              target: str | None, finess: str | None, outcome: str, detail: dict[str, Any] | None) -> bytes:
     """A row's canonical content (JSON, sorted keys; time in UTC, microseconds)."""
-    return orjson.dumps([seq, _aware(time).astimezone(UTC).isoformat(timespec="microseconds"), kind, actor_type,
+    return orjson.dumps([seq, aware(time).astimezone(UTC).isoformat(timespec="microseconds"), kind, actor_type,
                          actor, transfer_id, target, finess, outcome, detail or {}], option=orjson.OPT_SORT_KEYS)
 
 
@@ -560,7 +557,7 @@ async def entries(ledger: Ledger, flt: AuditFilter | None = None, *, cursor: str
 
 
 def _entry(r: Any) -> AuditEntry:
-    return AuditEntry(r["seq"], _aware(r["time"]), r["kind"], r["actor_type"], r["actor"], r["transfer_id"],
+    return AuditEntry(r["seq"], aware(r["time"]), r["kind"], r["actor_type"], r["actor"], r["transfer_id"],
                       r["target"], [f for f in (r["finess"] or "").split(",") if f], r["outcome"],
                       dict(r["detail"] or {}), r["prev_hash"], r["hash"])
 

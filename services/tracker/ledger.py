@@ -25,10 +25,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from services.core.clock import aware
 from services.core.errors import ConfigurationError, TransientError
 from services.core.shielded import shielded
 from services.tracker import logic
-from services.tracker.projection import Event, Projection, aware
+from services.tracker.projection import Event, Projection
 from services.tracker.sealed import SealedJSON
 
 metadata = sa.MetaData()

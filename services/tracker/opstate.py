@@ -13,9 +13,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from services.core.clock import aware
 from services.core.shielded import shielded
 from services.tracker.ledger import Ledger, access_log, target_circuits, target_state
-from services.tracker.queries import aware
 
 
 @dataclass(frozen=True, slots=True)

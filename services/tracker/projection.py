@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 from services.tracker import logic
@@ -144,11 +144,6 @@ class Projection:
             row.update(changes)
             if key not in self.new_deliveries:
                 self.changed_deliveries.setdefault(key, set()).update(changes)
-
-
-def aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back naive; they were written in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def failure_outcome(ev: Event) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from services.core.clock import aware
 from services.core.identifiers import digest
+from services.core.outcome import issues_of
 from services.tracker import logic
 from services.tracker.ledger import Ledger, deliveries, events, stage_dead_letters, transfer_identifiers, transfers
 
@@ -29,11 +31,6 @@ ATTEMPT_KINDS = ("delivered", "delivered_unconfirmed", "retry_scheduled", "dead_
 SUCCESS_KINDS = ("delivered", "delivered_unconfirmed")
 FAILURE_KINDS = ("retry_scheduled", "dead_lettered")
 DOWN_AFTER_FAILURES = 3  # consecutive failed attempts (no success since) that make a target "down"
-
-
-def aware(moment: datetime) -> datetime:
-    """A timestamp from the ledger as UTC-aware (SQLite hands them back naive)."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,25 +210,9 @@ async def timeline(ledger: Ledger, transfer_id: str, *, full: bool = False) -> T
             item |= {"response": d["response"], "outcome": d["outcome"], "assigned": d["assigned"]}
         shown_deliveries.append(item)
     issues = [issue for e in evs if e["kind"] in ("rejected", "validated")
-              for issue in validation_issues((e["detail"] or {}).get("outcome"))]
+              for issue in issues_of((e["detail"] or {}).get("outcome"))]
     return Timeline(row["id"], row["producer"], row["status"], aware(row["created_at"]), aware(row["updated_at"]),
                     steps, shown_deliveries, full, issues)
-
-
-def validation_issues(outcome: Any) -> list[dict[str, Any]]:
-    """The validator's issues (severity, FHIRPath, rule, diagnostics) from its OperationOutcome."""
-    if not isinstance(outcome, dict):
-        return []
-    out = []
-    for issue in outcome.get("issue") or []:
-        if not isinstance(issue, dict) or issue.get("severity") == "information":
-            continue
-        rule = next((str(x.get("valueString")) for x in issue.get("extension") or []
-                     if isinstance(x, dict) and str(x.get("url", "")).endswith("/issue-rule")), None)
-        out.append({"severity": str(issue.get("severity", "error")), "code": issue.get("code"),
-                    "expression": [str(x) for x in issue.get("expression") or []], "rule": rule,
-                    "diagnostics": str(issue.get("diagnostics", ""))})
-    return out
 
 
 @dataclass(frozen=True, slots=True)

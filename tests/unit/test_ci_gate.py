@@ -6,14 +6,12 @@ file, so the gate is proved on the outcome pytest itself reports, not on our own
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.subpytest import run_pytest
 
 SKIPPING = """
 import pytest
@@ -33,17 +31,8 @@ def test_talks_to_a_broker():
 
 
 def _run(tmp_path: Path, source: str, *, required: bool, workers: int) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "test_gate_case.py").write_text(source)
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    kafka: needs a broker\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "RELAIS_REQUIRE_KAFKA", "PYTEST_ADDOPTS")}
-    env["PYTHONPATH"] = str(REPO)
-    if required:
-        env["RELAIS_REQUIRE_KAFKA"] = "1"
-    argv = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q", "-p", "no:cacheprovider",
-            "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), str(tmp_path)]
-    if workers:
-        argv += ["-n", str(workers)]
-    return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return run_pytest(tmp_path, {"test_gate_case.py": source}, env={"RELAIS_REQUIRE_KAFKA": "1"} if required else {},
+                      args=["-n", str(workers)] if workers else [])
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "xdist"])

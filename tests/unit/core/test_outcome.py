@@ -1,4 +1,4 @@
-"""OperationOutcome: issues to FHIR JSON and back, the rule extension, the empty outcome, has_errors."""
+"""OperationOutcome: issues to FHIR JSON and back, the rule extension, the empty outcome, has_errors, issues_of."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from services.core.outcome import (
     error,
     has_errors,
     information,
+    issues_of,
     operation_outcome,
     warning,
 )
@@ -93,3 +94,20 @@ def test_has_errors(severities: list[str], expected: bool) -> None:
     ("fatal", True), ("error", True), ("warning", False), ("information", False)])
 def test_is_error(severity: str, blocks: bool) -> None:
     assert Issue(severity, "processing", "x").is_error is blocks  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("outcome", "expected"), [
+    (operation_outcome([error("required", "identifier is missing", EXPR, rule="tddui-patient-ins"),
+                        information("fine here"), warning("value", "two places", "Bundle.entry[0]")]),
+     [{"severity": "error", "code": "required", "expression": [EXPR], "rule": "tddui-patient-ins",
+       "diagnostics": "identifier is missing"},
+      {"severity": "warning", "code": "value", "expression": ["Bundle.entry[0]"], "rule": None,
+       "diagnostics": "two places"}]),
+    ({"resourceType": "OperationOutcome", "issue": [{"code": "exception"}]},  # a target's terse outcome
+     [{"severity": "error", "code": "exception", "expression": [], "rule": None, "diagnostics": ""}]),
+    ({"issue": ["not an issue", {"severity": "error", "extension": ["odd", {"url": 3}]}]},
+     [{"severity": "error", "code": None, "expression": [], "rule": None, "diagnostics": ""}]),
+    (None, []), ("text", []), ({"issue": None}, []),
+], ids=["errors-and-warnings", "defaults", "malformed-parts", "none", "not-a-dict", "no-issues"])
+def test_issues_of_an_outcome_read_back(outcome: Any, expected: list[dict[str, Any]]) -> None:
+    assert issues_of(outcome) == expected

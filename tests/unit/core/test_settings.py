@@ -50,6 +50,8 @@ def test_defaults() -> None:
     ("RELAIS_AUTH_DISABLED", "true", "auth_disabled", True),
     ("RELAIS_LOG_LEVEL", "debug", "log_level", "debug"),
     ("relais_http_port", "7070", "http_port", 7070),  # environment names are case-insensitive
+    ("RELAIS_TLS_REVOKED_FINGERPRINTS", f" {'AB:' * 31}AB , {'0' * 64},", "tls_revoked_fingerprints",
+     ["ab" * 32, "0" * 64]),
 ])
 def test_environment_with_relais_prefix(clean_env: pytest.MonkeyPatch, env: str, value: str, field: str,
                                         expected: object) -> None:
@@ -118,6 +120,7 @@ def test_max_body_bytes_bounds(value: int, ok: bool) -> None:
 @pytest.mark.parametrize(("field", "value"), [
     ("http_port", -1), ("http_port", 65536), ("topic_partitions", 0), ("max_attempts", 0),
     ("kafka_timeout_s", 0), ("log_level", "verbose"), ("batch_size", 0),
+    ("tls_revoked_fingerprints", ["ab" * 31]),  # a digit short: it would never match, the revocation silently void
 ])
 def test_nonsense_fails_fast(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):

@@ -69,6 +69,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.core.clock import aware
 from services.core.envelope import Envelope
 from services.core.errors import TransientError
 from services.core.logging import get_logger
@@ -404,7 +405,7 @@ class AttemptJournal:
             .where((table.c.target == target) & (table.c.started_at > now - timedelta(seconds=PACE_WINDOW_S))
                    & table.c.http_status.is_not(None) & table.c.finished_at.is_not(None))
             .order_by(table.c.started_at.desc()).limit(PACE_SAMPLES))).all()
-        known = settle_s((_aware(finished) - _aware(started)).total_seconds() for started, finished in rows)
+        known = settle_s((aware(finished) - aware(started)).total_seconds() for started, finished in rows)
         self._paces[target] = (asyncio.get_running_loop().time(), known)
         return known
 
@@ -524,13 +525,8 @@ def _chain_of(key: AttemptKey) -> tuple[str, str, int]:
 
 
 def _prior(row: Any) -> Prior:
-    return Prior(row["state"], _aware(row["started_at"]), row["process"], row["http_status"], row["response"],
+    return Prior(row["state"], aware(row["started_at"]), row["process"], row["http_status"], row["response"],
                  row["assigned"], row["incarnation"])
-
-
-def _aware(moment: datetime) -> datetime:
-    """A time read back from the database, in UTC (SQLite returns it naive)."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _chain(key: AttemptKey) -> Any:

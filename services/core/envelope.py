@@ -153,10 +153,15 @@ class Emit:
 
 
 def event(source: Envelope, kind: str, stage: str, detail: Mapping[str, Any] | None = None,
-          *, target: str | None = None) -> Emit:
-    """A `transfers.events` record saying what `stage` did with `source`; keyed by transfer id."""
+          *, target: str | None = None, event_id: str | None = None) -> Emit:
+    """A `transfers.events` record saying what `stage` did with `source`; keyed by transfer id.
+
+    `event_id` names an outcome that can happen only once, so that two copies of a record reporting it (a
+    record read twice) make one event in the ledger, which keeps events by id; by default every event is new.
+    """
     body = {**(detail or {}), "kind": kind, "stage": stage}
     env = Envelope(
+        id=event_id or new_id(),
         type=f"fr.relais.event.{kind}",
         source=f"/relais/{stage}",
         transfer_id=source.transfer_id,

@@ -10,9 +10,9 @@ behind it in its partition (which may be for healthy targets).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ from services.core.blobstore import (
     resolve_payload,
 )
 from services.core.bus import Partition
+from services.core.clock import aware
 from services.core.envelope import Emit, Envelope, Record, event
 from services.core.errors import LetGo, TransientError
 from services.core.fate import Fate
@@ -41,6 +42,7 @@ from services.core.metrics import DELIVERY_SECONDS
 from services.core.outcome import error, operation_outcome
 from services.core.settings import Settings
 from services.core.targets import Target, TargetDirectory
+from services.core.tasks import cancel_and_wait
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ, RETRY_PREFIX, delivery_topics, retry_topic
 from services.delivery import conditional
 from services.delivery.capability import conditional_types_for
@@ -76,6 +78,7 @@ from services.delivery.repair import assigned_ids, original_full_urls, repair_tr
 
 log = get_logger(__name__)
 
+DELIVERED_EVENTS = uuid.UUID("5b0f6f1e-3c1a-4c57-9d7e-2f1d1e0c6a11")  # the namespace of `delivered_event_id`
 # Envelope attributes the delivery stage keeps between attempts (never restored on replay).
 X_DUE, X_PROBE = "due", "probe"
 X_FIRST_FAILURE, X_LAST_FAILURE, X_REASON, X_HTTP_STATUS = "firstfailure", "lastfailure", "reason", "httpstatus"
@@ -178,9 +181,7 @@ class DeliveryStage:
         """Stop probes and close every target's connections; safe twice."""
         for rt in self.runtimes.values():
             if rt.prober is not None:
-                rt.prober.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await rt.prober
+                await cancel_and_wait(rt.prober)
                 rt.prober = None
             await rt.client.aclose()
 
@@ -347,7 +348,7 @@ class DeliveryStage:
         if prior.state == DELIVERED:
             # The target answered and the answer was journaled: the outcome is known, nothing to resend.
             DELIVERY_COUNT.labels(rt.target.id, Fate.DELIVERED.value).inc()
-            return [event(done, "delivered", self.name, {
+            return [event(done, "delivered", self.name, event_id=delivered_event_id(env), detail={
                 "http_status": prior.http_status, "response": prior.response, "assigned": prior.assigned or {},
                 "recovered": "the outcome was journaled before a delivery process stopped"})]
         DELIVERY_IN_DOUBT.labels(rt.target.id).inc()
@@ -461,7 +462,7 @@ class DeliveryStage:
         done = env.evolve(attempt=attempt_no)
         if decision.fate is Fate.DELIVERED:
             response = attempt.json()
-            return [event(done, "delivered", self.name, {
+            return [event(done, "delivered", self.name, event_id=delivered_event_id(env), detail={
                 **detail, "response": response, "assigned": assigned_ids(full_urls or [], response)})]
         now = datetime.now(UTC).isoformat()
         extra = {**env.extra, X_FIRST_FAILURE: env.extra.get(X_FIRST_FAILURE) or now, X_LAST_FAILURE: now,
@@ -584,6 +585,13 @@ def _waiting_until(env: Envelope, now: datetime) -> datetime:
     return _moment(env.extra.get(X_DUE)) or env.not_before or now
 
 
+def delivered_event_id(env: Envelope) -> str:
+    """The id of the event saying a delivery record's transfer reached its target: one per (transfer, target,
+    round), as one chain of attempts delivers once (services/delivery/journal.py), whichever copy reports it."""
+    key = AttemptKey.next_of(env)
+    return str(uuid.uuid5(DELIVERED_EVENTS, f"{key.transfer_id}|{key.target}|{key.round}"))
+
+
 def request_id(env: Envelope) -> str:
     """The X-Request-Id of every attempt at one (transfer, target): a target can spot a repeat."""
     return f"{env.transfer_id}/{env.target}"
@@ -605,7 +613,7 @@ def _moment(text: str | None) -> datetime | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware(moment)
 
 
 def _is_transaction_response(body: dict[str, Any] | None) -> bool:

@@ -156,6 +156,20 @@ async def test_a_copy_of_a_failed_attempt_read_after_its_retry_was_made_is_dropp
     assert [len(first.posts), len(second.posts)] == [2, 0]
 
 
+async def test_a_copy_of_a_delivered_record_reports_the_same_delivered_event_not_a_second_one(
+        scene: Callable[[str], Scene]) -> None:
+    # Read twice after a rebalance: the copy finds the delivery journaled and reports it; the ledger keeps events
+    # by id, so an equal id is what keeps "delivered" once in the transfer's history.
+    first, second = await scene("probe"), await scene("probe")
+    env = record()
+    [original] = [e for e in await first.handle(env) if e.envelope.type.endswith(".delivered")]
+    [copy] = [e for e in await second.handle(env) if e.envelope.type.endswith(".delivered")]
+    assert copy.envelope.id == original.envelope.id and len(first.posts) + len(second.posts) == 1
+    replayed = record(replays="1")  # an operator's replay starts a new round: a delivery of its own
+    [again] = [e for e in await first.handle(replayed) if e.envelope.type.endswith(".delivered")]
+    assert again.envelope.id != original.envelope.id
+
+
 async def test_an_attempt_another_process_may_still_be_making_is_waited_for_not_taken_for_in_doubt(
         scene: Callable[[str], Scene], ledger: Ledger) -> None:
     s = await scene("retry")

@@ -73,6 +73,7 @@ from services.delivery.logic import (
 from services.delivery.marker import ProbePlan, Verdict, mark_transfer, probe_plan
 from services.delivery.order import LaneOrder
 from services.delivery.repair import assigned_ids, original_full_urls, repair_transaction
+from services.delivery.turns import Turns, is_quick
 
 log = get_logger(__name__)
 
@@ -139,6 +140,8 @@ class DeliveryStage:
         # Records waiting in retry tiers, per lane: a person's later Bundles wait behind them.
         longest = max([*self.tiers, *(d for rt in self.runtimes.values() for d in rt.target.retry.delays_s or ())])
         self.order = LaneOrder(stale_s=max(longest * 2, ORDER_STALE_MIN_S))
+        # Records for targets not known to answer quickly give way to those for quick ones (issue 15).
+        self.turns = Turns()
         # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
         self.paused_by_operator: frozenset[str] = frozenset()
         # Where breaker transitions are reported for operators (None: nowhere; set by the launcher).
@@ -255,6 +258,11 @@ class DeliveryStage:
             return [self._park(record, env, (due - now).total_seconds())]
         if rt.target.paused or rt.target.id in self.paused_by_operator:
             return [self._park(record, env, rt.target.breaker.probe_every_s)]
+        quick = is_quick(rt.latency.p50(default=math.inf))
+        with self.turns.in_progress(quick):  # waiting for its target's slot included
+            return await self._in_turn(record, env, rt, quick)
+
+    async def _in_turn(self, record: Record, env: Envelope, rt: TargetRuntime, quick: bool) -> list[Emit]:
         try:
             entered = await rt.gate.enter(Partition(record.topic, record.partition))
         except GateClosed:
@@ -267,6 +275,7 @@ class DeliveryStage:
                 self._ensure_prober(rt)
                 # Come back about when the next probe may have closed the circuit.
                 return [self._park(record, env, max(rt.breaker.next_probe_at - self.clock(), 0) + 0.05)]
+            await self.turns.give_way(quick)  # a quick target's records go first (bounded)
             return await self._attempt(record, env, rt)
         finally:
             rt.gate.leave()

@@ -275,8 +275,7 @@ class DeliveryStage:
                 self._ensure_prober(rt)
                 # Come back about when the next probe may have closed the circuit.
                 return [self._park(record, env, max(rt.breaker.next_probe_at - self.clock(), 0) + 0.05)]
-            await self.turns.give_way(quick)  # a quick target's records go first (bounded)
-            return await self._attempt(record, env, rt)
+            return await self._attempt(record, env, rt, quick)
         finally:
             rt.gate.leave()
 
@@ -296,8 +295,9 @@ class DeliveryStage:
         log.info("target backlog full; record parked in a retry tier", waiting=gate.waiting, wait_s=round(wait_s, 2))
         return [self._park(record, env, wait_s)]
 
-    async def _attempt(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
+    async def _attempt(self, record: Record, env: Envelope, rt: TargetRuntime, quick: bool) -> list[Emit]:
         target = rt.target
+        await self.turns.give_way(quick)  # before each CPU-bound step: a quick target's records go first (bounded)
         try:
             payload = await resolve_payload(self.blobs, env.data, env.extra)
         except BlobIntegrityError as exc:
@@ -307,6 +307,7 @@ class DeliveryStage:
         attempt_no = key.attempt
         out = self._outgoing(env, target, payload, attempt_no, await conditional_types_for(rt.client))
         # No record of the attempt, no attempt (TransientError: it waits).
+        await self.turns.give_way(quick)
         claim = await self.journal.claim(key, in_flight_s(target))
         if claim.verdict is ClaimVerdict.SUPERSEDED:
             log.info("a later attempt of this transfer exists: this copy of its record is dropped",
@@ -324,6 +325,7 @@ class DeliveryStage:
             probed = await self._probe(record, env, rt, key, out)
             if probed is not None:
                 return probed
+        await self.turns.give_way(quick)
         attempt = await rt.client.post_transaction(out.payload, request_id(env))
         DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)
         if attempt.sent:  # a call that never left says nothing of the target's pace

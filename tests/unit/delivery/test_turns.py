@@ -74,3 +74,33 @@ async def test_a_record_gives_way_for_a_bounded_time_only() -> None:
     began = loop.time()
     await turns.give_way(False)  # nothing quick in progress: no wait
     assert loop.time() - began < 0.05
+
+
+async def test_records_that_gave_way_go_one_step_at_a_time_and_a_quick_record_coming_meanwhile_goes_first() -> None:
+    turns = Turns(max_wait_s=5)
+    steps: list[str] = []
+    first, second = asyncio.Event(), asyncio.Event()
+    later: list[asyncio.Task[None]] = []
+
+    async def quick(name: str, release: asyncio.Event) -> None:
+        with turns.in_progress(True):
+            await release.wait()
+            steps.append(name)
+
+    async def slow(n: int) -> None:
+        await turns.give_way(False)
+        steps.append(f"s{n}")
+        if n == 1:  # a quick target's record comes while the slow ones take their steps
+            later.append(asyncio.create_task(quick("q2", second)))
+        await asyncio.sleep(0)
+
+    q1 = asyncio.create_task(quick("q1", first))
+    waiting = [asyncio.create_task(slow(n)) for n in range(4)]
+    await asyncio.sleep(0.01)
+    assert steps == []  # all four give way to q1
+    first.set()
+    await asyncio.sleep(0.01)
+    assert steps == ["q1", "s0", "s1"]  # one by one, and q2 stops the chain at once
+    second.set()
+    await asyncio.wait_for(asyncio.gather(q1, *later, *waiting), 2)
+    assert steps == ["q1", "s0", "s1", "q2", "s2", "s3"]

@@ -258,11 +258,10 @@ class DeliveryStage:
             return [self._park(record, env, (due - now).total_seconds())]
         if rt.target.paused or rt.target.id in self.paused_by_operator:
             return [self._park(record, env, rt.target.breaker.probe_every_s)]
-        quick = is_quick(rt.latency.p50(default=math.inf))
-        with self.turns.in_progress(quick):  # waiting for its target's slot included
-            return await self._in_turn(record, env, rt, quick)
+        with self.turns.in_progress(_quick(rt)):  # waiting for its target's slot included
+            return await self._in_turn(record, env, rt)
 
-    async def _in_turn(self, record: Record, env: Envelope, rt: TargetRuntime, quick: bool) -> list[Emit]:
+    async def _in_turn(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
         try:
             entered = await rt.gate.enter(Partition(record.topic, record.partition))
         except GateClosed:
@@ -275,7 +274,7 @@ class DeliveryStage:
                 self._ensure_prober(rt)
                 # Come back about when the next probe may have closed the circuit.
                 return [self._park(record, env, max(rt.breaker.next_probe_at - self.clock(), 0) + 0.05)]
-            return await self._attempt(record, env, rt, quick)
+            return await self._attempt(record, env, rt)
         finally:
             rt.gate.leave()
 
@@ -295,9 +294,11 @@ class DeliveryStage:
         log.info("target backlog full; record parked in a retry tier", waiting=gate.waiting, wait_s=round(wait_s, 2))
         return [self._park(record, env, wait_s)]
 
-    async def _attempt(self, record: Record, env: Envelope, rt: TargetRuntime, quick: bool) -> list[Emit]:
+    async def _attempt(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
         target = rt.target
-        await self.turns.give_way(quick)  # before each CPU-bound step: a quick target's records go first (bounded)
+        # Before each CPU-bound step: a quick target's records go first (bounded). Its target's standing is
+        # looked at each time: once the target has answered quickly, its records waiting here wait no more.
+        await self.turns.give_way(_quick(rt))
         try:
             payload = await resolve_payload(self.blobs, env.data, env.extra)
         except BlobIntegrityError as exc:
@@ -307,7 +308,7 @@ class DeliveryStage:
         attempt_no = key.attempt
         out = self._outgoing(env, target, payload, attempt_no, await conditional_types_for(rt.client))
         # No record of the attempt, no attempt (TransientError: it waits).
-        await self.turns.give_way(quick)
+        await self.turns.give_way(_quick(rt))
         claim = await self.journal.claim(key, in_flight_s(target))
         if claim.verdict is ClaimVerdict.SUPERSEDED:
             log.info("a later attempt of this transfer exists: this copy of its record is dropped",
@@ -325,7 +326,7 @@ class DeliveryStage:
             probed = await self._probe(record, env, rt, key, out)
             if probed is not None:
                 return probed
-        await self.turns.give_way(quick)
+        await self.turns.give_way(_quick(rt))
         attempt = await rt.client.post_transaction(out.payload, request_id(env))
         DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)
         if attempt.sent:  # a call that never left says nothing of the target's pace
@@ -575,6 +576,11 @@ class DeliveryStage:
                 return
             ok = await rt.client.health()
             self._learn(rt, BreakerEvent.PROBE_OK if ok else BreakerEvent.PROBE_FAILED)
+
+
+def _quick(rt: TargetRuntime) -> bool:
+    """Whether the target is known to answer quickly (`turns`): by its median over its last calls."""
+    return is_quick(rt.latency.p50(default=math.inf))
 
 
 def _order_lane(record: Record) -> tuple[str | None, bytes | None, int]:

@@ -84,9 +84,20 @@ def wait_for_post(target: DemoTarget, seed: int, delivery: Delivery) -> None:
         time.sleep(0.05)
 
 
-async def until_delivered(stage: DeliveryStage, env: Envelope, within_s: float) -> list[tuple[float, list[str]]]:
-    """Handle `env` as the next holder of its partition would, following each retry the stage parks, until an
-    outcome is emitted; returns (seconds since start, emitted types) of every handling."""
+async def deliver_here(tmp_path: Path, target: DemoTarget, seed: int,
+                       within_s: float) -> list[tuple[float, list[str]]]:
+    """Delivery record `seed` handled in this process (a delivery stage of its own, `delivery-2`), as the next
+    holder of its partition would: each retry the stage parks is followed until an outcome is emitted; returns
+    (seconds since start, emitted types) of every handling."""
+    stage, ledger = make_stage(database_url(tmp_path), target.fhir, tmp_path / "blobs", "delivery-2")
+    try:
+        return await _until_delivered(stage, delivery_record(seed), within_s)
+    finally:
+        await stage.aclose()
+        await ledger.close()
+
+
+async def _until_delivered(stage: DeliveryStage, env: Envelope, within_s: float) -> list[tuple[float, list[str]]]:
     start, seen = time.monotonic(), []
     while time.monotonic() - start < within_s:
         emits = list(await stage.handle(Record(DELIVERIES, 0, 0, b"t|p", env)))
@@ -108,12 +119,7 @@ async def test_a_killed_delivery_process_attempt_is_resolved_in_seconds_and_appl
     wait_for_post(target, 2, dying)
     dying.kill9()  # its POST is executing at the target: applied PACE_S after it arrived
     killed = time.monotonic()
-    stage, ledger = make_stage(database_url(tmp_path), target.fhir, tmp_path / "blobs", "delivery-2")
-    try:
-        seen = await until_delivered(stage, delivery_record(2), within_s=60)
-    finally:
-        await stage.aclose()
-        await ledger.close()
+    seen = await deliver_here(tmp_path, target, 2, within_s=60)
     resolved_s = time.monotonic() - killed
     with capsys.disabled():
         print(f"\n[kill -9 mid-POST] attempt resolved {resolved_s:.1f}s after the kill "
@@ -131,12 +137,7 @@ async def test_a_live_process_attempt_is_waited_for_as_long_as_its_post_may_run(
     living = Delivery(tmp_path, target, seed=2)
     try:
         wait_for_post(target, 2, living)
-        stage, ledger = make_stage(database_url(tmp_path), target.fhir, tmp_path / "blobs", "delivery-2")
-        try:
-            seen = await until_delivered(stage, delivery_record(2), within_s=30)
-        finally:
-            await stage.aclose()
-            await ledger.close()
+        seen = await deliver_here(tmp_path, target, 2, within_s=30)
         assert DELIVERED in living.finish()
     finally:
         living.kill9()

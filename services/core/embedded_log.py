@@ -9,6 +9,11 @@ Several processes on one machine share the file (SQLite WAL). Inside a process:
   whole batch and resets the connection, so the next batch starts clean (no "transaction within a
   transaction" after a disk was full or read-only).
 * **Reads** run on their own thread and connection, so a poll never waits behind an fsync.
+* **Checkpoints** (copying the WAL back into the database file) run on a thread of their own, never
+  inside a commit. SQLite's default runs one inside the COMMIT that crosses 1,000 WAL pages — about
+  every 25 Bundles here — while the cross-process write lock is held: that put a 20–40 ms (up to 300 ms)
+  checkpoint in front of a DUI's 202 at p99 (issue 16). A PASSIVE checkpoint beside the writers waits
+  for none of them.
 
 Across processes, consumer-group membership is a lease per (group, topic, partition): see
 `services.core.embedded_groups`. A member's commit checks in the same transaction that it still
@@ -62,6 +67,8 @@ CREATE TABLE IF NOT EXISTS probes (process TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
 MAX_JOBS_PER_COMMIT = 500
+CHECKPOINT_EVERY_S = 0.25  # while this process writes: the WAL grows by a few MB between checkpoints
+RESTART_PAGES = 4096  # 16 MB of WAL (4 KB pages): copy the rest under the write lock, so the WAL starts again
 MAX_POLL_BYTES = 2 * 1024 * 1024  # per poll: a stage's commit then writes a few MB at most
 
 Row = tuple[str, bytes | None, bytes, str]  # physical topic, key, sealed value, encoded headers
@@ -90,6 +97,48 @@ def storage_reason(exc: BaseException) -> str:
     return "io-error"
 
 
+class WriteLock:
+    """The cross-process writers' queue: the kernel's locks, not SQLite's busy handler (which polls with
+    sleeps of up to 100 ms).
+
+    Two lock files beside the log: `.write-lock`, held for the whole transaction, and `.urgent-lock`,
+    which a publisher (a DUI waiting for its 202) holds while it waits for the first; stage commits (and
+    the checkpointer) pass through the urgent lock before queueing, so a 202 waits behind one of them at
+    most. Each thread that writes has its own (flock is per open file).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._write_fd: int | None = None
+        self._urgent_fd: int | None = None
+
+    def acquire(self, urgent: bool) -> None:
+        if self._write_fd is None or self._urgent_fd is None:
+            stem = self._path.name
+            self._urgent_fd = os.open(self._path.with_name(stem + ".urgent-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            self._write_fd = os.open(self._path.with_name(stem + ".write-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        if urgent:
+            fcntl.flock(self._urgent_fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._write_fd, fcntl.LOCK_EX)
+            finally:
+                fcntl.flock(self._urgent_fd, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(self._urgent_fd, fcntl.LOCK_SH)  # waits while a publisher is queued
+            fcntl.flock(self._urgent_fd, fcntl.LOCK_UN)
+            fcntl.flock(self._write_fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._write_fd is not None:
+            fcntl.flock(self._write_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in (self._write_fd, self._urgent_fd):
+            if fd is not None:
+                os.close(fd)
+        self._write_fd = self._urgent_fd = None
+
+
 class EmbeddedLog:
     """The SQLite file; `write` jobs are group-committed, `read` calls run beside them."""
 
@@ -105,8 +154,11 @@ class EmbeddedLog:
         self._closed = False
         self._members: set[tuple[str, str]] = set()  # (group, member) of this process, renewed by its own thread
         self._renewer: threading.Thread | None = None
-        self._lock_fd: int | None = None  # the cross-process writers' queue (flock), see _lock_for_writing
-        self._urgent_fd: int | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._written = threading.Event()  # set by each commit: the checkpointer has something to copy back
+        self._stopping = threading.Event()
+        self.checkpoints = 0  # PASSIVE checkpoints run by this process
+        self._lock = WriteLock(path)  # the writer thread's
         self._round_robin = 0
         self._read_turn = 0
         self._topics: dict[str, int] | None = None
@@ -123,6 +175,7 @@ class EmbeddedLog:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a 202 means on disk, as acks=all means replicated
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it, outside the commits
         except sqlite3.Error:
             conn.close()
             raise
@@ -183,6 +236,46 @@ class EmbeddedLog:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="relais-log-write", daemon=True)
                 self._writer.start()
+                self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="relais-log-checkpoint",
+                                                      daemon=True)
+                self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL back into the database at most every CHECKPOINT_EVERY_S while this process writes.
+
+        Every writing process runs one; SQLite lets one checkpoint run at a time (the others return busy at
+        once). A PASSIVE checkpoint beside the writers copies all but what they wrote meanwhile, so under a
+        steady stream the WAL would never start again from its beginning (SQLite restarts it only when a
+        write begins with nothing left to copy). Once it holds RESTART_PAGES, the checkpointer queues
+        for the write lock like a stage commit and copies the few pages left while it holds it: the next
+        write restarts the WAL. That costs the writers a short wait once per RESTART_PAGES.
+        """
+        conn: sqlite3.Connection | None = None
+        lock = WriteLock(self.path)
+        while not self._stopping.is_set():
+            self._written.wait()
+            if self._stopping.is_set():
+                break
+            self._written.clear()
+            try:
+                if conn is None:
+                    conn = self._connect()
+                _, pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if pages >= RESTART_PAGES:
+                    lock.acquire(urgent=False)
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    finally:
+                        lock.release()
+                self.checkpoints += 1
+            except sqlite3.Error:  # the writers see the same fault and report it; try again after the next commit
+                if conn is not None:
+                    conn.close()
+                    conn = None
+            self._stopping.wait(CHECKPOINT_EVERY_S)
+        if conn is not None:
+            conn.close()
+        lock.close()
 
     def _write_loop(self) -> None:
         while True:
@@ -205,10 +298,7 @@ class EmbeddedLog:
         if self._writer_conn is not None:
             self._writer_conn.close()
             self._writer_conn = None
-        for fd in (self._lock_fd, self._urgent_fd):
-            if fd is not None:
-                os.close(fd)
-        self._lock_fd = self._urgent_fd = None
+        self._lock.close()
 
     def _commit(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]]) -> None:
         answers: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
@@ -217,7 +307,7 @@ class EmbeddedLog:
             if conn is None:
                 conn = self._writer_conn = self._connect()
                 conn.executescript(SCHEMA)
-            self._lock_for_writing(urgent=any(fn == self.append and len(args) == 1 for fn, args, _ in batch))
+            self._lock.acquire(urgent=any(fn == self.append and len(args) == 1 for fn, args, _ in batch))
             conn.execute("BEGIN IMMEDIATE")
             for fn, args, future in batch:
                 conn.execute("SAVEPOINT job")
@@ -234,50 +324,24 @@ class EmbeddedLog:
                     answers.append((future, result, None))
             conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
-            self._unlock()
+            self._lock.release()
             self._reset()
             self.problem, self.problem_reason = f"embedded log {self.path}: {exc}", storage_reason(exc)
             failure = BusUnavailable(f"{self.problem} (nothing was written; retried when the fault clears)")
             for _, _, future in batch:
                 future.set_exception(failure)
             return
-        self._unlock()
+        self._lock.release()
         self.problem = self.problem_reason = None
         self.last_write_ok = time.monotonic()
         self.commits += 1
         self.jobs += len(batch)
+        self._written.set()
         for future, result, error in answers:
             if error is not None:
                 future.set_exception(error)
             else:
                 future.set_result(result)
-
-    def _lock_for_writing(self, urgent: bool) -> None:
-        """Queue on the kernel's locks, not SQLite's busy handler (which polls with sleeps of up to 100 ms).
-
-        Two locks beside the log: `.write-lock`, held for the whole transaction, and `.urgent-lock`,
-        which a publisher (a DUI waiting for its 202) holds while it waits for the first; stage commits
-        pass through the urgent lock before queueing, so a 202 waits behind one commit at most.
-        """
-        if self._lock_fd is None:
-            stem = self.path.name
-            self._urgent_fd = os.open(self.path.with_name(stem + ".urgent-lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            self._lock_fd = os.open(self.path.with_name(stem + ".write-lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        assert self._urgent_fd is not None
-        if urgent:
-            fcntl.flock(self._urgent_fd, fcntl.LOCK_EX)
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            finally:
-                fcntl.flock(self._urgent_fd, fcntl.LOCK_UN)
-        else:
-            fcntl.flock(self._urgent_fd, fcntl.LOCK_SH)  # waits while a publisher is queued
-            fcntl.flock(self._urgent_fd, fcntl.LOCK_UN)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _reset(self) -> None:
         """After a failed statement or COMMIT: roll back what is open, or drop the connection altogether."""
@@ -304,6 +368,11 @@ class EmbeddedLog:
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
+        if self._checkpointer is not None:
+            self._written.set()  # wake it to see `_stopping`
+            self._checkpointer.join()
+            self._checkpointer = None
 
         def shut() -> None:
             if self._reader_conn is not None:

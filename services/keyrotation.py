@@ -27,6 +27,7 @@ key and what to do, instead of dead-lettering records one by one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -94,6 +95,8 @@ async def live_keys(bus: Bus, settings: Settings, *, at_start: bool = False, led
     the ledger (`ledger`: the process's, else one opened for the check)."""
     found = LiveKeys()
     if isinstance(bus, EmbeddedBus):
+        with contextlib.suppress(BusUnavailable):  # what waits in the inbox is counted in the log
+            await bus.move_inbox()
         found.records = await bus.log.read(_record_kids)
     if isinstance(bus, KafkaBus) and not (at_start and Keyring.from_settings(settings) is None):
         # (At start without encryption the scan is skipped: it costs a read of every stage's backlog.)
@@ -236,6 +239,12 @@ async def rotate(settings: Settings, out: TextIO = sys.stdout) -> Rotated:
 
     print(f"relais keys rotate: sealing live data with key {keyring.current!r}", file=out, flush=True)
     if not settings.kafka_bootstrap:
+        inboxed = EmbeddedBus(settings)  # what waits in the inbox is resealed in the log
+        try:
+            await inboxed.start()
+            await inboxed.move_inbox()
+        finally:
+            await inboxed.stop()
         result.records, result.records_total, result.unreadable = await asyncio.to_thread(
             _on_own_connection, settings.embedded_log_path, _reseal_records, keyring,
             progress("embedded log records"))

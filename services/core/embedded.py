@@ -14,6 +14,10 @@ member that dies (its process gone, or frozen for LEASE_S) leaves its partitions
 others within a heartbeat, and a member that lost a partition cannot commit it any more (`Fenced`).
 Idle members notice other processes' records by polling SQLite's `data_version` every
 IDLE_POLL_S. Past a few hundred transfers per second, or across machines, use Kafka.
+
+`publish` writes to the log's inbox (`embedded_inbox`), a file only publishers write, and returns once
+the records are on disk there; this process then moves them into the log at once, and every process
+sweeps what a dead publisher left. So a 202 waits for its own fsync, never behind a stage's commit.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from prometheus_client import Gauge
 from services.core.bus import Partition
 from services.core.crypto import Keyring, open_envelope, seal_envelope
 from services.core.embedded_groups import HOST, LEASE_S, Fenced, TopicPartition
-from services.core.embedded_log import EmbeddedLog, Row
+from services.core.embedded_inbox import Inbox, inbox_path
+from services.core.embedded_log import MAX_POLL_BYTES, EmbeddedLog, Row
 from services.core.envelope import Emit, Envelope, EnvelopeError, Record
 from services.core.errors import BusUnavailable
 from services.core.logging import get_logger
@@ -50,6 +55,10 @@ IDLE_POLL_S = 0.05  # cross-process wake-up: an idle member looks at the log thi
 PRUNE_EVERY_S = 60.0
 PROBE_AFTER_S = 2.0  # readiness: with no successful write for this long, write a probe
 PENDING_BATCH = 500  # records read at a time by `pending` (a member taking partitions over reads their backlog)
+MOVE_ROWS = 500  # inbox rows moved into the log per transaction (and about MAX_POLL_BYTES of values)
+SWEEP_S = 1.0  # every process looks for inbox rows a dead publisher left this often ...
+SWEEP_AGE_S = 2.0  # ... and moves those waiting longer than this (the publisher moves its own at once)
+STOP_MOVE_S = 5.0  # a stopping publisher moves what it put for at most this long (else the others sweep it)
 
 STORAGE_UNWRITABLE = Gauge("relais_storage_unwritable", "1 while this process cannot write the embedded log, "
                            "labelled with why (disk-full, read-only, locked, cannot-open, io-error)",
@@ -72,10 +81,16 @@ class EmbeddedBus:
     def __init__(self, settings: Settings, path: Path | None = None) -> None:
         self.settings = settings
         self.log = EmbeddedLog(path or settings.embedded_log_path)
+        self.inbox = Inbox(inbox_path(self.log.path))
         self.keyring = Keyring.from_settings(settings)  # None: record values are written in clear
         self.appended = asyncio.Event()  # wakes this process's idle members at once
         self._started = False
         self._pruner: asyncio.Task[None] | None = None
+        self._mover: asyncio.Task[None] | None = None
+        self._move_now = asyncio.Event()
+        self._published = False  # this process puts rows in the inbox: it moves them at once and forgets them
+        self._moved_of: str | None = None  # the inbox file (id) whose position `_moved` is
+        self._moved = 0
         self._reported: str | None = None
 
     async def start(self) -> None:
@@ -89,23 +104,71 @@ class EmbeddedBus:
                 self._report()
             self._started = True
             self._pruner = asyncio.create_task(self._prune_forever(), name="embedded-log-retention")
+            self._mover = asyncio.create_task(self._move_forever(), name="embedded-log-inbox")
 
     async def stop(self) -> None:
         """Close the log; safe twice."""
-        if self._pruner is not None:
-            await cancel_and_wait(self._pruner)
-            self._pruner = None
+        for task in (self._pruner, self._mover):
+            if task is not None:
+                await cancel_and_wait(task)
+        self._pruner = self._mover = None
+        if self._published:
+            with contextlib.suppress(BusUnavailable, TimeoutError):
+                await asyncio.wait_for(self.move_inbox(), STOP_MOVE_S)
         if self._started:
             self._started = False
         await asyncio.to_thread(self.log.close)
+        await asyncio.to_thread(self.inbox.close)
 
     async def publish(self, emits: Sequence[Emit]) -> None:
-        """Append and fsync before returning (one fsync for everything written meanwhile)."""
+        """Durable in the inbox (fsync'd, one fsync for everything put meanwhile) before returning; moved
+        into the log right after, in the background. Refused while the log refuses writes: the inbox is a
+        door, not a second log (what it holds waits for the log; it must not grow while the log is broken)."""
+        if self.log.problem:
+            with contextlib.suppress(BusUnavailable):
+                await self.write(self.log.probe, f"{HOST}-{os.getpid()}")
+            if self.log.problem:
+                raise BusUnavailable(f"{self.log.problem} (nothing was accepted; retried when the fault clears)")
         try:
-            await self.log.write(self.log.append, [self._row(e) for e in emits])
+            await self.inbox.write(self.inbox.put, [self._row(e) for e in emits])
         finally:
             self._report()
-        self.appended.set()
+        self._published = True
+        self._move_now.set()
+
+    async def move_inbox(self, waiting_s: float | None = None) -> int:
+        """Move the inbox's rows into the log (only if the first has waited `waiting_s`); returns how many."""
+        put_before = None if waiting_s is None else time.time() - waiting_s
+        moved = 0
+        while True:
+            inbox, rows = await self.inbox.read(self.inbox.after, self._moved, MOVE_ROWS, MAX_POLL_BYTES, put_before)
+            if inbox is None:
+                return moved
+            if inbox != self._moved_of:  # first look, or a new inbox file: start from the log's position
+                self._moved_of, self._moved = inbox, await self.log.read(self.log.inbox_position, inbox)
+                continue
+            if not rows:
+                return moved
+            position = await self.write(self.log.take_inbox, inbox, rows)
+            moved += sum(1 for seq, _ in rows if seq > self._moved)
+            self._moved, put_before = position, None  # moving: move everything behind them too
+            self.appended.set()
+            if self._published:
+                with contextlib.suppress(BusUnavailable):  # kept rows are harmless: the position skips them
+                    await self.inbox.write(self.inbox.forget, inbox, position)
+
+    async def _move_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SWEEP_S):  # not wait_for: on 3.11 it can swallow a cancellation
+                    await self._move_now.wait()
+            sweep = not self._move_now.is_set()
+            self._move_now.clear()
+            try:
+                await self.move_inbox(SWEEP_AGE_S if sweep and not self._published else None)
+            except BusUnavailable as exc:
+                log.warning("embedded log inbox not moved yet; retried", error=str(exc))
+                await asyncio.sleep(SWEEP_S)
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A group-committed write that keeps the storage metric current (for subscriptions)."""
@@ -119,10 +182,19 @@ class EmbeddedBus:
         if time.monotonic() - self.log.last_write_ok > PROBE_AFTER_S or self.log.problem:
             with contextlib.suppress(BusUnavailable):
                 await self.write(self.log.probe, f"{HOST}-{os.getpid()}")
-        return self.log.problem
+        if self.inbox.problem:
+            with contextlib.suppress(BusUnavailable):
+                await self.inbox.write(self.inbox.probe)
+            self._report()
+        return self.log.problem or self.inbox.problem
+
+    @property
+    def problem_reason(self) -> str | None:
+        """Why the log or its inbox cannot be written now (the metric's label), or None."""
+        return self.log.problem_reason or self.inbox.problem_reason
 
     def _report(self) -> None:
-        reason = self.log.problem_reason
+        reason = self.problem_reason
         if reason == self._reported:
             return
         if self._reported is not None:
@@ -130,7 +202,7 @@ class EmbeddedBus:
         if reason is not None:
             STORAGE_UNWRITABLE.labels("embedded-log", reason).set(1)
             log.error("embedded log cannot be written; records wait and are retried", reason=reason,
-                      error=self.log.problem)
+                      error=self.log.problem or self.inbox.problem)
         else:
             log.info("embedded log writable again")
         self._reported = reason

@@ -235,11 +235,12 @@ class Background:
         while self._new or self._published:
             new, self._new = self._new, []
             transfer_ids, self._published = self._published, []
-            ok = await self._insert(ledger, [row for row, _ in new]) if new else True
+            # One transaction for both: a claim waiting for its commit never also waits for a separate settle.
+            ok = await self._commit(ledger, [row for row, _ in new], transfer_ids)
             for _, inserted in new:
                 if not inserted.done():
                     inserted.set_result(ok)
-            if transfer_ids:
+            if transfer_ids and not ok:
                 try:
                     await settle(ledger, transfer_ids, PUBLISHED)
                     self.transactions += 1
@@ -249,12 +250,17 @@ class Background:
                                     transfers=len(transfer_ids), error=str(exc))
 
     @shielded
-    async def _insert(self, ledger: Ledger, rows: list[dict[str, Any]]) -> bool:
-        """Insert new submissions' rows in one transaction; False (nothing written) when one of them cannot be."""
+    async def _commit(self, ledger: Ledger, rows: list[dict[str, Any]], published: list[str]) -> bool:
+        """Insert new submissions' rows and mark published ones in one transaction; False (nothing written)
+        when a row cannot be inserted (each of those claims then decides alone, and reports a database fault)."""
         try:
             async with ledger.submissions_engine.begin() as conn:
-                await conn.execute(submissions.insert(), rows)
-        except Exception:  # noqa: BLE001 - each claim then decides alone (and reports a database fault itself)
+                if rows:
+                    await conn.execute(submissions.insert(), rows)
+                if published:
+                    await conn.execute(submissions.update().where(submissions.c.transfer_id.in_(published))
+                                       .values(state=PUBLISHED, updated_at=datetime.now(UTC)))
+        except Exception:  # noqa: BLE001 - see above
             return False
         self.transactions += 1
         return True

@@ -82,6 +82,7 @@ class EmbeddedBus:
         self.settings = settings
         self.log = EmbeddedLog(path or settings.embedded_log_path)
         self.inbox = Inbox(inbox_path(self.log.path))
+        self._topics = {s.name for s in declared_topics(settings)}  # what `start` declares in the log
         self.keyring = Keyring.from_settings(settings)  # None: record values are written in clear
         self.appended = asyncio.Event()  # wakes this process's idle members at once
         self._started = False
@@ -129,6 +130,9 @@ class EmbeddedBus:
                 await self.write(self.log.probe, f"{HOST}-{os.getpid()}")
             if self.log.problem:
                 raise BusUnavailable(f"{self.log.problem} (nothing was accepted; retried when the fault clears)")
+        unknown = {e.topic for e in emits} - self._topics
+        if unknown:  # refused here: in the inbox such a row could never be moved, and would hold up the rest
+            raise BusUnavailable(f"unknown topic(s) {', '.join(sorted(unknown))} in the embedded log {self.log.path}")
         try:
             await self.inbox.write(self.inbox.put, [self._row(e) for e in emits])
         finally:

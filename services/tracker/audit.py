@@ -45,7 +45,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
 from services.core.clock import aware
 from services.core.errors import ConfigurationError, TransientError
@@ -53,6 +53,7 @@ from services.core.logging import get_logger
 from services.core.settings import Settings
 from services.core.shielded import shielded
 from services.tracker.auditkey import AuditKey, load_audit_key
+from services.tracker.dbfaults import unavailable
 from services.tracker.ledger import Ledger, LedgerEvent, metadata
 
 log = get_logger(__name__)
@@ -348,16 +349,20 @@ async def append(ledger: Ledger, kind: str, *, actor_type: str, actor: str | Non
                  detail: dict[str, Any] | None = None, event_id: str | None = None,
                  time: datetime | None = None) -> bool:
     """Append one row at the end of the chain; False when `event_id` was already recorded."""
-    try:
-        await _write(ledger, _row(kind, actor_type, actor, outcome, transfer_id, target, finess, detail, event_id,
-                                  time))
-        return True
-    except IntegrityError as exc:
-        if event_id is not None and await _has_event(ledger, event_id):
-            return False  # already recorded: at-least-once input, exactly-once trail
-        raise TransientError(f"audit trail write raced another writer; retrying: {exc}") from exc
-    except (OperationalError, OSError) as exc:
-        raise TransientError(f"audit trail database unavailable: {exc}") from exc
+    return await _append_once(ledger, _row(kind, actor_type, actor, outcome, transfer_id, target, finess, detail,
+                                           event_id, time))
+
+
+async def _append_once(ledger: Ledger, row: _Row) -> bool:
+    """Append `row`; False when its event id was already recorded (at-least-once input, exactly-once trail)."""
+    with unavailable("audit trail"):
+        try:
+            await _write(ledger, row)
+            return True
+        except IntegrityError as exc:
+            if row.event_id is not None and await _has_event(ledger, row.event_id):
+                return False
+            raise TransientError(f"audit trail write raced another writer; it will be retried: {exc}") from exc
 
 
 @shielded
@@ -376,26 +381,14 @@ async def record_events(ledger: Ledger, evs: Sequence[LedgerEvent]) -> None:
     rows = [row for ev in evs if (row := _event_row(ev)) is not None]
     if not rows:
         return
-    try:
+    with unavailable("audit trail"):
         await _write_rows(ledger, rows)
-    except OperationalError as exc:
-        raise TransientError(f"audit trail database unavailable: {exc}") from exc
 
 
 async def record_event(ledger: Ledger, ev: LedgerEvent) -> bool:
     """Append the audit row an event deserves (if any); idempotent on the event id."""
     row = _event_row(ev)
-    if row is None:
-        return False
-    try:
-        await _write(ledger, row)
-        return True
-    except IntegrityError as exc:
-        if await _has_event(ledger, ev.id):
-            return False  # already recorded: at-least-once input, exactly-once trail
-        raise TransientError(f"audit trail write raced another writer; retrying: {exc}") from exc
-    except (OperationalError, OSError) as exc:
-        raise TransientError(f"audit trail database unavailable: {exc}") from exc
+    return False if row is None else await _append_once(ledger, row)
 
 
 def _event_row(ev: LedgerEvent) -> _Row | None:

@@ -22,13 +22,14 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from services.core.clock import aware
 from services.core.errors import ConfigurationError, TransientError
 from services.core.shielded import shielded
 from services.tracker import logic
+from services.tracker.dbfaults import unavailable
 from services.tracker.projection import Event, Projection
 from services.tracker.sealed import SealedJSON
 
@@ -311,20 +312,19 @@ class Ledger:
         it reads: a read-then-write transaction fails outright when another process wrote in between.
         """
         fresh = list({ev.id: ev for ev in evs}.values())  # one copy of each id, where it first came
-        for _ in range(5):
-            if not fresh:
-                return 0
-            try:
-                async with self.engine.begin() as conn:
-                    await conn.execute(events.insert(), [_event_row(ev) for ev in fresh])
-                    await _project(conn, fresh, self._identifier_secret)
-                return len(fresh)
-            except IntegrityError:
-                # Some were applied already (at-least-once input), or another writer raced us: drop those.
-                known = await self._known_events([ev.id for ev in fresh])
-                fresh = [ev for ev in fresh if ev.id not in known]
-            except (OperationalError, OSError) as exc:
-                raise TransientError(f"ledger database unavailable: {exc}") from exc
+        with unavailable("ledger"):
+            for _ in range(5):
+                if not fresh:
+                    return 0
+                try:
+                    async with self.engine.begin() as conn:
+                        await conn.execute(events.insert(), [_event_row(ev) for ev in fresh])
+                        await _project(conn, fresh, self._identifier_secret)
+                    return len(fresh)
+                except IntegrityError:
+                    # Some were applied already (at-least-once input), or another writer raced us: drop those.
+                    known = await self._known_events([ev.id for ev in fresh])
+                    fresh = [ev for ev in fresh if ev.id not in known]
         raise TransientError("ledger writes kept conflicting with another writer's; the poll will be retried")
 
     async def apply(self, ev: LedgerEvent) -> bool:
@@ -373,7 +373,7 @@ class Ledger:
     @shielded
     async def get(self, transfer_id: str) -> TransferView | None:
         """One transfer with its deliveries, or None when the ledger has not seen it."""
-        try:
+        with unavailable("ledger"):
             async with self.engine.connect() as conn:
                 row = (await conn.execute(
                     sa.select(transfers).where(transfers.c.id == transfer_id))).mappings().first()
@@ -382,8 +382,6 @@ class Ledger:
                 rows = (await conn.execute(
                     sa.select(deliveries).where(deliveries.c.transfer_id == transfer_id)
                     .order_by(deliveries.c.target))).mappings().all()
-        except (OperationalError, OSError) as exc:
-            raise TransientError(f"ledger database unavailable: {exc}") from exc
         return TransferView(
             id=row["id"], producer=row["producer"], status=row["status"], stage_status=row["stage_status"],
             targets=list(row["targets"] or []), outcome=row["outcome"],
@@ -396,21 +394,20 @@ class Ledger:
     async def warnings(self, transfer_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         """(kind, target, detail) of the events that carry warnings for the producer: the validator's
         findings (`validated`) and the envelope repairs made for a target (`repaired`), oldest first."""
-        try:
+        with unavailable("ledger"):
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(
                     sa.select(events.c.kind, events.c.target, events.c.detail)
                     .where(events.c.transfer_id == transfer_id, events.c.kind.in_(("validated", "repaired")))
                     .order_by(events.c.time))).all()
-        except (OperationalError, OSError) as exc:
-            raise TransientError(f"ledger database unavailable: {exc}") from exc
         return [(kind, target, dict(detail or {})) for kind, target, detail in rows]
 
     async def count_by_status(self) -> dict[str, int]:
         """How many transfers are in each status."""
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(
-                sa.select(transfers.c.status, sa.func.count()).group_by(transfers.c.status))).all()
+        with unavailable("ledger"):
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(
+                    sa.select(transfers.c.status, sa.func.count()).group_by(transfers.c.status))).all()
         return {status: n for status, n in rows}
 
 

@@ -53,6 +53,7 @@ from services.core.errors import ConfigurationError
 from services.core.logging import get_logger
 from services.core.settings import Settings
 from services.core.shielded import shielded
+from services.tracker import prepared
 from services.tracker.auditkey import AuditKey, load_audit_key
 from services.tracker.dbfaults import unavailable
 from services.tracker.ledger import Ledger, LedgerEvent, metadata
@@ -239,21 +240,23 @@ async def _write_rows(ledger: Ledger, rows: Sequence[_Row]) -> int:
 def _append_rows(conn: sa.Connection, trail: _Trail, rows: Sequence[_Row]) -> int:
     """`_write_rows` on a connection in a transaction (the tracker's poll runs it beside its projection)."""
     key = trail.key
-    head = audit_head.update().where(audit_head.c.id == 1).values(seq=audit_head.c.seq)  # the writers' lock first
-    found = conn.execute(head.returning(audit_head.c.seq, audit_head.c.hash)).first()
-    if found is None:
+    head = prepared.prepared(conn, "audit-head-lock", lambda: audit_head.update().where(audit_head.c.id == 1)
+                             .values(seq=audit_head.c.seq).returning(audit_head.c.seq, audit_head.c.hash))
+    found = head.all(conn, {})  # the writers' lock first
+    if not found:
         _establish(conn, key)
     if not trail.checked:
         _check_genesis(conn, key)
-    if found is None or not trail.checked:  # made, or migrated, just now
-        found = conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).one()
+    if not found or not trail.checked:  # made, or migrated, just now
+        found = [dict(conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash)
+                                   .where(audit_head.c.id == 1)).mappings().one())]
     ids = [row.event_id for row in rows if row.event_id is not None]
     if ids:  # at-least-once input, exactly-once trail: an event already recorded is not recorded again
-        known = set(conn.execute(sa.select(audit_log.c.event_id).where(audit_log.c.event_id.in_(ids))).scalars())
+        known = {r["event_id"] for r in prepared.select_in(conn, [audit_log.c.event_id], audit_log.c.event_id, ids)}
         rows = [row for row in rows if row.event_id not in known]
     if not rows:
         return 0
-    seq, prev = int(found[0]), str(found[1])
+    seq, prev = int(found[0]["seq"]), str(found[0]["hash"])
     values = []
     for row in rows:
         seq += 1
@@ -264,8 +267,8 @@ def _append_rows(conn: sa.Connection, trail: _Trail, rows: Sequence[_Row]) -> in
                        "finess": row.finess, "outcome": row.outcome, "detail": row.detail,
                        "event_id": row.event_id, "prev_hash": prev, "hash": digest})
         prev = digest
-    conn.execute(audit_log.insert(), values)
-    conn.execute(audit_head.update().where(audit_head.c.id == 1).values(seq=seq, hash=prev))
+    prepared.insert(conn, audit_log, values)
+    prepared.update(conn, audit_head, ("id",), ("seq", "hash"), [{"id": 1, "seq": seq, "hash": prev}])
     return len(rows)
 
 

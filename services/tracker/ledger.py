@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from services.core.clock import aware
 from services.core.errors import ConfigurationError, TransientError
 from services.core.shielded import shielded
-from services.tracker import logic
+from services.tracker import logic, prepared
 from services.tracker.dbfaults import unavailable
 from services.tracker.projection import Event, Projection
 from services.tracker.sealed import SealedJSON
@@ -438,10 +438,10 @@ def _apply_events(conn: sa.Connection, evs: Sequence[LedgerEvent], identifier_se
     """Project the events the ledger has not recorded yet (by id), then `also`; how many were new."""
     known: set[str] = set()
     for chunk in _chunks([ev.id for ev in evs]):
-        known.update(conn.execute(sa.select(events.c.id).where(events.c.id.in_(chunk))).scalars())
+        known.update(row["id"] for row in prepared.select_in(conn, [events.c.id], events.c.id, chunk))
     fresh = [ev for ev in evs if ev.id not in known]
     if fresh:
-        conn.execute(events.insert(), [_event_row(ev) for ev in fresh])
+        prepared.insert(conn, events, [_event_row(ev) for ev in fresh])
         _project(conn, fresh, identifier_secret)
     if also is not None:
         also(conn, evs)
@@ -454,36 +454,27 @@ def _project(conn: sa.Connection, evs: Sequence[LedgerEvent], identifier_secret:
     loaded_transfers: dict[str, dict[str, Any]] = {}
     loaded_deliveries: dict[str, dict[str, dict[str, Any]]] = {}
     for chunk in _chunks(ids):
-        for row in (conn.execute(sa.select(transfers).where(transfers.c.id.in_(chunk)))).mappings():
-            loaded_transfers[row["id"]] = {**row, "created_at": aware(row["created_at"]),
-                                           "updated_at": aware(row["updated_at"])}
-        for row in (conn.execute(sa.select(deliveries).where(deliveries.c.transfer_id.in_(chunk)))).mappings():
-            loaded_deliveries.setdefault(row["transfer_id"], {})[row["target"]] = dict(row)
+        for row in prepared.select_in(conn, list(transfers.columns), transfers.c.id, chunk):
+            row.update(created_at=aware(row["created_at"]), updated_at=aware(row["updated_at"]))
+            loaded_transfers[row["id"]] = row
+        for row in prepared.select_in(conn, list(deliveries.columns), deliveries.c.transfer_id, chunk):
+            loaded_deliveries.setdefault(row["transfer_id"], {})[row["target"]] = row
     moved = Projection(loaded_transfers, loaded_deliveries)
     for ev in evs:
         moved.apply(ev)
 
-    if moved.new_transfers:
-        conn.execute(transfers.insert(), [moved.transfers[i] for i in sorted(moved.new_transfers)])
+    prepared.insert(conn, transfers, [moved.transfers[i] for i in sorted(moved.new_transfers)])
     for columns, keys in _by_columns(moved.changed_transfers).items():
-        statement = transfers.update().where(transfers.c.id == sa.bindparam("_id")) \
-            .values({c: sa.bindparam(f"_{c}") for c in columns})
-        conn.execute(statement, [{"_id": k, **{f"_{c}": moved.transfers[k][c] for c in columns}} for k in keys])
-    if moved.new_deliveries:
-        conn.execute(deliveries.insert(),
-                           [moved.deliveries[t][target] for t, target in sorted(moved.new_deliveries)])
+        prepared.update(conn, transfers, ("id",), columns, [moved.transfers[k] for k in keys])
+    prepared.insert(conn, deliveries, [moved.deliveries[t][target] for t, target in sorted(moved.new_deliveries)])
     for columns, pairs in _by_columns(moved.changed_deliveries).items():
-        statement = deliveries.update() \
-            .where((deliveries.c.transfer_id == sa.bindparam("_tid")) & (deliveries.c.target == sa.bindparam("_tg"))) \
-            .values({c: sa.bindparam(f"_{c}") for c in columns})
-        conn.execute(statement, [{"_tid": t, "_tg": target, **{f"_{c}": moved.deliveries[t][target][c]
-                                                                    for c in columns}} for t, target in pairs])
+        prepared.update(conn, deliveries, ("transfer_id", "target"), columns,
+                        [moved.deliveries[t][target] for t, target in pairs])
     if moved.identifiers:
         secret = identifier_secret()
-        _index_identifiers(conn, {t: {_search_digest(secret, d) for d in ds}
-                                        for t, ds in moved.identifiers.items()})
+        _index_identifiers(conn, {t: {_search_digest(secret, d) for d in ds} for t, ds in moved.identifiers.items()})
     for dead in moved.dead_letter_events:
-        _project_stage_dead_letter(conn, dead)  # rare: one at a time, in order
+        _project_stage_dead_letter(conn, dead)  # rare: one at a time, in order, through Core
 
 
 def _search_digest(secret: bytes, identifier_sha256: str) -> str:
@@ -506,12 +497,9 @@ def _index_identifiers(conn: sa.Connection, digests: Mapping[str, set[str]]) -> 
         return
     known: set[tuple[str, str]] = set()
     for chunk in _chunks(sorted(digests)):
-        known.update((d, t) for d, t in (conn.execute(sa.select(
-            transfer_identifiers.c.digest, transfer_identifiers.c.transfer_id)
-            .where(transfer_identifiers.c.transfer_id.in_(chunk)))).all())
-    fresh = [{"digest": d, "transfer_id": t} for d, t in sorted(wanted - known)]
-    if fresh:
-        conn.execute(transfer_identifiers.insert(), fresh)
+        known.update((r["digest"], r["transfer_id"]) for r in prepared.select_in(
+            conn, list(transfer_identifiers.columns), transfer_identifiers.c.transfer_id, chunk))
+    prepared.insert(conn, transfer_identifiers, [{"digest": d, "transfer_id": t} for d, t in sorted(wanted - known)])
 
 
 def _project_stage_dead_letter(conn: sa.Connection, ev: Event) -> None:
@@ -567,6 +555,7 @@ class _SqliteWriter:
         sa.event.listen(self.engine, "connect", _writer_connect)
         sa.event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         self._thread: ThreadPoolExecutor | None = None
+        self._conn: sa.Connection | None = None  # kept between transactions: no pool check-out, reset, check-in
 
     async def run(self, fn: Callable[[sa.Connection], T]) -> T:
         if self._thread is None:
@@ -574,13 +563,29 @@ class _SqliteWriter:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, fn)
 
     def _transaction(self, fn: Callable[[sa.Connection], T]) -> T:
-        with self.engine.begin() as conn:
-            return fn(conn)
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        try:
+            with self._conn.begin():
+                return fn(self._conn)
+        except sa.exc.DBAPIError:
+            self._drop()  # the file may have gone bad: the next transaction opens it afresh
+            raise
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sa.exc.DBAPIError):
+                conn.close()
+
+    def _dispose(self) -> None:
+        self._drop()
+        self.engine.dispose()
 
     async def close(self) -> None:
         thread, self._thread = self._thread, None
         if thread is not None:
-            await asyncio.get_running_loop().run_in_executor(thread, self.engine.dispose)  # after pending writes
+            await asyncio.get_running_loop().run_in_executor(thread, self._dispose)  # after the pending writes
             thread.shutdown(wait=False)
 
 

@@ -491,15 +491,14 @@ def _by_columns(changed: Mapping[Any, set[str]]) -> dict[tuple[str, ...], list[A
 
 
 def _index_identifiers(conn: sa.Connection, digests: Mapping[str, set[str]]) -> None:
-    """Remember each transfer's identifier digests (a replayed event adds nothing new)."""
-    wanted = {(d, tid) for tid, ds in digests.items() for d in ds}
-    if not wanted:
-        return
-    known: set[tuple[str, str]] = set()
-    for chunk in _chunks(sorted(digests)):
-        known.update((r["digest"], r["transfer_id"]) for r in prepared.select_in(
-            conn, list(transfer_identifiers.columns), transfer_identifiers.c.transfer_id, chunk))
-    prepared.insert(conn, transfer_identifiers, [{"digest": d, "transfer_id": t} for d, t in sorted(wanted - known)])
+    """Remember each transfer's identifier digests (a replayed event adds nothing new).
+
+    ON CONFLICT DO NOTHING, not a read of what is there first: no index leads with `transfer_id`, so that
+    read scanned the whole table on every poll (most of the tracker's SQLite time, growing with the ledger).
+    """
+    wanted = sorted({(d, tid) for tid, ds in digests.items() for d in ds})
+    prepared.insert(conn, transfer_identifiers, [{"digest": d, "transfer_id": t} for d, t in wanted],
+                    skip_existing=True)
 
 
 def _project_stage_dead_letter(conn: sa.Connection, ev: Event) -> None:

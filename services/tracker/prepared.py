@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Dialect
 
 Processor = Callable[[Any], Any] | None
@@ -76,11 +77,26 @@ def _bind_processor(type_: sa.types.TypeEngine[Any], dialect: Dialect) -> Proces
     return type_.dialect_impl(dialect).bind_processor(dialect)
 
 
-def insert(conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT `rows` (each with the same keys: the columns written) in one executemany."""
-    if rows:
-        keys = tuple(rows[0])
-        prepared(conn, ("insert", table.name, keys), table.insert, column_keys=keys).run(conn, rows)
+def insert(conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], *,
+           skip_existing: bool = False) -> None:
+    """INSERT `rows` (each with the same keys: the columns written) in one executemany; with `skip_existing`,
+    a row whose key is already there is left out (ON CONFLICT DO NOTHING) instead of failing."""
+    if not rows:
+        return
+    keys = tuple(rows[0])
+
+    def build() -> Any:
+        if not skip_existing:
+            return table.insert()
+        dialect_insert = _INSERTS.get(conn.dialect.name)
+        if dialect_insert is None:
+            raise NotImplementedError(f"the ledger runs on SQLite or PostgreSQL, not {conn.dialect.name}")
+        return dialect_insert(table).on_conflict_do_nothing()
+
+    prepared(conn, ("insert", table.name, keys, skip_existing), build, column_keys=keys).run(conn, rows)
+
+
+_INSERTS: dict[str, Callable[[sa.Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 def select_in(conn: sa.Connection, columns: Sequence[sa.ColumnElement[Any]], column: sa.Column[Any],

@@ -1,4 +1,4 @@
-"""The one translation of a database that cannot be used into a TransientError: the record waits and is retried.
+"""The one translation of a database that cannot be used into a TransientError: the work is retried later.
 
 A locked or unreadable SQLite file, a file that is not a database, a full disk, a PostgreSQL server that is
 down: infrastructure faults, never poison (docs/architecture.md). What stays as it is: IntegrityError (callers
@@ -32,5 +32,5 @@ def unavailable(what: str) -> Iterator[None]:
 
 
 def _message(what: str, cause: BaseException) -> str:
-    return (f"{what} database unavailable ({type(cause).__name__}: {cause}); the record waits and is retried — "
+    return (f"{what} database unavailable ({type(cause).__name__}: {cause}): a transient fault, retried later — "
             "check the disk and RELAIS_DATABASE_URL (the file, or the PostgreSQL server, is reachable and writable)")

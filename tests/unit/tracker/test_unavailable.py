@@ -19,6 +19,7 @@ from services.tracker.auditchain import AuditingTracker
 from services.tracker.auditkey import AuditKey
 from services.tracker.ledger import Ledger, LedgerEvent
 from services.tracker.stage import TrackerStage
+from tests.support.processes import free_port
 
 KEY = AuditKey(b"k" * 32, "test")
 
@@ -42,9 +43,16 @@ def _not_a_database(path: Path) -> None:
     path.write_bytes(b"this is not an SQLite database " * 512)  # SQLite: "file is not a database"
 
 
-@pytest.fixture(params=[_a_directory, _not_a_database], ids=["directory", "garbage"])
+@pytest.fixture(params=[_a_directory, _not_a_database, None], ids=["directory", "garbage", "postgres-down"])
 async def broken(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
-    """A ledger that worked (schema, audit trail, one event), then its file was replaced."""
+    """A ledger that worked (schema, audit trail, one event), then its file was replaced; or a PostgreSQL
+    ledger whose server is not there (nothing listens on its port)."""
+    if request.param is None:
+        down = Ledger(f"postgresql+asyncpg://relais@127.0.0.1:{free_port()}/relais")
+        audit.bind(down, KEY)
+        yield down
+        await down.close()
+        return
     url = f"sqlite+aiosqlite:///{tmp_path}/ledger.db"
     first = Ledger(url)
     audit.bind(first, KEY)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import time as clock
 import weakref
@@ -45,14 +46,16 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
 from services.core.clock import aware
-from services.core.errors import ConfigurationError, TransientError
+from services.core.errors import ConfigurationError
 from services.core.logging import get_logger
 from services.core.settings import Settings
 from services.core.shielded import shielded
+from services.tracker import prepared
 from services.tracker.auditkey import AuditKey, load_audit_key
+from services.tracker.dbfaults import unavailable
 from services.tracker.ledger import Ledger, LedgerEvent, metadata
 
 log = get_logger(__name__)
@@ -220,75 +223,84 @@ class _Row:
     time: datetime
 
 
-async def _write(ledger: Ledger, row: _Row | None) -> int | None:
-    """Append `row` at the end of the chain (None: only make sure the chain is ready); its seq."""
+async def _write(ledger: Ledger, row: _Row | None) -> int:
+    """Append `row` at the end of the chain (None: only make sure the chain is ready); 1 when appended."""
     return await _write_rows(ledger, [row] if row is not None else [])
 
 
-@shielded
-async def _write_rows(ledger: Ledger, rows: Sequence[_Row]) -> int | None:
-    """Append `rows`, in order, at the end of the chain in one transaction (none: make sure the chain is ready);
-    the last seq written."""
+async def _write_rows(ledger: Ledger, rows: Sequence[_Row]) -> int:
+    """Append `rows`, in order, at the end of the chain in one transaction, leaving out those whose event is
+    already recorded (none: make sure the chain is ready); how many were appended."""
     trail = _trail(ledger)
-    key = trail.key
-    async with ledger.engine.begin() as conn:
-        bumped = await conn.execute(audit_head.update().where(audit_head.c.id == 1)
-                                    .values(seq=audit_head.c.seq))  # takes the writers' lock first
-        if not bumped.rowcount:
-            await _establish(conn, key)
-        if not trail.checked:
-            await _check_genesis(conn, key)
-        head_seq, prev = (await conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash)
-                                             .where(audit_head.c.id == 1))).one()
-        if not rows:
-            trail.checked = True
-            return None
-        seq, values = int(head_seq), []
-        for row in rows:
-            seq += 1
-            digest = row_mac(key, prev, seq, row.time, row.kind, row.actor_type, row.actor, row.transfer_id,
-                             row.target, row.finess, row.outcome, row.detail)
-            values.append({"seq": seq, "time": row.time, "kind": row.kind, "actor_type": row.actor_type,
-                           "actor": row.actor, "transfer_id": row.transfer_id, "target": row.target,
-                           "finess": row.finess, "outcome": row.outcome, "detail": row.detail,
-                           "event_id": row.event_id, "prev_hash": prev, "hash": digest})
-            prev = digest
-        await conn.execute(audit_log.insert(), values)
-        await conn.execute(audit_head.update().where(audit_head.c.id == 1).values(seq=seq, hash=prev))
+    appended = await ledger.write(functools.partial(_append_rows, trail=trail, rows=rows))
     trail.checked = True
-    return seq
+    return appended
 
 
-async def _establish(conn: Any, key: AuditKey) -> None:
+def _append_rows(conn: sa.Connection, trail: _Trail, rows: Sequence[_Row]) -> int:
+    """`_write_rows` on a connection in a transaction (the tracker's poll runs it beside its projection)."""
+    key = trail.key
+    head = prepared.prepared(conn, "audit-head-lock", lambda: audit_head.update().where(audit_head.c.id == 1)
+                             .values(seq=audit_head.c.seq).returning(audit_head.c.seq, audit_head.c.hash))
+    found = head.all(conn, {})  # the writers' lock first
+    if not found:
+        _establish(conn, key)
+    if not trail.checked:
+        _check_genesis(conn, key)
+    if not found or not trail.checked:  # made, or migrated, just now
+        found = [dict(conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash)
+                                   .where(audit_head.c.id == 1)).mappings().one())]
+    ids = [row.event_id for row in rows if row.event_id is not None]
+    if ids:  # at-least-once input, exactly-once trail: an event already recorded is not recorded again
+        known = {r["event_id"] for r in prepared.select_in(conn, [audit_log.c.event_id], audit_log.c.event_id, ids)}
+        rows = [row for row in rows if row.event_id not in known]
+    if not rows:
+        return 0
+    seq, prev = int(found[0]["seq"]), str(found[0]["hash"])
+    values = []
+    for row in rows:
+        seq += 1
+        digest = row_mac(key, prev, seq, row.time, row.kind, row.actor_type, row.actor, row.transfer_id,
+                         row.target, row.finess, row.outcome, row.detail)
+        values.append({"seq": seq, "time": row.time, "kind": row.kind, "actor_type": row.actor_type,
+                       "actor": row.actor, "transfer_id": row.transfer_id, "target": row.target,
+                       "finess": row.finess, "outcome": row.outcome, "detail": row.detail,
+                       "event_id": row.event_id, "prev_hash": prev, "hash": digest})
+        prev = digest
+    prepared.insert(conn, audit_log, values)
+    prepared.update(conn, audit_head, ("id",), ("seq", "hash"), [{"id": 1, "seq": seq, "hash": prev}])
+    return len(rows)
+
+
+def _establish(conn: sa.Connection, key: AuditKey) -> None:
     """No head row: a new trail gets its genesis row; rows without a head get the head back from the last row."""
-    last = (await conn.execute(sa.select(audit_log.c.seq, audit_log.c.hash)
-                               .order_by(audit_log.c.seq.desc()).limit(1))).first()
+    last = conn.execute(sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)).first()
     if last is not None:
         # The head table lost its row (it is only a lock and a cache): never start a fresh chain over old rows.
-        await conn.execute(audit_head.insert().values(id=1, seq=last[0], hash=last[1]))
+        conn.execute(audit_head.insert().values(id=1, seq=last[0], hash=last[1]))
         return
     try:
-        async with conn.begin_nested():
-            digest = await _insert_genesis(conn, key, {})
-            await conn.execute(audit_head.insert().values(id=1, seq=0, hash=digest))
+        with conn.begin_nested():
+            digest = _insert_genesis(conn, key, {})
+            conn.execute(audit_head.insert().values(id=1, seq=0, hash=digest))
     except IntegrityError:
         pass  # another process made it first; its genesis row is the trail's
 
 
-async def _insert_genesis(conn: Any, key: AuditKey, extra: dict[str, Any]) -> str:
+def _insert_genesis(conn: sa.Connection, key: AuditKey, extra: dict[str, Any]) -> str:
     moment = datetime.now(UTC)
     detail = {"format": FORMAT, "key_check": key.check, **extra}
     digest = row_mac(key, ZERO, 0, moment, GENESIS_KIND, "system", "relais", None, None, None, "success", detail)
-    await conn.execute(audit_log.insert().values(
+    conn.execute(audit_log.insert().values(
         seq=0, time=moment, kind=GENESIS_KIND, actor_type="system", actor="relais", outcome="success",
         detail=detail, prev_hash=ZERO, hash=digest))
     return digest
 
 
-async def _check_genesis(conn: Any, key: AuditKey) -> None:
-    genesis = (await conn.execute(sa.select(audit_log).where(audit_log.c.seq == 0))).mappings().first()
+def _check_genesis(conn: sa.Connection, key: AuditKey) -> None:
+    genesis = conn.execute(sa.select(audit_log).where(audit_log.c.seq == 0)).mappings().first()
     if genesis is None:
-        await _migrate_legacy(conn, key)
+        _migrate_legacy(conn, key)
         return
     detail = dict(genesis["detail"] or {})
     if genesis["kind"] == GENESIS_KIND and detail.get("key_check") != key.check:
@@ -297,9 +309,9 @@ async def _check_genesis(conn: Any, key: AuditKey) -> None:
             f"started with (check {detail.get('key_check')}): give every process the same RELAIS_AUDIT_KEY_FILE")
 
 
-async def _migrate_legacy(conn: Any, key: AuditKey) -> None:
+def _migrate_legacy(conn: sa.Connection, key: AuditKey) -> None:
     """Re-chain a plain-SHA-256 trail under the key, behind a genesis row; refuse if the old chain is broken."""
-    rows = (await conn.execute(sa.select(audit_log).order_by(audit_log.c.seq))).mappings().all()
+    rows = conn.execute(sa.select(audit_log).order_by(audit_log.c.seq)).mappings().all()
     if not rows:
         return
     if mac_of(key, rows[0]["prev_hash"], rows[0]) == rows[0]["hash"]:
@@ -321,12 +333,12 @@ async def _migrate_legacy(conn: Any, key: AuditKey) -> None:
     migrated: dict[str, Any] = {"migrated": {"from": "sha256-chain", "rows": len(rows), "legacy_head": prev}}
     if first > 1:
         migrated["purged_through"] = first - 1  # the old trail's retention had removed its oldest rows
-    mac = await _insert_genesis(conn, key, migrated)
+    mac = _insert_genesis(conn, key, migrated)
     for r in rows:
         digest = mac_of(key, mac, r)
-        await conn.execute(audit_log.update().where(audit_log.c.seq == r["seq"]).values(prev_hash=mac, hash=digest))
+        conn.execute(audit_log.update().where(audit_log.c.seq == r["seq"]).values(prev_hash=mac, hash=digest))
         mac = digest
-    await conn.execute(audit_head.update().where(audit_head.c.id == 1).values(seq=rows[-1]["seq"], hash=mac))
+    conn.execute(audit_head.update().where(audit_head.c.id == 1).values(seq=rows[-1]["seq"], hash=mac))
     log.warning("audit trail migrated from the plain SHA-256 chain to the keyed MAC chain", rows=len(rows))
 
 
@@ -348,54 +360,44 @@ async def append(ledger: Ledger, kind: str, *, actor_type: str, actor: str | Non
                  detail: dict[str, Any] | None = None, event_id: str | None = None,
                  time: datetime | None = None) -> bool:
     """Append one row at the end of the chain; False when `event_id` was already recorded."""
-    try:
-        await _write(ledger, _row(kind, actor_type, actor, outcome, transfer_id, target, finess, detail, event_id,
-                                  time))
-        return True
-    except IntegrityError as exc:
-        if event_id is not None and await _has_event(ledger, event_id):
-            return False  # already recorded: at-least-once input, exactly-once trail
-        raise TransientError(f"audit trail write raced another writer; retrying: {exc}") from exc
-    except (OperationalError, OSError) as exc:
-        raise TransientError(f"audit trail database unavailable: {exc}") from exc
+    return await _append_once(ledger, _row(kind, actor_type, actor, outcome, transfer_id, target, finess, detail,
+                                           event_id, time))
 
 
-@shielded
-async def _has_event(ledger: Ledger, event_id: str) -> bool:
-    async with ledger.engine.connect() as conn:
-        return (await conn.execute(sa.select(audit_log.c.seq).where(audit_log.c.event_id == event_id))).first() \
-            is not None
+async def _append_once(ledger: Ledger, row: _Row) -> bool:
+    """Append `row`; False when its event id was already recorded (at-least-once input, exactly-once trail)."""
+    with unavailable("audit trail"):
+        return await _write(ledger, row) == 1
 
 
 async def record_events(ledger: Ledger, evs: Sequence[LedgerEvent]) -> None:
-    """Append the rows a poll's events deserve in one transaction (one lock, one commit for the poll).
-
-    Raises IntegrityError when one of them was already recorded (a poll read again): the caller then
-    records each event on its own (`record_event`), which skips the ones already there.
-    """
+    """Append the rows a poll's events deserve in one transaction (one lock, one commit for the poll); the
+    events already recorded (a poll read again) are left out."""
     rows = [row for ev in evs if (row := _event_row(ev)) is not None]
     if not rows:
         return
-    try:
+    with unavailable("audit trail"):
         await _write_rows(ledger, rows)
-    except OperationalError as exc:
-        raise TransientError(f"audit trail database unavailable: {exc}") from exc
+
+
+async def project_and_record(ledger: Ledger, evs: Sequence[LedgerEvent]) -> None:
+    """A poll's events into the ledger and their rows into the audit trail, in one transaction: one commit,
+    and no window in which a crash leaves an event projected but not audited. Both leave out what they have."""
+    trail = _trail(ledger)
+    rows = {ev.id: row for ev in evs if (row := _event_row(ev)) is not None}
+
+    def append(conn: sa.Connection, batch: Sequence[LedgerEvent]) -> None:
+        _append_rows(conn, trail, [rows[ev.id] for ev in batch if ev.id in rows])
+
+    await ledger.apply_many(evs, also=append if rows else None)
+    if rows:
+        trail.checked = True  # `_append_rows` checked the genesis row, in a transaction that committed
 
 
 async def record_event(ledger: Ledger, ev: LedgerEvent) -> bool:
     """Append the audit row an event deserves (if any); idempotent on the event id."""
     row = _event_row(ev)
-    if row is None:
-        return False
-    try:
-        await _write(ledger, row)
-        return True
-    except IntegrityError as exc:
-        if await _has_event(ledger, ev.id):
-            return False  # already recorded: at-least-once input, exactly-once trail
-        raise TransientError(f"audit trail write raced another writer; retrying: {exc}") from exc
-    except (OperationalError, OSError) as exc:
-        raise TransientError(f"audit trail database unavailable: {exc}") from exc
+    return False if row is None else await _append_once(ledger, row)
 
 
 def _event_row(ev: LedgerEvent) -> _Row | None:

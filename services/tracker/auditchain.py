@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 
 from services.core.bus import Bus
 from services.core.embedded import EmbeddedBus
@@ -34,12 +33,12 @@ from services.tracker.audit import (
     audit_log,
     key_of,
     mac_of,
+    project_and_record,
     record_event,
-    record_events,
 )
 from services.tracker.auditkey import AuditKey
 from services.tracker.ledger import Ledger
-from services.tracker.stage import events_of, to_ledger_event
+from services.tracker.stage import TrackerStage, events_of, to_ledger_event
 
 log = get_logger(__name__)
 
@@ -140,7 +139,7 @@ class AuditingTracker:
     """The tracker stage, also feeding the audit trail from each event (wraps services.tracker.stage)
     and anchoring the chain's head outside the database every RELAIS_AUDIT_ANCHOR_S."""
 
-    def __init__(self, inner: Any, ledger: Ledger, anchor_every_s: float = 60.0) -> None:
+    def __init__(self, inner: TrackerStage, ledger: Ledger, anchor_every_s: float = 60.0) -> None:
         self.inner = inner
         self.ledger = ledger
         self.name: str = inner.name
@@ -149,17 +148,17 @@ class AuditingTracker:
         self._audited: set[str] = set()  # event ids `prepare` already wrote into the trail
 
     async def prepare(self, records: Sequence[Record]) -> None:
-        """The ledger projection and the audit rows of a whole poll, each in one transaction.
+        """The ledger projection and the audit rows of a whole poll, in one transaction.
 
-        `handle` then only confirms them; when the audit batch fails (one event already recorded: a poll
-        read again; or the database), `handle` records each event on its own, as it would without this.
+        `handle` then only confirms them; when the database fails, `handle` projects and records each event
+        on its own, as it would without this (a malformed event meets its fate there too).
         """
         evs = events_of(records)
-        await self.inner.prepare_events(evs)
         try:
-            await record_events(self.ledger, evs)
-        except (IntegrityError, TransientError):
+            await project_and_record(self.ledger, evs)
+        except TransientError:
             return
+        self.inner.confirm(evs)
         # Added to, never reset: with the runner's lanes, records of an earlier poll may still be in hand.
         self._audited |= {ev.id for ev in evs}
 

@@ -37,6 +37,10 @@ class TrackerStage:
             await self.ledger.apply_many(batch)
         except TransientError:
             return
+        self.confirm(batch)
+
+    def confirm(self, batch: Sequence[LedgerEvent]) -> None:
+        """These events are in the ledger (by `prepare`, or with the audit trail's rows): `handle` skips them."""
         # Added to, never reset: with the runner's lanes, records of an earlier poll may still be in hand.
         self._applied |= {ev.id for ev in batch}
 

@@ -20,7 +20,7 @@ def event_record(n: int, kind: str, transfer_id: str, body: bytes | None = None)
 
 async def test_a_poll_is_one_transaction_and_handle_only_confirms(ledger: Ledger) -> None:
     commits: list[int] = []
-    sa.event.listen(ledger.engine.sync_engine, "commit", lambda _: commits.append(1))
+    sa.event.listen(ledger.write_engine, "commit", lambda _: commits.append(1))
     stage = TrackerStage(ledger)
     records = [event_record(i, kind, f"t{i // 2}") for i, kind in enumerate(["accepted", "validated"] * 20)]
     await stage.prepare(records)

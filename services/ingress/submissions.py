@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
 from services.core.clock import aware
 from services.core.envelope import new_id
@@ -43,6 +43,7 @@ from services.core.logging import get_logger
 from services.core.shielded import finish, shielded
 from services.ingress import checks
 from services.ingress.checks import Refusal
+from services.tracker.dbfaults import unavailable
 from services.tracker.ledger import Ledger, events, submissions
 
 log = get_logger(__name__)
@@ -98,10 +99,8 @@ def fingerprint(targets: Sequence[str], body: bytes) -> str:
 @shielded
 async def claim(ledger: Ledger, producer: str, key: str | None, print_: str, window_s: float) -> Claim:
     """Record a new submission, or find the one this key already names (see the module docstring)."""
-    try:
+    with unavailable("ledger"):
         return await _claim(ledger, producer, key, print_, window_s)
-    except (OperationalError, OSError) as exc:
-        raise TransientError(f"ledger database unavailable: {exc}") from exc
 
 
 async def _claim(ledger: Ledger, producer: str, key: str | None, print_: str, window_s: float) -> Claim:
@@ -155,12 +154,10 @@ async def _has_events(ledger: Ledger, transfer_id: str) -> bool:
 @shielded
 async def settle(ledger: Ledger, transfer_ids: Sequence[str], state: str) -> None:
     """Mark submissions published (or failed); best effort — see the module docstring for why."""
-    try:
+    with unavailable("ledger"):
         async with ledger.submissions_engine.begin() as conn:
             await conn.execute(submissions.update().where(submissions.c.transfer_id.in_(transfer_ids))
                                .values(state=state, updated_at=datetime.now(UTC)))
-    except (OperationalError, OSError) as exc:
-        raise TransientError(f"ledger database unavailable: {exc}") from exc
 
 
 async def wait_for(ledger: Ledger, transfer_id: str, timeout_s: float) -> str | None:
@@ -176,13 +173,11 @@ async def wait_for(ledger: Ledger, transfer_id: str, timeout_s: float) -> str | 
 @shielded
 async def lookup(ledger: Ledger, transfer_id: str) -> Mapping[str, Any] | None:
     """The submission row of a transfer, or None."""
-    try:
+    with unavailable("ledger"):
         async with ledger.submissions_engine.connect() as conn:
             row = (await conn.execute(sa.select(submissions).where(
                 submissions.c.transfer_id == transfer_id))).mappings().first()
             return dict(row) if row is not None else None
-    except (OperationalError, OSError) as exc:
-        raise TransientError(f"ledger database unavailable: {exc}") from exc
 
 
 @shielded

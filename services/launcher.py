@@ -29,7 +29,7 @@ from services.core.logging import get_logger
 from services.core.runner import Stage, run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory, load_targets
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import cancel_and_wait, wait_until_set
 from services.delivery.journal import AttemptJournal
 from services.delivery.stage import DeliveryStage
 from services.ingress.connections import accept_backlog, guarded, widen_listen_queue
@@ -185,9 +185,7 @@ async def _start_bus(bus: Bus, stop: asyncio.Event) -> None:
             return
         except Exception as exc:  # noqa: BLE001 - every start failure means "not yet"
             log.warning("bus not reachable yet; retrying", error=str(exc), retry_in_s=delay)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
+            if not await wait_until_set(stop, delay):
                 delay = min(delay * 2, 30.0)
 
 

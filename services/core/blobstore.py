@@ -39,6 +39,7 @@ from services.core.crypto import DecryptionError, Keyring, blob_key_id, is_seale
 from services.core.errors import ConfigurationError, PermanentError, TransientError
 from services.core.logging import get_logger
 from services.core.settings import Settings
+from services.core.tasks import wait_until_set
 
 log = get_logger(__name__)
 
@@ -391,10 +392,7 @@ async def prune_blobs_periodically(settings: Settings, stop: asyncio.Event, ever
                 log.info("blobs past retention removed", blobs=gone)
         except OSError as exc:
             log.warning("blob retention could not run; retrying later", error=str(exc))
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
-        except TimeoutError:
-            pass
+        await wait_until_set(stop, every_s)
 
 
 async def resolve_payload(store: BlobStore, data: bytes, extra: Mapping[str, str]) -> bytes:

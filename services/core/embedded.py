@@ -44,7 +44,7 @@ from services.core.envelope import Emit, Envelope, EnvelopeError, Record
 from services.core.errors import BusUnavailable
 from services.core.logging import get_logger
 from services.core.settings import Settings
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import cancel_and_wait, wait_until_set
 from services.core.topics import declared_topics
 
 log = get_logger(__name__)
@@ -163,9 +163,7 @@ class EmbeddedBus:
 
     async def _move_forever(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SWEEP_S):  # not wait_for: on 3.11 it can swallow a cancellation
-                    await self._move_now.wait()
+            await wait_until_set(self._move_now, SWEEP_S)
             sweep = not self._move_now.is_set()
             self._move_now.clear()
             try:
@@ -387,8 +385,7 @@ class EmbeddedSubscription:
                 break
             wake = min([deadline, *self._paused.values()])
             while time.monotonic() < wake:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.bus.appended.wait(), timeout=IDLE_POLL_S)
+                if await wait_until_set(self.bus.appended, IDLE_POLL_S):
                     break
                 if await log_.read(log_.data_version) != self._version:
                     break

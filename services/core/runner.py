@@ -10,7 +10,6 @@ point means the record is handled again, never lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Hashable, Sequence
@@ -28,6 +27,7 @@ from services.core.fate import Fate
 from services.core.logging import get_logger
 from services.core.metrics import BATCH_COMMIT_SECONDS, HANDLE_SECONDS, RECORDS
 from services.core.settings import Settings
+from services.core.tasks import wait_until_set
 from services.core.topics import EVENTS, POISON
 
 log = get_logger(__name__)
@@ -219,8 +219,7 @@ class _Pump:
             room = min(self.capacity - self.unhandled, self.capacity * HANDLED_FACTOR - self.in_hand)
             if room <= 0:
                 self.room.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.room.wait(), POLL_TIMEOUT_S)
+                await wait_until_set(self.room, POLL_TIMEOUT_S)
                 continue
             records = await self.sub.poll(room, POLL_TIMEOUT_S)
             if self.assigned is not None:
@@ -242,8 +241,7 @@ class _Pump:
         deadline = time.monotonic() + HAND_BACK_S
         while self._holding(partitions) and not self.failed.done() and (left := deadline - time.monotonic()) > 0:
             self.room.clear()  # set by every commit (and rewind): look again then
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.room.wait(), left)
+            await wait_until_set(self.room, left)
         for partition in partitions:
             state = self.partitions.get(partition)
             if state is not None and state.slots:
@@ -454,7 +452,4 @@ def _seconds_until(moment: datetime | None) -> float:
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass
+    await wait_until_set(stop, seconds)

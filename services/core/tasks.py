@@ -15,3 +15,15 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def wait_until_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for `event` at most `timeout_s`; True if it is set.
+
+    Not `asyncio.wait_for(event.wait(), ...)`: on Python 3.11 it swallows a cancellation that arrives as the
+    event is set (CPython gh-86296), so the task goes on and the stop() waiting for it hangs.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()

@@ -41,7 +41,7 @@ from services.core.metrics import (
     TARGET_WAITING,
 )
 from services.core.settings import Settings
-from services.core.tasks import cancel_and_wait
+from services.core.tasks import cancel_and_wait, wait_until_set
 
 log = get_logger(__name__)
 
@@ -325,10 +325,7 @@ async def run_alerts(evaluator: AlertEvaluator, observe: Observe, notify: Notify
         else:
             for note in evaluator.step(obs):
                 await notify(note)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
-        except TimeoutError:
-            pass
+        await wait_until_set(stop, interval_s)
 
 
 async def run_alerts_stage(settings: Settings, observe: Observe, stop: asyncio.Event) -> None:

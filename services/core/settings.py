@@ -28,7 +28,9 @@ class Settings(BaseSettings):
         default=None, description="Kafka bootstrap servers (host:port,...). Empty: the embedded SQLite log."
     )
     embedded_log_path: Path = Field(
-        default=Path("relais-log.db"), description="File of the embedded log (used when no Kafka is configured)."
+        default=Path("relais-log.db"),
+        description="File of the embedded log (used when no Kafka is configured); its inbox, where the ingress "
+                    "writes before its 202, is the file beside it named <stem>.inbox.db.",
     )
     topic_prefix: str = Field(default="", description="Prefix for every topic and consumer group name.")
     topic_partitions: int = Field(default=6, ge=1, description="Partitions of each topic created by Relais.")

@@ -23,6 +23,7 @@ import orjson
 
 from services.core.blobstore import LocalBlobStore
 from services.core.envelope import Emit, Envelope
+from services.core.logging import configure_logging
 from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
@@ -221,6 +222,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=REPEAT,
                         help="runs of each slow-target setting, taking turns (medians are printed)")
     args = parser.parse_args()
+    # The runs' level (warning): unconfigured, structlog rendered every record's info line on the shared loop.
+    configure_logging(_settings(None, Path(tempfile.gettempdir())))
     with contextlib.ExitStack() as stack:
         bootstrap = stack.enter_context(kafka_bootstrap()) if args.bus == "kafka" else None
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="relais-bench-delivery-"))

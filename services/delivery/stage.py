@@ -143,7 +143,7 @@ class DeliveryStage:
         # Records waiting in retry tiers, per lane: a person's later Bundles wait behind them.
         longest = max([*self.tiers, *(d for rt in self.runtimes.values() for d in rt.target.retry.delays_s or ())])
         self.order = LaneOrder(stale_s=max(longest * 2, ORDER_STALE_MIN_S))
-        # Records for targets not known to be quick give way to other, quick targets' records (issue 15).
+        # Records for slow targets give way to other targets' records (issue 15).
         self.turns = Turns()
         # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
         self.paused_by_operator: frozenset[str] = frozenset()
@@ -297,8 +297,8 @@ class DeliveryStage:
 
     async def _attempt(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
         target = rt.target
-        # Before each CPU-bound step: other, quick targets' records in progress go first (bounded); the
-        # target's standing is looked at each time, so a target that has just answered quickly waits no more.
+        # Before each CPU-bound step of a slow target's record: other targets' records in progress go first
+        # (bounded); looked at each time, so a target that has just answered quickly again waits no more.
         await self.turns.give_way(target.id)
         try:
             payload = await resolve_payload(self.blobs, env.data, env.extra)
@@ -332,7 +332,7 @@ class DeliveryStage:
         DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)
         if attempt.sent:  # a call that never left says nothing of the target's pace
             rt.latency.add(attempt.duration_s)
-            self.turns.observed(target.id, rt.latency.p50(default=attempt.duration_s))
+            self.turns.observed(target.id, rt.latency.floor() or 0.0)
         failure = classify(attempt.status, sent=attempt.sent)
         state = NOT_APPLIED
         if failure is Failure.NONE and not _is_transaction_response(attempt.json()):

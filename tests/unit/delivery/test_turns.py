@@ -1,4 +1,4 @@
-"""Turns: records for targets not known to be quick give way to other, quick targets' records, for a bounded time."""
+"""Turns: records for slow targets give way to other targets' records, for a bounded time, never to their own."""
 
 from __future__ import annotations
 
@@ -6,50 +6,53 @@ import asyncio
 
 import pytest
 
-from services.delivery.turns import GIVE_WAY_MAX_S, Standing, Turns, gives_way, standing
-
-Q, S, U = Standing.QUICK, Standing.SLOW, Standing.UNKNOWN
+from services.delivery.turns import GIVE_WAY_MAX_S, Turns, gives_way, is_slow
 
 
-@pytest.mark.parametrize(("p50_s", "others", "was", "now"), [
-    (None, [0.02], Q, U),  # no answer yet
-    (0.02, [], U, Q),
-    (5.0, [0.02], U, S),  # answers in 5 s beside a target answering in 20 ms
-    (5.0, [0.02, 0.03, 6.0], Q, S),  # judged against the others' median
-    (0.9, [0.02], Q, Q),  # never slow below SLOW_MIN_S, however quick the others
-    (5.0, [], Q, S),  # no other target has answered: against SLOW_MIN_S alone
-    (3.0, [1.0, 1.2], Q, Q),  # a burst slows every target alike: none is slow relative to the others
-    (7.0, [1.0, 1.2], Q, S),
+@pytest.mark.parametrize(("pace_s", "others", "was_slow", "slow"), [
+    (None, [0.02], False, False),  # no answer yet: not slow (its first answer tells its pace)
+    (None, [0.02], True, False),
+    (0.02, [], False, False),
+    (5.0, [0.02], False, True),  # answers in 5 s beside a target answering in 20 ms
+    (5.0, [0.02, 0.03, 6.0], False, True),  # judged against the quickest other target ...
+    (5.0, [0.02, 5.0, 5.0, 5.0], False, True),  # ... not the others' median: most targets may be slow
+    (0.9, [0.02], False, False),  # never slow below SLOW_MIN_S, however quick the others
+    (5.0, [], False, True),  # no other target has answered: against SLOW_MIN_S alone
+    (3.0, [1.0, 1.2], False, False),  # a burst slows every target alike: none is slow relative to the others
+    (7.0, [1.0, 1.2], False, True),
     # Hysteresis: slow until clearly quick again, so a target near the bound does not flap.
-    (0.8, [0.02], S, S),
-    (0.4, [0.02], S, Q),
-    (3.0, [1.0], S, S),
-    (2.4, [1.0], S, Q),
-    (1.1, [0.02], Q, S),
+    (0.8, [0.02], True, True),
+    (0.4, [0.02], True, False),
+    (3.0, [1.0], True, True),
+    (2.4, [1.0], True, False),
+    (1.1, [0.02], False, True),
 ])
-def test_a_targets_standing_is_judged_against_the_other_targets_with_hysteresis(
-        p50_s: float | None, others: list[float], was: Standing, now: Standing) -> None:
-    assert standing(p50_s, others, was) is now
+def test_a_target_is_slow_against_the_other_targets_with_hysteresis(
+        pace_s: float | None, others: list[float], was_slow: bool, slow: bool) -> None:
+    assert is_slow(pace_s, others, was_slow) is slow
 
 
-@pytest.mark.parametrize(("mine", "quick_others", "waited_s", "waits"), [
-    (Q, 5, 0.0, False),  # quick targets never wait, not even for each other
-    (S, 0, 0.0, False),  # nothing quick in progress: it goes at once
-    (U, 0, 0.0, False),
-    (S, 1, 0.0, True),  # a slow or unproven target's record goes after the quick ones in progress ...
-    (U, 1, 0.0, True),
-    (S, 60, GIVE_WAY_MAX_S * 0.99, True),
-    (S, 60, GIVE_WAY_MAX_S, False),  # ... but never waits longer than the bound: no starvation
+@pytest.mark.parametrize(("slow", "others", "waited_s", "waits"), [
+    (False, 5, 0.0, False),  # targets that are not slow never wait, not even for each other
+    (True, 0, 0.0, False),  # nothing else in progress: it goes at once
+    (True, 1, 0.0, True),  # a slow target's record goes after the others' in progress ...
+    (True, 60, GIVE_WAY_MAX_S * 0.99, True),
+    (True, 60, GIVE_WAY_MAX_S, False),  # ... but never waits longer than the bound: no starvation
 ])
-def test_who_goes_first(mine: Standing, quick_others: int, waited_s: float, waits: bool) -> None:
-    assert gives_way(mine, quick_others, waited_s) is waits
+def test_who_goes_first(slow: bool, others: int, waited_s: float, waits: bool) -> None:
+    assert gives_way(slow, others, waited_s) is waits
 
 
-async def test_a_slow_targets_record_starts_once_the_other_targets_quick_records_are_done() -> None:
-    turns = Turns(max_wait_s=5)
+def _turns(max_wait_s: float = 5) -> Turns:
+    turns = Turns(max_wait_s=max_wait_s)
     turns.observed("fast", 0.02)
     turns.observed("slow", 5.0)
-    assert turns.standing_of("slow") is S
+    assert turns.slow("slow") and not turns.slow("fast")
+    return turns
+
+
+async def test_a_slow_targets_record_starts_once_the_other_targets_records_are_done() -> None:
+    turns = _turns()
     order: list[str] = []
 
     async def record(target: str, name: str, work_s: float) -> None:
@@ -79,15 +82,8 @@ async def test_a_target_never_gives_way_to_its_own_records_however_slow_it_gets(
     busy = [asyncio.create_task(earlier()) for _ in range(8)]
     await asyncio.sleep(0)
     turns.observed("lone", 3.0)  # its answers slow down past SLOW_MIN_S: slow, with no other target to compare
-    assert turns.standing_of("lone") is S
+    assert turns.slow("lone")
     loop = asyncio.get_running_loop()
-    began = loop.time()
-    with turns.in_progress("lone"):
-        await turns.give_way("lone")
-    assert loop.time() - began < 0.05
-    # Slow beside another target: it gives way to that target's records, still never to its own.
-    turns.observed("other", 0.02)
-    assert turns.standing_of("lone") is S
     began = loop.time()
     with turns.in_progress("lone"):
         await turns.give_way("lone")
@@ -98,9 +94,7 @@ async def test_a_target_never_gives_way_to_its_own_records_however_slow_it_gets(
 
 
 async def test_a_record_gives_way_for_a_bounded_time_only() -> None:
-    turns = Turns(max_wait_s=0.1)
-    turns.observed("fast", 0.02)
-    turns.observed("slow", 5.0)
+    turns = _turns(max_wait_s=0.1)
     release = asyncio.Event()
 
     async def busy_quick_target() -> None:
@@ -117,13 +111,12 @@ async def test_a_record_gives_way_for_a_bounded_time_only() -> None:
     await busy
     assert turns.quick_in_progress == 0
     began = loop.time()
-    await turns.give_way("slow")  # nothing quick in progress: no wait
+    await turns.give_way("slow")  # nothing else in progress: no wait
     assert loop.time() - began < 0.05
 
 
-async def test_a_record_giving_way_goes_on_as_soon_as_its_target_answers_quickly() -> None:
-    turns = Turns(max_wait_s=5)
-    turns.observed("fast", 0.02)
+async def test_a_record_giving_way_goes_on_as_soon_as_its_target_answers_quickly_again() -> None:
+    turns = _turns()
     release = asyncio.Event()
 
     async def busy_quick_target() -> None:
@@ -132,19 +125,17 @@ async def test_a_record_giving_way_goes_on_as_soon_as_its_target_answers_quickly
 
     busy = asyncio.create_task(busy_quick_target())
     await asyncio.sleep(0)
-    waiting = asyncio.create_task(turns.give_way("new"))  # unknown: no answer yet
+    waiting = asyncio.create_task(turns.give_way("slow"))
     await asyncio.sleep(0.05)
     assert not waiting.done()
-    turns.observed("new", 0.03)  # an earlier record of it has just been answered, quickly
+    turns.observed("slow", 0.03)  # an earlier record of it has just been answered, quickly
     await asyncio.wait_for(waiting, 0.5)
     release.set()
     await busy
 
 
 async def test_records_that_gave_way_go_one_step_at_a_time_and_a_quick_record_coming_meanwhile_goes_first() -> None:
-    turns = Turns(max_wait_s=5)
-    turns.observed("fast", 0.02)
-    turns.observed("slow", 5.0)
+    turns = _turns()
     order: list[str] = []
     first = asyncio.Event()
 

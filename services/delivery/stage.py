@@ -328,7 +328,8 @@ class DeliveryStage:
             if probed is not None:
                 return probed
         await self.turns.give_way(target.id)
-        attempt = await rt.client.post_transaction(out.payload, request_id(env))
+        with self.turns.awaiting_answer(target.id):
+            attempt = await rt.client.post_transaction(out.payload, request_id(env))
         DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)
         if attempt.sent:  # a call that never left says nothing of the target's pace
             rt.latency.add(attempt.duration_s)

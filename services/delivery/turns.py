@@ -7,15 +7,17 @@ the quick target's deliveries wait for work whose own answer will take seconds a
 fast target's burst p50 beside 5 targets answering in 5 s was 1.8x its p50 alone).
 
 So before each CPU-bound step of its attempt a record for a *slow* target gives way while records for
-other targets that are not slow are in progress (waiting for their slot included), at most
-GIVE_WAY_MAX_S per step. A target is slow (`is_slow`) when its pace is above SLOW_MIN_S and above
+other targets that are not slow are in progress (waiting for their slot included; not while waiting for
+their target's answer, which needs no CPU), at most GIVE_WAY_MAX_S per step.
+
+A target is slow (`is_slow`) when its pace is above SLOW_MIN_S and above
 SLOW_FACTOR x the quickest other target's pace (not the others' median: where most targets are slow, the
 median is slow too); it stops being slow only once below QUICK_MIN_S or QUICK_FACTOR x that pace
-(hysteresis: it does not flap). Its pace is the quickest of its last few
-answers (`LatencyWindow.floor`), not their median: every duration also holds the time the answer waited
-for this process's event loop, which a burst inflates for every target alike but not at the same moments
-(judged by medians, healthy targets that filled their windows at different moments of a burst looked slow
-beside each other); a target that takes seconds to answer takes them every time.
+(hysteresis: it does not flap). Its pace is the quickest of its last few answers (`LatencyWindow.floor`),
+not their median: every duration also holds the time the answer waited for this process's event loop,
+which a burst inflates for every target alike but not at the same moments (judged by medians, healthy
+targets that filled their windows at different moments of a burst looked slow beside each other); a
+target that takes seconds to answer takes them every time.
 
 What keeps healthy targets' throughput (an earlier attempt, judged against a fixed 1 s, counting a record
 in by its target's standing at entry and making targets not yet heard from give way too, cost 25% of it
@@ -96,19 +98,35 @@ class Turns:
     @contextlib.contextmanager
     def in_progress(self, target: str) -> Iterator[None]:
         """Around a record's handling, waiting for its target's slot included."""
-        self._in_progress[target] += 1
-        if target not in self._slow:
-            self.quick_in_progress += 1
+        self._enter(target)
         try:
             yield
         finally:
-            self._in_progress[target] -= 1
-            if not self._in_progress[target]:
-                del self._in_progress[target]
-            if target not in self._slow:
-                self.quick_in_progress -= 1
-                if not self.quick_in_progress:
-                    self._wake_one()
+            self._leave(target)
+
+    @contextlib.contextmanager
+    def awaiting_answer(self, target: str) -> Iterator[None]:
+        """Around a POST: a record waiting for its target's answer needs no CPU, so it is not waited for (the
+        slow targets' steps use the loop meanwhile instead of piling up behind the next record to come)."""
+        self._leave(target)
+        try:
+            yield
+        finally:
+            self._enter(target)
+
+    def _enter(self, target: str) -> None:
+        self._in_progress[target] += 1
+        if target not in self._slow:
+            self.quick_in_progress += 1
+
+    def _leave(self, target: str) -> None:
+        self._in_progress[target] -= 1
+        if not self._in_progress[target]:
+            del self._in_progress[target]
+        if target not in self._slow:
+            self.quick_in_progress -= 1
+            if not self.quick_in_progress:
+                self._wake_one()
 
     async def give_way(self, target: str) -> None:
         """Before each CPU-bound step of a record's attempt: wait while `gives_way` says so."""

@@ -57,8 +57,9 @@ def _delivery(target: str, person: str, seed: int, entries: int = ENTRIES) -> Em
 
 
 @contextlib.asynccontextmanager
-async def _delivering(settings: Settings, directory: TargetDirectory, tmp_path: Path) -> AsyncIterator[Any]:
-    """A delivery stage on the real runner and embedded log; yields the bus to publish on."""
+async def _delivering(settings: Settings, directory: TargetDirectory,
+                      tmp_path: Path) -> AsyncIterator[tuple[Any, DeliveryStage]]:
+    """A delivery stage on the real runner and embedded log; yields the bus to publish on, and the stage."""
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
     bus = make_bus(settings)
@@ -67,7 +68,7 @@ async def _delivering(settings: Settings, directory: TargetDirectory, tmp_path: 
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, settings, stop))
     try:
-        yield bus
+        yield bus, stage
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -114,12 +115,15 @@ async def test_a_burst_for_slow_targets_published_first_does_not_delay_a_quick_t
         {"id": "fast", "base_url": fast.fhir},
         *({"id": f"slow{i}", "base_url": t.fhir, "max_concurrency": SLOW_SLOTS, "timeouts": {"total_s": 20}}
           for i, t in enumerate(slow))]})
-    async with _delivering(settings, directory, tmp_path) as bus:
+    async with _delivering(settings, directory, tmp_path) as (bus, stage):
         # Every target's pace is known (a target not heard from yet is not slow), connections are open.
         await bus.publish([_delivery("fast", "warm-up", seed=1)]
                           + [_delivery(f"slow{i}", "warm-up", seed=10 + i) for i in range(SLOW_TARGETS)])
-        for t in targets:
-            await wait_for(lambda t=t: _count_at_least(t, 1), timeout_s=30)  # type: ignore[misc]
+
+        async def answered() -> bool:
+            return all(rt.latency.summary().calls for rt in stage.runtimes.values())
+
+        await wait_for(answered, timeout_s=30)
         alone, _ = await _burst(bus, fast, [_delivery("fast", f"a{n}", seed=100 + n) for n in range(FAST_BUNDLES)], 1)
         # Every slow target's slots filled with first attempts, published just before the fast target's records.
         emits = [_delivery(f"slow{i}", f"s{n}", seed=1000 * (i + 1) + n)
@@ -150,7 +154,7 @@ async def test_a_lone_target_whose_answers_slow_down_never_waits_for_its_own_rec
                                  log_level="warning")
         directory = TargetDirectory.model_validate({"targets": [
             {"id": "lone", "base_url": lone.fhir, "max_concurrency": LONE_SLOTS, "timeouts": {"total_s": 20}}]})
-        async with _delivering(settings, directory, tmp_path) as bus:
+        async with _delivering(settings, directory, tmp_path) as (bus, _):
             # Quick at first: its records are counted in as a quick target's ...
             await bus.publish([_delivery("lone", f"w{n}", seed=n, entries=5) for n in range(2)])
             await wait_for(lambda: _count_at_least(lone, 2), timeout_s=30)

@@ -167,3 +167,23 @@ async def test_records_that_gave_way_go_one_step_at_a_time_and_a_quick_record_co
     await asyncio.gather(*tasks)
     assert order[:3] == ["q1", "s1", "q2"], order
     assert sorted(order[3:]) == ["s2", "s3"]
+
+
+async def test_a_slow_targets_record_does_not_wait_while_the_others_only_wait_for_their_answers() -> None:
+    turns = _turns()
+    answered = asyncio.Event()
+    posting = asyncio.Event()
+
+    async def quick_record() -> None:
+        with turns.in_progress("fast"):
+            with turns.awaiting_answer("fast"):  # nothing to do until the target answers: the loop is free
+                posting.set()
+                await answered.wait()
+
+    quick = asyncio.create_task(quick_record())
+    await posting.wait()
+    assert turns.quick_in_progress == 0
+    await asyncio.wait_for(turns.give_way("slow"), 0.1)
+    answered.set()
+    await quick
+    assert turns.quick_in_progress == 0

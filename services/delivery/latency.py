@@ -15,6 +15,7 @@ from services.core.targets import LATENCY_MIN_CALLS as MIN_CALLS
 from services.core.targets import over_latency_budget
 
 WINDOW = 100  # calls
+FLOOR_CALLS = 10  # a target's pace: the quickest of its last this many answers (`floor`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,14 @@ class LatencyWindow:
     def clear(self) -> None:
         """Forget the window (the breaker opened on it: what follows is judged afresh)."""
         self._calls.clear()
+
+    def floor(self, calls: int = FLOOR_CALLS) -> float | None:
+        """The quickest of the last `calls` answers (None before any): the target's own pace, as near as this
+        process can see it. Every duration also holds the time the answer waited for the event loop, which a
+        burst inflates for every target alike but not at the same moments; the quickest answer waited least."""
+        if not self._calls:
+            return None
+        return min(self._calls[i] for i in range(-min(calls, len(self._calls)), 0))
 
     def p50(self, default: float) -> float:
         """The median latency, or `default` before any call."""

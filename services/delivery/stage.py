@@ -75,6 +75,7 @@ from services.delivery.logic import (
 from services.delivery.marker import ProbePlan, Verdict, mark_transfer, probe_plan
 from services.delivery.order import LaneOrder
 from services.delivery.repair import assigned_ids, original_full_urls, repair_transaction
+from services.delivery.turns import Turns
 
 log = get_logger(__name__)
 
@@ -142,6 +143,8 @@ class DeliveryStage:
         # Records waiting in retry tiers, per lane: a person's later Bundles wait behind them.
         longest = max([*self.tiers, *(d for rt in self.runtimes.values() for d in rt.target.retry.delays_s or ())])
         self.order = LaneOrder(stale_s=max(longest * 2, ORDER_STALE_MIN_S))
+        # Records for slow targets give way to other targets' records (issue 15).
+        self.turns = Turns()
         # Targets an operator paused (ops API → ledger `target_state`); refreshed by `watch_pauses`.
         self.paused_by_operator: frozenset[str] = frozenset()
         # Where breaker transitions are reported for operators (None: nowhere; set by the launcher).
@@ -256,6 +259,10 @@ class DeliveryStage:
             return [self._park(record, env, (due - now).total_seconds())]
         if rt.target.paused or rt.target.id in self.paused_by_operator:
             return [self._park(record, env, rt.target.breaker.probe_every_s)]
+        with self.turns.in_progress(rt.target.id):  # waiting for its target's slot included
+            return await self._in_turn(record, env, rt)
+
+    async def _in_turn(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
         try:
             entered = await rt.gate.enter(Partition(record.topic, record.partition))
         except GateClosed:
@@ -290,6 +297,9 @@ class DeliveryStage:
 
     async def _attempt(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
         target = rt.target
+        # Before each CPU-bound step of a slow target's record: other targets' records in progress go first
+        # (bounded); looked at each time, so a target that has just answered quickly again waits no more.
+        await self.turns.give_way(target.id)
         try:
             payload = await resolve_payload(self.blobs, env.data, env.extra)
         except BlobIntegrityError as exc:
@@ -299,6 +309,7 @@ class DeliveryStage:
         attempt_no = key.attempt
         out = self._outgoing(env, target, payload, attempt_no, await conditional_types_for(rt.client))
         # No record of the attempt, no attempt (TransientError: it waits).
+        await self.turns.give_way(target.id)
         claim = await self.journal.claim(key, in_flight_s(target))
         if claim.verdict is ClaimVerdict.SUPERSEDED:
             log.info("a later attempt of this transfer exists: this copy of its record is dropped",
@@ -316,10 +327,13 @@ class DeliveryStage:
             probed = await self._probe(record, env, rt, key, out)
             if probed is not None:
                 return probed
-        attempt = await rt.client.post_transaction(out.payload, request_id(env))
+        await self.turns.give_way(target.id)
+        with self.turns.awaiting_answer(target.id):
+            attempt = await rt.client.post_transaction(out.payload, request_id(env))
         DELIVERY_SECONDS.labels(target.id).observe(attempt.duration_s)
         if attempt.sent:  # a call that never left says nothing of the target's pace
             rt.latency.add(attempt.duration_s)
+            self.turns.observed(target.id, rt.latency.floor() or 0.0)
         failure = classify(attempt.status, sent=attempt.sent)
         state = NOT_APPLIED
         if failure is Failure.NONE and not _is_transaction_response(attempt.json()):

@@ -14,6 +14,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import orjson
 
 from services.core.blobstore import LocalBlobStore
 from services.core.envelope import Emit, Envelope
+from services.core.logging import configure_logging
 from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
@@ -53,12 +55,13 @@ async def _received(url: str) -> list[dict[str, Any]]:
 
 async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit], watch: dict[str, str],
                work: Path, *, round_size: int = 0, pace_s: float = 0.0,
-               warmup: Emit | None = None) -> tuple[float, list[float]]:
+               warmup: Sequence[tuple[Emit, str]] = ()) -> tuple[float, list[float]]:
     """Publish `emits` (at once, or `round_size` at a time every `pace_s`), wait until every watched target
     has its share; (elapsed, latencies in s: each Bundle's arrival at its target since it was published).
 
-    `warmup` (for a watched target) is delivered first and not measured: the group has joined, the
-    connections are open, so the figures are the steady state's, not the start-up's."""
+    `warmup` (records, each with its target's base URL) is delivered first and not measured: the group has
+    joined, the connections are open, every target has answered once (so the stage knows its pace, as a
+    process that has been running does), so the figures are the steady state's, not the start-up's."""
     bus = make_bus(settings)
     await bus.start()
     ledger = Ledger(settings.database_url)
@@ -67,15 +70,17 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, settings, stop))
     expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}
-    if warmup is not None:
-        url = watch[warmup.envelope.target or ""]
-        await bus.publish([warmup])
-        for _ in range(600):  # at most a minute
-            if await _received(url):
-                break
-            await asyncio.sleep(0.1)
-        async with httpx.AsyncClient() as client:
-            await client.delete(f"{url}/_received")
+    if warmup:
+        await bus.publish([emit for emit, _ in warmup])
+        for emit, _ in warmup:  # the stage has had each target's answer (a slow target's, 5 s later)
+            latency = stage.runtimes[emit.envelope.target or ""].latency
+            for _ in range(600):  # at most a minute
+                if latency.summary().calls:
+                    break
+                await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(timeout=60) as client:
+            for _, url in warmup:
+                await client.delete(f"{url}/_received")
     # Made before the clock starts: a new client loads the CA bundle, which stalled the shared loop 40-220 ms.
     poller = httpx.AsyncClient(timeout=60)
     began = time.perf_counter()
@@ -207,8 +212,10 @@ async def _fast_latency(bootstrap: str | None, work: Path, body: bytes, fast: De
     for i in range(SLOW_PHASE_BUNDLES):  # interleaved, one person per Bundle, as the issue measured
         emits.append(_emit("fast", body, f"f{i}"))
         emits += [_emit(f"slow{k}", body, f"s{k}-{i}") for k in range(len(slow))]
+    warmup = [(_emit("fast", body, "warmup"), fast.base_url),
+              *((_emit(f"slow{i}", body, "warmup"), t.base_url) for i, t in enumerate(slow))]
     _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": fast.base_url}, work,
-                        round_size=(1 + len(slow)) if pace else 0, pace_s=pace, warmup=_emit("fast", body, "warmup"))
+                        round_size=(1 + len(slow)) if pace else 0, pace_s=pace, warmup=warmup)
     return statistics.median(lat), _pct(lat, 99)
 
 
@@ -221,6 +228,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=REPEAT,
                         help="runs of each slow-target setting, taking turns (medians are printed)")
     args = parser.parse_args()
+    # The runs' level (warning): unconfigured, structlog rendered every record's info line on the shared loop.
+    configure_logging(_settings(None, Path(tempfile.gettempdir())))
     with contextlib.ExitStack() as stack:
         bootstrap = stack.enter_context(kafka_bootstrap()) if args.bus == "kafka" else None
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="relais-bench-delivery-"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.delivery.latency import LatencyWindow, percentile
+from services.delivery.latency import FLOOR_CALLS, LatencyWindow, percentile
 
 
 def test_percentiles_nearest_rank() -> None:
@@ -29,3 +29,18 @@ def test_a_fast_target_is_within_budget_and_slow_rate_counts_calls_over_a_thresh
     assert window.slow_rate(0.5) == 0.4
     window.clear()
     assert window.summary().calls == 0
+
+
+def test_a_targets_pace_is_the_quickest_of_its_last_answers() -> None:
+    window = LatencyWindow(budget_s=1.0)
+    assert window.floor() is None
+    window.add(0.02)
+    assert window.floor() == 0.02
+    for d in (1.5, 0.4, 2.0):  # answers that also waited for a busy event loop: the quickest waited least
+        window.add(d)
+    assert window.floor() == 0.02
+    for _ in range(FLOOR_CALLS):
+        window.add(5.0)  # it takes 5 s every time now: the quick answer has left the last FLOOR_CALLS
+    assert window.floor() == 5.0
+    window.add(0.03)
+    assert window.floor() == 0.03  # quick again at its first quick answer

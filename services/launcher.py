@@ -105,7 +105,7 @@ async def worker_stages(names: Sequence[str], shared: Shared) -> AsyncIterator[l
             elif name == "delivery":
                 process = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
                 delivery = DeliveryStage(settings, shared.targets, make_blob_store(settings),
-                                         AttemptJournal(ledger.engine, process))
+                                         AttemptJournal(ledger, process))
                 resources.push_async_callback(delivery.aclose)
                 watcher = asyncio.create_task(delivery.watch_pauses(functools.partial(paused_targets, ledger)))
                 delivery.report_circuit = functools.partial(record_circuit, ledger, process=process)

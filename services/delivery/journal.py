@@ -60,6 +60,7 @@ import asyncio
 import enum
 import os
 import socket
+import time
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -67,7 +68,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.core.clock import aware
 from services.core.envelope import Envelope
@@ -77,6 +77,8 @@ from services.core.shielded import finish as wait_out
 from services.core.shielded import shielded
 from services.core.targets import Target
 from services.delivery.liveness import certainly_dead, this_incarnation
+from services.tracker import prepared
+from services.tracker.ledger import Ledger
 from services.tracker.ledger import delivery_attempts as table
 
 log = get_logger(__name__)
@@ -210,36 +212,29 @@ class _Overturned(Exception):
         self.claim = claim
 
 
-def _keyed(statement: Any) -> Any:
-    """`statement` restricted to one attempt named by bound parameters (for executemany)."""
-    return statement.where((table.c.transfer_id == sa.bindparam("k_transfer"))
-                           & (table.c.target == sa.bindparam("k_target"))
-                           & (table.c.round == sa.bindparam("k_round"))
-                           & (table.c.attempt == sa.bindparam("k_attempt")))
-
-
-_FINISH = _keyed(table.update()).values(
-    state=sa.bindparam("v_state", type_=table.c.state.type),
-    finished_at=sa.bindparam("v_finished", type_=table.c.finished_at.type),
-    http_status=sa.bindparam("v_status", type_=table.c.http_status.type),
-    response=sa.bindparam("v_response", type_=table.c.response.type),
-    assigned=sa.bindparam("v_assigned", type_=table.c.assigned.type))
-_CLOSE = _keyed(table.update()).values(closed_at=sa.bindparam("v_closed", type_=table.c.closed_at.type))
+KEY = ("transfer_id", "target", "round", "attempt")
+ANSWER = ("state", "finished_at", "http_status", "response", "assigned")
 
 
 def _key_params(key: AttemptKey) -> dict[str, Any]:
-    return {"k_transfer": key.transfer_id, "k_target": key.target, "k_round": key.round, "k_attempt": key.attempt}
+    return {"transfer_id": key.transfer_id, "target": key.target, "round": key.round, "attempt": key.attempt}
 
 
 class AttemptJournal:
-    """Reads and writes `delivery_attempts`; what must hold raises `TransientError`, the rest is best effort."""
+    """Reads and writes `delivery_attempts`; what must hold raises `TransientError`, the rest is best effort.
 
-    def __init__(self, engine: AsyncEngine, process: str | None = None) -> None:
-        self.engine = engine
+    Its transactions run through `Ledger.write`: a whole transaction's statements in one go (on a SQLite file, one
+    hop to the ledger's writer thread, in BEGIN IMMEDIATE; on PostgreSQL, run_sync), the hot statements compiled
+    once (tracker/prepared.py). Through aiosqlite each statement was a thread hop of its own and Core compiled it
+    again: most of the journal's CPU, itself the largest part of the delivery stage's.
+    """
+
+    def __init__(self, ledger: Ledger, process: str | None = None) -> None:
+        self.ledger = ledger
         self.process = process or f"{socket.gethostname()}-{os.getpid()}"
         self.here = this_incarnation()  # None without /proc: rows then say nothing, and nothing is known dead
         self._dead_since: dict[str, datetime] = {}  # incarnations this process saw dead, and when it first did
-        self._paces: dict[str, tuple[float, float | None]] = {}  # target → (when read, settle_s)
+        self._paces: dict[str, tuple[float, float | None]] = {}  # target → (when read, monotonic; settle_s)
         # Queued claims and best-effort writes (finish, close), each with the future its caller waits on; one task
         # writes them, a transaction at a time (two at once from one process would only queue on SQLite's lock).
         self._finishes: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
@@ -252,7 +247,7 @@ class AttemptJournal:
     async def prior(self, key: AttemptKey) -> Prior | None:
         """The row of this very attempt, if one was started before."""
         try:
-            async with self.engine.connect() as conn:
+            async with self.ledger.engine.connect() as conn:
                 row = (await conn.execute(sa.select(table).where(_where(key)))).mappings().first()
         except (SQLAlchemyError, OSError) as exc:
             raise TransientError(f"attempt journal unreadable, delivery waits: {exc}") from exc
@@ -263,9 +258,10 @@ class AttemptJournal:
 
         Raises TransientError (and the POST must not be made) if the journal cannot be read or written.
         The chain is judged twice: before the write, and again once this transaction holds the write (PostgreSQL
-        locks the chain's rows from the first read; SQLite reads outside any transaction until the first write,
-        after which no other writer can change the chain before this one commits). A claim the second judgement
-        overturns is rolled back, and the copy told what the chain says now (wait, or drop).
+        locks the chain's rows from the first read, and an attempt inserted meanwhile shows in the second; on
+        SQLite the transaction holds the write lock from its BEGIN IMMEDIATE, so no other writer can change the
+        chain before this one commits). A claim the second judgement overturns is rolled back, and the copy told
+        what the chain says now (wait, or drop).
 
         Claims queued while another transaction of this journal was in flight are group-committed
         (`_claim_together`); a shielded wait, like every ledger write (see `_queued`).
@@ -316,54 +312,39 @@ class AttemptJournal:
         """`_claim_alone` for several chains in one transaction: one read of every chain, one insert of every new
         attempt, one read again to judge each claim a second time. Raises _Overturned or IntegrityError (nothing
         written) when another process moved one of the chains meanwhile."""
-        now = datetime.now(UTC)
+        self.transactions += 1
         try:
-            async with self.engine.begin() as conn:
-                self.transactions += 1
-                chains = await _read_chains(conn, [k for k, _ in keys])
-                lives = await self._liveness(conn, chains, now)
-                claims = [judge(k, chains[_chain_of(k)], now, s, lives.get(k.target, NOT_KNOWN_DEAD))
-                          for k, s in keys]
-                fresh = [k for (k, _), c in zip(keys, claims, strict=True)
-                         if c.verdict is ClaimVerdict.GO and c.prior is None]
-                if fresh:  # a concurrent insert of the same attempt fails on the primary key
-                    await conn.execute(table.insert(), [{
-                        "transfer_id": k.transfer_id, "target": k.target, "round": k.round, "attempt": k.attempt,
-                        **self._started(now)} for k in fresh])
-                for i, ((k, _), c) in enumerate(zip(keys, claims, strict=True)):
-                    if c.verdict is ClaimVerdict.GO and c.prior is not None and not await self._start(conn, k,
-                                                                                                      c.prior, now):
-                        claims[i] = Claim(ClaimVerdict.BUSY, c.prior)  # another copy claimed it again first
-                made = [((k, s), c) for (k, s), c in zip(keys, claims, strict=True) if c.verdict is ClaimVerdict.GO]
-                if made:
-                    now_chains = await _read_chains(conn, [k for (k, _), _ in made])
-                    for (k, s), c in made:
-                        again = _judge_again(k, c, now_chains[_chain_of(k)], now, s,
-                                             lives.get(k.target, NOT_KNOWN_DEAD))
-                        if again.verdict is not ClaimVerdict.GO:
-                            raise _Overturned(again)  # rolls every claim of the transaction back
-                return claims
+            now = datetime.now(UTC)
+            return await self.ledger.write(lambda conn: self._claim_many(conn, keys, now))
         except (_Overturned, IntegrityError):
             raise
         except (SQLAlchemyError, OSError) as exc:
             raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
 
-    @shielded
-    async def _claim_alone(self, key: AttemptKey, in_flight_s: float) -> Claim:
-        now = datetime.now(UTC)
-        try:
-            async with self.engine.begin() as conn:
-                chain = await _read_chain(conn, key)
-                liveness = (await self._liveness(conn, {_chain_of(key): chain}, now)).get(key.target, NOT_KNOWN_DEAD)
-                claim = judge(key, chain, now, in_flight_s, liveness)
-                if claim.verdict is not ClaimVerdict.GO:
-                    return claim
-                if not await self._start(conn, key, claim.prior, now):
-                    return Claim(ClaimVerdict.BUSY, claim.prior)  # another copy claimed it again first
-                again = _judge_again(key, claim, await _read_chain(conn, key), now, in_flight_s, liveness)
+    def _claim_many(self, conn: sa.Connection, keys: list[tuple[AttemptKey, float]], now: datetime) -> list[Claim]:
+        """`_claim_together`'s transaction (on the ledger's writer)."""
+        chains = _read_chains(conn, [k for k, _ in keys])
+        lives = self._liveness(conn, chains, now)
+        claims = [judge(k, chains[_chain_of(k)], now, s, lives.get(k.target, NOT_KNOWN_DEAD)) for k, s in keys]
+        fresh = [k for (k, _), c in zip(keys, claims, strict=True) if c.verdict is ClaimVerdict.GO and c.prior is None]
+        # A concurrent insert of the same attempt fails on the primary key.
+        prepared.insert(conn, table, [{**_key_params(k), **self._started(now)} for k in fresh])
+        for i, ((k, _), c) in enumerate(zip(keys, claims, strict=True)):
+            if c.verdict is ClaimVerdict.GO and c.prior is not None and not self._start(conn, k, c.prior, now):
+                claims[i] = Claim(ClaimVerdict.BUSY, c.prior)  # another copy claimed it again first
+        made = [((k, s), c) for (k, s), c in zip(keys, claims, strict=True) if c.verdict is ClaimVerdict.GO]
+        if made:
+            now_chains = _read_chains(conn, [k for (k, _), _ in made])
+            for (k, s), c in made:
+                again = _judge_again(k, c, now_chains[_chain_of(k)], now, s, lives.get(k.target, NOT_KNOWN_DEAD))
                 if again.verdict is not ClaimVerdict.GO:
-                    raise _Overturned(again)  # rolls the claim back
-                return claim
+                    raise _Overturned(again)  # rolls every claim of the transaction back
+        return claims
+
+    async def _claim_alone(self, key: AttemptKey, in_flight_s: float) -> Claim:
+        try:
+            now = datetime.now(UTC)
+            return await self.ledger.write(lambda conn: self._claim_one(conn, key, in_flight_s, now))
         except _Overturned as overturned:
             return overturned.claim
         except (SQLAlchemyError, OSError) as exc:
@@ -371,8 +352,22 @@ class AttemptJournal:
                 return Claim(ClaimVerdict.BUSY)  # another copy inserted the same attempt first: in flight now
             raise TransientError(f"cannot record the delivery attempt, so it is not made: {exc}") from exc
 
-    async def _liveness(self, conn: AsyncConnection, chains: Mapping[tuple[str, str, int], Mapping[int, Prior]],
-                        now: datetime) -> dict[str, Liveness]:
+    def _claim_one(self, conn: sa.Connection, key: AttemptKey, in_flight_s: float, now: datetime) -> Claim:
+        """`_claim_alone`'s transaction (on the ledger's writer)."""
+        chain = _read_chains(conn, [key])[_chain_of(key)]
+        liveness = self._liveness(conn, {_chain_of(key): chain}, now).get(key.target, NOT_KNOWN_DEAD)
+        claim = judge(key, chain, now, in_flight_s, liveness)
+        if claim.verdict is not ClaimVerdict.GO:
+            return claim
+        if not self._start(conn, key, claim.prior, now):
+            return Claim(ClaimVerdict.BUSY, claim.prior)  # another copy claimed it again first
+        again = _judge_again(key, claim, _read_chains(conn, [key])[_chain_of(key)], now, in_flight_s, liveness)
+        if again.verdict is not ClaimVerdict.GO:
+            raise _Overturned(again)  # rolls the claim back
+        return claim
+
+    def _liveness(self, conn: sa.Connection, chains: Mapping[tuple[str, str, int], Mapping[int, Prior]],
+                  now: datetime) -> dict[str, Liveness]:
         """For each target whose chains hold an attempt started by a process certainly dead: which are, since
         when this process knows it, and the target's pace. Empty (nothing read) in the usual case."""
         targets: set[str] = set()
@@ -383,7 +378,7 @@ class AttemptJournal:
         if not targets:
             return {}
         dead = dict(self._dead_since)
-        return {t: Liveness(dead, await self._settle_s(conn, t, now)) for t in targets}
+        return {t: Liveness(dead, self._settle_s(conn, t, now)) for t in targets}
 
     def _known_dead(self, incarnation: str, now: datetime) -> bool:
         if incarnation not in self._dead_since:
@@ -394,19 +389,19 @@ class AttemptJournal:
                      "target to settle, not their whole time bound", incarnation=incarnation)
         return True
 
-    async def _settle_s(self, conn: AsyncConnection, target: str, now: datetime) -> float | None:
+    def _settle_s(self, conn: sa.Connection, target: str, now: datetime) -> float | None:
         """`settle_s` of the target's answers journaled in the last PACE_WINDOW_S (read again after PACE_CACHE_S)."""
         read_at, known = self._paces.get(target, (float("-inf"), None))
-        if asyncio.get_running_loop().time() - read_at < PACE_CACHE_S:
+        if time.monotonic() - read_at < PACE_CACHE_S:
             return known
         # Answered attempts only (an HTTP status): a timeout, a crash or a probe's finding says nothing of the pace.
-        rows = (await conn.execute(
+        rows = conn.execute(
             sa.select(table.c.started_at, table.c.finished_at)
             .where((table.c.target == target) & (table.c.started_at > now - timedelta(seconds=PACE_WINDOW_S))
                    & table.c.http_status.is_not(None) & table.c.finished_at.is_not(None))
-            .order_by(table.c.started_at.desc()).limit(PACE_SAMPLES))).all()
+            .order_by(table.c.started_at.desc()).limit(PACE_SAMPLES)).all()
         known = settle_s((aware(finished) - aware(started)).total_seconds() for started, finished in rows)
-        self._paces[target] = (asyncio.get_running_loop().time(), known)
+        self._paces[target] = (time.monotonic(), known)
         return known
 
     def _started(self, now: datetime) -> dict[str, Any]:
@@ -414,27 +409,27 @@ class AttemptJournal:
                 "started_at": now, "finished_at": None,
                 "closed_at": None, "http_status": None, "response": None, "assigned": None}
 
-    async def _start(self, conn: AsyncConnection, key: AttemptKey, seen: Prior | None, now: datetime) -> bool:
-        values = self._started(now)
+    def _start(self, conn: sa.Connection, key: AttemptKey, seen: Prior | None, now: datetime) -> bool:
+        row = {**_key_params(key), **self._started(now)}
         if seen is None:  # a concurrent insert of the same attempt fails on the primary key
-            await conn.execute(table.insert().values(transfer_id=key.transfer_id, target=key.target,
-                                                     round=key.round, attempt=key.attempt, **values))
+            prepared.insert(conn, table, [row])
             return True
-        updated = await conn.execute(table.update().where(_where(key) & (table.c.state == NOT_APPLIED))
-                                     .values(**values))
-        return bool(updated.rowcount)
+        # Only an attempt that certainly failed is made again, and only by one copy.
+        restart = prepared.prepared(conn, "journal-restart", lambda: _keyed(table.update()).where(
+            table.c.state == NOT_APPLIED).values({c: sa.bindparam(c, type_=table.c[c].type) for c in STARTED_ROW}))
+        return bool(restart.run(conn, [row]).rowcount)
 
     async def finish(self, key: AttemptKey, state: str, http_status: int | None = None,
                      response: dict[str, Any] | None = None, assigned: dict[str, str] | None = None) -> None:
         """Record how the attempt ended; a failure only costs a probe if the process then crashes."""
-        params = {**_key_params(key), "v_state": state, "v_finished": datetime.now(UTC), "v_status": http_status,
-                  "v_response": response, "v_assigned": assigned}
-        await self._queued(self._finishes, params)
+        row = {**_key_params(key), "state": state, "finished_at": datetime.now(UTC), "http_status": http_status,
+               "response": response, "assigned": assigned}
+        await self._queued(self._finishes, row)
 
     async def close(self, keys: Iterable[AttemptKey]) -> None:
         """The attempts' outcomes are committed on the bus: the rows are history now."""
         now = datetime.now(UTC)
-        rows = [{**_key_params(k), "v_closed": now} for k in keys]
+        rows = [{**_key_params(k), "closed_at": now} for k in keys]
         if rows:
             await self._queued(self._closes, rows)
 
@@ -451,13 +446,15 @@ class AttemptJournal:
         if self._finishes or self._closes:
             finishes, self._finishes = self._finishes, []
             closes, self._closes = self._closes, []
+
+            def write(conn: sa.Connection) -> None:
+                prepared.update(conn, table, KEY, ANSWER, [row for row, _ in finishes])
+                # After the answers: a close never precedes its attempt's answer.
+                prepared.update(conn, table, KEY, ("closed_at",), [row for rows, _ in closes for row in rows])
+
             try:
-                async with self.engine.begin() as conn:
-                    if finishes:
-                        await conn.execute(_FINISH, [params for params, _ in finishes])
-                    if closes:  # after the answers: a close never precedes its attempt's answer
-                        await conn.execute(_CLOSE, [row for rows, _ in closes for row in rows])
-                    self.transactions += 1
+                await self.ledger.write(write)
+                self.transactions += 1
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("attempt journal not updated", finished=len(finishes), closed=len(closes),
                             error=str(exc))
@@ -473,15 +470,14 @@ class AttemptJournal:
     async def purge(self, older_than_s: float) -> None:
         """Forget attempts started longer ago than `older_than_s` (their records have left the topics)."""
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
-        await self._best_effort("purge", table.delete().where(table.c.started_at < cutoff))
-
-    @shielded
-    async def _best_effort(self, what: str, statement: Any) -> None:
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(statement)
+            await self.ledger.write(lambda conn: conn.execute(table.delete().where(table.c.started_at < cutoff)))
         except (SQLAlchemyError, OSError) as exc:
-            log.warning("attempt journal not updated", action=what, error=str(exc))
+            log.warning("attempt journal not updated", action="purge", error=str(exc))
+
+
+STARTED_ROW = ("state", "process", "incarnation", "started_at", "finished_at", "closed_at", "http_status", "response",
+               "assigned")
 
 
 async def _settle(done: asyncio.Future[Claim], work: Awaitable[Claim]) -> None:
@@ -506,16 +502,27 @@ def _judge_again(key: AttemptKey, claim: Claim, chain: dict[int, Prior], now: da
     return judge(key, chain, now, in_flight_s, liveness)
 
 
-async def _read_chain(conn: AsyncConnection, key: AttemptKey) -> dict[int, Prior]:
-    return (await _read_chains(conn, [key]))[_chain_of(key)]
+def _keyed(statement: Any) -> Any:
+    """`statement` restricted to one attempt named by bound parameters (its key's column names)."""
+    return statement.where(sa.and_(*(table.c[k] == sa.bindparam(k, type_=table.c[k].type) for k in KEY)))
 
 
-async def _read_chains(conn: AsyncConnection, keys: list[AttemptKey]) -> dict[tuple[str, str, int], dict[int, Prior]]:
-    """`_read_chain` of several keys' chains in one query."""
+def _read_chains(conn: sa.Connection, keys: list[AttemptKey]) -> dict[tuple[str, str, int], dict[int, Prior]]:
+    """The chains of `keys`' attempts, each by attempt number, in one query (its rows locked on PostgreSQL)."""
     chains: dict[tuple[str, str, int], dict[int, Prior]] = {_chain_of(k): {} for k in keys}
-    rows = (await conn.execute(sa.select(table).where(sa.or_(*(_chain(k) for k in keys))).with_for_update())
-            ).mappings().all()
-    for row in rows:
+    unique = list(chains)
+
+    def build() -> Any:
+        return sa.select(table).where(sa.or_(*(
+            (table.c.transfer_id == sa.bindparam(f"t{i}", type_=table.c.transfer_id.type))
+            & (table.c.target == sa.bindparam(f"g{i}", type_=table.c.target.type))
+            & (table.c.round == sa.bindparam(f"r{i}", type_=table.c.round.type)) for i in range(len(unique))))
+        ).with_for_update()
+
+    params: dict[str, Any] = {}
+    for i, (transfer_id, target, round_) in enumerate(unique):
+        params |= {f"t{i}": transfer_id, f"g{i}": target, f"r{i}": round_}
+    for row in prepared.prepared(conn, ("journal-chains", len(unique)), build).all(conn, params):
         chains[(row["transfer_id"], row["target"], row["round"])][row["attempt"]] = _prior(row)
     return chains
 
@@ -527,11 +534,6 @@ def _chain_of(key: AttemptKey) -> tuple[str, str, int]:
 def _prior(row: Any) -> Prior:
     return Prior(row["state"], aware(row["started_at"]), row["process"], row["http_status"], row["response"],
                  row["assigned"], row["incarnation"])
-
-
-def _chain(key: AttemptKey) -> Any:
-    return ((table.c.transfer_id == key.transfer_id) & (table.c.target == key.target)
-            & (table.c.round == key.round))
 
 
 def _where(key: AttemptKey) -> Any:

@@ -128,7 +128,20 @@ def _resolve(reference: str, index: dict[str, str]) -> str | None:
     return index.get(f"{match['type']}/{match['id']}") if match else None
 
 
-def _rewrite(node: Any, path: str, index: dict[str, str], changes: list[Change]) -> Any:
+# Where a node sits, as a chain of (where its parent sits, key or index) from a root expression: rendered only
+# when a reference there changes (building every node's FHIRPath while walking was most of repair's CPU).
+Where = tuple[Any, str | int] | str
+
+
+def _expression(where: Where) -> str:
+    parts: list[str] = []
+    while isinstance(where, tuple):
+        where, step = where
+        parts.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+    return where + "".join(reversed(parts))
+
+
+def _rewrite(node: Any, where: Where, index: dict[str, str], changes: list[Change]) -> Any:
     """`node` with every reference to another entry pointed at its urn: the same object when nothing changed,
     else a copy of the objects on the way to each change (the rest shared). Appends to `changes` in order."""
     if isinstance(node, dict):
@@ -138,11 +151,11 @@ def _rewrite(node: Any, path: str, index: dict[str, str], changes: list[Change])
             after = _resolve(before, index)
             if after is not None and after != before:
                 copied = {**node, "reference": after}
-                changes.append(Change("reference", f"{path}.reference", before, after))
+                changes.append(Change("reference", f"{_expression(where)}.reference", before, after))
         for key, value in node.items():
-            if key == "contained" or not isinstance(value, dict | list):
+            if key == "contained" or not isinstance(value, _CONTAINERS):
                 continue  # contained resources reference within their container: leave them be
-            rewritten = _rewrite(value, f"{path}.{key}", index, changes)
+            rewritten = _rewrite(value, (where, key), index, changes)
             if rewritten is not value:
                 copied = copied if copied is not None else dict(node)
                 copied[key] = rewritten
@@ -150,12 +163,17 @@ def _rewrite(node: Any, path: str, index: dict[str, str], changes: list[Change])
     if isinstance(node, list):
         items: list[Any] | None = None
         for i, item in enumerate(node):
-            rewritten = _rewrite(item, f"{path}[{i}]", index, changes)
+            if not isinstance(item, _CONTAINERS):
+                continue  # a string, number or boolean holds no reference
+            rewritten = _rewrite(item, (where, i), index, changes)
             if rewritten is not item:
                 items = items if items is not None else list(node)
                 items[i] = rewritten
         return node if items is None else items
     return node
+
+
+_CONTAINERS = (dict, list)
 
 
 def original_full_urls(bundle: dict[str, Any]) -> list[str | None]:

@@ -66,7 +66,7 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     await bus.start()
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
-    stage = DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"), AttemptJournal(ledger.engine))
+    stage = DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"), AttemptJournal(ledger))
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, settings, stop))
     expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}

@@ -143,7 +143,7 @@ async def running(settings: Settings, dirs: TargetDirectory, tmp: Path, *,
     blobs = LocalBlobStore(tmp / "blobs")
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
-    stage = DeliveryStage(settings, dirs, blobs, AttemptJournal(ledger.engine))
+    stage = DeliveryStage(settings, dirs, blobs, AttemptJournal(ledger))
     stages: list[Any] = [stage]
     if tracker:
         stages.append(TrackerStage(ledger))
@@ -558,7 +558,7 @@ async def test_an_attempt_left_in_doubt_by_a_crash_is_probed_not_resent(
                headers={"Content-Type": "application/fhir+json", "X-Request-Id": f"{tid}/a"})
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
-    await AttemptJournal(ledger.engine, "crashed-process").claim(AttemptKey(tid, "a", 0, 1), in_flight_s=60)
+    await AttemptJournal(ledger, "crashed-process").claim(AttemptKey(tid, "a", 0, 1), in_flight_s=60)
     async with ledger.engine.begin() as conn:  # long enough ago that its POST cannot still be running
         await conn.execute(sa.update(delivery_attempts).values(started_at=datetime.now(UTC) - timedelta(hours=1)))
     await ledger.close()

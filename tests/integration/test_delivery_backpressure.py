@@ -67,7 +67,7 @@ class _Run:
         self.bus = make_bus(self.settings)
         await self.bus.start()
         self.stage = DeliveryStage(self.settings, self.directory, LocalBlobStore(self.work / "blobs"),
-                                   AttemptJournal(self.ledger.engine))
+                                   AttemptJournal(self.ledger))
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(run_stage(self.stage, self.bus, self.settings, self.stop))
         return self

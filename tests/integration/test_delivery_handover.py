@@ -80,7 +80,7 @@ class _TwoMembers:
         self.settings, self.ledger = settings, Ledger(settings.database_url)
         self.buses = [make_bus(settings), make_bus(settings)]
         self.stages = [DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"),
-                                     AttemptJournal(self.ledger.engine)) for _ in self.buses]
+                                     AttemptJournal(self.ledger)) for _ in self.buses]
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 

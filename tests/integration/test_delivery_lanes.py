@@ -65,7 +65,7 @@ async def test_a_slow_target_does_not_hold_a_fast_one_in_the_same_partition_and_
     await ledger.create_schema()
     bus = make_bus(s)
     await bus.start()
-    stage = DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
+    stage = DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger))
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, s, stop))
     try:
@@ -121,7 +121,7 @@ async def test_each_persons_bundles_arrive_in_order_at_a_healthy_and_a_flaky_tar
     await ledger.create_schema()
     bus = make_bus(s)
     await bus.start()
-    stage = DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
+    stage = DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger))
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, s, stop))
     try:

@@ -59,7 +59,7 @@ async def test_lanes_cancelled_mid_transaction_never_leave_the_ledger_locked(mak
     settings = make_settings()
     ledger = Ledger(settings.database_url)
     await audit.open_trail(ledger, settings)
-    journal = AttemptJournal(ledger.engine)
+    journal = AttemptJournal(ledger)
     db = tmp_path / "ledger.db"
 
     async def tracker_lane() -> None:  # what a tracker lane does per event

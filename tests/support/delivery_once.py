@@ -35,7 +35,7 @@ def make_stage(database_url: str, base_url: str, blobs: Path, process: str) -> t
                         log_format="console")
     target = Target(id="t", base_url=base_url, ambiguous="probe")
     return DeliveryStage(settings, TargetDirectory(targets=[target]), LocalBlobStore(blobs),
-                         AttemptJournal(ledger.engine, process)), ledger
+                         AttemptJournal(ledger, process)), ledger
 
 
 async def main(args: argparse.Namespace) -> None:

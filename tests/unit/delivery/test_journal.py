@@ -21,7 +21,6 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.core.blobstore import LocalBlobStore
 from services.core.envelope import Emit, Envelope, Record
@@ -64,7 +63,7 @@ class Scene:
         settings = Settings(database_url=ledger.url, retry_delays_s=[0.2, 0.5], max_attempts=4,
                             auth_disabled=True, log_format="console")
         self.stage = DeliveryStage(settings, TargetDirectory(targets=[self.target]),
-                                   LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine, "this"))
+                                   LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger, "this"))
 
     def _answer(self, seen: Seen) -> Answer:
         if seen.method != "POST":  # the capability read (once per process and base URL), searches
@@ -117,7 +116,7 @@ async def started_by_another_process(ledger: Ledger, env: Envelope, attempt: int
                                      incarnation: str | None = None) -> None:
     """A row another process left `started` `ago_s` ago (by default a live one: this test process)."""
     key = AttemptKey(env.transfer_id, "t", 0, attempt)
-    assert (await AttemptJournal(ledger.engine, "other").claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
+    assert (await AttemptJournal(ledger, "other").claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
     values: dict[str, Any] = {"started_at": datetime.now(UTC) - timedelta(seconds=ago_s)}
     if incarnation is not None:
         values["incarnation"] = incarnation
@@ -179,7 +178,7 @@ async def test_an_attempt_another_process_may_still_be_making_is_waited_for_not_
     assert len(parked) == 1 and parked[0].topic.startswith("deliveries.retry") and not s.posts  # no in_doubt
     assert parked[0].envelope.attempt == 0  # waiting burns no attempt
     key = AttemptKey.next_of(env)
-    await AttemptJournal(ledger.engine, "other").finish(key, DELIVERED, 200, OK, {})
+    await AttemptJournal(ledger, "other").finish(key, DELIVERED, 200, OK, {})
     await asyncio.sleep(BUSY_RECHECK_S)  # when the parked record is due again
     assert kinds(await s.handle(parked[0].envelope)) == ["delivered"] and not s.posts  # its outcome, once known
 
@@ -198,13 +197,13 @@ async def test_an_attempt_that_cannot_be_journaled_is_not_made(scene: Callable[[
     s = await scene("probe")
     journal = s.stage.journal
     # The ledger database cannot be reached (its volume is gone): nothing can be recorded.
-    unreachable = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/gone/ledger.db")
+    unreachable = Ledger(f"sqlite+aiosqlite:///{tmp_path}/gone/ledger.db")
     s.stage.journal = AttemptJournal(unreachable, "this")
     try:
         with pytest.raises(TransientError, match=r"delivery waits|not made"):
             await s.handle(record())
     finally:
-        await unreachable.dispose()
+        await unreachable.close()
     assert not s.posts  # "when the log cannot be written, delivery floods the target" cannot happen
     s.stage.journal = journal
     assert "delivered" in kinds(await s.handle(record()))  # the fault clears: the record goes on
@@ -226,7 +225,7 @@ async def test_an_answer_journaled_before_a_crash_completes_the_record_without_a
         scene: Callable[[str], Scene], ledger: Ledger) -> None:
     s = await scene("probe")
     env = record()
-    journal = AttemptJournal(ledger.engine, "crashed")
+    journal = AttemptJournal(ledger, "crashed")
     await journal.claim(AttemptKey.next_of(env), in_flight_s=60)
     await journal.finish(AttemptKey.next_of(env), DELIVERED, 200, OK, {"urn:uuid:a": "Patient/1"})
     emits = await s.handle(env)
@@ -280,7 +279,7 @@ async def test_every_resource_sent_carries_the_transfer_marker(scene: Callable[[
 
 async def claim_scenario(journal: AttemptJournal, ledger: Ledger, together: bool) -> list[ClaimVerdict]:
     """Chains in every state, two copies of one attempt, and fresh attempts: claimed at once or one by one."""
-    other = AttemptJournal(ledger.engine, "other")
+    other = AttemptJournal(ledger, "other")
     for key, state in [(AttemptKey("delivered", "t", 0, 1), DELIVERED), (AttemptKey("later", "t", 0, 2), None),
                        (AttemptKey("failed", "t", 0, 1), NOT_APPLIED)]:
         assert (await other.claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
@@ -300,10 +299,10 @@ async def test_claims_made_at_once_share_transactions_and_decide_as_one_by_one(t
     alone = Ledger(f"sqlite+aiosqlite:///{tmp_path}/alone.db")
     await alone.create_schema()
     try:
-        one_by_one = await claim_scenario(AttemptJournal(alone.engine, "this"), alone, together=False)
+        one_by_one = await claim_scenario(AttemptJournal(alone, "this"), alone, together=False)
     finally:
         await alone.close()
-    journal = AttemptJournal(ledger.engine, "this")
+    journal = AttemptJournal(ledger, "this")
     together = await claim_scenario(journal, ledger, together=True)
     assert together == one_by_one == [ClaimVerdict.DELIVERED, ClaimVerdict.SUPERSEDED, ClaimVerdict.GO,
                                       ClaimVerdict.GO, ClaimVerdict.BUSY, *[ClaimVerdict.GO] * 20]
@@ -317,7 +316,7 @@ async def test_claims_made_at_once_share_transactions_and_decide_as_one_by_one(t
 
 
 async def test_two_processes_claiming_one_attempt_at_once_make_it_once(ledger: Ledger) -> None:
-    journals = [AttemptJournal(ledger.engine, f"process-{n}") for n in range(2)]
+    journals = [AttemptJournal(ledger, f"process-{n}") for n in range(2)]
     keys = [AttemptKey(f"tr-{i}", "t", 0, 1) for i in range(10)]
     claims = await asyncio.gather(*(j.claim(k, in_flight_s=60) for k in keys for j in journals))
     verdicts = [c.verdict for c in claims]
@@ -327,7 +326,7 @@ async def test_two_processes_claiming_one_attempt_at_once_make_it_once(ledger: L
 
 
 async def test_answers_and_closes_made_at_once_share_transactions(ledger: Ledger) -> None:
-    journal = AttemptJournal(ledger.engine, "this")
+    journal = AttemptJournal(ledger, "this")
     keys = [AttemptKey(f"tr-{i}", "t", 0, 1) for i in range(30)]
     await asyncio.gather(*(journal.claim(k, in_flight_s=60) for k in keys))
     before = journal.transactions
@@ -417,7 +416,7 @@ async def test_a_killed_process_attempt_is_resolved_after_the_target_settles_a_l
     """Real processes on this host: one alive, then SIGKILLed; the target's pace read from the journal."""
     env = record()
     key = AttemptKey(env.transfer_id, "t", 0, 1)
-    judging = AttemptJournal(ledger.engine, "this")
+    judging = AttemptJournal(ledger, "this")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         them = incarnation_of(sleeper.pid)
@@ -430,12 +429,12 @@ async def test_a_killed_process_attempt_is_resolved_after_the_target_settles_a_l
         # Dead, but the target's pace is unknown (nothing answered yet): the whole bound still holds.
         assert (await judging.claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY
         paced = AttemptKey("tr-paced", "t", 0, 1)  # an answer of the target, in 0.1 s: its pace
-        assert (await AttemptJournal(ledger.engine, "another").claim(paced, in_flight_s=60)).verdict is ClaimVerdict.GO
+        assert (await AttemptJournal(ledger, "another").claim(paced, in_flight_s=60)).verdict is ClaimVerdict.GO
         async with ledger.engine.begin() as conn:
             await conn.execute(sa.update(delivery_attempts).where(delivery_attempts.c.transfer_id == "tr-paced")
                                .values(state=DELIVERED, http_status=200, started_at=datetime.now(UTC),
                                        finished_at=datetime.now(UTC) + timedelta(seconds=0.1)))
-        fresh = AttemptJournal(ledger.engine, "fresh")  # sees the death now: waits for the target to settle
+        fresh = AttemptJournal(ledger, "fresh")  # sees the death now: waits for the target to settle
         assert (await fresh.claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY
         await asyncio.sleep(DEAD_SETTLE_MARGIN_S + 0.3)
         assert (await fresh.claim(key, in_flight_s=60)).verdict is ClaimVerdict.IN_DOUBT  # not 50 s more
@@ -454,22 +453,22 @@ async def test_a_ledger_from_before_incarnations_gets_the_column_and_its_rows_wa
                                    "process, started_at) VALUES ('tr-old', 't', 0, 1, 'started', 'gone-1', :at)"),
                            {"at": datetime.now(UTC) - timedelta(seconds=10)})
     await ledger.create_schema()  # as every delivery process does at start
-    assert (await AttemptJournal(ledger.engine, "new").claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY
-    prior = await AttemptJournal(ledger.engine, "new").prior(key)
+    assert (await AttemptJournal(ledger, "new").claim(key, in_flight_s=60)).verdict is ClaimVerdict.BUSY
+    prior = await AttemptJournal(ledger, "new").prior(key)
     assert prior is not None and prior.incarnation is None
 
 
 async def test_each_attempt_records_the_incarnation_that_makes_it(ledger: Ledger) -> None:
     key = AttemptKey("tr-1", "t", 0, 1)
-    assert (await AttemptJournal(ledger.engine, "delivery-1").claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
-    prior = await AttemptJournal(ledger.engine, "x").prior(key)
+    assert (await AttemptJournal(ledger, "delivery-1").claim(key, in_flight_s=60)).verdict is ClaimVerdict.GO
+    prior = await AttemptJournal(ledger, "x").prior(key)
     assert prior is not None and prior.process == "delivery-1"  # the name people read stays as it was
     assert prior.incarnation == str(incarnation_of(os.getpid()))
 
 
 async def test_copies_claiming_at_once_never_both_make_an_attempt_of_one_chain(ledger: Ledger) -> None:
     """Two processes, each with a copy of a record, claim at the same moment — on PostgreSQL too (test_postgres)."""
-    first, second = AttemptJournal(ledger.engine, "first"), AttemptJournal(ledger.engine, "second")
+    first, second = AttemptJournal(ledger, "first"), AttemptJournal(ledger, "second")
     for n in range(20):
         # Both copies make attempt 1 of a new transfer.
         same = await asyncio.gather(*(j.claim(AttemptKey(f"tr-{n}", "t", 0, 1), in_flight_s=60)

@@ -32,7 +32,7 @@ async def test_operator_pause_holds_records_and_resume_lets_them_go(tmp_path: Pa
     async with ScriptedTarget(answer) as server:
         target = Target(id="t", base_url=server.base_url)
         stage = DeliveryStage(Settings(auth_disabled=True, retry_delays_s=[1, 2]), TargetDirectory(targets=[target]),
-                              LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
+                              LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger))
         env = Envelope(type="fr.relais.delivery", source="/relais/router", transfer_id="tr-1",
                        data=orjson.dumps(make_bundle(2, seed=1)), producer="p", target="t")
         record = Record(DELIVERIES, 0, 0, b"t|x", env)

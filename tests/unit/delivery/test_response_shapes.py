@@ -112,7 +112,7 @@ async def _deliver(tmp_path: Path, bundle: dict[str, Any], server: ScriptedTarge
     ledger = Ledger(settings.database_url)
     await ledger.create_schema()
     stage = DeliveryStage(settings, TargetDirectory(targets=[target]), LocalBlobStore(tmp_path / "blobs"),
-                          AttemptJournal(ledger.engine))
+                          AttemptJournal(ledger))
     env = Envelope(type="fr.relais.delivery", source="/relais/router", transfer_id="tr-1",
                    data=orjson.dumps(bundle), producer="p", target="t")
     try:

@@ -48,7 +48,7 @@ async def test_reports_are_kept_per_process_and_read_back(ledger: Ledger) -> Non
 async def test_delivery_reports_breaker_transitions(ledger: Ledger, tmp_path: Path) -> None:
     target = Target(id="t", base_url="http://127.0.0.1:9/fhir")
     stage = DeliveryStage(Settings(auth_disabled=True), TargetDirectory(targets=[target]),
-                          LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
+                          LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger))
     reported: list[tuple[str, str, int]] = []
 
     async def report(target_id: str, circuit: str, failures: int) -> None:

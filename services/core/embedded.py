@@ -39,7 +39,7 @@ from services.core.bus import Partition
 from services.core.crypto import Keyring, open_envelope, seal_envelope
 from services.core.embedded_groups import HOST, LEASE_S, Fenced, TopicPartition
 from services.core.embedded_inbox import Inbox, inbox_path
-from services.core.embedded_log import MAX_POLL_BYTES, EmbeddedLog, Row
+from services.core.embedded_log import EmbeddedLog, Row
 from services.core.envelope import Emit, Envelope, EnvelopeError, Record
 from services.core.errors import BusUnavailable
 from services.core.logging import get_logger
@@ -55,7 +55,8 @@ IDLE_POLL_S = 0.05  # cross-process wake-up: an idle member looks at the log thi
 PRUNE_EVERY_S = 60.0
 PROBE_AFTER_S = 2.0  # readiness: with no successful write for this long, write a probe
 PENDING_BATCH = 500  # records read at a time by `pending` (a member taking partitions over reads their backlog)
-MOVE_ROWS = 500  # inbox rows moved into the log per transaction (and about MAX_POLL_BYTES of values)
+MOVE_ROWS = 500  # inbox rows moved into the log per transaction ...
+MOVE_BYTES = 16 * 1024 * 1024  # ... and about this much of their values: a burst published at once lands at once
 SWEEP_S = 1.0  # every process looks for inbox rows a dead publisher left this often ...
 SWEEP_AGE_S = 2.0  # ... and moves those waiting longer than this (the publisher moves its own at once)
 STOP_MOVE_S = 5.0  # a stopping publisher moves what it put for at most this long (else the others sweep it)
@@ -145,7 +146,7 @@ class EmbeddedBus:
         put_before = None if waiting_s is None else time.time() - waiting_s
         moved = 0
         while True:
-            inbox, rows = await self.inbox.read(self.inbox.after, self._moved, MOVE_ROWS, MAX_POLL_BYTES, put_before)
+            inbox, rows = await self.inbox.read(self.inbox.after, self._moved, MOVE_ROWS, MOVE_BYTES, put_before)
             if inbox is None:
                 return moved
             if inbox != self._moved_of:  # first look, or a new inbox file: start from the log's position
@@ -218,7 +219,10 @@ class EmbeddedBus:
         return EmbeddedSubscription(self, self.settings.group(stage), topics)
 
     async def lag(self, stage: str, topics: Sequence[str]) -> dict[Partition, int]:
-        """Head minus committed offset per partition."""
+        """Head minus committed offset per partition; acknowledged records still in the inbox are moved first,
+        so a reader sees every record a publish has acknowledged (as on Kafka)."""
+        with contextlib.suppress(BusUnavailable):
+            await self.move_inbox()
         group = self.settings.group(stage)
         physical = [self.settings.topic(t) for t in topics]
         parts = await self.log.read(self.log.partitions, physical)

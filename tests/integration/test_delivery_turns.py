@@ -64,7 +64,7 @@ async def _delivering(settings: Settings, directory: TargetDirectory,
     await ledger.create_schema()
     bus = make_bus(settings)
     await bus.start()
-    stage = DeliveryStage(settings, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger.engine))
+    stage = DeliveryStage(settings, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger))
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, settings, stop))
     try:

@@ -38,8 +38,8 @@ BOOTSTRAP_ENV = "RELAIS_KAFKA_BOOTSTRAP"
 
 INSTALL_HINT = "install Java 17 and Maven: apt-get install -y openjdk-17-jre-headless maven"
 # C1 only: a local broker lives for minutes (tests, benchmarks, a demo), and C2 kept compiling through all of
-# them — on 2 cores its compiler threads cost 13-20 ms of CPU per Bundle carried, as much as the broker's request
-# handling (10-17 ms) and more than all of Relais (issue 16). With C1 only: request handling 10-12 ms, compiling
+# them — on 2 cores its compiler threads cost 20-27 ms of CPU per Bundle carried, twice the broker's request
+# handling (10-17 ms) and more than all of Relais (issue 16). With C1 only: request handling 10-30 ms, compiling
 # 1-5 ms. A production broker (long-lived, its own machine) is the operator's, with the JVM's defaults.
 _JVM_FLAGS = ("-Xms256m", "-Xmx512m", "-XX:TieredStopAtLevel=1")
 _MAVEN_TIMEOUT_S = 900.0

@@ -15,17 +15,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from services.core.blobstore import LocalBlobStore
-from services.core.buses import make_bus
 from services.core.envelope import Emit, Envelope
-from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES
-from services.delivery.journal import AttemptJournal
-from services.delivery.stage import DeliveryStage
-from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, patient_identifier
+from tests.support.delivering import delivering
 from tests.support.kafka import wait_for
 from tests.support.processes import DemoTarget
 
@@ -61,24 +56,11 @@ async def test_a_slow_target_does_not_hold_a_fast_one_in_the_same_partition_and_
     # Interleaved: slow, fast, slow, fast...; 3 persons per target, 3 Bundles each, in send order.
     emits = [delivery(t, person, seed=100 * person + 10 * n + (t == "fast"))
              for n in range(3) for person in range(3) for t in ("slow", "fast")]
-    ledger = Ledger(s.database_url)
-    await ledger.create_schema()
-    bus = make_bus(s)
-    await bus.start()
-    stage = DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger))
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_stage(stage, bus, s, stop))
-    try:
+    async with delivering(s, directory, tmp_path) as (bus, _):
         await bus.publish(emits)
         await wait_for(lambda: _has(fast, 9), timeout_s=60)
         slow_rounds_begun = len(slow.received())  # the slow target's requests so far, counted as they arrive
         await wait_for(lambda: _has(slow, 9), timeout_s=60)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await stage.aclose()
-        await bus.stop()
-        await ledger.close()
     # The slow target takes 6 s a Bundle and one person's three are sequential: its second round begins
     # 6 s after its first. The fast target's nine, interleaved with them in one partition, are all there
     # before that (a count, not a clock: a loaded machine slows both sides alike).
@@ -117,23 +99,10 @@ async def test_each_persons_bundles_arrive_in_order_at_a_healthy_and_a_flaky_tar
                 env = Envelope(type="fr.relais.delivery.requested", source="/relais/tests",
                                transfer_id=str(uuid.uuid4()), data=orjson.dumps(bundle), producer="p", target=target)
                 emits.append(Emit(DELIVERIES, f"{target}|person-{person}".encode(), env))
-    ledger = Ledger(s.database_url)
-    await ledger.create_schema()
-    bus = make_bus(s)
-    await bus.start()
-    stage = DeliveryStage(s, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger))
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_stage(stage, bus, s, stop))
-    try:
+    async with delivering(s, directory, tmp_path) as (bus, _):
         await bus.publish(emits)
         await wait_for(lambda: _applied(flaky, 50), timeout_s=90)
         await wait_for(lambda: _applied(healthy, 50), timeout_s=30)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await stage.aclose()
-        await bus.stop()
-        await ledger.close()
     assert sum(1 for r in flaky.received() if r["status"] == 503) >= 10  # it really was flaky
     for target in (flaky, healthy):
         rows = sorted((r for r in target.received() if r["applied"]),

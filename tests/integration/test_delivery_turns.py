@@ -12,11 +12,10 @@ demo targets; arrivals timed and counted at the targets, by content.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,12 @@ from typing import Any
 import orjson
 import pytest
 
-from services.core.blobstore import LocalBlobStore
 from services.core.envelope import Emit, Envelope
-from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES
-from services.delivery.journal import AttemptJournal
-from services.delivery.stage import DeliveryStage
-from services.launcher import make_bus
-from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, patient_identifier
+from tests.support.delivering import delivering
 from tests.support.kafka import wait_for
 from tests.support.processes import DemoTarget
 
@@ -54,27 +48,6 @@ def _delivery(target: str, person: str, seed: int, entries: int = ENTRIES) -> Em
     env = Envelope(type="fr.relais.delivery.requested", source="/relais/tests", transfer_id=str(uuid.uuid4()),
                    data=orjson.dumps(make_bundle(entries, seed=seed)), producer="p", target=target)
     return Emit(DELIVERIES, f"{target}|{person}".encode(), env)
-
-
-@contextlib.asynccontextmanager
-async def _delivering(settings: Settings, directory: TargetDirectory,
-                      tmp_path: Path) -> AsyncIterator[tuple[Any, DeliveryStage]]:
-    """A delivery stage on the real runner and embedded log; yields the bus to publish on, and the stage."""
-    ledger = Ledger(settings.database_url)
-    await ledger.create_schema()
-    bus = make_bus(settings)
-    await bus.start()
-    stage = DeliveryStage(settings, directory, LocalBlobStore(tmp_path / "blobs"), AttemptJournal(ledger))
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_stage(stage, bus, settings, stop))
-    try:
-        yield bus, stage
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await stage.aclose()
-        await bus.stop()
-        await ledger.close()
 
 
 async def _applied(target: DemoTarget) -> list[dict[str, object]]:
@@ -115,7 +88,7 @@ async def test_a_burst_for_slow_targets_published_first_does_not_delay_a_quick_t
         {"id": "fast", "base_url": fast.fhir},
         *({"id": f"slow{i}", "base_url": t.fhir, "max_concurrency": SLOW_SLOTS, "timeouts": {"total_s": 20}}
           for i, t in enumerate(slow))]})
-    async with _delivering(settings, directory, tmp_path) as (bus, stage):
+    async with delivering(settings, directory, tmp_path) as (bus, stage):
         # Every target's pace is known (a target not heard from yet is not slow), connections are open.
         await bus.publish([_delivery("fast", "warm-up", seed=1)]
                           + [_delivery(f"slow{i}", "warm-up", seed=10 + i) for i in range(SLOW_TARGETS)])
@@ -154,7 +127,7 @@ async def test_a_lone_target_whose_answers_slow_down_never_waits_for_its_own_rec
                                  log_level="warning")
         directory = TargetDirectory.model_validate({"targets": [
             {"id": "lone", "base_url": lone.fhir, "max_concurrency": LONE_SLOTS, "timeouts": {"total_s": 20}}]})
-        async with _delivering(settings, directory, tmp_path) as (bus, _):
+        async with delivering(settings, directory, tmp_path) as (bus, _):
             # Quick at first: its records are counted in as a quick target's ...
             await bus.publish([_delivery("lone", f"w{n}", seed=n, entries=5) for n in range(2)])
             await wait_for(lambda: _count_at_least(lone, 2), timeout_s=30)

@@ -93,15 +93,18 @@ async def test_a_target_never_gives_way_to_its_own_records_however_slow_it_gets(
     assert turns.quick_in_progress == 0
 
 
+def _busy(turns: Turns, target: str, release: asyncio.Event) -> asyncio.Task[None]:
+    """A record of `target` in progress until `release` is set."""
+    async def record() -> None:
+        with turns.in_progress(target):
+            await release.wait()
+    return asyncio.create_task(record())
+
+
 async def test_a_record_gives_way_for_a_bounded_time_only() -> None:
     turns = _turns(max_wait_s=0.1)
     release = asyncio.Event()
-
-    async def busy_quick_target() -> None:
-        with turns.in_progress("fast"):
-            await release.wait()
-
-    busy = asyncio.create_task(busy_quick_target())
+    busy = _busy(turns, "fast", release)
     await asyncio.sleep(0)
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -118,12 +121,7 @@ async def test_a_record_gives_way_for_a_bounded_time_only() -> None:
 async def test_a_record_giving_way_goes_on_as_soon_as_its_target_answers_quickly_again() -> None:
     turns = _turns()
     release = asyncio.Event()
-
-    async def busy_quick_target() -> None:
-        with turns.in_progress("fast"):
-            await release.wait()
-
-    busy = asyncio.create_task(busy_quick_target())
+    busy = _busy(turns, "fast", release)
     await asyncio.sleep(0)
     waiting = asyncio.create_task(turns.give_way("slow"))
     await asyncio.sleep(0.05)

@@ -127,8 +127,7 @@ class EmbeddedBus:
         into the log right after, in the background. Refused while the log refuses writes: the inbox is a
         door, not a second log (what it holds waits for the log; it must not grow while the log is broken)."""
         if self.log.problem:
-            with contextlib.suppress(BusUnavailable):
-                await self.write(self.log.probe, f"{HOST}-{os.getpid()}")
+            await self._probe_log()
             if self.log.problem:
                 raise BusUnavailable(f"{self.log.problem} (nothing was accepted; retried when the fault clears)")
         unknown = {e.topic for e in emits} - self._topics
@@ -183,13 +182,17 @@ class EmbeddedBus:
     async def storage_problem(self) -> str | None:
         """Why this process cannot write the log now, or None; writes a probe when nothing was written lately."""
         if time.monotonic() - self.log.last_write_ok > PROBE_AFTER_S or self.log.problem:
-            with contextlib.suppress(BusUnavailable):
-                await self.write(self.log.probe, f"{HOST}-{os.getpid()}")
+            await self._probe_log()
         if self.inbox.problem:
             with contextlib.suppress(BusUnavailable):
                 await self.inbox.write(self.inbox.probe)
             self._report()
         return self.log.problem or self.inbox.problem
+
+    async def _probe_log(self) -> None:
+        """A tiny real write to the log: clears `log.problem` when it takes writes again."""
+        with contextlib.suppress(BusUnavailable):
+            await self.write(self.log.probe, f"{HOST}-{os.getpid()}")
 
     @property
     def problem_reason(self) -> str | None:

@@ -100,31 +100,24 @@ class _Pairs(list[tuple[str, Any]]):
 
 # A quote, whitespace, a colon: a key written with space before its colon (or quote-space-colon inside a string).
 _SPACED_COLON = re.compile(rb'"[ \t\r\n]+:')
+# A quote or a colon written as a \\u escape (a backslash before it may make it no escape: counted anyway).
+_ESCAPED_QUOTE_OR_COLON = re.compile(rb"\\u00(?:22|3[aA])")
 
 
 def duplicate_key(body: bytes, tree: Any) -> str | None:
     """The FHIRPath of the first key repeated within one JSON object, or None. `tree` is `body` as orjson read it.
 
-    orjson keeps the last of two equal keys silently, so a repeat shows only as fewer keys in the tree than in
-    the text. The text's `":` count every key whose colon follows its closing quote, plus a few that are no key
-    (an escaped quote before a colon inside a string, a string that starts with a colon): never too few. So when
-    no key has space before its colon and that count equals the tree's keys, nothing repeats; otherwise the
-    exact walk decides and names the path.
+    orjson keeps one of two equal keys silently, so a repeat shows only as a key missing from the tree. The
+    text's `":` are its keys' closing quotes (when no key has space before its colon) plus the quote-colons
+    inside its strings; orjson writes the tree back with the same ones, minus the keys it dropped and their
+    values' — as long as the body writes no quote or colon as a `\\u` escape (orjson writes them plainly). So
+    equal counts mean nothing repeats (a count, not a walk of the tree); otherwise the exact walk decides and
+    names the path.
     """
-    if _SPACED_COLON.search(body) is None and body.count(b'":') == _keys_kept(tree):
+    if (_SPACED_COLON.search(body) is None and _ESCAPED_QUOTE_OR_COLON.search(body) is None
+            and body.count(b'":') == orjson.dumps(tree).count(b'":')):
         return None
     return first_duplicate_key(body)
-
-
-def _keys_kept(tree: Any) -> int:
-    """How many keys the parsed JSON holds, all objects together (level by level: one comprehension a level)."""
-    level, keys = [tree], 0
-    while level:
-        objects = [node for node in level if type(node) is dict]
-        keys += sum(map(len, objects))
-        level = [child for node in objects for child in node.values() if isinstance(child, dict | list)] + \
-                [child for node in level if type(node) is list for child in node if isinstance(child, dict | list)]
-    return keys
 
 
 def first_duplicate_key(body: bytes) -> str | None:

@@ -233,9 +233,9 @@ def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: lis
     lines.append(f"floor: fhir.resources R4B Bundle.model_validate, one core, 30 entries: {base:.0f} Bundles/s")
     with tempfile.TemporaryDirectory(prefix="relais-bench-cores-") as tmp:
         work = Path(tmp)
-        for n in workers or [None]:
-            (work / f"e2e-{n}").mkdir()
-            rate_e2e, cpu = end_to_end(work / f"e2e-{n}", bundles, n)
+        for i, n in enumerate(workers or [None]):
+            (work / f"e2e-{i}").mkdir()
+            rate_e2e, cpu = end_to_end(work / f"e2e-{i}", bundles, n)
             how = "defaults" if n is None else f"RELAIS_WORKERS={n}"
             lines.append(f"relais run ({how}, embedded), {bundles} Bundles, 16 clients, POST -> applied at target: "
                          f"{rate_e2e:.1f} Bundles/s; ratio to the floor {rate_e2e / base:.2f} (goal >= 1.0); load "

@@ -1,9 +1,10 @@
 """The duplicate-key check: a key counted twice in one object is found, whichever way the JSON is written.
 
-`duplicate_key` answers most bodies from two counts (keys written in the text, keys kept by the parser) and
-falls back to the standard parser's pairs hook to name the path; here it must agree with that exact walk
-on JSON written every which way: escaped keys that unescape to the same name, quotes and colons inside
-strings, backslashes before a closing quote, spaces before colons, duplicates at any depth.
+`duplicate_key` answers most bodies from two counts (the text's `":`, and those of orjson writing back what it
+kept) and falls back to the standard parser's pairs hook to name the path; here it must agree with that exact
+walk on JSON written every which way: escaped keys that unescape to the same name, quotes and colons inside
+strings (plain or as `\\u` escapes), backslashes before a closing quote, spaces before colons, duplicates at
+any depth.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,11 +27,13 @@ SPACE = st.sampled_from(["", " ", "\n  ", "\t"])
 
 
 def _string(draw: st.DrawFn, text: str) -> str:
-    """`text` as a JSON string, each character escaped or not at random (`\\u0061` is `a`)."""
+    """`text` as a JSON string, each character written plainly or as `\\uXXXX` (either case) at random:
+    `\\u0061` is `a`, `\\u0022` a quote, `\\u003A` a colon."""
     out = []
     for ch in text:
-        plain = json.dumps(ch)[1:-1]
-        out.append(plain if draw(st.booleans()) or plain != ch else f"\\u{ord(ch):04x}")
+        how = draw(st.sampled_from(["plain", "lower", "upper"]))
+        out.append(json.dumps(ch)[1:-1] if how == "plain" else f"\\u{ord(ch):04x}" if how == "lower"
+                   else f"\\u{ord(ch):04X}")
     return '"' + "".join(out) + '"'
 
 
@@ -68,4 +72,12 @@ def test_a_duplicate_deep_in_a_real_bundle_is_named_with_its_path() -> None:
 
 def test_an_escaped_key_equal_to_another_is_a_duplicate() -> None:
     body = b'{"resourceType":"Bundle","\\u0074ype":"transaction","type":"batch"}'
+    assert duplicate_key(body, orjson.loads(body)) == "Bundle.type"
+
+
+@pytest.mark.parametrize("text", ['"\\u0022:"', '"\\"\\u003a"', '"\\"\\u003A"', '" \\u0022:"'])
+def test_a_quote_or_colon_written_as_an_escape_cannot_hide_a_repeat(text: str) -> None:
+    # Parsed and written back, the string holds one more quote-colon than the text shows: as many as the key
+    # dropped, so the counts alone would match.
+    body = b'{"resourceType":"Bundle","type":"transaction","type":"batch","note":' + text.encode() + b"}"
     assert duplicate_key(body, orjson.loads(body)) == "Bundle.type"

@@ -24,6 +24,10 @@ from services.core.topics import declared_topics, max_record_bytes, topic_config
 log = get_logger(__name__)
 
 TRANSACTION_TIMEOUT_MS = 15_000
+# Joining the group includes waiting for the rebalance to finish. Two replicas started together sometimes never
+# get there (seen: one member rejoined every heartbeat, 78 generations in a minute, while the other's JoinGroup
+# never returned): past this, the member leaves and joins again as a new one, which ends the cycle.
+JOIN_TIMEOUT_S = 30.0
 PENDING_TIMEOUT_S = 60.0  # reading the records waiting in partitions taken over (their retry backlog)
 
 
@@ -239,7 +243,12 @@ class KafkaSubscription:
             partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
         )
         self._consumer.subscribe(topics=self.topics, listener=_Revocations(self))
-        await self._consumer.start()
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                await self._consumer.start()  # returns once this member has its first assignment
+        except TimeoutError:
+            raise BusUnavailable(f"joining the consumer group {self.group} took over {JOIN_TIMEOUT_S:g}s (a rebalance "
+                                 "that does not finish); leaving it to join again") from None
 
     async def stop(self) -> None:
         """Leave the group and close the producer; safe twice."""

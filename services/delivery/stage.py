@@ -93,6 +93,7 @@ JOURNAL_PURGE_EVERY_S = 3600.0
 # plus the hand-over) stops retry tiers from being read meanwhile, and a head forgotten then is overtaken.
 ORDER_STALE_MIN_S = 60.0
 BUSY_RECHECK_S = 1.0  # how soon a record whose attempt may be in flight elsewhere looks at its outcome again
+OVERFLOW_RECHECK_S = 0.5  # the soonest a record past its target's backlog bound comes back (else: parked again)
 
 
 class _StaleCopy(Exception):
@@ -289,9 +290,11 @@ class DeliveryStage:
                       "backlog.overflow is refuse; replay this dead letter once the target has caught up")
             return await self._dead_letter(record, env, env.attempt, Attempt(None, error=reason, sent=False),
                                            Decision(Fate.DEAD_LETTER, reason))
-        # Come back about when the records ahead of it should be done, at the target's recent pace.
+        # Come back about when the records ahead of it should be done, at the target's recent pace (one not heard
+        # from yet: as if it answered in OVERFLOW_RECHECK_S). Never a retry tier's delay (10 s by default) at least:
+        # a quick target sat idle meanwhile, 5 s at a time in bursts of 1,200 for one target.
         ahead = gate.waiting + gate.busy
-        wait_s = max(ahead / gate.slots * rt.latency.p50(default=self.tiers[0]), self.tiers[0])
+        wait_s = max(ahead / gate.slots * rt.latency.p50(default=OVERFLOW_RECHECK_S), OVERFLOW_RECHECK_S)
         log.info("target backlog full; record parked in a retry tier", waiting=gate.waiting, wait_s=round(wait_s, 2))
         return [self._park(record, env, wait_s)]
 

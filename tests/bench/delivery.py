@@ -3,6 +3,12 @@
 `python -m tests.bench.delivery [--count N] [--only slow] [--bus kafka|embedded] [--repeat R]` — on Kafka, uses
 RELAIS_KAFKA_BOOTSTRAP, else starts a local Kafka. One delivery stage in-process (the real runner),
 demo targets as processes, 10-entry TDDUI Bundles. Prints figures; asserts nothing.
+
+What is timed: a Bundle's latency is from the moment its publish was acknowledged (it is on the bus: Kafka
+acknowledged it, or the embedded log's inbox committed it; that is where delivery's work starts) to its
+arrival at its target (the demo target's receipt time). The measured records are published by a process
+of their own (`tests.bench.publisher`), so the publisher's work is neither counted nor run on the
+delivery stage's event loop; only warm-up records (not timed) are published from this process.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -34,6 +41,7 @@ from services.delivery.stage import DeliveryStage
 from services.launcher import make_bus
 from services.tracker.ledger import Ledger
 from tests.bench import kafka_bootstrap
+from tests.bench.publisher import write_records
 from tests.fixtures.tddui import make_bundle
 from tests.support.processes import DemoTarget, free_port
 
@@ -56,8 +64,11 @@ async def _received(url: str) -> list[dict[str, Any]]:
 async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit], watch: dict[str, str],
                work: Path, *, round_size: int = 0, pace_s: float = 0.0,
                warmup: Sequence[tuple[Emit, str]] = ()) -> tuple[float, list[float]]:
-    """Publish `emits` (at once, or `round_size` at a time every `pace_s`), wait until every watched target
-    has its share; (elapsed, latencies in s: each Bundle's arrival at its target since it was published).
+    """Have `emits` published (at once, or `round_size` at a time every `pace_s`) by a publisher process of
+    their own (`tests.bench.publisher`), wait until every watched target has its share; (elapsed, latencies
+    in s: each Bundle's arrival at its target since its publish was acknowledged, i.e. since it was on the
+    bus, where the delivery stage's work starts). The publisher's own work is neither timed nor run on
+    the stage's event loop.
 
     `warmup` (records, each with its target's base URL) is delivered first and not measured: the group has
     joined, the connections are open, every target has answered once (so the stage knows its pace, as a
@@ -70,6 +81,16 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     stop = asyncio.Event()
     task = asyncio.create_task(run_stage(stage, bus, settings, stop))
     expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}
+    records, acks = work / f"records-{uuid.uuid4().hex[:6]}.jsonl", work / f"acks-{uuid.uuid4().hex[:6]}.json"
+    write_records(records, emits)
+    where = ["--bootstrap", settings.kafka_bootstrap] if settings.kafka_bootstrap else \
+        ["--log-path", str(settings.embedded_log_path)]
+    publisher = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.bench.publisher", "--records", str(records), "--acks", str(acks),
+        "--topic-prefix", settings.topic_prefix, "--partitions", str(settings.topic_partitions), *where,
+        "--round-size", str(round_size), "--pace-s", str(pace_s),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert publisher.stdin is not None and publisher.stdout is not None
     if warmup:
         await bus.publish([emit for emit, _ in warmup])
         for emit, _ in warmup:  # the stage has had each target's answer (a slow target's, 5 s later)
@@ -83,15 +104,12 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
                 await client.delete(f"{url}/_received")
     # Made before the clock starts: a new client loads the CA bundle, which stalled the shared loop 40-220 ms.
     poller = httpx.AsyncClient(timeout=60)
+    ready = await asyncio.wait_for(publisher.stdout.readline(), 120)
+    if ready.strip() != b"ready":
+        raise RuntimeError(f"the publisher process did not start (it said {ready!r}); see its error above")
     began = time.perf_counter()
-    published: dict[str, float] = {}
-    rounds = [emits[i:i + round_size] for i in range(0, len(emits), round_size)] if round_size else [emits]
-    for n, batch in enumerate(rounds):
-        if n:
-            await asyncio.sleep(max(0.0, began + n * pace_s - time.perf_counter()))
-        wall = time.time()
-        published |= {e.envelope.transfer_id: wall for e in batch}
-        await bus.publish(batch)
+    publisher.stdin.write(b"go\n")
+    await publisher.stdin.drain()
     # The bench shares the stage's event loop: it polls counts (`?summary=1`) on one client, never the bodies
     # (decoding every received Bundle five times a second took more CPU than the stage it measures).
     async with poller:
@@ -101,6 +119,9 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
                 break
             await asyncio.sleep(0.2)
     elapsed = time.perf_counter() - began
+    if await asyncio.wait_for(publisher.wait(), 60):
+        raise RuntimeError(f"the publisher process failed (exit {publisher.returncode}); see its error above")
+    published: dict[str, float] = orjson.loads(acks.read_bytes())
     stop.set()
     await task
     await stage.aclose()

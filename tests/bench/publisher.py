@@ -7,10 +7,11 @@ A bench that publishes from the process it measures counts its own publish in th
 the measured stage's event loop (issue 15: a 360-record burst beside 5 slow targets). This process opens
 the bus (Kafka, or the embedded log's inbox: both take several publishing processes), prints `ready`,
 waits for a line on its standard input, then publishes the records of `--records` (JSON lines written by
-`write_records`), `--round-size` at a time every `--pace-s` (all at once without a round size). Once a
-publish call has returned, its records are on the bus (Kafka acknowledged them; the embedded inbox
-committed them), which is where delivery's work starts: that moment (epoch seconds) is written per
-transfer id to `--acks` (a JSON object) before it exits.
+`write_records`), `--round-size` at a time every `--pace-s` (all at once without a round size), one
+publish call per record, a round's calls concurrent. Once a record's publish call has returned, it is
+on the bus (Kafka acknowledged it; the embedded inbox committed it), which is where delivery's work
+starts: that moment (epoch seconds) is written per transfer id to `--acks` (a JSON object) before it
+exits.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ async def publish(settings: Settings, emits: list[Emit], round_size: int, pace_s
     bus = make_bus(settings)
     await bus.start()
     acked: dict[str, float] = {}
+
+    async def one(emit: Emit) -> None:
+        # A publish call of its own per record, the calls of a round concurrent (as the ingress's, one per
+        # transfer): a call returns once its record is acknowledged. A round's records in one call would all
+        # be stamped when the last was acknowledged, after Kafka had handed the first ones to the consumer.
+        await bus.publish([emit])
+        acked[emit.envelope.transfer_id] = time.time()
+
     try:
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
@@ -64,9 +73,7 @@ async def publish(settings: Settings, emits: list[Emit], round_size: int, pace_s
         for n, batch in enumerate(rounds):
             if n:
                 await asyncio.sleep(max(0.0, began + n * pace_s - time.perf_counter()))
-            await bus.publish(batch)
-            wall = time.time()
-            acked |= {e.envelope.transfer_id: wall for e in batch}
+            await asyncio.gather(*(one(e) for e in batch))
     finally:
         await bus.stop()  # the embedded bus moves what its inbox still holds into the log first
     return acked

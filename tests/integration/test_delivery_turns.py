@@ -185,11 +185,14 @@ async def test_right_after_start_targets_still_waiting_for_their_first_answers_a
             _, fast_done = await _burst(bus, fast, emits, 0)
             for t in slow:  # all delivered all the same, once each (counted by the target: bodies read once below)
                 await wait_for(lambda t=t: _summary_at_least(t, COLD_SLOTS), timeout_s=40)  # type: ignore[misc]
-        at_slow = [r for t in slow for r in t.received()]
-        # Known slow once their first requests have waited SLOW_MIN_S (give or take a turn of the loop): what of the
-        # bursts reached their targets after that, but before the fast target's last Bundle, went ahead of it.
-        known = min(_arrival(r) for r in at_slow) + SLOW_MIN_S + 0.1
-        late = [_arrival(r) for r in at_slow if _arrival(r) > known]
+        at_each = [t.received() for t in slow]
+        at_slow = [r for received in at_each for r in received]
+        # Each known slow once its first request has waited SLOW_MIN_S (give or take a turn of the loop): what of
+        # its burst reached it after that, but before the fast target's last Bundle, went ahead of it.
+        late = []
+        for received in at_each:
+            known = min(_arrival(r) for r in received) + SLOW_MIN_S + 0.1
+            late += [_arrival(r) for r in received if _arrival(r) > known]
         ahead = sum(1 for t in late if t < fast_done)
         assert len(late) >= len(at_slow) // 8, f"the bursts were nearly over ({len(late)} left) when known slow"
         assert ahead <= len(late) // 4, (f"{ahead} of the {len(late)} Bundles of the slow targets' bursts delivered "

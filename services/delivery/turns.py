@@ -23,31 +23,53 @@ What keeps healthy targets' throughput (an earlier attempt, judged against a fix
 in by its target's standing at entry and making targets not yet heard from give way too, cost 25% of it
 and made a lone target's later records wait for its earlier ones): a record never gives way to its own
 target's records, so a lone target never waits for itself however slow its answers get; targets slowed
-alike by a burst are not slow relative to each other; a target not heard from yet is not slow (it would
-give way before its first answer, the one that tells its pace); and a record gives way only while
-another target's record is in progress here, never for nothing.
+alike by a burst are not slow relative to each other; a target not heard from yet is not slow until it
+has kept a request waiting past the threshold (it would give way before its first answer, the one that
+tells its pace); and a record gives way only while another target's record is in progress here, never
+for nothing.
+
+A request still waiting counts as well as an answer (`known_pace`): its answer will take at least that
+long. Without it a target that has never answered is never slow, so right after start (or after a
+restart) a burst's first attempts for targets taking seconds competed with everyone's until their first
+answers came, seconds later. Its wait is judged by the same rules and hysteresis as answers: when it
+crosses the threshold (a timer), and before each step of the target's records. It is judged against the
+other targets' answers only (a request just sent by a target never heard from says nothing of pace).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 
 SLOW_MIN_S, SLOW_FACTOR = 1.0, 5.0  # slow: pace above both this and this many times the quickest other's
 QUICK_MIN_S, QUICK_FACTOR = 0.5, 2.5  # a slow target stops being slow below either of these
 GIVE_WAY_MAX_S = 1.0  # the longest a record gives way, per step
+_PAST_S = 0.01  # a waiting request's judgement is timed this long after it crosses the threshold (`>` in is_slow)
+
+
+def known_pace(floor_s: float | None, oldest_waiting_s: float | None) -> float | None:
+    """What is known of a target's pace (seconds; None: nothing): the quickest of its recent answers, or how long
+    its oldest request in flight has waited if longer (that answer takes at least so long)."""
+    known = [s for s in (floor_s, oldest_waiting_s) if s is not None]
+    return max(known) if known else None
+
+
+def slow_after_s(others_pace_s: Iterable[float]) -> float:
+    """How long a request of a target that is not slow may wait before the target is slow (`is_slow`'s bound)."""
+    return max(SLOW_MIN_S, SLOW_FACTOR * min(others_pace_s, default=0.0))
 
 
 def is_slow(pace_s: float | None, others_pace_s: Iterable[float], was_slow: bool) -> bool:
     """Whether a target is slow, from its pace (seconds; None: no answer yet) and the other targets' paces."""
     if pace_s is None:
         return False
-    reference = min(others_pace_s, default=0.0)
+    others = list(others_pace_s)
     if was_slow:
-        return pace_s >= max(QUICK_MIN_S, QUICK_FACTOR * reference)
-    return pace_s > max(SLOW_MIN_S, SLOW_FACTOR * reference)
+        return pace_s >= max(QUICK_MIN_S, QUICK_FACTOR * min(others, default=0.0))
+    return pace_s > slow_after_s(others)
 
 
 def gives_way(slow: bool, others_in_progress: int, waited_s: float, max_wait_s: float = GIVE_WAY_MAX_S) -> bool:
@@ -68,7 +90,9 @@ class Turns:
 
     def __init__(self, max_wait_s: float = GIVE_WAY_MAX_S) -> None:
         self.max_wait_s = max_wait_s
-        self._pace: dict[str, float] = {}
+        self._pace: dict[str, float] = {}  # from answers (`observed`)
+        self._sent: dict[str, dict[int, float]] = {}  # requests awaiting an answer: id -> sent at (loop time)
+        self._ids = itertools.count()
         self._slow: set[str] = set()
         self._in_progress: Counter[str] = Counter()
         self.quick_in_progress = 0  # records in progress for targets that are not slow
@@ -81,8 +105,15 @@ class Turns:
     def observed(self, target: str, pace_s: float) -> None:
         """The target answered: judge it again with its pace now."""
         self._pace[target] = pace_s
+        self._judge(target)
+
+    def _judge(self, target: str) -> None:
+        """Judge the target from its answers and its oldest request still waiting, against the others' answers."""
+        sent = self._sent.get(target)
+        waiting_s = asyncio.get_running_loop().time() - next(iter(sent.values())) if sent else None
         was = target in self._slow
-        now = is_slow(pace_s, (p for t, p in self._pace.items() if t != target), was)
+        now = is_slow(known_pace(self._pace.get(target), waiting_s),
+                      (p for t, p in self._pace.items() if t != target), was)
         if now is was:
             return
         if now:
@@ -107,11 +138,22 @@ class Turns:
     @contextlib.contextmanager
     def awaiting_answer(self, target: str) -> Iterator[None]:
         """Around a POST: a record waiting for its target's answer needs no CPU, so it is not waited for (the
-        slow targets' steps use the loop meanwhile instead of piling up behind the next record to come)."""
+        slow targets' steps use the loop meanwhile instead of piling up behind the next record to come).
+
+        The request's wait counts toward its target's pace: judged again once it has waited past the bound."""
         self._leave(target)
+        loop = asyncio.get_running_loop()
+        request, sent = next(self._ids), self._sent.setdefault(target, {})
+        sent[request] = loop.time()  # in the order sent: the first is the oldest
+        if target not in self._slow:
+            loop.call_later(slow_after_s(p for t, p in self._pace.items() if t != target) + _PAST_S,
+                            self._judge, target)
         try:
             yield
         finally:
+            del sent[request]
+            if not sent:
+                del self._sent[target]
             self._enter(target)
 
     def _enter(self, target: str) -> None:
@@ -130,6 +172,7 @@ class Turns:
 
     async def give_way(self, target: str) -> None:
         """Before each CPU-bound step of a record's attempt: wait while `gives_way` says so."""
+        self._judge(target)  # a request of it may have been waiting long
         if target not in self._slow:
             return
         # Records handed to their lanes by the same poll start on the next turn of the loop: let those for

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.delivery.turns import GIVE_WAY_MAX_S, Turns, gives_way, is_slow
+from services.delivery.turns import GIVE_WAY_MAX_S, SLOW_MIN_S, Turns, gives_way, is_slow, known_pace
 
 
 @pytest.mark.parametrize(("pace_s", "others", "was_slow", "slow"), [
@@ -30,6 +30,34 @@ from services.delivery.turns import GIVE_WAY_MAX_S, Turns, gives_way, is_slow
 def test_a_target_is_slow_against_the_other_targets_with_hysteresis(
         pace_s: float | None, others: list[float], was_slow: bool, slow: bool) -> None:
     assert is_slow(pace_s, others, was_slow) is slow
+
+
+@pytest.mark.parametrize(("floor_s", "oldest_waiting_s", "pace_s"), [
+    (None, None, None),  # never answered, nothing in flight: nothing known
+    (None, 1.5, 1.5),  # never answered, but its first request has waited 1.5 s: its answer takes at least that
+    (0.02, None, 0.02),
+    (0.02, 1.5, 1.5),  # answered quickly before, but a request has been waiting 1.5 s now
+    (5.0, 0.1, 5.0),  # a request sent just now says nothing new of a target answering in 5 s
+])
+def test_what_is_known_of_a_targets_pace_counts_its_oldest_request_still_waiting(
+        floor_s: float | None, oldest_waiting_s: float | None, pace_s: float | None) -> None:
+    assert known_pace(floor_s, oldest_waiting_s) == pace_s
+
+
+@pytest.mark.parametrize(("floor_s", "oldest_waiting_s", "others", "was_slow", "slow"), [
+    (None, 1.5, [0.02], False, True),  # cold start: slow before its first answer
+    (None, 1.5, [], False, True),  # no target has answered yet: against SLOW_MIN_S alone
+    (None, 0.8, [0.02], False, False),  # not past SLOW_MIN_S yet
+    (None, 2.0, [0.5], False, False),  # nor past 5x the quickest other target
+    (None, 3.0, [0.5], False, True),
+    (0.02, None, [0.02], True, False),  # judged slow while waiting, then answered quickly: quick again
+    (0.02, 0.6, [0.02], True, True),  # ... unless another request of it still waits (hysteresis, as answers)
+    (0.02, 0.4, [0.02], True, False),
+])
+def test_a_target_whose_request_still_waits_is_judged_as_answers_are(
+        floor_s: float | None, oldest_waiting_s: float | None, others: list[float], was_slow: bool,
+        slow: bool) -> None:
+    assert is_slow(known_pace(floor_s, oldest_waiting_s), others, was_slow) is slow
 
 
 @pytest.mark.parametrize(("slow", "others", "waited_s", "waits"), [
@@ -185,3 +213,57 @@ async def test_a_slow_targets_record_does_not_wait_while_the_others_only_wait_fo
     answered.set()
     await quick
     assert turns.quick_in_progress == 0
+
+
+async def test_right_after_start_a_target_whose_first_request_waits_past_the_threshold_is_slow_before_answering(
+        ) -> None:
+    """Cold start: no target has answered. The one whose first request has waited past SLOW_MIN_S is slow at
+    once (its records waiting for their slot stop counting as a quick target's), and its records give way to
+    a quick target's in progress; its first answer, if quick, makes it quick again."""
+    turns = Turns(max_wait_s=5)
+    release, answered = asyncio.Event(), asyncio.Event()
+    sent = asyncio.Event()
+
+    async def cold_record() -> None:
+        with turns.in_progress("cold"), turns.awaiting_answer("cold"):
+            sent.set()
+            await answered.wait()
+        turns.observed("cold", 0.03)
+
+    posting = asyncio.create_task(cold_record())
+    queued = _busy(turns, "cold", release)  # another record of it, waiting for a slot
+    await sent.wait()
+    await asyncio.sleep(0)
+    assert not turns.slow("cold") and turns.quick_in_progress == 1
+    await asyncio.sleep(SLOW_MIN_S + 0.1)  # nothing else happens meanwhile: judged when the wait crosses it
+    assert turns.slow("cold")
+    assert turns.quick_in_progress == 0  # its queued record no longer counts as a quick target's
+    quick = _busy(turns, "quick", release)
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(turns.give_way("cold"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "a slow target's record went before a quick target's record in progress"
+    answered.set()  # its answer comes, quickly after all: it is quick again, its record goes on
+    await asyncio.wait_for(waiting, 0.5)
+    await posting
+    assert not turns.slow("cold")
+    release.set()
+    await asyncio.gather(queued, quick)
+    assert turns.quick_in_progress == 0
+
+
+async def test_a_request_waiting_less_than_five_times_the_quickest_other_targets_pace_is_not_slow() -> None:
+    turns = Turns(max_wait_s=5)
+    turns.observed("steady", 0.3)  # the quickest other target answers in 0.3 s: slow means above 1.5 s
+    release = asyncio.Event()
+
+    async def record() -> None:
+        with turns.in_progress("new"), turns.awaiting_answer("new"):
+            await release.wait()
+
+    task = asyncio.create_task(record())
+    await asyncio.sleep(SLOW_MIN_S + 0.2)
+    await asyncio.wait_for(turns.give_way("new"), 0.1)  # judged at its next step too: not slow
+    assert not turns.slow("new")
+    release.set()
+    await task

@@ -259,9 +259,10 @@ async def test_a_burst_past_a_healthy_targets_bound_comes_back_at_its_pace_not_a
         bus_settings: Factory, targets: list[DemoTarget], tmp_path: Path) -> None:
     """A burst for one quick target overflows its waiting area; the overflow comes back when the records ahead
     of it should be done, at the target's pace. Parked for at least the first retry delay (10 s by default),
-    the target sat idle once it had answered the rest (`relais run`: 5 s stalls in bursts of 1,200)."""
+    the target sat idle once it had answered the rest (`relais run`: 5 s stalls in bursts of 1,200). Here, with
+    tiers of 10 and 60 s: 34-36 s before (both buses), 4-6 s now."""
     target = targets[0]
-    s = bus_settings(topic_partitions=1, batch_size=50, retry_delays_s=[10.0, 60.0])
+    s = bus_settings(topic_partitions=1, batch_size=50, retry_delays_s=[20.0, 60.0])
     directory = {"targets": [{"id": "quick", "base_url": target.fhir, "max_concurrency": 2,
                               "backlog": {"records": 4, "overflow": "wait"}}]}
     emits = [_delivery("quick", f"person-{n}", seed=700 + n) for n in range(60)]
@@ -273,4 +274,4 @@ async def test_a_burst_past_a_healthy_targets_bound_comes_back_at_its_pace_not_a
         elapsed = time.monotonic() - began
     arrived = [patient_identifier(r["body"]) for r in target.received() if r["applied"]]  # type: ignore[arg-type]
     assert len(arrived) == 60 and set(arrived) == sent  # each once
-    assert elapsed < 8, f"the burst took {elapsed:.1f}s: its overflow waited out a retry tier"
+    assert elapsed < 15, f"the burst took {elapsed:.1f}s: its overflow waited out a retry tier (20 s)"

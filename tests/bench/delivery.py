@@ -29,20 +29,15 @@ from typing import Any
 import httpx
 import orjson
 
-from services.core.blobstore import LocalBlobStore
 from services.core.envelope import Emit, Envelope
 from services.core.logging import configure_logging
-from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES
-from services.delivery.journal import AttemptJournal
-from services.delivery.stage import DeliveryStage
-from services.launcher import make_bus
-from services.tracker.ledger import Ledger
 from tests.bench import kafka_bootstrap
 from tests.bench.publisher import write_records
 from tests.fixtures.tddui import make_bundle
+from tests.support.delivering import delivering
 from tests.support.processes import DemoTarget, free_port
 
 
@@ -73,60 +68,49 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
     `warmup` (records, each with its target's base URL) is delivered first and not measured: the group has
     joined, the connections are open, every target has answered once (so the stage knows its pace, as a
     process that has been running does), so the figures are the steady state's, not the start-up's."""
-    bus = make_bus(settings)
-    await bus.start()
-    ledger = Ledger(settings.database_url)
-    await ledger.create_schema()
-    stage = DeliveryStage(settings, directory, LocalBlobStore(work / "blobs"), AttemptJournal(ledger))
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_stage(stage, bus, settings, stop))
-    expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}
-    records, acks = work / f"records-{uuid.uuid4().hex[:6]}.jsonl", work / f"acks-{uuid.uuid4().hex[:6]}.json"
-    write_records(records, emits)
-    where = ["--bootstrap", settings.kafka_bootstrap] if settings.kafka_bootstrap else \
-        ["--log-path", str(settings.embedded_log_path)]
-    publisher = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.bench.publisher", "--records", str(records), "--acks", str(acks),
-        "--topic-prefix", settings.topic_prefix, "--partitions", str(settings.topic_partitions), *where,
-        "--round-size", str(round_size), "--pace-s", str(pace_s),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-    assert publisher.stdin is not None and publisher.stdout is not None
-    if warmup:
-        await bus.publish([emit for emit, _ in warmup])
-        for emit, _ in warmup:  # the stage has had each target's answer (a slow target's, 5 s later)
-            latency = stage.runtimes[emit.envelope.target or ""].latency
-            for _ in range(600):  # at most a minute
-                if latency.summary().calls:
+    async with delivering(settings, directory, work) as (bus, stage):
+        expected = {t: sum(1 for e in emits if e.envelope.target == t) for t in watch}
+        records, acks = work / f"records-{uuid.uuid4().hex[:6]}.jsonl", work / f"acks-{uuid.uuid4().hex[:6]}.json"
+        write_records(records, emits)
+        where = ["--bootstrap", settings.kafka_bootstrap] if settings.kafka_bootstrap else \
+            ["--log-path", str(settings.embedded_log_path)]
+        publisher = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.bench.publisher", "--records", str(records), "--acks", str(acks),
+            "--topic-prefix", settings.topic_prefix, "--partitions", str(settings.topic_partitions), *where,
+            "--round-size", str(round_size), "--pace-s", str(pace_s),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert publisher.stdin is not None and publisher.stdout is not None
+        if warmup:
+            await bus.publish([emit for emit, _ in warmup])
+            for emit, _ in warmup:  # the stage has had each target's answer (a slow target's, 5 s later)
+                latency = stage.runtimes[emit.envelope.target or ""].latency
+                for _ in range(600):  # at most a minute
+                    if latency.summary().calls:
+                        break
+                    await asyncio.sleep(0.1)
+            async with httpx.AsyncClient(timeout=60) as client:
+                for _, url in warmup:
+                    await client.delete(f"{url}/_received")
+        # Made before the clock starts: a new client loads the CA bundle, which stalled the shared loop 40-220 ms.
+        poller = httpx.AsyncClient(timeout=60)
+        ready = await asyncio.wait_for(publisher.stdout.readline(), 120)
+        if ready.strip() != b"ready":
+            raise RuntimeError(f"the publisher process did not start (it said {ready!r}); see its error above")
+        began = time.perf_counter()
+        publisher.stdin.write(b"go\n")
+        await publisher.stdin.drain()
+        # The bench shares the stage's event loop: it polls counts (`?summary=1`) on one client, never the bodies
+        # (decoding every received Bundle five times a second took more CPU than the stage it measures).
+        async with poller:
+            while True:
+                counts = {t: await _count(poller, url) for t, url in watch.items()}
+                if all(counts[t] >= expected[t] for t in watch):
                     break
-                await asyncio.sleep(0.1)
-        async with httpx.AsyncClient(timeout=60) as client:
-            for _, url in warmup:
-                await client.delete(f"{url}/_received")
-    # Made before the clock starts: a new client loads the CA bundle, which stalled the shared loop 40-220 ms.
-    poller = httpx.AsyncClient(timeout=60)
-    ready = await asyncio.wait_for(publisher.stdout.readline(), 120)
-    if ready.strip() != b"ready":
-        raise RuntimeError(f"the publisher process did not start (it said {ready!r}); see its error above")
-    began = time.perf_counter()
-    publisher.stdin.write(b"go\n")
-    await publisher.stdin.drain()
-    # The bench shares the stage's event loop: it polls counts (`?summary=1`) on one client, never the bodies
-    # (decoding every received Bundle five times a second took more CPU than the stage it measures).
-    async with poller:
-        while True:
-            counts = {t: await _count(poller, url) for t, url in watch.items()}
-            if all(counts[t] >= expected[t] for t in watch):
-                break
-            await asyncio.sleep(0.2)
-    elapsed = time.perf_counter() - began
-    if await asyncio.wait_for(publisher.wait(), 60):
-        raise RuntimeError(f"the publisher process failed (exit {publisher.returncode}); see its error above")
-    published: dict[str, float] = orjson.loads(acks.read_bytes())
-    stop.set()
-    await task
-    await stage.aclose()
-    await ledger.close()
-    await bus.stop()
+                await asyncio.sleep(0.2)
+        elapsed = time.perf_counter() - began
+        if await asyncio.wait_for(publisher.wait(), 60):
+            raise RuntimeError(f"the publisher process failed (exit {publisher.returncode}); see its error above")
+        published: dict[str, float] = orjson.loads(acks.read_bytes())
     lat = []
     for url in watch.values():
         lat += [datetime.fromisoformat(r["time"]).timestamp() - published[r["request_id"].split("/")[0]]

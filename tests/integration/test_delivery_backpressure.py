@@ -20,17 +20,12 @@ import httpx
 import orjson
 import pytest
 
-from services.core.blobstore import LocalBlobStore
 from services.core.envelope import Emit, Envelope
-from services.core.runner import run_stage
 from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES, DELIVERIES_DLQ
-from services.delivery.journal import AttemptJournal
-from services.delivery.stage import DeliveryStage
-from services.launcher import make_bus
-from services.tracker.ledger import Ledger
 from tests.fixtures.tddui import make_bundle, patient_identifier
+from tests.support.delivering import delivering
 from tests.support.kafka import wait_for
 from tests.support.processes import DemoTarget
 
@@ -55,31 +50,6 @@ async def _count(target: DemoTarget, n: int) -> bool:
     return sum(1 for r in await asyncio.to_thread(target.received) if r["applied"]) >= n
 
 
-class _Run:
-    """The delivery stage under the real runner, on the bus of `settings`."""
-
-    def __init__(self, settings: Settings, directory: dict[str, Any], work: Path) -> None:
-        self.settings, self.directory, self.work = settings, TargetDirectory.model_validate(directory), work
-
-    async def __aenter__(self) -> _Run:
-        self.ledger = Ledger(self.settings.database_url)
-        await self.ledger.create_schema()
-        self.bus = make_bus(self.settings)
-        await self.bus.start()
-        self.stage = DeliveryStage(self.settings, self.directory, LocalBlobStore(self.work / "blobs"),
-                                   AttemptJournal(self.ledger))
-        self.stop = asyncio.Event()
-        self.task = asyncio.create_task(run_stage(self.stage, self.bus, self.settings, self.stop))
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 30)
-        await self.stage.aclose()
-        await self.bus.stop()
-        await self.ledger.close()
-
-
 async def test_three_slow_targets_backlogs_never_hold_a_fast_target(
         bus_settings: Factory, targets: list[DemoTarget], tmp_path: Path) -> None:
     fast, *slow = targets
@@ -95,9 +65,9 @@ async def test_three_slow_targets_backlogs_never_hold_a_fast_target(
     for n in range(10):  # interleaved: each slow target gets its 10 first, then the fast one
         emits += [_delivery(f"slow{i}", f"s{n}", seed=100 * i + n) for i in range(3)]
         emits.append(_delivery("fast", f"f{n}", seed=1000 + n))
-    async with _Run(s, directory, tmp_path) as run:
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path) as (bus, _):
         began = time.monotonic()
-        await run.bus.publish(emits)
+        await bus.publish(emits)
         await wait_for(lambda: _count(fast, 10), timeout_s=60)
         fast_done = time.monotonic() - began
         for t in slow:  # the slow targets speed up: their records are all delivered
@@ -130,9 +100,9 @@ async def test_a_slow_targets_deep_lanes_never_hold_a_fast_target_and_keep_each_
                            transfer_id=str(uuid.uuid4()), data=orjson.dumps(bundle), producer="p", target="slow")
             emits.append(Emit(DELIVERIES, f"slow|person-{person}".encode(), env))
     emits += [_delivery("fast", f"f{n}", seed=900 + n) for n in range(5)]  # ... then 5 for the fast one
-    async with _Run(s, directory, tmp_path) as run:
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path) as (bus, _):
         began = time.monotonic()
-        await run.bus.publish(emits)
+        await bus.publish(emits)
         await wait_for(lambda: _count(fast, 5), timeout_s=60)
         fast_done = time.monotonic() - began
         await asyncio.to_thread(_clear_faults, slow)
@@ -170,8 +140,8 @@ async def test_past_its_bound_a_slow_targets_records_wait_in_a_retry_tier_in_ord
                            transfer_id=str(uuid.uuid4()), data=orjson.dumps(bundle), producer="p", target="slow")
             emits.append(Emit(DELIVERIES, f"slow|person-{person}".encode(), env))
         emits.append(_delivery("fast", f"f{n}", seed=500 + n))
-    async with _Run(s, directory, tmp_path) as run:
-        await run.bus.publish(emits)
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path) as (bus, _):
+        await bus.publish(emits)
         await wait_for(lambda: _count(fast, 4), timeout_s=30)
         await wait_for(lambda: _count(slow, 12), timeout_s=80)
     rows = sorted((r for r in slow.received() if r["applied"]), key=lambda r: datetime.fromisoformat(str(r["time"])))
@@ -192,11 +162,11 @@ async def test_past_its_bound_a_refusing_targets_records_are_dead_lettered_for_i
         {"id": "slow", "base_url": slow.fhir, "max_concurrency": 1, "timeouts": {"total_s": 10},
          "backlog": {"records": 1, "overflow": "refuse"}}]}
     emits = [_delivery("slow", f"s{n}", seed=n) for n in range(6)] + [_delivery("fast", "f", seed=99)]
-    async with _Run(s, directory, tmp_path) as run:
-        dlq = run.bus.subscribe(f"t-{uuid.uuid4().hex[:6]}", [DELIVERIES_DLQ])
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path) as (bus, _):
+        dlq = bus.subscribe(f"t-{uuid.uuid4().hex[:6]}", [DELIVERIES_DLQ])
         await dlq.start()
         try:
-            await run.bus.publish(emits)
+            await bus.publish(emits)
             await wait_for(lambda: _count(fast, 1), timeout_s=20)
             dead: list[Any] = []
 
@@ -224,13 +194,13 @@ async def test_stopping_lets_records_waiting_for_a_slow_target_go_and_a_restart_
     directory = {"targets": [{"id": "slow", "base_url": slow.fhir, "max_concurrency": 1,
                               "timeouts": {"total_s": 10}, "backlog": {"wait_s": 60}}]}
     emits = [_delivery("slow", f"s{n}", seed=n) for n in range(8)]
-    async with _Run(s, directory, tmp_path) as run:
-        await run.bus.publish(emits)
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path) as (bus, _):
+        await bus.publish(emits)
         await wait_for(lambda: _count(slow, 1), timeout_s=20)
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 5, "stop waited for records queued for the slow target"
     await asyncio.to_thread(_clear_faults, slow)
-    async with _Run(s, directory, tmp_path):
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path):
         await wait_for(lambda: _count(slow, 8), timeout_s=30)
         await asyncio.sleep(1)
     applied = [patient_identifier(r["body"]) for r in slow.received() if r["applied"]]  # type: ignore[arg-type]
@@ -245,11 +215,11 @@ async def test_a_slow_call_rate_over_its_threshold_opens_the_targets_breaker(
     s = bus_settings(topic_partitions=1, retry_delays_s=[1.0])
     directory = {"targets": [{"id": "slow", "base_url": slow.fhir, "max_concurrency": 1,
                               "breaker": {"slow_call_s": 0.2, "slow_call_rate": 0.8, "probe_every_s": 60}}]}
-    async with _Run(s, directory, tmp_path) as run:
-        await run.bus.publish([_delivery("slow", f"s{n}", seed=n) for n in range(8)])
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path) as (bus, stage):
+        await bus.publish([_delivery("slow", f"s{n}", seed=n) for n in range(8)])
         await wait_for(lambda: _count(slow, 5), timeout_s=30)
         await asyncio.sleep(1.0)
-        breaker = run.stage.breaker("slow")
+        breaker = stage.breaker("slow")
         assert breaker is not None and breaker.circuit.value == "open"
     # Five calls (the window's minimum) were slow: the circuit opened, the rest wait for a probe.
     assert sum(1 for r in slow.received() if r["applied"]) == 5
@@ -267,9 +237,9 @@ async def test_a_burst_past_a_healthy_targets_bound_comes_back_at_its_pace_not_a
                               "backlog": {"records": 4, "overflow": "wait"}}]}
     emits = [_delivery("quick", f"person-{n}", seed=700 + n) for n in range(60)]
     sent = {patient_identifier(orjson.loads(e.envelope.data)) for e in emits}
-    async with _Run(s, directory, tmp_path) as run:
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path) as (bus, _):
         began = time.monotonic()
-        await run.bus.publish(emits)
+        await bus.publish(emits)
         await wait_for(lambda: _count(target, 60), timeout_s=60)
         elapsed = time.monotonic() - began
     arrived = [patient_identifier(r["body"]) for r in target.received() if r["applied"]]  # type: ignore[arg-type]

@@ -112,8 +112,7 @@ class Turns:
         sent = self._sent.get(target)
         waiting_s = asyncio.get_running_loop().time() - next(iter(sent.values())) if sent else None
         was = target in self._slow
-        now = is_slow(known_pace(self._pace.get(target), waiting_s),
-                      (p for t, p in self._pace.items() if t != target), was)
+        now = is_slow(known_pace(self._pace.get(target), waiting_s), self._others_pace(target), was)
         if now is was:
             return
         if now:
@@ -135,6 +134,10 @@ class Turns:
         finally:
             self._leave(target)
 
+    def _others_pace(self, target: str) -> Iterator[float]:
+        """The paces (from answers) of every other target."""
+        return (p for t, p in self._pace.items() if t != target)
+
     @contextlib.contextmanager
     def awaiting_answer(self, target: str) -> Iterator[None]:
         """Around a POST: a record waiting for its target's answer needs no CPU, so it is not waited for (the
@@ -146,8 +149,7 @@ class Turns:
         request, sent = next(self._ids), self._sent.setdefault(target, {})
         sent[request] = loop.time()  # in the order sent: the first is the oldest
         if target not in self._slow:
-            loop.call_later(slow_after_s(p for t, p in self._pace.items() if t != target) + _PAST_S,
-                            self._judge, target)
+            loop.call_later(slow_after_s(self._others_pace(target)) + _PAST_S, self._judge, target)
         try:
             yield
         finally:

@@ -188,10 +188,11 @@ def post_closed_loop(targets: Path, count: int, clients: int = 16) -> None:
     """POST every target once with vegeta, `clients` requests at a time, each sent as soon as one is answered
     (a closed loop: -rate=0). Not a Python client: on the same two cores httpx took ~2 ms of CPU per Bundle,
     counted against the broker (ratio 0.96-0.97 with it, 1.05-1.06 with vegeta, same runs)."""
-    attack = subprocess.run([vegeta(), "attack", "-lazy", "-format=json", f"-targets={targets}", "-rate=0",
+    binary = vegeta()
+    attack = subprocess.run([binary, "attack", "-lazy", "-format=json", f"-targets={targets}", "-rate=0",
                              f"-workers={clients}", f"-max-workers={clients}", "-timeout=60s"],
                             capture_output=True, check=True)
-    report = orjson.loads(subprocess.run([vegeta(), "report", "-type=json"], input=attack.stdout,
+    report = orjson.loads(subprocess.run([binary, "report", "-type=json"], input=attack.stdout,
                                          capture_output=True, check=True).stdout)
     codes = report.get("status_codes", {})
     # -lazy: the workers that find the file at its end each count one "no targets to attack" (code 0).

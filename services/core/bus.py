@@ -27,6 +27,11 @@ class Partition(NamedTuple):
 class Subscription(Protocol):
     """One consumer-group member: fetch records, then complete them with their outputs."""
 
+    # The least time between the starts of two `complete` calls. A bus whose every call costs the broker work of
+    # its own (Kafka: a transaction) gathers more records per call under load; an idle stage's next record is
+    # completed at once all the same (the interval counts from the previous call's start).
+    commit_interval_s: float
+
     async def start(self) -> None:
         """Join the group; returns once the subscription can poll."""
 

@@ -258,6 +258,8 @@ class EmbeddedBus:
 class EmbeddedSubscription:
     """A consumer-group member on the embedded log: leased partitions, positions in memory, offsets on disk."""
 
+    commit_interval_s = 0.0  # a commit is one local SQLite transaction; the log's writer groups them already
+
     def __init__(self, bus: EmbeddedBus, group: str, topics: Sequence[str]) -> None:
         self.bus = bus
         self.group = group

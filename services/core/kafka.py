@@ -216,6 +216,7 @@ class KafkaSubscription:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._paused: dict[TopicPartition, tuple[int, float]] = {}
+        self.commit_interval_s = bus.settings.kafka_commit_interval_ms / 1000
         # Set by the runner: awaited when a rebalance takes partitions away, before this member rejoins, so
         # their records in hand finish and commit here first (a hand-over at a record boundary).
         self.on_revoke: Callable[[set[Partition]], Awaitable[None]] | None = None

@@ -156,6 +156,8 @@ class _Pump:
         self.partitions: dict[Partition, _PartitionState] = {}
         self.done: list[tuple[Record, Sequence[Emit]]] = []  # committable, in offset order per partition
         self.has_done = asyncio.Event()
+        self.commit_interval_s: float = getattr(sub, "commit_interval_s", 0.0)
+        self.flush = asyncio.Event()  # set when stopping: the committer no longer keeps to its interval
         self.closing = False
         self.halting = False  # the pump failed (e.g. fenced): lanes take no further record
         self.pauses: list[tuple[Partition, int, float]] = []  # applied by the poll loop, between polls
@@ -179,6 +181,7 @@ class _Pump:
             await asyncio.gather(*self._lane_tasks())
             self.closing = True
             self.has_done.set()
+            self.flush.set()
             await committer
             await asyncio.gather(*self.hooks)
         finally:
@@ -373,6 +376,10 @@ class _Pump:
             if hook is not None:
                 self.hooks = {t for t in self.hooks if not t.done()}
                 self.hooks.add(asyncio.create_task(_after_commit(hook, [r for r, _ in batch])))
+            # The records handled meanwhile go together in the next commit (stopping does not wait for it).
+            rest = started + self.commit_interval_s - time.perf_counter()
+            if rest > 0 and not self.closing:
+                await wait_until_set(self.flush, rest)
 
 
 async def _after_commit(hook: Callable[[Sequence[Record]], Awaitable[None]], records: Sequence[Record]) -> None:

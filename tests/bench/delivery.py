@@ -4,11 +4,12 @@
 RELAIS_KAFKA_BOOTSTRAP, else starts a local Kafka. One delivery stage in-process (the real runner),
 demo targets as processes, 10-entry TDDUI Bundles. Prints figures; asserts nothing.
 
-What is timed: a Bundle's latency is from the moment its publish was acknowledged (it is on the bus: Kafka
-acknowledged it, or the embedded log's inbox committed it; that is where delivery's work starts) to its
-arrival at its target (the demo target's receipt time). The measured records are published by a process
-of their own (`tests.bench.publisher`), so the publisher's work is neither counted nor run on the
-delivery stage's event loop; only warm-up records (not timed) are published from this process.
+What is timed: a Bundle's latency is from the moment it was on the bus (written as the router writes
+`deliveries`: a round's records in one Kafka transaction or one embedded log transaction, committed; that is
+where delivery's work starts) to its arrival at its target (the demo target's receipt time). The measured
+records are published by a process of their own (`tests.bench.publisher`), so the publisher's work is
+neither counted nor run on the delivery stage's event loop; only warm-up records (not timed) are published
+from this process.
 """
 
 from __future__ import annotations
@@ -58,12 +59,12 @@ async def _received(url: str) -> list[dict[str, Any]]:
 
 async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit], watch: dict[str, str],
                work: Path, *, round_size: int = 0, pace_s: float = 0.0,
-               warmup: Sequence[tuple[Emit, str]] = ()) -> tuple[float, list[float], float]:
+               warmup: Sequence[tuple[Emit, str]] = ()) -> tuple[float, list[float]]:
     """Have `emits` published (at once, or `round_size` at a time every `pace_s`) by a publisher process of
     their own (`tests.bench.publisher`), wait until every watched target has its share; (elapsed, latencies
-    in s: each Bundle's arrival at its target since its publish was acknowledged, i.e. since it was on the
-    bus, where the delivery stage's work starts; s from the first acknowledgement to the last). The
-    publisher's own work is neither timed nor run on the stage's event loop.
+    in s: each Bundle's arrival at its target since its round was committed, i.e. since it was on the
+    bus, where the delivery stage's work starts). The publisher's own work is neither timed nor run on the
+    stage's event loop.
 
     `warmup` (records, each with its target's base URL) is delivered first and not measured: the group has
     joined, the connections are open, every target has answered once (so the stage knows its pace, as a
@@ -117,7 +118,7 @@ async def _run(settings: Settings, directory: TargetDirectory, emits: list[Emit]
                 for r in await _received(url)]
         async with httpx.AsyncClient() as client:
             await client.delete(f"{url}/_received")
-    return elapsed, lat, max(published.values()) - min(published.values())
+    return elapsed, lat
 
 
 def _settings(bootstrap: str | None, work: Path) -> Settings:
@@ -150,7 +151,7 @@ async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool =
             dirs = TargetDirectory.model_validate({"targets": [
                 {"id": f"t{i}", "base_url": targets[i].fhir, "max_concurrency": 16} for i in range(n)]})
             emits = [_emit(f"t{i % n}", body, f"p{i}") for i in range(count)]
-            elapsed, lat, _ = await _run(_settings(bootstrap, work), dirs, emits,
+            elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits,
                                       {f"t{i}": targets[i].base_url for i in range(n)}, work)
             lines.append(f"delivery to {n:2d} healthy target(s): {count} Bundles in {elapsed:.1f}s = "
                          f"{count / elapsed:.0f}/s; latency p50 {_pct(lat, 50) * 1000:.0f} ms, "
@@ -166,7 +167,7 @@ async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool =
             if with_dead:
                 emits = [e for pair in zip(emits, [_emit("dead", body, f"p{i}") for i in range(half)],
                                            strict=True) for e in pair]
-            elapsed, lat, _ = await _run(_settings(bootstrap, work), dirs, emits, {"ok": targets[0].base_url}, work)
+            elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits, {"ok": targets[0].base_url}, work)
             lines.append(f"healthy target {label}: {half} Bundles in {elapsed:.1f}s; latency p50 "
                          f"{statistics.median(lat) * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms")
         lines += await _beside_slow_targets(bootstrap, work, body, targets, repeat)
@@ -182,32 +183,29 @@ async def _beside_slow_targets(bootstrap: str | None, work: Path, body: bytes,
 
     Twice: paced (one Bundle per target every PACE_S, as producers send: the latency of a Bundle) and
     as one burst (everything published at once: mostly the time to drain the burst, which the work
-    done for the slow targets' first attempts competes with on a shared machine). A burst's records are
-    acknowledged over a stretch of time (printed): each record is published by a call of its own (as the
-    ingress publishes, one transfer a call) and timed from that call's return, and 360 records take the
-    publisher longer than 60 (on Kafka about half a second: beside 5 slow targets the "burst" reaches the
-    stage as a half-second stream, so its ratio is not a burst's). Stamping a round's records when one
-    publish call returns made Kafka's first records reach the consumer before their stamp (negative
-    latencies); stamping each when its producer future completed was late by the publisher's own work. Each setting runs
-    `repeat` times, the settings taking turns (alone, beside 1, beside 5, alone, ...), so a change in the
-    machine's load meets every setting alike; the figures are the medians of the runs' p50 and p99.
+    done for the slow targets' first attempts competes with on a shared machine). A round (a burst: all of
+    it) is written in one transaction, as a stage writes its outputs, and each record timed from its commit:
+    a read_committed consumer sees none of it before. (Published one call per record, as the ingress does,
+    360 records took the publisher half a second on Kafka, so the "burst" reached the stage as a stream.)
+    Each setting runs `repeat` times, the settings taking turns (alone, beside 1, beside 5, alone, ...), so
+    a change in the machine's load meets every setting alike; the figures are the medians of the runs' p50
+    and p99.
     """
     slow = targets[5:10]
     for t in slow:
         t.fault(delay_s=5, count=-1)
     lines = []
     for mode, pace in (("paced", PACE_S), ("burst", 0.0)):
-        runs: dict[int, list[tuple[float, float, float]]] = {0: [], 1: [], 5: []}
+        runs: dict[int, list[tuple[float, float]]] = {0: [], 1: [], 5: []}
         for _ in range(repeat):
             for n_slow in runs:
                 runs[n_slow].append(await _fast_latency(bootstrap, work, body, targets[0], slow[:n_slow], pace))
         alone = statistics.median(f[0] for f in runs[0])
         for n_slow, figures in runs.items():
-            p50, p99, acked_over = (statistics.median(f[i] for f in figures) for i in range(3))
+            p50, p99 = (statistics.median(f[i] for f in figures) for i in range(2))
             label = "alone" if not n_slow else f"beside {n_slow} target(s) answering in 5 s"
             each = ", ".join(f"{f[0] * 1000:.0f}" for f in figures)
             lines.append(f"{mode}: fast target {label}: p50 {p50 * 1000:.0f} ms (runs: {each}), p99 {p99 * 1000:.0f} ms"
-                         + (f" (published over {acked_over * 1000:.0f} ms)" if not pace else "")
                          + (f"; p50 ratio beside/alone {p50 / alone:.2f} (goal <= 1.1)" if n_slow else ""))
     for t in slow:
         httpx.delete(f"{t.base_url}/_faults", timeout=10)
@@ -215,9 +213,8 @@ async def _beside_slow_targets(bootstrap: str | None, work: Path, body: bytes,
 
 
 async def _fast_latency(bootstrap: str | None, work: Path, body: bytes, fast: DemoTarget, slow: list[DemoTarget],
-                        pace: float) -> tuple[float, float, float]:
-    """One run: SLOW_PHASE_BUNDLES to the fast target interleaved with as many to each slow one; its (p50, p99),
-    and the s from the first acknowledgement of a publish to the last."""
+                        pace: float) -> tuple[float, float]:
+    """One run: SLOW_PHASE_BUNDLES to the fast target interleaved with as many to each slow one; its (p50, p99)."""
     dirs = TargetDirectory.model_validate({"targets": [
         {"id": "fast", "base_url": fast.fhir},
         *({"id": f"slow{i}", "base_url": t.fhir, "timeouts": {"total_s": 30}} for i, t in enumerate(slow))]})
@@ -227,9 +224,9 @@ async def _fast_latency(bootstrap: str | None, work: Path, body: bytes, fast: De
         emits += [_emit(f"slow{k}", body, f"s{k}-{i}") for k in range(len(slow))]
     warmup = [(_emit("fast", body, "warmup"), fast.base_url),
               *((_emit(f"slow{i}", body, "warmup"), t.base_url) for i, t in enumerate(slow))]
-    _, lat, acked_over = await _run(_settings(bootstrap, work), dirs, emits, {"fast": fast.base_url}, work,
+    _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": fast.base_url}, work,
                         round_size=(1 + len(slow)) if pace else 0, pace_s=pace, warmup=warmup)
-    return statistics.median(lat), _pct(lat, 99), acked_over
+    return statistics.median(lat), _pct(lat, 99)
 
 
 def main() -> int:

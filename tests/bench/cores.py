@@ -1,6 +1,6 @@
 """Benchmark of issue 16, "every core": `relais run` (defaults, embedded bus) beside one core's parse floor.
 
-`python -m tests.bench.cores [--bundles N] [--rate R] [--seconds S] [--workers 1,2]` prints, from one run on this
+`python -m tests.bench.cores [--bundles N] [--rate R] [--seconds S] [--workers 1,2] [--validators 1,2]` prints, from one run on this
 machine:
 
 1. the floor: one core parsing the 30-entry Bundle with fhir.resources (R4B `Bundle.model_validate`);
@@ -16,6 +16,10 @@ machine:
 5. with `--kafka`: one process per stage plus one extra validator on Kafka, its ratio to the floor (goal >= 0.7).
    A broker's JVM compiles its hot paths over its first thousands of requests (a production broker has long
    done so): the first run on the fresh local broker is printed as "cold", the next one is the figure.
+
+`--validators 1,2` measures only how `relais validator` replicas scale on Kafka's partitions: the ingress posts
+a backlog of `--bundles` Bundles, then 1 (then 2) validator processes take it; Bundles/s from their first
+commit to the group's lag of 0, each count `--runs` times, taking turns.
 
 Prints figures; asserts nothing. The load generator shares the machine's cores with the broker.
 """
@@ -33,12 +37,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
+from services.core.kafka import KafkaBus
+from services.core.settings import Settings
+from services.core.topics import RECEIVED
 from tests.fixtures.tddui import make_bundle
 from tests.support.processes import REPO, free_port, readyz, wait_until
 from tests.support.producers import write_targets
@@ -75,8 +83,10 @@ def vegeta() -> str:
 class Broker:
     """`relais run` (no flags), or one `relais <stage>` process per stage, on a fresh embedded log."""
 
-    def __init__(self, work: Path, per_stage: bool, kafka: str | None = None, workers: int | None = None) -> None:
+    def __init__(self, work: Path, per_stage: bool, kafka: str | None = None, workers: int | None = None,
+                 stages: Sequence[str] | None = None) -> None:
         self.work, self.per_stage, self.kafka = work, per_stage, kafka
+        self.stages = stages  # per stage: only these (default: every stage, plus a second validator on Kafka)
         self.target_port, self.http_port = free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")} | {
             "RELAIS_HTTP_PORT": str(self.http_port), "RELAIS_LOG_LEVEL": "warning",
@@ -100,18 +110,22 @@ class Broker:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> Broker:
-        log = (self.work / "broker.log").open("ab")
+        self.log = (self.work / "broker.log").open("ab")
         self.procs["target"] = subprocess.Popen([sys.executable, "-m", "devtools.demotarget", "--port",
                                                  str(self.target_port)], cwd=REPO, stderr=subprocess.DEVNULL)
-        names = [*STAGES, *(["validator-2"] if self.kafka else [])] if self.per_stage else ["run"]
-        for name in names:
-            argv = [sys.executable, "-m", "services.cli", name.split("-")[0]]
-            env = {**self.env, "RELAIS_INSTANCE_ID": f"bench-{name}"}
-            self.procs[name] = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        default = [*STAGES, *(["validator-2"] if self.kafka else [])]
+        self.launch(*((self.stages or default) if self.per_stage else ["run"]))
         wait_until(readyz(self.url), alive=lambda: all(p.poll() is None for p in self.procs.values()),
                    explain=lambda: (self.work / "broker.log").read_text()[-2000:], timeout_s=120, what="readiness")
         time.sleep(3)  # the workers join their groups
         return self
+
+    def launch(self, *names: str) -> None:
+        """Start `relais <stage>` (or `relais run`) processes; `validator-2` is a second validator replica."""
+        for name in names:
+            argv = [sys.executable, "-m", "services.cli", name.split("-")[0]]
+            env = {**self.env, "RELAIS_INSTANCE_ID": f"bench-{name}"}
+            self.procs[name] = subprocess.Popen(argv, env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -254,6 +268,65 @@ def per_stage_cpu(work: Path, count: int, kafka: str | None = None) -> tuple[flo
         broker.stop()
 
 
+def validator_rate(work: Path, count: int, kafka: str, replicas: int) -> float:
+    """Bundles/s that `replicas` `relais validator` processes on Kafka take from a backlog of `count` Bundles in
+    transfers.received (the ingress posted them first), from their first commit to the group's lag reaching 0."""
+    broker = Broker(work, per_stage=True, kafka=kafka, stages=["ingress"]).start()
+    try:
+        targets = write_targets_file(work / "backlog.jsonl", broker.url,
+                                     [orjson.dumps(make_bundle(30, seed=80_000 + i)) for i in range(count)])
+        post_closed_loop(targets, count)
+        broker.launch("validator", *(f"validator-{n}" for n in range(2, replicas + 1)))
+        return asyncio.run(_drained(KafkaBus(Settings(kafka_bootstrap=kafka,
+                                                      topic_prefix=broker.env["RELAIS_TOPIC_PREFIX"]))))
+    finally:
+        broker.stop()
+
+
+async def _drained(bus: KafkaBus, timeout_s: float = 600) -> float:
+    """Bundles/s the validator group takes from transfers.received: from its first progress (its members have
+    joined and committed once) to a lag of 0."""
+    started: tuple[float, int] | None = None  # the first read, then the first read that showed progress
+    progressed = False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = time.perf_counter()  # before the read: the offsets are read while it runs (about a second)
+        lag = sum((await bus.lag("validator", [RECEIVED])).values())
+        if started is None or (not progressed and lag < started[1]):
+            progressed = started is not None
+            started = (now, lag)
+        if lag == 0:
+            if not progressed:
+                raise RuntimeError("the backlog was gone before its first read: post more Bundles (--bundles)")
+            return started[1] / (now - started[0])
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"the validators did not drain transfers.received in {timeout_s:g}s")
+
+
+def scaling(bundles: int, replicas: list[int], runs: int) -> list[str]:
+    """Kafka: validator replicas taking a backlog, each count `runs` times, the counts taking turns."""
+    from tests.bench import kafka_bootstrap
+
+    figures: dict[int, list[float]] = {n: [] for n in replicas}
+    with tempfile.TemporaryDirectory(prefix="relais-bench-validators-") as tmp, kafka_bootstrap() as bootstrap:
+        (Path(tmp) / "warm-up").mkdir()
+        per_stage_cpu(Path(tmp) / "warm-up", 100, kafka=bootstrap)  # the broker's JVM warms up (not measured)
+        for r in range(runs):
+            for n in replicas:
+                (Path(tmp) / f"v{n}-{r}").mkdir()
+                figures[n].append(validator_rate(Path(tmp) / f"v{n}-{r}", bundles, bootstrap, n))
+                print(f"bench: {n} validator(s), run {r + 1}: {figures[n][-1]:.1f} Bundles/s", file=sys.stderr)
+    lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores; Kafka on the same cores; load average now "
+             f"{os.getloadavg()[0]:.1f}"]
+    one = sorted(figures[replicas[0]])[(runs - 1) // 2]
+    for n, rates in figures.items():
+        median = sorted(rates)[(runs - 1) // 2]
+        lines.append(f"{n} `relais validator` process(es) on Kafka, 6 partitions, a backlog of {bundles} 30-entry "
+                     f"Bundles: {median:.1f} Bundles/s (runs: {', '.join(f'{x:.1f}' for x in rates)}); "
+                     f"x{median / one:.2f} of {replicas[0]}")
+    return lines
+
+
 def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: list[int] | None = None,
         runs: int = 3) -> list[str]:
     cores = os.cpu_count()
@@ -318,8 +391,14 @@ def main() -> int:
                         help="end-to-end runs of the defaults; their median (low) is the figure")
     parser.add_argument("--workers", type=lambda text: [int(n) for n in text.split(",")], default=None,
                         metavar="N,M", help="only the end-to-end run, once per worker count (e.g. 1,2)")
+    parser.add_argument("--validators", type=lambda text: [int(n) for n in text.split(",")], default=None,
+                        metavar="N,M", help="only Kafka's validator replicas: Bundles/s N, then M, `relais validator` "
+                        "processes take from a backlog of --bundles (e.g. 1,2); each count --runs times, taking turns")
     args = parser.parse_args()
-    lines = run(args.bundles, args.rate, args.seconds, args.kafka, args.workers, args.runs)
+    if args.validators:
+        lines = scaling(args.bundles, args.validators, args.runs)
+    else:
+        lines = run(args.bundles, args.rate, args.seconds, args.kafka, args.workers, args.runs)
     print("\n".join(["== Relais: every core (issue 16) ==", *lines]))
     return 0
 

@@ -1,7 +1,7 @@
 """Benchmark of issue 16, "every core": `relais run` (defaults, embedded bus) beside one core's parse floor.
 
-`python -m tests.bench.cores [--bundles N] [--rate R] [--seconds S] [--workers 1,2] [--validators 1,2]` prints, from one run on this
-machine:
+`python -m tests.bench.cores [--bundles N] [--rate R] [--seconds S] [--workers 1,2] [--validators 1,2]` prints,
+from one run on this machine:
 
 1. the floor: one core parsing the 30-entry Bundle with fhir.resources (R4B `Bundle.model_validate`);
 2. end-to-end Bundles/s of `relais run` with no flags (POST -> applied at the demo target), 16 clients

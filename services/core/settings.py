@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         default=100, ge=0, le=10_000, description="Kafka: the least time between two transactions of one stage "
         "replica. Each transaction costs the broker requests and markers of its own, whatever it carries; under "
         "load, records handled meanwhile share the next one (as Kafka Streams commits every 100 ms). An idle "
-        "stage's record is committed at once. 0: a transaction as soon as the previous one ends (about 40% fewer "
+        "stage's record is committed at once. 0: a transaction as soon as the previous one ends (about 30% fewer "
         "Bundles/s, see the README's benchmarks).",
     )
 

@@ -225,12 +225,10 @@ class EmbeddedLog(GroupCommitFile):
     def records(self, conn: sqlite3.Connection, positions: Mapping[TopicPartition, int],
                 max_records: int) -> tuple[int, list[tuple[str, int, int, bytes | None, bytes, str]]]:
         """Records past each position: at most `max_records` and about MAX_POLL_BYTES of values, so one
-        stage's commit stays short (a 202 waits behind it). Each partition with new records gets an equal share
-        of both, in a turn that rotates, so a poll carries the oldest records of every partition: read whole one
-        after the other, a burst's later partitions waited a poll or two behind the first ones' (issue 15: a
-        quick target's records behind 4 MB for slow targets in other partitions)."""
+        stage's commit stays short (a 202 waits behind it); partitions take turns to go first."""
         version = self.data_version(conn)
         out: list[tuple[str, int, int, bytes | None, bytes, str]] = []
+        size = 0
         # Only the partitions whose head is past the position: one small read instead of a query per partition
         # (every commit in any process wakes every idle member; most of its partitions have nothing new). A record
         # appended after this read changes `version`, so the member looks again.
@@ -239,27 +237,15 @@ class EmbeddedLog(GroupCommitFile):
         if turn:
             self._read_turn = (self._read_turn + 1) % len(turn)
             turn = turn[self._read_turn:] + turn[:self._read_turn]
-        size = 0
-        while turn and len(out) < max_records and size < MAX_POLL_BYTES:
-            # Each partition's share of what is left, rounded up; those that had more than their share go again.
-            count = -(-(max_records - len(out)) // len(turn))
-            share = -(-(MAX_POLL_BYTES - size) // len(turn))
-            more = []
-            for (topic, p), position in turn:
-                rows = conn.execute(
+        for (topic, p), position in turn:
+            if len(out) >= max_records or size >= MAX_POLL_BYTES:
+                break
+            for row in conn.execute(
                     "SELECT topic, partition, offset, key, value, headers FROM records "
                     "WHERE topic=? AND partition=? AND offset>=? ORDER BY offset LIMIT ?",
-                    (topic, p, position, min(count, max_records - len(out)))).fetchall()  # all: none left open
-                taken = 0
-                for row in rows:
-                    out.append(row)
-                    taken += len(row[4])
-                    if taken >= share:
-                        break
-                size += taken
-                if rows and (taken >= share or len(rows) == count):  # cut short: it may have more
-                    more.append(((topic, p), out[-1][2] + 1))
-                if len(out) >= max_records or size >= MAX_POLL_BYTES:
+                    (topic, p, position, max_records - len(out))).fetchall():  # all: no statement left open
+                out.append(row)
+                size += len(row[4])
+                if size >= MAX_POLL_BYTES:
                     break
-            turn = more
         return version, out

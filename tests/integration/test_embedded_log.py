@@ -19,7 +19,6 @@ import pytest
 
 from devtools.devkafka.local import free_port
 from services.app import create_app
-from services.core import embedded_log
 from services.core.bus import Partition
 from services.core.embedded import STORAGE_UNWRITABLE, EmbeddedBus, EmbeddedSubscription, Fenced
 from services.core.envelope import Emit, Envelope, Record
@@ -309,37 +308,3 @@ async def _eventually(client: Any, url: str, ok: Callable[[Any], bool], timeout_
                 return last
         await asyncio.sleep(0.2)
     raise AssertionError(f"{url} never answered as expected; last: {last and last.text}")
-
-
-async def test_a_poll_carries_the_oldest_records_of_every_partition_and_fills_up_with_the_rest(
-        embedded: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Read one partition after the other, a burst's last partitions waited a poll or two behind the first ones'
-    (issue 15: a quick target's records behind 4 MB for slow targets). Each partition gets its share of a poll;
-    a share some partition does not need goes to the others, so one partition's backlog still fills a poll."""
-    monkeypatch.setattr(embedded_log, "MAX_POLL_BYTES", 60_000)
-    big = b'{"pad": "%s"}' % (b"x" * 5_000)
-
-    def record(topic: str, key: str) -> Emit:
-        return Emit(topic, key.encode(), Envelope(type="t", source="/test", transfer_id=key, data=big))
-
-    async with started(embedded(topic_partitions=6)) as bus:
-        # 120 records of 5 kB, one key each, over the 6 partitions: 600 kB, ten polls' worth.
-        await bus.publish([record(RECEIVED, f"r{n}") for n in range(120)])
-        # One key's backlog in one partition, one record in a few others.
-        await bus.publish([record(VALIDATED, "backlog") for _ in range(20)]
-                          + [record(VALIDATED, f"v{n}") for n in range(3)])
-        everything = await all_records(bus, RECEIVED)
-        for topic, expected in ((RECEIVED, {r.partition for r in everything}), (VALIDATED, None)):
-            sub = bus.subscribe(f"fair-{topic}", [topic])
-            await sub.start()
-            try:
-                first = await sub.poll(200, 1)
-            finally:
-                await sub.stop()
-            offsets: dict[int, list[int]] = {}
-            for r in first:
-                offsets.setdefault(r.partition, []).append(r.offset)
-            if expected is not None:
-                assert set(offsets) == expected, f"the first poll read partitions {sorted(offsets)} only"
-            assert all(o == list(range(len(o))) for o in offsets.values())  # each partition's oldest, in order
-            assert 55_000 <= sum(len(r.envelope.data) for r in first) <= 75_000

@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -318,9 +319,9 @@ def scaling(bundles: int, replicas: list[int], runs: int) -> list[str]:
                 print(f"bench: {n} validator(s), run {r + 1}: {figures[n][-1]:.1f} Bundles/s", file=sys.stderr)
     lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores; Kafka on the same cores; load average now "
              f"{os.getloadavg()[0]:.1f}"]
-    one = sorted(figures[replicas[0]])[(runs - 1) // 2]
+    one = statistics.median_low(figures[replicas[0]])
     for n, rates in figures.items():
-        median = sorted(rates)[(runs - 1) // 2]
+        median = statistics.median_low(rates)
         lines.append(f"{n} `relais validator` process(es) on Kafka, 6 partitions, a backlog of {bundles} 30-entry "
                      f"Bundles: {median:.1f} Bundles/s (runs: {', '.join(f'{x:.1f}' for x in rates)}); "
                      f"x{median / one:.2f} of {replicas[0]}")
@@ -342,7 +343,7 @@ def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: lis
                 (work / f"e2e-{i}-{r}").mkdir()
                 rate_e2e, cpu = end_to_end(work / f"e2e-{i}-{r}", bundles, n)
                 figures.append((rate_e2e, sum(cpu.values()) / bundles))
-            rate_e2e, cpu_per_bundle = sorted(figures)[(len(figures) - 1) // 2]  # the median (low)
+            rate_e2e, cpu_per_bundle = statistics.median_low(figures)
             how = "defaults" if n is None else f"RELAIS_WORKERS={n}"
             each = f" (median of {len(figures)} runs: " + ", ".join(f"{f[0]:.1f}" for f in figures) + ")" \
                 if len(figures) > 1 else ""
@@ -380,6 +381,11 @@ def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: lis
     return lines
 
 
+def _counts(text: str) -> list[int]:
+    """`1,2` -> [1, 2] (worker or replica counts)."""
+    return [int(n) for n in text.split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.cores", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -389,9 +395,9 @@ def main() -> int:
     parser.add_argument("--kafka", action="store_true", help="also Kafka mode (RELAIS_KAFKA_BOOTSTRAP or local jars)")
     parser.add_argument("--runs", type=int, default=3,
                         help="end-to-end runs of the defaults; their median (low) is the figure")
-    parser.add_argument("--workers", type=lambda text: [int(n) for n in text.split(",")], default=None,
+    parser.add_argument("--workers", type=_counts, default=None,
                         metavar="N,M", help="only the end-to-end run, once per worker count (e.g. 1,2)")
-    parser.add_argument("--validators", type=lambda text: [int(n) for n in text.split(",")], default=None,
+    parser.add_argument("--validators", type=_counts, default=None,
                         metavar="N,M", help="only Kafka's validator replicas: Bundles/s N, then M, `relais validator` "
                         "processes take from a backlog of --bundles (e.g. 1,2); each count --runs times, taking turns")
     args = parser.parse_args()

@@ -12,8 +12,10 @@ are leased to its live members by number, partition p of every topic of the grou
 `embedded_groups.heartbeat`: a lane's records and its retries stay in one process): a new member gets its share, a
 member that dies (its process gone, or frozen for LEASE_S) leaves its partitions to the
 others within a heartbeat, and a member that lost a partition cannot commit it any more (`Fenced`).
-Idle members notice other processes' records by polling SQLite's `data_version` every
-IDLE_POLL_S. Past a few hundred transfers per second, or across machines, use Kafka.
+A process that commits records rings the members that hold their topics (`embedded_doorbell`: a UNIX
+datagram each), so an idle member in another process reads them at once; a lost ring is caught by the
+member's own look at SQLite's `data_version` every BELL_POLL_S (IDLE_POLL_S where it has no bell). Past a
+few hundred transfers per second, or across machines, use Kafka.
 
 `publish` writes to the log's inbox (`embedded_inbox`), a file only publishers write, and returns once
 the records are on disk there; this process then moves them into the log at once, and every process
@@ -28,7 +30,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from prometheus_client import Gauge
 
 from services.core.bus import Partition
 from services.core.crypto import Keyring, open_envelope, seal_envelope
+from services.core.embedded_doorbell import Bell, Ringer
 from services.core.embedded_groups import HOST, LEASE_S, Fenced, TopicPartition
 from services.core.embedded_inbox import Inbox, inbox_path
 from services.core.embedded_log import EmbeddedLog, Row
@@ -51,7 +54,8 @@ log = get_logger(__name__)
 
 PIPELINE_STAGES = ("validator", "router", "delivery", "tracker")  # their groups hold records back from retention
 HEARTBEAT_S = 1.0
-IDLE_POLL_S = 0.05  # cross-process wake-up: an idle member looks at the log this often
+IDLE_POLL_S = 0.05  # an idle member without a doorbell looks at the log this often ...
+BELL_POLL_S = 0.25  # ... and one with a doorbell this often (what a lost ring costs at most)
 PRUNE_EVERY_S = 60.0
 PROBE_AFTER_S = 2.0  # readiness: with no successful write for this long, write a probe
 PENDING_BATCH = 500  # records read at a time by `pending` (a member taking partitions over reads their backlog)
@@ -85,7 +89,8 @@ class EmbeddedBus:
         self.inbox = Inbox(inbox_path(self.log.path))
         self._topics = {s.name for s in declared_topics(settings)}  # what `start` declares in the log
         self.keyring = Keyring.from_settings(settings)  # None: record values are written in clear
-        self.appended = asyncio.Event()  # wakes this process's idle members at once
+        self._members: dict[str, asyncio.Event] = {}  # this bus's subscriptions: member -> its wake-up
+        self._ringer = Ringer(self.log.path, lambda: self.log.read(self.log.holders))
         self._started = False
         self._pruner: asyncio.Task[None] | None = None
         self._mover: asyncio.Task[None] | None = None
@@ -119,6 +124,7 @@ class EmbeddedBus:
                 await asyncio.wait_for(self.move_inbox(), STOP_MOVE_S)
         if self._started:
             self._started = False
+        await self._ringer.close()
         await asyncio.to_thread(self.log.close)
         await asyncio.to_thread(self.inbox.close)
 
@@ -156,7 +162,7 @@ class EmbeddedBus:
             position = await self.write(self.log.take_inbox, inbox, rows)
             moved += sum(1 for seq, _ in rows if seq > self._moved)
             self._moved, put_before = position, None  # moving: move everything behind them too
-            self.appended.set()
+            await self.announce({row[0] for _, row in rows})
             if self._published:
                 with contextlib.suppress(BusUnavailable):  # kept rows are harmless: the position skips them
                     await self.inbox.write(self.inbox.forget, inbox, position)
@@ -171,6 +177,12 @@ class EmbeddedBus:
             except BusUnavailable as exc:
                 log.warning("embedded log inbox not moved yet; retried", error=str(exc))
                 await asyncio.sleep(SWEEP_S)
+
+    async def announce(self, topics: Iterable[str]) -> None:
+        """Records were just committed to these physical `topics`: wake this bus's members, ring the others."""
+        for wake in self._members.values():
+            wake.set()
+        await self._ringer.ring(topics, skip=self._members)
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A group-committed write that keeps the storage metric current (for subscriptions)."""
@@ -278,9 +290,17 @@ class EmbeddedSubscription:
         self._surplus = 0
         self._version = -1
         self._beat_lock = asyncio.Lock()
+        self._wake = asyncio.Event()  # set when records may have been appended to our topics
+        self._bell: Bell | None = None
+
+    @property
+    def _idle_poll_s(self) -> float:
+        return IDLE_POLL_S if self._bell is None else BELL_POLL_S
 
     async def start(self) -> None:
         """Join the group: take this member's share of the partitions, from the committed offsets."""
+        self._bell = Bell.open(self.bus.log.path, self.member, self._wake)  # before holding anything
+        self.bus._members[self.member] = self._wake
         await self._beat()
         self.bus.log.register(self.group, self.member)
         self._heartbeat = asyncio.create_task(self._beat_forever(), name=f"heartbeat-{self.group}")
@@ -288,6 +308,10 @@ class EmbeddedSubscription:
     async def stop(self) -> None:
         """Leave the group: hand the partitions back at once (best effort; a dead member's expire anyway)."""
         self.bus.log.unregister(self.group, self.member)
+        self.bus._members.pop(self.member, None)
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         if self._heartbeat is not None:
             await cancel_and_wait(self._heartbeat)
             self._heartbeat = None
@@ -309,6 +333,7 @@ class EmbeddedSubscription:
             for tp, (epoch, committed) in held.items():
                 if tp not in self._positions:
                     self._positions[tp], self._epochs[tp], self._committed[tp] = committed, epoch, committed
+                    self._wake.set()  # its backlog: writers may not ring us for it yet
             self._surplus = surplus
             if surplus <= 0:
                 self._draining.clear()
@@ -386,7 +411,7 @@ class EmbeddedSubscription:
             readable = {tp: pos for tp, pos in self._positions.items()
                         if tp not in self._paused and tp not in self._draining}
             epochs = dict(self._epochs)
-            self.bus.appended.clear()
+            self._wake.clear()
             rows: list[tuple[str, int, int, bytes | None, bytes, str]] = []
             if readable and self._writable():
                 self._version, rows = await log_.read(log_.records, readable, max_records)
@@ -394,7 +419,7 @@ class EmbeddedSubscription:
                 break
             wake = min([deadline, *self._paused.values()])
             while time.monotonic() < wake:
-                if await wait_until_set(self.bus.appended, IDLE_POLL_S):
+                if await wait_until_set(self._wake, min(self._idle_poll_s, max(0.0, wake - time.monotonic()))):
                     break
                 if await log_.read(log_.data_version) != self._version:
                     break
@@ -420,7 +445,8 @@ class EmbeddedSubscription:
                 raise Fenced(f"{self.group} no longer owns {tp[0]}[{tp[1]}]")
             group_offsets[(self.group, *tp)] = (o, epoch)
         try:
-            await bus.write(bus.log.append, [bus._row(e) for e in emits], self.member, group_offsets)
+            rows = [bus._row(e) for e in emits]
+            await bus.write(bus.log.append, rows, self.member, group_offsets)
             for (_, topic, partition), (offset, _) in group_offsets.items():
                 if (topic, partition) in self._positions:
                     self._committed[(topic, partition)] = offset
@@ -428,7 +454,7 @@ class EmbeddedSubscription:
             for _, topic, partition in group_offsets:  # a runner may complete a poll's partitions one by one
                 self._in_flight.pop((topic, partition), None)
         if emits:
-            bus.appended.set()
+            await bus.announce({row[0] for row in rows})
 
     async def pending(self, partitions: Sequence[Partition]) -> list[Record]:
         """The records of held `partitions` past the group's committed offsets; read only (nothing handed out)."""

@@ -218,6 +218,13 @@ class EmbeddedLog(GroupCommitFile):
     def heads(self, conn: sqlite3.Connection) -> dict[TopicPartition, int]:
         return {(t, p): o for t, p, o in conn.execute("SELECT topic, partition, next_offset FROM heads")}
 
+    def holders(self, conn: sqlite3.Connection) -> dict[str, set[str]]:
+        """Physical topic -> the members holding any of its partitions (whom a writer rings: embedded_doorbell)."""
+        out: dict[str, set[str]] = {}
+        for topic, holder in conn.execute("SELECT DISTINCT topic, holder FROM leases WHERE holder IS NOT NULL"):
+            out.setdefault(topic, set()).add(holder)
+        return out
+
     def data_version(self, conn: sqlite3.Connection) -> int:
         """Changes whenever any connection, in any process, commits: the cross-process wake-up."""
         return int(conn.execute("PRAGMA data_version").fetchone()[0])

@@ -94,6 +94,7 @@ class EmbeddedBus:
         self._started = False
         self._pruner: asyncio.Task[None] | None = None
         self._mover: asyncio.Task[None] | None = None
+        self._ringing: asyncio.Task[None] | None = None
         self._move_now = asyncio.Event()
         self._published = False  # this process puts rows in the inbox: it moves them at once and forgets them
         self._moved_of: str | None = None  # the inbox file (id) whose position `_moved` is
@@ -112,19 +113,21 @@ class EmbeddedBus:
             self._started = True
             self._pruner = asyncio.create_task(self._prune_forever(), name="embedded-log-retention")
             self._mover = asyncio.create_task(self._move_forever(), name="embedded-log-inbox")
+            await self._ringer.refresh()  # who to ring from the first commit on (then every HOLDERS_TTL_S)
+            self._ringing = asyncio.create_task(self._ringer.refresh_forever(), name="embedded-log-doorbell")
 
     async def stop(self) -> None:
         """Close the log; safe twice."""
-        for task in (self._pruner, self._mover):
+        for task in (self._pruner, self._mover, self._ringing):
             if task is not None:
                 await cancel_and_wait(task)
-        self._pruner = self._mover = None
+        self._pruner = self._mover = self._ringing = None
         if self._published:
             with contextlib.suppress(BusUnavailable, TimeoutError):
                 await asyncio.wait_for(self.move_inbox(), STOP_MOVE_S)
         if self._started:
             self._started = False
-        await self._ringer.close()
+        self._ringer.close()
         await asyncio.to_thread(self.log.close)
         await asyncio.to_thread(self.inbox.close)
 
@@ -162,7 +165,7 @@ class EmbeddedBus:
             position = await self.write(self.log.take_inbox, inbox, rows)
             moved += sum(1 for seq, _ in rows if seq > self._moved)
             self._moved, put_before = position, None  # moving: move everything behind them too
-            await self.announce({row[0] for _, row in rows})
+            self.announce({row[0] for _, row in rows})
             if self._published:
                 with contextlib.suppress(BusUnavailable):  # kept rows are harmless: the position skips them
                     await self.inbox.write(self.inbox.forget, inbox, position)
@@ -178,11 +181,11 @@ class EmbeddedBus:
                 log.warning("embedded log inbox not moved yet; retried", error=str(exc))
                 await asyncio.sleep(SWEEP_S)
 
-    async def announce(self, topics: Iterable[str]) -> None:
+    def announce(self, topics: Iterable[str]) -> None:
         """Records were just committed to these physical `topics`: wake this bus's members, ring the others."""
         for wake in self._members.values():
             wake.set()
-        await self._ringer.ring(topics, skip=self._members)
+        self._ringer.ring(topics, skip=self._members)
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A group-committed write that keeps the storage metric current (for subscriptions)."""
@@ -301,17 +304,18 @@ class EmbeddedSubscription:
         """Join the group: take this member's share of the partitions, from the committed offsets."""
         self._bell = Bell.open(self.bus.log.path, self.member, self._wake)  # before holding anything
         self.bus._members[self.member] = self._wake
-        await self._beat()
+        try:
+            await self._beat()
+        except BaseException:
+            self._forget_bell()
+            raise
         self.bus.log.register(self.group, self.member)
         self._heartbeat = asyncio.create_task(self._beat_forever(), name=f"heartbeat-{self.group}")
 
     async def stop(self) -> None:
         """Leave the group: hand the partitions back at once (best effort; a dead member's expire anyway)."""
         self.bus.log.unregister(self.group, self.member)
-        self.bus._members.pop(self.member, None)
-        if self._bell is not None:
-            self._bell.close()
-            self._bell = None
+        self._forget_bell()
         if self._heartbeat is not None:
             await cancel_and_wait(self._heartbeat)
             self._heartbeat = None
@@ -319,6 +323,12 @@ class EmbeddedSubscription:
                 await self.bus.write(self.bus.log.heartbeat, self.group, self.member, self.topics, (), True)
         self._positions, self._epochs, self._in_flight, self._committed = {}, {}, {}, {}
         self._draining = set()
+
+    def _forget_bell(self) -> None:
+        self.bus._members.pop(self.member, None)
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
 
     async def _beat(self, release: Sequence[TopicPartition] = ()) -> None:
         # One at a time: each answer is applied before the next heartbeat is written, so our view of
@@ -454,7 +464,7 @@ class EmbeddedSubscription:
             for _, topic, partition in group_offsets:  # a runner may complete a poll's partitions one by one
                 self._in_flight.pop((topic, partition), None)
         if emits:
-            await bus.announce({row[0] for row in rows})
+            bus.announce({row[0] for row in rows})
 
     async def pending(self, partitions: Sequence[Partition]) -> list[Record]:
         """The records of held `partitions` past the group's committed offsets; read only (nothing handed out)."""

@@ -8,7 +8,7 @@ Each subscription binds a UNIX datagram socket in Linux's abstract namespace, na
 its member id (`bell_name`): no file to leave behind after a `kill -9` (the name goes with the socket), no
 108-byte path limit, and a writer can compute the name of any lease holder it reads from the log. Once its
 transaction is committed, a writer sends one empty datagram to each member holding a partition of a topic it
-wrote (`Ringer`); the lease holders are re-read at most every HOLDERS_TTL_S.
+wrote (`Ringer`); the lease holders are re-read every HOLDERS_TTL_S.
 
 A ring is only a hint and may be lost (a holder that took its partitions a moment ago, a full socket buffer, a
 system without abstract sockets): members still look at the log now and then (`services.core.embedded`'s
@@ -22,17 +22,15 @@ import contextlib
 import hashlib
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 from services.core.errors import BusUnavailable
 from services.core.logging import get_logger
-from services.core.tasks import cancel_and_wait
 
 log = get_logger(__name__)
 
-HOLDERS_TTL_S = 1.0  # a ringer re-reads who holds which topic at most this often (a lease moves in seconds)
+HOLDERS_TTL_S = 1.0  # a ringer re-reads who holds which topic this often (a lease moves in seconds)
 
 __all__ = ["Bell", "Ringer", "bell_name"]
 
@@ -79,35 +77,31 @@ class Bell:
 class Ringer:
     """Rings the members holding partitions of the topics a commit wrote to.
 
-    `read_holders` reads the log's leases: physical topic -> the members holding any of its partitions.
+    `read_holders` reads the log's leases: physical topic -> the members holding any of its partitions. The
+    bus re-reads them every HOLDERS_TTL_S (`refresh_forever`); a ring itself never waits nor raises: it comes
+    after a commit, which must not look failed because a hint could not be given.
     """
 
     def __init__(self, log_path: Path, read_holders: Callable[[], Awaitable[Mapping[str, set[str]]]]) -> None:
         self._log_path = log_path
         self._read_holders = read_holders
         self._holders: Mapping[str, set[str]] = {}
-        self._read_at = -HOLDERS_TTL_S
         self._names: dict[str, bytes] = {}
         self._sock: socket.socket | None = None
-        self._refresh: asyncio.Task[None] | None = None
 
-    async def ring(self, topics: Iterable[str], skip: Iterable[str] = ()) -> int:
-        """Ring every holder of `topics` but those in `skip` (this process's own members); how many were rung.
-
-        The first ring reads the holders first; later ones ring with what is known and refresh it in the
-        background once it is HOLDERS_TTL_S old, so a commit never waits on that read."""
-        if time.monotonic() - self._read_at >= HOLDERS_TTL_S:
-            if not self._holders:
-                await self._reread()
-            elif self._refresh is None or self._refresh.done():
-                self._refresh = asyncio.create_task(self._reread(), name="embedded-log-doorbell-holders")
+    def ring(self, topics: Iterable[str], skip: Iterable[str] = ()) -> int:
+        """Ring every known holder of `topics` but those in `skip` (this process's own); how many were rung."""
         members = set().union(*(self._holders.get(t, set()) for t in topics)) - set(skip)
         if not members:
             return 0
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._sock.setblocking(False)
         rung = 0
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock.setblocking(False)
+        except OSError as exc:  # out of descriptors, say: the members poll
+            log.debug("embedded log doorbell: no socket to ring with", error=str(exc))
+            return 0
         for member in members:
             name = self._names.get(member)
             if name is None:
@@ -121,17 +115,21 @@ class Ringer:
                 pass  # gone (a dead member's lease not yet taken over), or no bell there: it polls
         return rung
 
-    async def _reread(self) -> None:
-        self._read_at = time.monotonic()
+    async def refresh(self) -> None:
+        """Read who holds what now (a failed read keeps what was known: a hint only)."""
         try:
             self._holders = await self._read_holders()
-        except BusUnavailable as exc:  # a hint only: a failed read leaves the members to their polling
+        except BusUnavailable as exc:
             log.debug("embedded log doorbell: lease holders not read", error=str(exc))
+            return
         self._names = {m: n for m, n in self._names.items() if any(m in h for h in self._holders.values())}
 
-    async def close(self) -> None:
-        if self._refresh is not None:
-            await cancel_and_wait(self._refresh)
+    async def refresh_forever(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(HOLDERS_TTL_S)
+
+    def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None

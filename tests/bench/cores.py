@@ -9,11 +9,12 @@ from one run on this machine:
    and its ratio to the floor (goal >= 1.0): the median of `--runs` runs, each on a fresh broker (one run's
    figure moves 20% with the machine's other tenants); with `--workers 1,2`, once per worker count
    (RELAIS_WORKERS), so the default can be chosen on evidence;
-3. the 202's p50/p99 at R Bundles/s offered open-loop by `vegeta` while the pipeline works through a
+3. a transfer's transit: from its 202 to its arrival at the target, one Bundle every 200 ms (nothing queues);
+4. the 202's p50/p99 at R Bundles/s offered open-loop by `vegeta` while the pipeline works through a
    backlog (goal p99 < 100 ms); vegeta is installed with `go install` into .cache/bin when missing;
-4. CPU seconds per Bundle by stage: the same pipeline with one `relais <stage>` process per stage on
+5. CPU seconds per Bundle by stage: the same pipeline with one `relais <stage>` process per stage on
    the embedded bus, each process's CPU time divided by the Bundles it carried;
-5. with `--kafka`: one process per stage plus one extra validator on Kafka, its ratio to the floor (goal >= 0.7).
+6. with `--kafka`: one process per stage plus one extra validator on Kafka, its ratio to the floor (goal >= 0.7).
    A broker's JVM compiles its hot paths over its first thousands of requests (a production broker has long
    done so): the first run on the fresh local broker is printed as "cold", the next one is the figure.
 
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from tests.support.producers import write_targets
 VEGETA = "github.com/tsenart/vegeta/v12@v12.13.0"
 HEADERS = {"Authorization": "Bearer demo-token", "Content-Type": "application/fhir+json", "X-Relais-Target": "demo"}
 STAGES = ("ingress", "validator", "router", "delivery", "tracker")
+TRANSIT_BUNDLES = 50
 
 
 def floor(seconds: float = 5.0) -> float:
@@ -234,6 +237,29 @@ def end_to_end(work: Path, count: int, workers: int | None = None) -> tuple[floa
         broker.stop()
 
 
+def transit(work: Path, count: int, every_s: float = 0.2) -> list[float]:
+    """Seconds from each 202 to the Bundle's arrival at the target, one Bundle at a time every `every_s` through
+    `relais run` (defaults): the time a transfer spends in the pipeline's four hops when nothing queues."""
+    broker = Broker(work, per_stage=False).start()
+    try:
+        asyncio.run(post_all(broker.url, [orjson.dumps(make_bundle(30, seed=70_000 + i)) for i in range(10)]))
+        wait_applied(broker, 10)  # warm-up
+        httpx.delete(f"{broker.target}/_received", timeout=30)
+        answered: dict[str, float] = {}
+        with httpx.Client(timeout=60) as client:
+            for i in range(count):
+                response = client.post(f"{broker.url}/fhir", content=orjson.dumps(make_bundle(30, seed=80_000 + i)),
+                                       headers=HEADERS)
+                answered[response.headers["X-Relais-Transfer-Id"]] = time.time()
+                time.sleep(every_s)
+        wait_applied(broker, count)
+        received = httpx.get(f"{broker.target}/_received", timeout=30).json()
+        return [datetime.fromisoformat(r["time"]).timestamp() - answered[r["request_id"].split("/")[0]]
+                for r in received if r["request_id"].split("/")[0] in answered]
+    finally:
+        broker.stop()
+
+
 def latency_under_load(work: Path, rate: int, seconds: int, backlog: int) -> dict[str, Any]:
     """vegeta's view of the 202 at `rate`/s, open loop, while the workers chew on `backlog` Bundles."""
     binary = vegeta()
@@ -353,6 +379,10 @@ def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: lis
             lines.append(f"  CPU s per Bundle, every process of relais run together: {cpu_per_bundle:.4f}")
         if workers:
             return lines  # the worker-count comparison only
+        (work / "transit").mkdir()
+        spent = sorted(transit(work / "transit", TRANSIT_BUNDLES))
+        lines.append(f"202 -> at the target, one Bundle every 200 ms through relais run ({len(spent)} Bundles): "
+                     f"p50 {statistics.median(spent) * 1000:.1f} ms, p99 {_pct(spent, 99) * 1000:.1f} ms")
         (work / "lat").mkdir()
         report = latency_under_load(work / "lat", rate, seconds, backlog=bundles)
         lat = report["latencies"]
@@ -379,6 +409,10 @@ def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: lis
                          f"{rate_k / base:.2f} (goal >= 0.7); CPU s per Bundle: "
                          + ", ".join(f"{k} {v:.4f}" for k, v in by_stage.items()))
     return lines
+
+
+def _pct(ordered: list[float], p: float) -> float:
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def _counts(text: str) -> list[int]:

@@ -134,6 +134,11 @@ REPEAT = 3  # runs of each setting of the slow-target phases (taking turns); med
 PACE_S = 0.05  # paced phases: one Bundle per target every 50 ms (20/s to the fast target)
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds, with a decimal below 10 (a paced delivery takes a few: whole ones would hide a ratio)."""
+    return f"{seconds * 1000:.1f}" if seconds < 0.01 else f"{seconds * 1000:.0f}"
+
+
 def _pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -142,7 +147,7 @@ def _pct(values: list[float], p: float) -> float:
 async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool = False,
                 repeat: int = REPEAT) -> list[str]:
     body = orjson.dumps(make_bundle(10, seed=1))
-    targets = [DemoTarget(work / f"t{i}.log").start() for i in range(10)]
+    targets = [DemoTarget(work / f"t{i}.log").start() for i in range(11)]
     lines: list[str] = []
     try:
         if only_slow:
@@ -190,42 +195,49 @@ async def _beside_slow_targets(bootstrap: str | None, work: Path, body: bytes,
     Each setting runs `repeat` times, the settings taking turns (alone, beside 1, beside 5, alone, ...), so
     a change in the machine's load meets every setting alike; the figures are the medians of the runs' p50
     and p99.
+
+    A control runs beside them: the fast target beside 5 *quick* targets, the same records on the bus as
+    beside 5 slow ones. What beside 5 slow costs more than the control is what their slowness costs; what the
+    control costs over alone is the bus and the stage carrying 6x the records.
     """
-    slow = targets[5:10]
+    slow, quick = targets[6:11], targets[1:6]
     for t in slow:
         t.fault(delay_s=5, count=-1)
+    neighbours: dict[str, list[DemoTarget]] = {"alone": [], "beside 1 target(s) answering in 5 s": slow[:1],
+                "beside 5 target(s) answering in 5 s": slow, "control: beside 5 quick targets": quick}
     lines = []
     for mode, pace in (("paced", PACE_S), ("burst", 0.0)):
-        runs: dict[int, list[tuple[float, float]]] = {0: [], 1: [], 5: []}
+        runs: dict[str, list[tuple[float, float]]] = {label: [] for label in neighbours}
         for _ in range(repeat):
-            for n_slow in runs:
-                runs[n_slow].append(await _fast_latency(bootstrap, work, body, targets[0], slow[:n_slow], pace))
-        alone = statistics.median(f[0] for f in runs[0])
-        for n_slow, figures in runs.items():
+            for label, others in neighbours.items():
+                runs[label].append(await _fast_latency(bootstrap, work, body, targets[0], others, pace))
+        alone = statistics.median(f[0] for f in runs["alone"])
+        for label, figures in runs.items():
             p50, p99 = (statistics.median(f[i] for f in figures) for i in range(2))
-            label = "alone" if not n_slow else f"beside {n_slow} target(s) answering in 5 s"
-            each = ", ".join(f"{f[0] * 1000:.0f}" for f in figures)
-            lines.append(f"{mode}: fast target {label}: p50 {p50 * 1000:.0f} ms (runs: {each}), p99 {p99 * 1000:.0f} ms"
-                         + (f"; p50 ratio beside/alone {p50 / alone:.2f} (goal <= 1.1)" if n_slow else ""))
+            each = ", ".join(_ms(f[0]) for f in figures)
+            goal = " (goal <= 1.1)" if label.startswith("beside") else ""
+            lines.append(f"{mode}: fast target {label}: p50 {_ms(p50)} ms (runs: {each}), p99 {_ms(p99)} ms"
+                         + (f"; p50 ratio to alone {p50 / alone:.2f}{goal}" if neighbours[label] else ""))
     for t in slow:
         httpx.delete(f"{t.base_url}/_faults", timeout=10)
     return lines
 
 
-async def _fast_latency(bootstrap: str | None, work: Path, body: bytes, fast: DemoTarget, slow: list[DemoTarget],
-                        pace: float) -> tuple[float, float]:
-    """One run: SLOW_PHASE_BUNDLES to the fast target interleaved with as many to each slow one; its (p50, p99)."""
+async def _fast_latency(bootstrap: str | None, work: Path, body: bytes, fast: DemoTarget,
+                        others: list[DemoTarget], pace: float) -> tuple[float, float]:
+    """One run: SLOW_PHASE_BUNDLES to the fast target interleaved with as many to each of `others` (slow or
+    not); its (p50, p99)."""
     dirs = TargetDirectory.model_validate({"targets": [
         {"id": "fast", "base_url": fast.fhir},
-        *({"id": f"slow{i}", "base_url": t.fhir, "timeouts": {"total_s": 30}} for i, t in enumerate(slow))]})
+        *({"id": f"other{i}", "base_url": t.fhir, "timeouts": {"total_s": 30}} for i, t in enumerate(others))]})
     emits = []
     for i in range(SLOW_PHASE_BUNDLES):  # interleaved, one person per Bundle, as the issue measured
         emits.append(_emit("fast", body, f"f{i}"))
-        emits += [_emit(f"slow{k}", body, f"s{k}-{i}") for k in range(len(slow))]
+        emits += [_emit(f"other{k}", body, f"s{k}-{i}") for k in range(len(others))]
     warmup = [(_emit("fast", body, "warmup"), fast.base_url),
-              *((_emit(f"slow{i}", body, "warmup"), t.base_url) for i, t in enumerate(slow))]
+              *((_emit(f"other{i}", body, "warmup"), t.base_url) for i, t in enumerate(others))]
     _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": fast.base_url}, work,
-                        round_size=(1 + len(slow)) if pace else 0, pace_s=pace, warmup=warmup)
+                        round_size=(1 + len(others)) if pace else 0, pace_s=pace, warmup=warmup)
     return statistics.median(lat), _pct(lat, 99)
 
 

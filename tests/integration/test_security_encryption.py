@@ -82,7 +82,7 @@ async def raw_values(bus: Bus, settings: Settings, topic: str) -> list[tuple[byt
 async def publish_raw(bus: Bus, settings: Settings, emit: Emit, value: bytes, headers: list[tuple[str, bytes]]) -> None:
     if isinstance(bus, EmbeddedBus):
         await bus.log.write(bus.log.append, [(settings.topic(emit.topic), emit.key, value, _encode_headers(headers))])
-        await bus.announce([settings.topic(emit.topic)])
+        bus.announce([settings.topic(emit.topic)])
         return
     assert isinstance(bus, KafkaBus) and bus._producer is not None
     await bus._producer.send_and_wait(settings.topic(emit.topic), value=value, key=emit.key, headers=headers)

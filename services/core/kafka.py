@@ -19,6 +19,7 @@ from services.core.envelope import Emit, Envelope, EnvelopeError, Record
 from services.core.errors import BusUnavailable, ConfigurationError
 from services.core.logging import get_logger
 from services.core.settings import Settings
+from services.core.tasks import cancel_and_wait
 from services.core.topics import declared_topics, max_record_bytes, topic_config
 
 log = get_logger(__name__)
@@ -214,6 +215,7 @@ class KafkaSubscription:
         self.topics = [bus.settings.topic(t) for t in topics]
         self.transactional_id = transactional_id
         self._consumer: AIOKafkaConsumer | None = None
+        self._joined = False  # the consumer's start() returned: it is a member of the group
         self._producer: AIOKafkaProducer | None = None
         self._paused: dict[TopicPartition, tuple[int, float]] = {}
         self.commit_interval_s = bus.settings.kafka_commit_interval_ms / 1000
@@ -247,6 +249,7 @@ class KafkaSubscription:
         try:
             async with asyncio.timeout(JOIN_TIMEOUT_S):
                 await self._consumer.start()  # returns once this member has its first assignment
+            self._joined = True
         except TimeoutError:
             raise BusUnavailable(f"joining the consumer group {self.group} took over {JOIN_TIMEOUT_S:g}s (a rebalance "
                                  "that does not finish); leaving it to join again") from None
@@ -256,6 +259,9 @@ class KafkaSubscription:
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
         if consumer is not None:
+            if not self._joined:
+                await _abandon_join(consumer)
+            self._joined = False
             await consumer.stop()
         if producer is not None:
             await producer.stop()
@@ -339,3 +345,17 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Nothing to do: the runner learns its new partitions from `assignment()` after its next poll."""
+
+
+async def _abandon_join(consumer: AIOKafkaConsumer) -> None:
+    """End a join that never finished, so `consumer.stop()` does not wait for it.
+
+    aiokafka's close lets the coordination task finish its pending work first, and a JoinGroup stuck in a
+    rebalance that does not end is only given up at the request timeout (40 s): every restart of a replica
+    caught in such a group waited that long. Cancelling the task is safe here: the member never joined,
+    so it has nothing to commit or hand back. (Reaches into aiokafka's coordinator: no public way exists.)
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    task = getattr(coordinator, "_coordination_task", None)
+    if isinstance(task, asyncio.Task) and not task.done():
+        await cancel_and_wait(task)

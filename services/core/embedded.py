@@ -14,7 +14,8 @@ member that dies (its process gone, or frozen for LEASE_S) leaves its partitions
 others within a heartbeat, and a member that lost a partition cannot commit it any more (`Fenced`).
 A process that commits records rings the members that hold their topics (`embedded_doorbell`: a UNIX
 datagram each), so an idle member in another process reads them at once; a lost ring is caught by the
-member's own look at SQLite's `data_version` every BELL_POLL_S (IDLE_POLL_S where it has no bell). Past a
+member's own look at SQLite's `data_version` every BELL_POLL_S (IDLE_POLL_S where it has no bell, or where
+records came unannounced lately: a writer that does not ring, as an older Relais during an upgrade). Past a
 few hundred transfers per second, or across machines, use Kafka.
 
 `publish` writes to the log's inbox (`embedded_inbox`), a file only publishers write, and returns once
@@ -55,7 +56,9 @@ log = get_logger(__name__)
 PIPELINE_STAGES = ("validator", "router", "delivery", "tracker")  # their groups hold records back from retention
 HEARTBEAT_S = 1.0
 IDLE_POLL_S = 0.05  # an idle member without a doorbell looks at the log this often ...
-BELL_POLL_S = 0.25  # ... and one with a doorbell this often (what a lost ring costs at most)
+BELL_POLL_S = 0.25  # ... and one with a doorbell this often (what a lost ring costs at most) ...
+UNRUNG_S = 30.0  # ... unless records came without a ring within this long (a writer that does not ring: an older
+# Relais during an upgrade, or one whose rings cannot reach us): then as often as without a doorbell
 PRUNE_EVERY_S = 60.0
 PROBE_AFTER_S = 2.0  # readiness: with no successful write for this long, write a probe
 PENDING_BATCH = 500  # records read at a time by `pending` (a member taking partitions over reads their backlog)
@@ -295,10 +298,12 @@ class EmbeddedSubscription:
         self._beat_lock = asyncio.Lock()
         self._wake = asyncio.Event()  # set when records may have been appended to our topics
         self._bell: Bell | None = None
+        self._unrung_until = 0.0  # records came without a ring lately: look as often as without a bell until then
 
     @property
     def _idle_poll_s(self) -> float:
-        return IDLE_POLL_S if self._bell is None else BELL_POLL_S
+        rung = self._bell is not None and time.monotonic() >= self._unrung_until
+        return BELL_POLL_S if rung else IDLE_POLL_S
 
     async def start(self) -> None:
         """Join the group: take this member's share of the partitions, from the committed offsets."""
@@ -415,6 +420,7 @@ class EmbeddedSubscription:
         deadline = time.monotonic() + timeout_s
         self._in_flight = {}
         await self._give_back_surplus()
+        looked = False  # the last wait ended on our own look at the log, not on a ring
         while True:
             now = time.monotonic()
             self._paused = {tp: due for tp, due in self._paused.items() if due > now}
@@ -425,13 +431,17 @@ class EmbeddedSubscription:
             rows: list[tuple[str, int, int, bytes | None, bytes, str]] = []
             if readable and self._writable():
                 self._version, rows = await log_.read(log_.records, readable, max_records)
+            if rows and looked:
+                self._unrung_until = time.monotonic() + UNRUNG_S
             if rows or now >= deadline:
                 break
+            looked = False
             wake = min([deadline, *self._paused.values()])
             while time.monotonic() < wake:
                 if await wait_until_set(self._wake, min(self._idle_poll_s, max(0.0, wake - time.monotonic()))):
                     break
                 if await log_.read(log_.data_version) != self._version:
+                    looked = True
                     break
         records = []
         for topic, p, offset, key, value, headers in rows:

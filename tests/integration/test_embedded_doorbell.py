@@ -39,6 +39,9 @@ from services.core.settings import Settings
 from services.core.topics import RECEIVED
 
 async def main():
+    if sys.argv[2:] == ["--silent"]:  # a writer that does not ring (an older Relais, during an upgrade)
+        from services.core.embedded_doorbell import Ringer
+        Ringer.ring = lambda self, topics, skip=(): 0
     bus = EmbeddedBus(Settings(**json.loads(sys.argv[1])))
     await bus.start()
     while line := await asyncio.to_thread(sys.stdin.readline):  # a record per line, acknowledged once published
@@ -78,11 +81,11 @@ class Publisher:
 
 
 @contextlib.asynccontextmanager
-async def publisher(settings: Settings) -> AsyncIterator[Publisher]:
+async def publisher(settings: Settings, *flags: str) -> AsyncIterator[Publisher]:
     config = {"topic_prefix": settings.topic_prefix, "topic_partitions": settings.topic_partitions,
               "kafka_bootstrap": None, "embedded_log_path": str(settings.embedded_log_path),
               "auth_disabled": True, "log_format": "console", "log_level": "warning"}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", PUBLISHER, json.dumps(config),
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", PUBLISHER, json.dumps(config), *flags,
                                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     try:
         yield Publisher(proc)
@@ -151,6 +154,27 @@ async def test_a_member_without_a_bell_is_still_rung_at_its_name_and_polls(
             assert await asyncio.to_thread(squatter.recv, 64) == b""  # the ring went to the member's name
     finally:
         squatter.close()
+        await sub.stop()
+        await bus.stop()
+
+
+async def test_records_from_a_writer_that_does_not_ring_make_the_member_look_often(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older Relais during an upgrade rings nobody: once a record came unannounced, the member looks at the
+    log every IDLE_POLL_S again (not BELL_POLL_S), so such writers cost what they did before bells."""
+    monkeypatch.setattr(embedded, "BELL_POLL_S", 3.0)
+    monkeypatch.setattr(embedded, "IDLE_POLL_S", 0.05)
+    bus = EmbeddedBus(settings)
+    await bus.start()
+    sub = bus.subscribe("validator", [RECEIVED])
+    await sub.start()
+    try:
+        async with publisher(settings, "--silent") as pub:
+            first = await wait_after_publish(sub, pub, 0)
+            assert first < POLL_TIMEOUT_S  # found by a look, BELL_POLL_S at most
+            later = [await wait_after_publish(sub, pub, n) for n in range(1, ROUNDS)]
+            assert max(later) < RUNG_S, f"after an unannounced record, waits of {later} s: still looking every 3 s"
+    finally:
         await sub.stop()
         await bus.stop()
 

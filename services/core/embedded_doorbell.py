@@ -12,7 +12,9 @@ wrote (`Ringer`); the lease holders are re-read every HOLDERS_TTL_S.
 
 A ring is only a hint and may be lost (a holder that took its partitions a moment ago, a full socket buffer, a
 system without abstract sockets): members still look at the log now and then (`services.core.embedded`'s
-BELL_POLL_S, or IDLE_POLL_S without a bell), so a lost ring costs latency, never a record.
+BELL_POLL_S, or IDLE_POLL_S without a bell), so a lost ring costs latency, never a record. A ring carries
+nothing: a stranger's datagram (abstract names are open to the machine's processes) only makes a member look
+at the log, and a name taken first leaves that member polling as without a bell.
 """
 
 from __future__ import annotations

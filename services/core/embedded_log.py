@@ -226,7 +226,7 @@ class EmbeddedLog(GroupCommitFile):
         return out
 
     def data_version(self, conn: sqlite3.Connection) -> int:
-        """Changes whenever any connection, in any process, commits: the cross-process wake-up."""
+        """Changes whenever any connection, in any process, commits: what an idle member's own look compares."""
         return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
     def records(self, conn: sqlite3.Connection, positions: Mapping[TopicPartition, int],

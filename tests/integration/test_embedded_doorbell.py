@@ -1,8 +1,9 @@
 """Doorbells: a commit in one process wakes the idle members of another at once (services.core.embedded_doorbell).
 
-The publisher is a real OS process. The subscriber's own looks at the log are pushed out past the poll's
-timeout, so only a ring can hand it a record before then: without rings these tests fail (each poll returns
-empty after POLL_TIMEOUT_S).
+The publisher is a real OS process. Where a test is about rings, the subscriber's own looks at the log are
+pushed out past the poll's timeout, so only a ring can hand it a record before then: without rings it fails
+(each poll returns empty after POLL_TIMEOUT_S). The others check the fallbacks: a member without a bell, and a
+writer that rings nobody.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from services.core.topics import RECEIVED
 
 Factory = Callable[..., Settings]
 
-RUNG_S = 1.0  # a rung member has its record by then (a few ms here) (else it came another way: this process sweeps the
-# publisher's inbox after embedded.SWEEP_AGE_S, 2 s, and wakes its own members then)
+# A rung member has its record by then (a few ms here). Later than that, it came another way: this process sweeps
+# the publisher's inbox after embedded.SWEEP_AGE_S (2 s) and wakes its own members then.
+RUNG_S = 1.0
 POLL_TIMEOUT_S = 20.0  # a record a ring did not announce comes back only after this (looks pushed past it)
 ROUNDS = 5
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -37,6 +38,7 @@ HOLDERS_TTL_S = 1.0  # a ringer re-reads who holds which topic this often (a lea
 __all__ = ["Bell", "Ringer", "bell_name"]
 
 
+@functools.lru_cache(maxsize=4096)  # a writer rings the same few members after every commit; realpath costs syscalls
 def bell_name(log_path: Path, member: str) -> bytes:
     """The abstract socket name of `member`'s bell for the log at `log_path` (fixed length, any path)."""
     digest = hashlib.sha256(f"{os.path.realpath(log_path)}\0{member}".encode()).hexdigest()[:40]
@@ -88,7 +90,6 @@ class Ringer:
         self._log_path = log_path
         self._read_holders = read_holders
         self._holders: Mapping[str, set[str]] = {}
-        self._names: dict[str, bytes] = {}
         self._sock: socket.socket | None = None
 
     def ring(self, topics: Iterable[str], skip: Iterable[str] = ()) -> int:
@@ -105,11 +106,8 @@ class Ringer:
             log.debug("embedded log doorbell: no socket to ring with", error=str(exc))
             return 0
         for member in members:
-            name = self._names.get(member)
-            if name is None:
-                name = self._names[member] = bell_name(self._log_path, member)
             try:
-                self._sock.sendto(b"", name)
+                self._sock.sendto(b"", bell_name(self._log_path, member))
                 rung += 1
             except BlockingIOError:
                 rung += 1  # its buffer is full of rings it has not read yet: it is awake already
@@ -123,8 +121,6 @@ class Ringer:
             self._holders = await self._read_holders()
         except BusUnavailable as exc:
             log.debug("embedded log doorbell: lease holders not read", error=str(exc))
-            return
-        self._names = {m: n for m, n in self._names.items() if any(m in h for h in self._holders.values())}
 
     async def refresh_forever(self) -> None:
         while True:

@@ -156,7 +156,7 @@ class _Pump:
         self.partitions: dict[Partition, _PartitionState] = {}
         self.done: list[tuple[Record, Sequence[Emit]]] = []  # committable, in offset order per partition
         self.has_done = asyncio.Event()
-        self.commit_interval_s: float = getattr(sub, "commit_interval_s", 0.0)
+        self.commit_interval_s = sub.commit_interval_s
         self.flush = asyncio.Event()  # set when stopping: the committer no longer keeps to its interval
         self.closing = False
         self.halting = False  # the pump failed (e.g. fenced): lanes take no further record

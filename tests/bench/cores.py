@@ -50,6 +50,7 @@ import orjson
 from services.core.kafka import KafkaBus
 from services.core.settings import Settings
 from services.core.topics import RECEIVED
+from tests.bench.pipeline import percentile
 from tests.fixtures.tddui import make_bundle
 from tests.support.processes import REPO, free_port, readyz, wait_until
 from tests.support.producers import write_targets
@@ -380,9 +381,9 @@ def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: lis
         if workers:
             return lines  # the worker-count comparison only
         (work / "transit").mkdir()
-        spent = sorted(transit(work / "transit", TRANSIT_BUNDLES))
+        spent = transit(work / "transit", TRANSIT_BUNDLES)
         lines.append(f"202 -> at the target, one Bundle every 200 ms through relais run ({len(spent)} Bundles): "
-                     f"p50 {statistics.median(spent) * 1000:.1f} ms, p99 {_pct(spent, 99) * 1000:.1f} ms")
+                     f"p50 {statistics.median(spent) * 1000:.1f} ms, p99 {percentile(spent, 99) * 1000:.1f} ms")
         (work / "lat").mkdir()
         report = latency_under_load(work / "lat", rate, seconds, backlog=bundles)
         lat = report["latencies"]
@@ -409,10 +410,6 @@ def run(bundles: int, rate: int, seconds: int, kafka: bool = False, workers: lis
                          f"{rate_k / base:.2f} (goal >= 0.7); CPU s per Bundle: "
                          + ", ".join(f"{k} {v:.4f}" for k, v in by_stage.items()))
     return lines
-
-
-def _pct(ordered: list[float], p: float) -> float:
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def _counts(text: str) -> list[int]:

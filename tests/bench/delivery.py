@@ -36,6 +36,7 @@ from services.core.settings import Settings
 from services.core.targets import TargetDirectory
 from services.core.topics import DELIVERIES
 from tests.bench import kafka_bootstrap
+from tests.bench.pipeline import percentile
 from tests.bench.publisher import write_records
 from tests.fixtures.tddui import make_bundle
 from tests.support.delivering import delivering
@@ -139,11 +140,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}" if seconds < 0.01 else f"{seconds * 1000:.0f}"
 
 
-def _pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool = False,
                 repeat: int = REPEAT) -> list[str]:
     body = orjson.dumps(make_bundle(10, seed=1))
@@ -159,8 +155,8 @@ async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool =
             elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits,
                                       {f"t{i}": targets[i].base_url for i in range(n)}, work)
             lines.append(f"delivery to {n:2d} healthy target(s): {count} Bundles in {elapsed:.1f}s = "
-                         f"{count / elapsed:.0f}/s; latency p50 {_pct(lat, 50) * 1000:.0f} ms, "
-                         f"p99 {_pct(lat, 99) * 1000:.0f} ms")
+                         f"{count / elapsed:.0f}/s; latency p50 {percentile(lat, 50) * 1000:.0f} ms, "
+                         f"p99 {percentile(lat, 99) * 1000:.0f} ms")
         dead = f"http://127.0.0.1:{free_port()}/fhir"
         for label, with_dead in (("alone", False), ("beside a dead target", True)):
             dirs = TargetDirectory.model_validate({"targets": [
@@ -174,7 +170,7 @@ async def bench(bootstrap: str | None, work: Path, count: int, only_slow: bool =
                                            strict=True) for e in pair]
             elapsed, lat = await _run(_settings(bootstrap, work), dirs, emits, {"ok": targets[0].base_url}, work)
             lines.append(f"healthy target {label}: {half} Bundles in {elapsed:.1f}s; latency p50 "
-                         f"{statistics.median(lat) * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms")
+                         f"{statistics.median(lat) * 1000:.0f} ms, p99 {percentile(lat, 99) * 1000:.0f} ms")
         lines += await _beside_slow_targets(bootstrap, work, body, targets, repeat)
     finally:
         for t in targets:
@@ -238,7 +234,7 @@ async def _fast_latency(bootstrap: str | None, work: Path, body: bytes, fast: De
               *((_emit(f"other{i}", body, "warmup"), t.base_url) for i, t in enumerate(others))]
     _, lat = await _run(_settings(bootstrap, work), dirs, emits, {"fast": fast.base_url}, work,
                         round_size=(1 + len(others)) if pace else 0, pace_s=pace, warmup=warmup)
-    return statistics.median(lat), _pct(lat, 99)
+    return statistics.median(lat), percentile(lat, 99)
 
 
 def main() -> int:

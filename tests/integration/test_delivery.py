@@ -310,7 +310,7 @@ async def test_breaker_holds_records_while_the_target_is_down_then_delivers(
     emits = [delivery("a", make_bundle(3, seed=70 + i), subject=f"s{i}") for i in range(5)]
     async with running(settings, dirs, tmp_path, tracker=False) as stage:
         await publish(settings, emits)
-        await wait_for(lambda: _async(stage.breaker("a").circuit is Circuit.OPEN), timeout_s=20)  # type: ignore[union-attr]
+        await wait_for(lambda: stage.breaker("a").circuit is Circuit.OPEN, timeout_s=20)  # type: ignore[union-attr]
         await asyncio.sleep(4)  # far longer than max_attempts x tiers: without the breaker, all dead
         dead = [r for r in await read_topic(settings, DELIVERIES_DLQ, expect=10**9, timeout_s=1)]
         assert dead == [], "records were dead-lettered while the circuit was open"
@@ -318,9 +318,6 @@ async def test_breaker_holds_records_while_the_target_is_down_then_delivers(
         await all_delivered(settings, {e.envelope.transfer_id for e in emits})
     assert len(t.received()) == 5  # each delivered once; nothing was flooded at the target
 
-
-async def _async(value: Any) -> Any:
-    return value
 
 
 async def test_a_dead_target_does_not_slow_a_healthy_one(

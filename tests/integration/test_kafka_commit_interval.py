@@ -91,7 +91,7 @@ async def test_a_stream_shares_transactions_and_an_idle_stage_commits_at_once(
         await bus.publish([received()])
         await reader.until(3 + STREAM)
         await bus.publish([received()])
-        await wait_for(lambda: _async(stage.handled == 4 + STREAM))
+        await wait_for(lambda: stage.handled == 4 + STREAM)
         stopping = time.monotonic()
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -110,6 +110,3 @@ async def test_a_stream_shares_transactions_and_an_idle_stage_commits_at_once(
     assert stop_s < INTERVAL_S * 0.6, f"stopping took {stop_s:.2f} s"
     assert sum(lag.values()) == 0  # the record handled last was committed on the way out
 
-
-async def _async(value: object) -> object:
-    return value

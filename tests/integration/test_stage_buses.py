@@ -69,7 +69,7 @@ async def test_delayed_record_waits_without_blocking_others(
     try:
         await bus.publish([delayed])
         tid = delayed.envelope.transfer_id
-        await wait_for(lambda: _async(tid in stage.seen), timeout_s=30)
+        await wait_for(lambda: tid in stage.seen, timeout_s=30)
         assert stage.seen[tid] >= due
         out = await read_all(bus, VALIDATED, expect=1)
         assert transfer_ids(out) == [tid]
@@ -109,7 +109,7 @@ async def test_graceful_stop_commits_what_was_handled(
     await bus.start()
     await bus.publish(inputs)
     task = asyncio.create_task(run_stage(stage, bus, s, stop))
-    await wait_for(lambda: _async(len(stage.seen) == len(inputs)))
+    await wait_for(lambda: len(stage.seen) == len(inputs))
     started = time.monotonic()
     stop.set()
     await asyncio.wait_for(task, 30)
@@ -118,9 +118,6 @@ async def test_graceful_stop_commits_what_was_handled(
     await bus.stop()
     assert lag and sum(lag.values()) == 0  # non-empty: every partition was read, and all are committed
 
-
-async def _async(value: object) -> object:
-    return value
 
 
 async def test_records_not_completed_are_read_again_completed_ones_are_not(bus_settings: Factory) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
@@ -59,10 +60,12 @@ async def read_topic(settings: Settings, topic: str, *, expect: int, timeout_s: 
 
 
 async def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.1):  # type: ignore[no-untyped-def]
-    """Await an async predicate until it returns a truthy value; that value, or AssertionError."""
+    """Call a predicate (plain or async) until it returns a truthy value; that value, or AssertionError."""
     deadline = time.monotonic() + timeout_s
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

@@ -260,6 +260,9 @@ class DeliveryStage:
             return [self._park(record, env, (due - now).total_seconds())]
         if rt.target.paused or rt.target.id in self.paused_by_operator:
             return [self._park(record, env, rt.target.breaker.probe_every_s)]
+        # A slow target's record starts by giving way: its steps up to its gate's waiting area (or its attempt)
+        # would otherwise run before a quick target's record that came in the same poll.
+        await self.turns.give_way(rt.target.id)
         with self.turns.in_progress(rt.target.id):  # waiting for its target's slot included
             return await self._in_turn(record, env, rt)
 

@@ -6,9 +6,11 @@ for targets that take seconds to answer beside a quick target's records, first c
 the quick target's deliveries wait for work whose own answer will take seconds anyway (issue 15: the
 fast target's burst p50 beside 5 targets answering in 5 s was 1.8x its p50 alone).
 
-So before each CPU-bound step of its attempt a record for a *slow* target gives way while records for
-other targets that are not slow are in progress (waiting for their slot included; not while waiting for
-their target's answer, which needs no CPU), at most GIVE_WAY_MAX_S per step.
+So before it enters its target's waiting area, and before each CPU-bound step of its attempt, a record for a
+*slow* target gives way while records for other targets that are not slow are in progress (waiting for their
+slot included; not while waiting for their target's answer, which needs no CPU), at most GIVE_WAY_MAX_S per
+step. (Giving way only within the attempt left a slow target whose slots were all taken costing every poll
+its records' first steps, up to their place in the waiting area, ahead of a quick record of the same poll.)
 
 A target is slow (`is_slow`) when its pace is above SLOW_MIN_S and above
 SLOW_FACTOR x the quickest other target's pace (not the others' median: where most targets are slow, the

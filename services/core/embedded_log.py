@@ -24,13 +24,11 @@ from services.core import embedded_groups as groups
 from services.core.embedded_groups import RENEW_S, TopicPartition
 from services.core.embedded_store import GroupCommitFile
 from services.core.errors import BusUnavailable
+from services.core.logging import get_logger
+
+log = get_logger(__name__)
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
-    key BLOB, value BLOB, headers TEXT NOT NULL, appended REAL NOT NULL,
-    PRIMARY KEY (topic, partition, offset)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS heads (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
@@ -52,9 +50,59 @@ CREATE TABLE IF NOT EXISTS probes (process TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS inbox_moved (inbox TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 """
 
+# Records are in a rowid table, found by a unique index on their position. Rows are appended at the table's end,
+# so a commit's records (whatever their partitions) are neighbours on disk, and a member reading them after
+# another process's commit (its page cache is then cold) touches a few pages. Logs written before 2026-12 keep
+# them in a WITHOUT ROWID table clustered by position: there a 10 kB record lies ~1 kB in its partition's leaf
+# and the rest in overflow pages, and reading 6 fresh ones from 6 partitions took 3.5x as long (260 vs 74 us),
+# writing them 1.5x (`lay_out_records` moves such a log's records once). Column order is unchanged: a process of
+# an earlier release writing beside this one (`INSERT INTO records VALUES (7 values)`) still can.
+RECORDS_TABLE = """CREATE TABLE IF NOT EXISTS records (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+    key BLOB, value BLOB, headers TEXT NOT NULL, appended REAL NOT NULL
+)"""
+RECORDS_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS records_position ON records (topic, partition, offset)"
+
 MAX_POLL_BYTES = 2 * 1024 * 1024  # per poll: a stage's commit then writes a few MB at most
 
 Row = tuple[str, bytes | None, bytes, str]  # physical topic, key, sealed value, encoded headers
+
+
+def lay_out_records(conn: sqlite3.Connection) -> None:
+    """Create the records table; in a log written before 2026-12, move its records to today's layout first.
+
+    Once per log, in one transaction under the file's write lock (the writers of every process wait meanwhile;
+    a crash leaves the earlier layout whole). When it fails (the disk lacks room for the copy, say), the log goes
+    on in its earlier layout, which works as before, and the next start tries again.
+    """
+    if not _clustered(conn):
+        conn.execute(RECORDS_TABLE)
+        conn.execute(RECORDS_INDEX)
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _clustered(conn):  # not moved meanwhile by another process
+            (count,) = conn.execute("SELECT count(*) FROM records").fetchone()
+            log.warning("moving the embedded log's records to the faster layout (once; writers wait meanwhile)",
+                        path=str(conn.execute("PRAGMA database_list").fetchone()[2]), records=count)
+            started = time.monotonic()
+            conn.execute("ALTER TABLE records RENAME TO records_by_position")  # the earlier layout
+            conn.execute(RECORDS_TABLE)
+            conn.execute("INSERT INTO records SELECT * FROM records_by_position ORDER BY appended")
+            conn.execute("DROP TABLE records_by_position")
+            conn.execute(RECORDS_INDEX)
+            log.warning("embedded log records moved", records=count, seconds=round(time.monotonic() - started, 1))
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        conn.execute("ROLLBACK")
+        log.warning("embedded log records not moved to the faster layout; the log goes on as it was and the next "
+                    "start tries again (free disk space if it was full)", error=str(exc))
+
+
+def _clustered(conn: sqlite3.Connection) -> bool:
+    """Whether the records are in the layout of logs written before 2026-12 (a WITHOUT ROWID table)."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='records'").fetchone()
+    return row is not None and "WITHOUT ROWID" in row[0].upper()
 
 
 def partition_for(key: bytes | None, partitions: int, counter: int) -> int:
@@ -68,7 +116,7 @@ class EmbeddedLog(GroupCommitFile):
     """The log file; `write` jobs are group-committed, `read` calls run beside them."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, SCHEMA, "embedded log")
+        super().__init__(path, SCHEMA, "embedded log", lay_out=lay_out_records)
         self._members: set[tuple[str, str]] = set()  # (group, member) of this process, renewed by its own thread
         self._renewer: threading.Thread | None = None
         self._round_robin = 0

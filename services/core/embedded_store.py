@@ -83,12 +83,15 @@ class WriteLock:
 class GroupCommitFile:
     """One SQLite file: `write` jobs are group-committed, `read` calls run beside them.
 
-    `schema` is applied by the writer's connection when it opens; `what` names the file in errors.
+    `schema` is applied by the writer's connection when it opens, then `lay_out(conn)` (what a script cannot say:
+    moving an earlier release's tables), under the write lock; `what` names the file in errors.
     """
 
-    def __init__(self, path: Path, schema: str, what: str) -> None:
+    def __init__(self, path: Path, schema: str, what: str,
+                 lay_out: Callable[[sqlite3.Connection], None] | None = None) -> None:
         self.path = path
         self._schema = schema
+        self._lay_out = lay_out
         self._what = what
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -221,9 +224,10 @@ class GroupCommitFile:
         conn = self._writer_conn
         try:
             if conn is None:
-                conn = self._writer_conn = self._connect()
-                conn.executescript(self._schema)
-            self._lock.acquire()
+                conn = self._open_writer()  # a new connection's tables are laid out before it is kept
+                self._writer_conn = conn
+            else:
+                self._lock.acquire()
             conn.execute("BEGIN IMMEDIATE")
             for fn, args, future in batch:
                 conn.execute("SAVEPOINT job")
@@ -258,6 +262,19 @@ class GroupCommitFile:
                 future.set_exception(error)
             else:
                 future.set_result(result)
+
+    def _open_writer(self) -> sqlite3.Connection:
+        """A new writer connection, the file's tables laid out, with the write lock held (as `_commit` takes it)."""
+        conn = self._connect()  # creates the file's directory, where the lock's file goes
+        try:
+            conn.executescript(self._schema)
+            self._lock.acquire()
+            if self._lay_out is not None:
+                self._lay_out(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _reset(self) -> None:
         """After a failed statement or COMMIT: roll back what is open, or drop the connection altogether."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -308,3 +309,92 @@ async def _eventually(client: Any, url: str, ok: Callable[[Any], bool], timeout_
                 return last
         await asyncio.sleep(0.2)
     raise AssertionError(f"{url} never answered as expected; last: {last and last.text}")
+
+
+EARLIER_RECORDS = """CREATE TABLE records (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+    key BLOB, value BLOB, headers TEXT NOT NULL, appended REAL NOT NULL,
+    PRIMARY KEY (topic, partition, offset)
+) WITHOUT ROWID"""
+
+
+def lay_out_as_before_2026_12(path: Path) -> None:
+    """Rewrite a stopped log's records table as releases before 2026-12 laid it out (clustered by position)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("ALTER TABLE records RENAME TO newer")
+        db.execute(EARLIER_RECORDS)
+        db.execute("INSERT INTO records SELECT * FROM newer")
+        db.execute("DROP TABLE newer")
+        db.commit()
+
+
+def records_layout(path: Path) -> tuple[bool, list[str]]:
+    """(whether the records table is clustered by position, as before 2026-12; the indexes on it)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        [sql] = db.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='records'").fetchone()
+        indexes = [name for (name,) in db.execute(
+            "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='records' AND sql IS NOT NULL")]
+    return "WITHOUT ROWID" in sql, indexes
+
+
+async def _committed_then_more(settings: Settings) -> list[Record]:
+    """10 records consumed and committed by the validator's group, then 20 more not yet: the later 20."""
+    async with started(settings) as bus:
+        await bus.publish([emit(n) for n in range(10)])
+        consumer = bus.subscribe("validator", [RECEIVED])
+        await consumer.start()
+        seen: list[Record] = []
+        await drain(consumer, seen, until=lambda: len(seen) >= 10)
+        await consumer.stop()
+        await bus.publish([emit(n) for n in range(10, 30)])
+        return [r for r in await all_records(bus, RECEIVED) if r.envelope.transfer_id not in
+                {s.envelope.transfer_id for s in seen}]
+
+
+async def test_a_log_written_before_2026_12_moves_its_records_once_and_goes_on_where_it_was(
+        embedded: Factory) -> None:
+    settings = embedded()
+    later = await _committed_then_more(settings)
+    lay_out_as_before_2026_12(settings.embedded_log_path)
+    assert records_layout(settings.embedded_log_path) == (True, [])
+    async with started(settings) as bus:
+        assert records_layout(settings.embedded_log_path) == (False, ["records_position"])
+        consumer = bus.subscribe("validator", [RECEIVED])
+        await consumer.start()
+        seen: list[Record] = []
+        await drain(consumer, seen, until=lambda: len(seen) >= 20)
+        await consumer.stop()
+        # The group goes on from its committed offsets: the 20 later records, each once, same place, same content.
+        assert sorted((r.partition, r.offset, r.envelope.transfer_id, r.envelope.data) for r in seen) == \
+            sorted((r.partition, r.offset, r.envelope.transfer_id, r.envelope.data) for r in later)
+        before = await all_records(bus, RECEIVED)
+        await bus.publish([emit(99)])  # offsets go on from each partition's head
+        [fresh] = [r for r in await all_records(bus, RECEIVED) if r.envelope.transfer_id == "t99"]
+        assert fresh.offset == sum(1 for r in before if r.partition == fresh.partition)
+    # A process of an earlier release writing beside this one inserts the 7 columns in the same order.
+    with contextlib.closing(sqlite3.connect(settings.embedded_log_path)) as db:
+        db.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", ("x", 0, 0, None, b"v", "[]", time.time()))
+        db.commit()
+
+
+async def test_a_log_whose_records_cannot_move_goes_on_as_it_was_and_moves_them_at_a_later_start(
+        embedded: Factory) -> None:
+    settings = embedded()
+    later = await _committed_then_more(settings)
+    lay_out_as_before_2026_12(settings.embedded_log_path)
+    with contextlib.closing(sqlite3.connect(settings.embedded_log_path)) as db:
+        db.execute("CREATE TABLE records_by_position (x)")  # the move's table name taken: the move fails
+    async with started(settings) as bus:
+        assert records_layout(settings.embedded_log_path) == (True, [])
+        await bus.publish([emit(30)])
+        consumer = bus.subscribe("validator", [RECEIVED])
+        await consumer.start()
+        seen: list[Record] = []
+        await drain(consumer, seen, until=lambda: len(seen) >= 21)
+        await consumer.stop()
+        assert sorted(r.envelope.transfer_id for r in seen) == sorted([*(r.envelope.transfer_id for r in later), "t30"])
+    with contextlib.closing(sqlite3.connect(settings.embedded_log_path)) as db:
+        db.execute("DROP TABLE records_by_position")
+    async with started(settings) as bus:
+        assert records_layout(settings.embedded_log_path) == (False, ["records_position"])
+        assert len(await all_records(bus, RECEIVED)) == 31

@@ -68,16 +68,18 @@ MAX_POLL_BYTES = 2 * 1024 * 1024  # per poll: a stage's commit then writes a few
 Row = tuple[str, bytes | None, bytes, str]  # physical topic, key, sealed value, encoded headers
 
 
-def lay_out_records(conn: sqlite3.Connection) -> None:
+def lay_out_records(conn: sqlite3.Connection, move: bool = True) -> None:
     """Create the records table; in a log written before 2026-12, move its records to today's layout first.
 
     Once per log, in one transaction under the file's write lock (the writers of every process wait meanwhile;
-    a crash leaves the earlier layout whole). When it fails (the disk lacks room for the copy, say), the log goes
-    on in its earlier layout, which works as before, and the next start tries again.
+    a crash leaves the earlier layout whole). When it fails (the disk lacks room for the copy, say), or `move` is
+    False, the log goes on in its earlier layout, which works as before; the next process to start tries again.
     """
     if not _clustered(conn):
         conn.execute(RECORDS_TABLE)
         conn.execute(RECORDS_INDEX)
+        return
+    if not move:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -94,9 +96,10 @@ def lay_out_records(conn: sqlite3.Connection) -> None:
             log.warning("embedded log records moved", records=count, seconds=round(time.monotonic() - started, 1))
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         log.warning("embedded log records not moved to the faster layout; the log goes on as it was and the next "
-                    "start tries again (free disk space if it was full)", error=str(exc))
+                    "process to start tries again (free disk space if it was full)", error=str(exc))
 
 
 def _clustered(conn: sqlite3.Connection) -> bool:
@@ -116,12 +119,19 @@ class EmbeddedLog(GroupCommitFile):
     """The log file; `write` jobs are group-committed, `read` calls run beside them."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, SCHEMA, "embedded log", lay_out=lay_out_records)
+        super().__init__(path, SCHEMA, "embedded log", lay_out=self._lay_out_records)
         self._members: set[tuple[str, str]] = set()  # (group, member) of this process, renewed by its own thread
         self._renewer: threading.Thread | None = None
         self._round_robin = 0
         self._read_turn = 0
         self._topics: dict[str, int] | None = None
+        self._moved_once = False  # an earlier layout's records: moved (or tried) by this process's first writer
+
+    def _lay_out_records(self, conn: sqlite3.Connection) -> None:
+        # Tried once per process: a writer connection is opened again after each storage fault, and a move that
+        # failed for want of disk space would otherwise copy the whole log again at each, holding the write lock.
+        lay_out_records(conn, move=not self._moved_once)
+        self._moved_once = True
 
     def register(self, group: str, member: str) -> None:
         """Keep this member alive from a thread of its own: a CPU-bound batch on the event loop is not death."""

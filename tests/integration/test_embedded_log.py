@@ -22,6 +22,7 @@ from devtools.devkafka.local import free_port
 from services.app import create_app
 from services.core.bus import Partition
 from services.core.embedded import STORAGE_UNWRITABLE, EmbeddedBus, EmbeddedSubscription, Fenced
+from services.core.embedded_log import EmbeddedLog
 from services.core.envelope import Emit, Envelope, Record
 from services.core.errors import BusUnavailable
 from services.core.settings import Settings
@@ -393,8 +394,17 @@ async def test_a_log_whose_records_cannot_move_goes_on_as_it_was_and_moves_them_
         await drain(consumer, seen, until=lambda: len(seen) >= 21)
         await consumer.stop()
         assert sorted(r.envelope.transfer_id for r in seen) == sorted([*(r.envelope.transfer_id for r in later), "t30"])
-    with contextlib.closing(sqlite3.connect(settings.embedded_log_path)) as db:
+    with contextlib.closing(sqlite3.connect(settings.embedded_log_path, isolation_level=None)) as db:
+        # Within a process the move is tried once: its writer reconnects after every storage fault, and a move
+        # failing for want of disk space must not copy the whole log again at each.
+        same_process = EmbeddedLog(settings.embedded_log_path)
         db.execute("DROP TABLE records_by_position")
-    async with started(settings) as bus:
+        same_process._lay_out_records(db)
+        assert records_layout(settings.embedded_log_path) == (False, ["records_position"])
+        lay_out_as_before_2026_12(settings.embedded_log_path)
+        same_process._lay_out_records(db)  # its second writer connection: the log goes on as it is
+        assert records_layout(settings.embedded_log_path) == (True, [])
+        same_process.close()
+    async with started(settings) as bus:  # the next process to start
         assert records_layout(settings.embedded_log_path) == (False, ["records_position"])
         assert len(await all_records(bus, RECEIVED)) == 31

@@ -54,9 +54,10 @@ CREATE TABLE IF NOT EXISTS inbox_moved (inbox TEXT PRIMARY KEY, seq INTEGER NOT 
 # so a commit's records (whatever their partitions) are neighbours on disk, and a member reading them after
 # another process's commit (its page cache is then cold) touches a few pages. Logs written before 2026-12 keep
 # them in a WITHOUT ROWID table clustered by position: there a 10 kB record lies ~1 kB in its partition's leaf
-# and the rest in overflow pages, and reading 6 fresh ones from 6 partitions took 3.5x as long (260 vs 74 us),
-# writing them 1.5x (`lay_out_records` moves such a log's records once). Column order is unchanged: a process of
-# an earlier release writing beside this one (`INSERT INTO records VALUES (7 values)`) still can.
+# and the rest in overflow pages: a member's read of 6 fresh ones from 6 partitions took 2.4x as long (482 vs
+# 197 us), their commit 0.76 vs 0.60 ms (tests/bench/logread.py). `lay_out_records` moves such a log's records
+# once. Column order is unchanged: a process of an earlier release writing beside this one (`INSERT INTO records
+# VALUES (7 values)`) still can.
 RECORDS_TABLE = """CREATE TABLE IF NOT EXISTS records (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
     key BLOB, value BLOB, headers TEXT NOT NULL, appended REAL NOT NULL

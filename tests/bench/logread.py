@@ -21,13 +21,9 @@ from pathlib import Path
 
 from services.core.embedded_log import EmbeddedLog, Row, partition_for
 from tests.bench.pipeline import percentile
+from tests.support.earlier_log import EARLIER_RECORDS
 
 TOPIC, PARTITIONS = "bench.deliveries", 6
-EARLIER_RECORDS = """CREATE TABLE records (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
-    key BLOB, value BLOB, headers TEXT NOT NULL, appended REAL NOT NULL,
-    PRIMARY KEY (topic, partition, offset)
-) WITHOUT ROWID"""
 
 
 def _earlier_layout(conn: sqlite3.Connection) -> None:

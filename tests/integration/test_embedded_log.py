@@ -29,6 +29,7 @@ from services.core.settings import Settings
 from services.core.topics import RECEIVED, VALIDATED
 from services.launcher import _server
 from services.tracker.ledger import Ledger
+from tests.support.earlier_log import lay_out_as_before_2026_12
 
 Factory = Callable[..., Settings]
 
@@ -63,6 +64,18 @@ async def drain(sub: EmbeddedSubscription, sink: list[Record], *, until: Callabl
             offsets = {Partition(r.topic, r.partition): r.offset + 1 for r in records}
             await sub.complete([Emit(out_topic, r.key, r.envelope) for r in records], offsets)
             sink += records
+
+
+async def consumed(bus: EmbeddedBus, count: int, group: str = "validator", topic: str = RECEIVED) -> list[Record]:
+    """What `group` handles (and commits) of `topic`, until `count` records, as a stage would."""
+    consumer = bus.subscribe(group, [topic])
+    await consumer.start()
+    seen: list[Record] = []
+    try:
+        await drain(consumer, seen, until=lambda: len(seen) >= count)
+    finally:
+        await consumer.stop()
+    return seen
 
 
 async def all_records(bus: EmbeddedBus, topic: str) -> list[Record]:
@@ -198,11 +211,7 @@ async def test_retention_prunes_old_records_every_group_has_committed(embedded: 
     settings = embedded(topic_retention_days=1 / 86400)  # one second
     async with started(settings) as bus:
         await bus.publish([emit(n) for n in range(20)])
-        consumer = bus.subscribe("validator", [RECEIVED])
-        await consumer.start()
-        seen: list[Record] = []
-        await drain(consumer, seen, until=lambda: len(seen) >= 20)
-        await consumer.stop()
+        seen = await consumed(bus, 20)
         lagging = bus.subscribe("router", [VALIDATED])  # a stage's group that has committed nothing of validated
         await lagging.start()
         await lagging.stop()  # even while it is down, its records are kept for it
@@ -312,23 +321,6 @@ async def _eventually(client: Any, url: str, ok: Callable[[Any], bool], timeout_
     raise AssertionError(f"{url} never answered as expected; last: {last and last.text}")
 
 
-EARLIER_RECORDS = """CREATE TABLE records (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
-    key BLOB, value BLOB, headers TEXT NOT NULL, appended REAL NOT NULL,
-    PRIMARY KEY (topic, partition, offset)
-) WITHOUT ROWID"""
-
-
-def lay_out_as_before_2026_12(path: Path) -> None:
-    """Rewrite a stopped log's records table as releases before 2026-12 laid it out (clustered by position)."""
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("ALTER TABLE records RENAME TO newer")
-        db.execute(EARLIER_RECORDS)
-        db.execute("INSERT INTO records SELECT * FROM newer")
-        db.execute("DROP TABLE newer")
-        db.commit()
-
-
 def records_layout(path: Path) -> tuple[bool, list[str]]:
     """(whether the records table is clustered by position, as before 2026-12; the indexes on it)."""
     with contextlib.closing(sqlite3.connect(path)) as db:
@@ -342,11 +334,7 @@ async def _committed_then_more(settings: Settings) -> list[Record]:
     """10 records consumed and committed by the validator's group, then 20 more not yet: the later 20."""
     async with started(settings) as bus:
         await bus.publish([emit(n) for n in range(10)])
-        consumer = bus.subscribe("validator", [RECEIVED])
-        await consumer.start()
-        seen: list[Record] = []
-        await drain(consumer, seen, until=lambda: len(seen) >= 10)
-        await consumer.stop()
+        seen = await consumed(bus, 10)
         await bus.publish([emit(n) for n in range(10, 30)])
         return [r for r in await all_records(bus, RECEIVED) if r.envelope.transfer_id not in
                 {s.envelope.transfer_id for s in seen}]
@@ -360,11 +348,7 @@ async def test_a_log_written_before_2026_12_moves_its_records_once_and_goes_on_w
     assert records_layout(settings.embedded_log_path) == (True, [])
     async with started(settings) as bus:
         assert records_layout(settings.embedded_log_path) == (False, ["records_position"])
-        consumer = bus.subscribe("validator", [RECEIVED])
-        await consumer.start()
-        seen: list[Record] = []
-        await drain(consumer, seen, until=lambda: len(seen) >= 20)
-        await consumer.stop()
+        seen = await consumed(bus, 20)
         # The group goes on from its committed offsets: the 20 later records, each once, same place, same content.
         assert sorted((r.partition, r.offset, r.envelope.transfer_id, r.envelope.data) for r in seen) == \
             sorted((r.partition, r.offset, r.envelope.transfer_id, r.envelope.data) for r in later)
@@ -388,11 +372,7 @@ async def test_a_log_whose_records_cannot_move_goes_on_as_it_was_and_moves_them_
     async with started(settings) as bus:
         assert records_layout(settings.embedded_log_path) == (True, [])
         await bus.publish([emit(30)])
-        consumer = bus.subscribe("validator", [RECEIVED])
-        await consumer.start()
-        seen: list[Record] = []
-        await drain(consumer, seen, until=lambda: len(seen) >= 21)
-        await consumer.stop()
+        seen = await consumed(bus, 21)
         assert sorted(r.envelope.transfer_id for r in seen) == sorted([*(r.envelope.transfer_id for r in later), "t30"])
     with contextlib.closing(sqlite3.connect(settings.embedded_log_path, isolation_level=None)) as db:
         # Within a process the move is tried once: its writer reconnects after every storage fault, and a move

@@ -358,8 +358,9 @@ async def test_a_log_written_before_2026_12_moves_its_records_once_and_goes_on_w
         assert fresh.offset == sum(1 for r in before if r.partition == fresh.partition)
     # A process of an earlier release writing beside this one inserts the 7 columns in the same order.
     with contextlib.closing(sqlite3.connect(settings.embedded_log_path)) as db:
-        db.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", ("x", 0, 0, None, b"v", "[]", time.time()))
-        db.commit()
+        db.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", ("x", 0, 0, b"k", b"v", "[]", time.time()))
+        assert db.execute("SELECT topic, partition, offset, key, value, headers FROM records WHERE topic = 'x'"
+                          ).fetchall() == [("x", 0, 0, b"k", b"v", "[]")]
 
 
 async def test_a_log_whose_records_cannot_move_goes_on_as_it_was_and_moves_them_at_a_later_start(

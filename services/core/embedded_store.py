@@ -224,10 +224,11 @@ class GroupCommitFile:
         conn = self._writer_conn
         try:
             if conn is None:
-                conn = self._open_writer()  # a new connection's tables are laid out before it is kept
+                conn = self._connect()  # creates the file's directory, where the lock's file goes
+            self._lock.acquire()
+            if conn is not self._writer_conn:
+                self._lay_out_tables(conn)  # a new connection is kept once its tables are laid out
                 self._writer_conn = conn
-            else:
-                self._lock.acquire()
             conn.execute("BEGIN IMMEDIATE")
             for fn, args, future in batch:
                 conn.execute("SAVEPOINT job")
@@ -263,18 +264,15 @@ class GroupCommitFile:
             else:
                 future.set_result(result)
 
-    def _open_writer(self) -> sqlite3.Connection:
-        """A new writer connection, the file's tables laid out, with the write lock held (as `_commit` takes it)."""
-        conn = self._connect()  # creates the file's directory, where the lock's file goes
+    def _lay_out_tables(self, conn: sqlite3.Connection) -> None:
+        """`schema`, then `lay_out`, on a new writer connection (under the write lock); closes it if they fail."""
         try:
             conn.executescript(self._schema)
-            self._lock.acquire()
             if self._lay_out is not None:
                 self._lay_out(conn)
         except BaseException:
             conn.close()
             raise
-        return conn
 
     def _reset(self) -> None:
         """After a failed statement or COMMIT: roll back what is open, or drop the connection altogether."""

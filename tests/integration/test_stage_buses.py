@@ -119,7 +119,6 @@ async def test_graceful_stop_commits_what_was_handled(
     assert lag and sum(lag.values()) == 0  # non-empty: every partition was read, and all are committed
 
 
-
 async def test_records_not_completed_are_read_again_completed_ones_are_not(bus_settings: Factory) -> None:
     s = bus_settings()
     bus = make_bus(s)

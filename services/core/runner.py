@@ -58,7 +58,12 @@ class Stage(Protocol):
     working) give up at once, e.g. by raising `TransientError` (they are read again later); and
     `async def assigned(gained, lost, pending)`: called when this member's partitions changed, before any
     record of a gained partition is handled, with `pending(partitions)` reading the records of those
-    partitions the group has not committed yet (delivery: the records a lane has waiting in retry tiers).
+    partitions the group has not committed yet (delivery: the records a lane has waiting in retry tiers); and
+    `def crowding(excess)`: called before each poll while the records in hand are past half their bound (by
+    `excess`), so that records waiting inside `handle` move out to wait durably (delivery: the longest-waiting
+    for a target's slot go to a retry tier) and their partitions commit: else records waiting, each within
+    its own bound, could together stop the poll for all (issue 15). Records it moved out stay in hand until
+    their partition commits past them: the stage counts those, not to move out more than `excess`.
     """
 
     name: str
@@ -143,6 +148,7 @@ class _Pump:
         self.named_lanes = hasattr(stage, "lane")
         self.prepare: Callable[[list[Record]], Awaitable[None]] | None = getattr(stage, "prepare", None)
         self.assigned: Callable[..., Awaitable[None]] | None = getattr(stage, "assigned", None)
+        self.crowding: Callable[[int], None] | None = getattr(stage, "crowding", None)
         self.known: set[Partition] = set()  # the assignment the stage was last told of
         self.committing: set[Partition] = set()  # partitions of the commit in flight
         if hasattr(sub, "on_revoke"):
@@ -219,6 +225,7 @@ class _Pump:
     async def _poll_loop(self) -> None:
         while not self.stop.is_set():
             self._apply_pauses()
+            self._relieve()
             room = min(self.capacity - self.unhandled, self.capacity * HANDLED_FACTOR - self.in_hand)
             if room <= 0:
                 self.room.clear()
@@ -231,6 +238,13 @@ class _Pump:
                 await self.prepare(records)
             for record in records:
                 self._dispatch(record)
+
+    def _relieve(self) -> None:
+        """Past half the records it may hold in hand, the stage moves records waiting inside `handle` out (before
+        the poll has to stop at the bound itself)."""
+        half = self.capacity * HANDLED_FACTOR // 2
+        if self.crowding is not None and self.in_hand > half:
+            self.crowding(self.in_hand - half)
 
     async def _hand_back(self, partitions: set[Partition]) -> None:
         """The bus takes `partitions` away (a Kafka rebalance): their records in hand finish and commit here first.

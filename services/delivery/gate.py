@@ -5,7 +5,9 @@ records to start: so a slow target's backlog never stops the poll for the others
 bounded per target, by count (`records`) and by age (`wait_s`): a record that finds it full, or
 waits too long, is refused entry and the stage moves it out durably (a retry tier, or the dead-letter
 topic: the target's `backlog.overflow`). The age bound matters as much as the count: a waiting record
-holds its partition's commit, so it must not wait in memory for ever.
+holds its partition's commit, so it must not wait in memory for ever. Nor may all targets' waiting records
+together fill the records a stage holds in hand: past half of them the stage lets its longest-waiting records
+out (`MovedOut`, `let_out`) to wait durably too, whatever their own target's bound.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ class GateClosed(Exception):
     record's partition is being handed over to another process."""
 
 
+class MovedOut(Exception):
+    """A record waiting for a slot leaves to wait durably (a retry tier): the stage's records in hand are crowded."""
+
+
 class TargetGate:
     """`slots` requests at a time to one target; at most `records` waiting, each at most `wait_s` (FIFO)."""
 
@@ -30,6 +36,7 @@ class TargetGate:
         self.wait_s = wait_s
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._tags: dict[asyncio.Future[bool], Hashable] = {}  # what each waiter belongs to (its partition)
+        self._since: dict[asyncio.Future[bool], float] = {}  # when each waiter came (loop time)
         self.closed = False
 
     @property
@@ -59,6 +66,7 @@ class TargetGate:
         future: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(future)
         self._tags[future] = tag
+        self._since[future] = loop.time()
         timer = loop.call_later(self.wait_s, self._expire, future)
         try:
             return await future
@@ -71,6 +79,7 @@ class TargetGate:
         finally:
             timer.cancel()
             self._tags.pop(future, None)
+            self._since.pop(future, None)
 
     def leave(self) -> None:
         """Give the slot back: to the longest-waiting record, else to the pool."""
@@ -88,6 +97,16 @@ class TargetGate:
             self._waiters.remove(future)
             future.set_exception(GateClosed())
         return len(leaving)
+
+    def waiters_since(self) -> list[tuple[float, asyncio.Future[bool]]]:
+        """The records waiting now: when each came (loop time), and the future it waits on (for `let_out`)."""
+        return [(self._since[f], f) for f in self._waiters if not f.done()]
+
+    def let_out(self, future: asyncio.Future[bool]) -> None:
+        """The record waiting on `future` leaves now (MovedOut), in no slot: it is to wait durably instead."""
+        if not future.done():
+            self._waiters.remove(future)
+            future.set_exception(MovedOut())
 
     def close(self) -> None:
         """Stopping: every waiting record leaves now (GateClosed); records holding a slot finish."""

@@ -47,7 +47,7 @@ from services.core.topics import DELIVERIES, DELIVERIES_DLQ, RETRY_PREFIX, deliv
 from services.delivery import conditional
 from services.delivery.capability import conditional_types_for
 from services.delivery.client import Attempt, TargetClient
-from services.delivery.gate import GateClosed, TargetGate
+from services.delivery.gate import GateClosed, MovedOut, TargetGate
 from services.delivery.journal import (
     DELIVERED,
     IN_DOUBT,
@@ -94,6 +94,8 @@ JOURNAL_PURGE_EVERY_S = 3600.0
 ORDER_STALE_MIN_S = 60.0
 BUSY_RECHECK_S = 1.0  # how soon a record whose attempt may be in flight elsewhere looks at its outcome again
 OVERFLOW_RECHECK_S = 0.5  # the soonest a record past its target's backlog bound comes back (else: parked again)
+CROWDED_MIN_WAIT_S = 1.0  # `crowding` moves out only records that have waited this long for their slot
+LET_OUT_FORGET_S = 60.0  # a record moved out for crowding stops counting (`crowding`) after this at most
 
 
 class _StaleCopy(Exception):
@@ -134,6 +136,9 @@ class DeliveryStage:
         self.journal = journal
         # Journal rows of attempts whose outcome is not committed yet, by record position.
         self._open: dict[tuple[str, int, int], AttemptKey] = {}
+        # Records moved out of a target's waiting area because the records in hand were crowded (`crowding`), by
+        # record position, until committed: when moved out (clock).
+        self._let_out: dict[tuple[str, int, int], float] = {}
         self._next_purge = 0.0
         self.directory = directory
         self.blobs = blobs
@@ -180,6 +185,30 @@ class DeliveryStage:
         left = sum(rt.gate.release(partitions) for rt in self.runtimes.values())
         if left:
             log.info("records waiting for a target's slot let go for a hand-over", records=left)
+
+    def crowding(self, excess: int) -> None:
+        """The runner's records in hand are `excess` past half their bound: the records that have waited longest for
+        a target's slot move out to a retry tier, so their partitions commit and the poll goes on.
+
+        A waiting record holds its partition's commit, and with it every record handled behind it, for any target:
+        several slow targets' waiting areas, each within its own bound, could otherwise fill the records in hand
+        and stop the poll for everyone (issue 15: sustained, five targets answering in 5 s beside a quick one took
+        its p50 from 3 ms to 17 s). Those moved out already count until their partition commits past them (or
+        for LET_OUT_FORGET_S at most: a partition rewound or handed over never commits them here)."""
+        now = self.clock()
+        self._let_out = {p: t for p, t in self._let_out.items() if now - t < LET_OUT_FORGET_S}
+        count = excess - len(self._let_out)
+        if count <= 0:
+            return
+        # Only records that have waited a while: one about to get its slot (a quick target's) holds no commit long.
+        settled = asyncio.get_running_loop().time() - CROWDED_MIN_WAIT_S
+        waiting = sorted(((since, id(rt), rt.gate, future) for rt in self.runtimes.values()
+                          for since, future in rt.gate.waiters_since() if since <= settled), key=lambda w: (w[0], w[1]))
+        for _, _, gate, future in waiting[:count]:
+            gate.let_out(future)
+        if waiting:
+            log.info("records in hand crowded; the longest-waiting records for a target's slot move to a retry tier",
+                     records=min(count, len(waiting)), waiting=len(waiting))
 
     async def aclose(self) -> None:
         """Stop probes and close every target's connections; safe twice."""
@@ -234,6 +263,7 @@ class DeliveryStage:
         has waiting in retry tiers are all in the gained partitions: a later Bundle of that lane read from
         `deliveries` here waits behind them, as it would have in the process that parked them.
         """
+        self._let_out = {p: t for p, t in self._let_out.items() if Partition(p[0], p[1]) not in lost}
         gone = {p.partition for p in lost} - {p.partition for p in gained}
         self.order.forget(lambda lane: isinstance(lane, tuple) and lane[2] in gone)
         tiers = [p for p in gained if p.topic.startswith(RETRY_PREFIX)]
@@ -272,6 +302,10 @@ class DeliveryStage:
         except GateClosed:
             raise LetGo("this record left its target's waiting area unattempted (delivery is stopping, or its "
                         "partition is handed over) and is read again") from None
+        except MovedOut:
+            self._let_out[_position(record)] = self.clock()
+            DELIVERY_COUNT.labels(rt.target.id, "overflow").inc()
+            return [self._park_for_slot(record, env, rt)]
         if not entered:
             return await self._overflow(record, env, rt)
         try:
@@ -293,13 +327,20 @@ class DeliveryStage:
                       "backlog.overflow is refuse; replay this dead letter once the target has caught up")
             return await self._dead_letter(record, env, env.attempt, Attempt(None, error=reason, sent=False),
                                            Decision(Fate.DEAD_LETTER, reason))
-        # Come back about when the records ahead of it should be done, at the target's recent pace (one not heard
-        # from yet: as if it answered in OVERFLOW_RECHECK_S). Never a retry tier's delay (10 s by default) at least:
-        # a quick target sat idle meanwhile, 5 s at a time in bursts of 1,200 for one target.
+        log.info("target backlog full; record parked in a retry tier", waiting=gate.waiting)
+        return [self._park_for_slot(record, env, rt)]
+
+    def _park_for_slot(self, record: Record, env: Envelope, rt: TargetRuntime) -> Emit:
+        """Park a record that could not wait in memory for its target's slot (its target's backlog is full, or the
+        stage's records in hand are crowded): it comes back about when the records ahead of it should be done.
+
+        At the target's recent pace (one not heard from yet: as if it answered in OVERFLOW_RECHECK_S), never a
+        retry tier's delay (10 s by default) at least: a quick target sat idle meanwhile, 5 s at a time in bursts
+        of 1,200 for one target."""
+        gate = rt.gate
         ahead = gate.waiting + gate.busy
         wait_s = max(ahead / gate.slots * rt.latency.p50(default=OVERFLOW_RECHECK_S), OVERFLOW_RECHECK_S)
-        log.info("target backlog full; record parked in a retry tier", waiting=gate.waiting, wait_s=round(wait_s, 2))
-        return [self._park(record, env, wait_s)]
+        return self._park(record, env, wait_s)
 
     async def _attempt(self, record: Record, env: Envelope, rt: TargetRuntime) -> list[Emit]:
         target = rt.target
@@ -457,6 +498,8 @@ class DeliveryStage:
 
     async def committed(self, records: Sequence[Record]) -> None:
         """The records' outcomes are on the bus: close their journal rows (and now and then purge old ones)."""
+        for r in records:
+            self._let_out.pop(_position(r), None)
         keys = [k for k in (self._open.pop(_position(r), None) for r in records) if k is not None]
         await self.journal.close(keys)
         now = self.clock()

@@ -245,3 +245,32 @@ async def test_a_burst_past_a_healthy_targets_bound_comes_back_at_its_pace_not_a
     arrived = [patient_identifier(r["body"]) for r in target.received() if r["applied"]]  # type: ignore[arg-type]
     assert len(arrived) == 60 and set(arrived) == sent  # each once
     assert elapsed < 15, f"the burst took {elapsed:.1f}s: its overflow waited out a retry tier (20 s)"
+
+
+async def test_a_slow_targets_waiting_records_never_fill_the_stages_records_in_hand(
+        bus_settings: Factory, targets: list[DemoTarget], tmp_path: Path) -> None:
+    """Records waiting in memory for a slow target's slot hold their partition's commit, and so every record
+    handled behind them. Past half the records a stage may hold in hand (batch_size x 10), the longest-waiting
+    ones move out to a retry tier, whatever their target's own bound (200 records, 30 s by default, far more than
+    20 here): before, the poll stopped at the bound and the fast target's records were read one per slow answer
+    (sustained, 5 targets answering in 5 s beside a quick one: the quick one's p50 went from 3 ms to 17 s)."""
+    fast, slow = targets[0], targets[1]
+    slow.fault(delay_s=2, count=-1)
+    s = bus_settings(topic_partitions=1, batch_size=2)  # at most 20 records in hand
+    directory = {"targets": [
+        {"id": "fast", "base_url": fast.fhir},
+        {"id": "slow", "base_url": slow.fhir, "max_concurrency": 1, "timeouts": {"total_s": 10}}]}
+    emits = [_delivery("slow", f"s{n}", seed=n) for n in range(25)]
+    emits += [_delivery("fast", f"f{n}", seed=900 + n) for n in range(3)]
+    async with delivering(s, TargetDirectory.model_validate(directory), tmp_path) as (bus, _):
+        began = time.monotonic()
+        await bus.publish(emits)
+        await wait_for(lambda: _count(fast, 3), timeout_s=60)
+        fast_done = time.monotonic() - began
+        await asyncio.to_thread(_clear_faults, slow)
+        await wait_for(lambda: _count(slow, 25), timeout_s=90)
+        await asyncio.sleep(1)
+    assert fast_done < 5.0, f"the fast target's 3 Bundles took {fast_done:.1f}s: the stage's records in hand were full"
+    for t, sent in ((fast, 3), (slow, 25)):  # none lost, none twice
+        applied = [patient_identifier(r["body"]) for r in t.received() if r["applied"]]  # type: ignore[arg-type]
+        assert len(applied) == len(set(applied)) == sent

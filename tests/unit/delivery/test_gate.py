@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.delivery.gate import GateClosed, TargetGate
+from services.delivery.gate import GateClosed, MovedOut, TargetGate
 
 
 async def test_slots_then_a_bounded_fifo_waiting_area() -> None:
@@ -71,3 +71,21 @@ async def test_releasing_a_partitions_waiters_lets_them_go_and_keeps_the_others_
     gate.leave()
     assert await waiting[2]
     assert gate.release({"p1"}) == 0
+
+
+async def test_a_waiting_record_let_out_leaves_for_a_durable_wait_and_the_others_keep_their_places() -> None:
+    gate = TargetGate(slots=1, records=10, wait_s=30)
+    assert await gate.enter()
+    waiting = [asyncio.create_task(gate.enter()) for _ in range(3)]
+    await asyncio.sleep(0)
+    since = gate.waiters_since()
+    assert len(since) == 3 and [t for t, _ in since] == sorted(t for t, _ in since)  # oldest first
+    gate.let_out(since[0][1])  # the longest-waiting one
+    with pytest.raises(MovedOut):
+        await waiting[0]
+    assert gate.waiting == 2 and gate.free == 0  # it took no slot
+    gate.let_out(since[0][1])  # twice: nothing more happens
+    gate.leave()
+    assert await waiting[1] and not waiting[2].done()
+    gate.leave()
+    assert await waiting[2]
